@@ -1,0 +1,40 @@
+"""jax_diffusion: denoising diffusion models in JAX, written as pure functions.
+
+The math (schedules, process, losses, samplers) imports only jax and numpy; the networks
+(`jax_diffusion.models`) and the training loop use Flax, optax and orbax.
+"""
+
+from jax_diffusion.diffusion import (
+    PMeanVariance,
+    eps_from_v,
+    eps_from_x0,
+    p_mean_variance,
+    predict_x0_eps,
+    q_mean_variance,
+    q_posterior_mean_variance,
+    q_sample,
+    training_target,
+    v_from_x0_eps,
+    x0_from_eps,
+    x0_from_v,
+)
+from jax_diffusion.losses import (
+    NLLBpd,
+    diffusion_loss,
+    discretized_gaussian_log_likelihood,
+    loss_weight,
+    mean_flat,
+    nll_bpd,
+    normal_kl,
+    prior_bpd,
+    vlb_terms_bpd,
+)
+from jax_diffusion.schedules import (
+    Schedule,
+    cosine_betas,
+    linear_betas,
+    rescale_zero_terminal_snr,
+    scaled_linear_betas,
+)
+
+__version__ = "0.1.0"

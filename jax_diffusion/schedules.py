@@ -1,0 +1,258 @@
+"""Noise schedules: beta_t builders (float64 NumPy) and the `Schedule` pytree of derived tables.
+
+Index convention: `t` in [0, num_timesteps - 1]; index t is the paper's step t + 1 (the
+improved-diffusion / diffusers convention), so `betas[0]` is Ho et al.'s beta_1.
+
+All builders compute in float64 NumPy, as improved-diffusion does, and `Schedule.from_betas`
+casts the finished tables to the requested dtype only at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Schedule",
+    "cosine_betas",
+    "linear_betas",
+    "rescale_zero_terminal_snr",
+    "scaled_linear_betas",
+]
+
+
+def _check_num_timesteps(num_timesteps) -> int:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int | np.integer):
+        raise ValueError(f"num_timesteps must be a positive int; got {num_timesteps!r}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int; got {num_timesteps}")
+    return int(num_timesteps)
+
+
+def _check_beta_range(name: str, value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1); got {value!r}")
+    return float(value)
+
+
+def check_betas(betas) -> np.ndarray:
+    """Validates a beta schedule: 1-D, finite, every beta_t in (0, 1]. Returns float64."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.shape[0] < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array; got shape {betas.shape}")
+    bad = ~np.isfinite(betas) | (betas <= 0.0) | (betas > 1.0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"betas must lie in (0, 1]; got betas[{i}] = {float(betas[i])!r}")
+    return betas
+
+
+def linear_betas(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
+    """Linear beta schedule of Ho et al. 2020, section 4.
+
+    Args:
+      num_timesteps: T, the number of diffusion steps.
+      beta_start: beta_1, in (0, 1).
+      beta_end: beta_T, in (0, 1).
+
+    Returns:
+      [T] float64 betas, `linspace(beta_start, beta_end, T)`. No rescaling by 1000 / T is
+      applied (improved-diffusion does that); pass scaled endpoints for other T.
+    """
+    num_timesteps = _check_num_timesteps(num_timesteps)
+    beta_start = _check_beta_range("beta_start", beta_start)
+    beta_end = _check_beta_range("beta_end", beta_end)
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
+def scaled_linear_betas(
+    num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> np.ndarray:
+    """Scaled-linear schedule (latent diffusion / Stable Diffusion): linear in sqrt(beta).
+
+    Returns:
+      [T] float64 betas, `linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2`.
+    """
+    num_timesteps = _check_num_timesteps(num_timesteps)
+    beta_start = _check_beta_range("beta_start", beta_start)
+    beta_end = _check_beta_range("beta_end", beta_end)
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Cosine schedule of Nichol & Dhariwal 2021, eq. 17.
+
+    alpha_bar(u) = cos((u + s) / (1 + s) * pi / 2) ** 2 for u = t / T, and
+    beta_t = min(1 - alpha_bar(t / T) / alpha_bar((t - 1) / T), max_beta).
+
+    Args:
+      num_timesteps: T.
+      s: small offset that keeps beta_1 from being too small near t = 0.
+      max_beta: clip on beta_t, in (0, 1], preventing the singularity at t = T.
+
+    Returns:
+      [T] float64 betas.
+    """
+    num_timesteps = _check_num_timesteps(num_timesteps)
+    if not s >= 0.0:
+        raise ValueError(f"s must be >= 0; got {s!r}")
+    if not 0.0 < max_beta <= 1.0:
+        raise ValueError(f"max_beta must lie in (0, 1]; got {max_beta!r}")
+
+    def alpha_bar(u):
+        return np.cos((u + s) / (1.0 + s) * math.pi / 2.0) ** 2
+
+    u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    abar = alpha_bar(u)
+    return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+
+
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+    """Rescales a schedule so that the last alphas_cumprod is exactly 0 (Lin et al. 2024, Alg. 1).
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first value is kept;
+    the last beta becomes exactly 1 (SNR = 0 at t = T - 1). Use `prediction="v"` with such a
+    schedule: eps-prediction cannot recover x0 where alphas_cumprod = 0.
+
+    Args:
+      betas: [T] betas in (0, 1], T >= 2.
+
+    Returns:
+      [T] float64 betas in (0, 1] with `betas[-1] == 1`.
+    """
+    betas = check_betas(betas)
+    if betas.shape[0] < 2:
+        raise ValueError(f"betas must have at least 2 entries to rescale; got {betas.shape[0]}")
+    sqrt_abar = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_abar[0], sqrt_abar[-1]
+    if not first > last:
+        raise ValueError("betas must decrease alphas_cumprod over time to rescale them")
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    out = 1.0 - alphas
+    out[-1] = 1.0  # exact, whatever the rounding above
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Per-timestep tables of a discrete Gaussian diffusion (Ho et al. 2020, eqs. 4, 6, 7).
+
+    A registered pytree: the tables are leaves (so a `Schedule` passes through `jax.jit` and
+    `jax.pmap` as an argument; use `in_axes=None` for pmap), `num_timesteps` is static.
+
+    Fields, each [T] in `dtype`, index t = paper step t + 1:
+      betas: beta_t.
+      alphas_cumprod: alpha_bar_t = prod_{s <= t} (1 - beta_s).
+      alphas_cumprod_prev: alpha_bar_{t-1}, with alpha_bar_{-1} = 1.
+      sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: alpha_t and sigma_t of
+        x_t = alpha_t x0 + sigma_t eps.
+      posterior_variance: beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t (eq. 7);
+        0 at t = 0.
+      posterior_log_variance_clipped: log beta_tilde_t with the t = 0 entry replaced by
+        beta_tilde at t = 1 (improved-diffusion), so it is finite everywhere.
+      posterior_mean_coef1, posterior_mean_coef2: the x0 and x_t coefficients of mu_tilde_t (eq. 7).
+      logsnr_table: log(alpha_bar_t / (1 - alpha_bar_t)); -inf where alpha_bar_t = 0.
+    """
+
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    posterior_variance: jax.Array
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array
+    posterior_mean_coef2: jax.Array
+    logsnr_table: jax.Array
+    num_timesteps: int = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def from_betas(cls, betas, dtype=jnp.float32) -> Schedule:
+        """Builds every table in float64 NumPy from [T] betas in (0, 1], then casts to `dtype`."""
+        betas = check_betas(betas)
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"dtype must be a floating dtype; got {dtype}")
+        num_timesteps = betas.shape[0]
+        alphas = 1.0 - betas
+        abar = np.cumprod(alphas)
+        abar_prev = np.concatenate([[1.0], abar[:-1]])
+        one_minus_abar = 1.0 - abar
+        post_var = betas * (1.0 - abar_prev) / one_minus_abar
+        # beta_tilde_0 = 0; as in improved-diffusion its log is replaced by that of beta_tilde_1.
+        first = post_var[1] if num_timesteps > 1 else betas[0]
+        post_logvar = np.log(np.concatenate([[first], post_var[1:]]))
+        coef1 = betas * np.sqrt(abar_prev) / one_minus_abar
+        coef2 = (1.0 - abar_prev) * np.sqrt(alphas) / one_minus_abar
+        with np.errstate(divide="ignore"):
+            logsnr = np.log(abar) - np.log(one_minus_abar)
+        tables = dict(
+            betas=betas,
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            sqrt_alphas_cumprod=np.sqrt(abar),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(one_minus_abar),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_logvar,
+            posterior_mean_coef1=coef1,
+            posterior_mean_coef2=coef2,
+            logsnr_table=logsnr,
+        )
+        return cls(
+            **{k: jnp.asarray(v, dtype=dtype) for k, v in tables.items()},
+            num_timesteps=num_timesteps,
+        )
+
+    def logsnr(self, t: jax.Array) -> jax.Array:
+        """log SNR(t) = log(alpha_bar_t / (1 - alpha_bar_t)) at integer `t` [B] (or any shape)."""
+        return self.logsnr_table[t]
+
+    def snr(self, t: jax.Array) -> jax.Array:
+        """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021) at integer `t`.
+
+        Taken from the float64-built log-SNR table, so it keeps full relative precision near
+        t = 0 where 1 - alpha_bar_t cancels in float32; 0 where alpha_bar_t = 0.
+        """
+        return jnp.exp(self.logsnr_table[t])
+
+    def respace(self, timesteps) -> Schedule:
+        """The schedule restricted to a subsequence of steps (Nichol & Dhariwal 2021, section 4).
+
+        Keeps alphas_cumprod at the kept steps and sets beta'_i = 1 - abar[k_i] / abar[k_{i-1}],
+        so ancestral (DDPM) sampling on the subsequence is a valid Markov chain. The new
+        schedule's index i corresponds to the original step `sorted(timesteps)[i]`: call the
+        model with the original step, not with i.
+
+        Args:
+          timesteps: concrete ints in [0, T - 1], any order, no duplicates.
+
+        Returns:
+          A `Schedule` with `len(timesteps)` steps, in this schedule's dtype.
+        """
+        ts = np.asarray(timesteps)
+        if ts.ndim != 1 or ts.shape[0] < 1 or not np.issubdtype(ts.dtype, np.integer):
+            raise ValueError(f"timesteps must be a non-empty 1-D int array; got {timesteps!r}")
+        ts = np.sort(ts)
+        if ts[0] < 0 or ts[-1] >= self.num_timesteps or np.any(np.diff(ts) == 0):
+            raise ValueError(
+                f"timesteps must be distinct ints in [0, {self.num_timesteps - 1}]; got {ts}"
+            )
+        abar = np.asarray(self.alphas_cumprod, dtype=np.float64)[ts]
+        abar_prev = np.concatenate([[1.0], abar[:-1]])
+        betas = np.minimum(1.0 - abar / abar_prev, 1.0)
+        return Schedule.from_betas(betas, dtype=self.betas.dtype)
+
+
+jax.tree_util.register_dataclass(
+    Schedule,
+    data_fields=[f.name for f in dataclasses.fields(Schedule) if f.name != "num_timesteps"],
+    meta_fields=["num_timesteps"],
+)

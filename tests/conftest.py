@@ -1,0 +1,57 @@
+"""Test-suite set-up: fake CPU devices and JAX's persistent compilation cache.
+
+Both must be configured before JAX initialises its backends, so this runs at import time.
+"""
+
+import os
+
+# 8 fake CPU devices for the multi-device tests (pmap / sharding); a single-device test
+# is unaffected because arrays live on device 0 unless placed elsewhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+_CACHE_DIR = os.environ.get(
+    "JAX_DIFFUSION_TEST_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+)
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """Runs the test body with 64-bit JAX types enabled."""
+    with jax.enable_x64(True):
+        yield
+
+
+def np_schedule(betas):
+    """Float64 NumPy tables written from Ho et al. 2020 eqs. 4, 6, 7, with Python loops.
+
+    Independent of `jax_diffusion.schedules` so the tests compare against the paper, not the
+    code under test.
+    """
+    betas = [float(b) for b in betas]
+    abar, prod = [], 1.0
+    for b in betas:
+        prod *= 1.0 - b
+        abar.append(prod)
+    abar_prev = [1.0] + abar[:-1]
+    tilde = [b * (1 - ap) / (1 - a) for b, a, ap in zip(betas, abar, abar_prev, strict=True)]
+    c1 = [b * ap**0.5 / (1 - a) for b, a, ap in zip(betas, abar, abar_prev, strict=True)]
+    c2 = [
+        (1 - ap) * (1 - b) ** 0.5 / (1 - a) for b, a, ap in zip(betas, abar, abar_prev, strict=True)
+    ]
+    return {
+        "betas": np.array(betas),
+        "alphas_cumprod": np.array(abar),
+        "alphas_cumprod_prev": np.array(abar_prev),
+        "posterior_variance": np.array(tilde),
+        "posterior_mean_coef1": np.array(c1),
+        "posterior_mean_coef2": np.array(c2),
+    }

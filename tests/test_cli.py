@@ -1,0 +1,17 @@
+"""The `jax-diffusion` command line, end to end."""
+
+import json
+
+from jax_diffusion import cli
+
+
+def test_demo_prints_losses_close_to_their_analytic_values(capsys):
+    assert cli.main(["demo", "--num-timesteps", "100", "--batch", "512"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for p in ("eps", "x0", "v"):
+        got, want = report[f"loss_{p}"], report[f"loss_{p}_analytic_at_sampled_t"]
+        assert abs(got - want) < 0.1 * want, (p, got, want)
+    parts = report["bits_per_dim_parts"]
+    total = parts["prior"] + parts["kl"] + parts["decoder"]
+    assert abs(report["bits_per_dim"] - total) < 1e-3
+    assert 0 < report["bits_per_dim"] < 16

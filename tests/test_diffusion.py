@@ -1,0 +1,334 @@
+"""Process math against float64 NumPy written from Ho et al. 2020, Nichol & Dhariwal 2021,
+Salimans & Ho 2022; round trips as hypothesis properties."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import np_schedule
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jax_diffusion as jd
+
+T = 1000
+SCHEDULES = {
+    "linear": lambda: jd.linear_betas(T),
+    "cosine": lambda: jd.cosine_betas(T),
+    "zero_snr": lambda: jd.rescale_zero_terminal_snr(jd.linear_betas(T)),
+}
+
+
+def data(seed, shape=(4, 3, 5, 2), dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(shape).astype(dtype) for _ in range(3))
+
+
+def bcast(c, x):
+    return c.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+# float64 references written from the papers (not from the code under test)
+def ref_all(betas, x0, eps, t):
+    r = np_schedule(betas)
+    ab = bcast(r["alphas_cumprod"][t], x0)
+    ab_prev = bcast(r["alphas_cumprod_prev"][t], x0)
+    beta = bcast(r["betas"][t], x0)
+    xt = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps  # Ho eq. 4
+    v = np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0  # Salimans & Ho sec. 4
+    post_mean = (
+        np.sqrt(ab_prev) * beta / (1 - ab) * x0 + np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab) * xt
+    )  # Ho eq. 7
+    post_var = (1 - ab_prev) / (1 - ab) * beta
+    eps_form_mean = (xt - beta / np.sqrt(1 - ab) * eps) / np.sqrt(1 - beta)  # Ho eq. 11
+    return dict(xt=xt, v=v, post_mean=post_mean, post_var=post_var, eps_mean=eps_form_mean, r=r)
+
+
+T_VALUES = np.array([0, 1, 500, T - 1])
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_forward_posterior_conversions_float64(x64, name):
+    betas = SCHEDULES[name]()
+    sched = jd.Schedule.from_betas(betas, dtype=jnp.float64)
+    x0, eps, _ = data(0)
+    t = jnp.asarray(T_VALUES)
+    ref = ref_all(betas, x0, eps, T_VALUES)
+    tol = dict(rtol=1e-10, atol=1e-10)
+    xt = jd.q_sample(sched, x0=x0, t=t, noise=eps)
+    assert xt.dtype == jnp.float64
+    np.testing.assert_allclose(xt, ref["xt"], **tol)
+    mean, var, logvar = jd.q_mean_variance(sched, x0=x0, t=t)
+    ab = bcast(ref["r"]["alphas_cumprod"][T_VALUES], x0)
+    np.testing.assert_allclose(mean, np.sqrt(ab) * x0, **tol)
+    np.testing.assert_allclose(var * np.ones_like(x0), (1 - ab) * np.ones_like(x0), **tol)
+    np.testing.assert_allclose(logvar * np.ones_like(x0), np.log(1 - ab) * np.ones_like(x0), **tol)
+    pm, pv, plv = jd.q_posterior_mean_variance(sched, x0=x0, xt=ref["xt"], t=t)
+    np.testing.assert_allclose(pm, ref["post_mean"], **tol)
+    np.testing.assert_allclose(pv * np.ones_like(x0), ref["post_var"] * np.ones_like(x0), **tol)
+    assert np.all(np.isfinite(plv))
+    np.testing.assert_allclose(jd.x0_from_eps(sched, xt=ref["xt"], t=t, eps=eps), x0, **tol)
+    np.testing.assert_allclose(jd.eps_from_x0(sched, xt=ref["xt"], t=t, x0=x0), eps, **tol)
+    np.testing.assert_allclose(jd.v_from_x0_eps(sched, x0=x0, eps=eps, t=t), ref["v"], **tol)
+    np.testing.assert_allclose(jd.x0_from_v(sched, xt=ref["xt"], t=t, v=ref["v"]), x0, **tol)
+    np.testing.assert_allclose(jd.eps_from_v(sched, xt=ref["xt"], t=t, v=ref["v"]), eps, **tol)
+    for pred, target in (("eps", eps), ("x0", x0), ("v", ref["v"])):
+        got = jd.training_target(sched, x0=x0, eps=eps, t=t, prediction=pred)
+        np.testing.assert_allclose(got, target, **tol)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_p_mean_variance_matches_eps_form_of_the_mean(x64, prediction, variance):
+    """Ho et al. eq. 11: mu = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t), for any
+    parameterization that describes the same (x0, eps)."""
+    betas = SCHEDULES["cosine"]()
+    sched = jd.Schedule.from_betas(betas, dtype=jnp.float64)
+    x0, eps, _ = data(1)
+    t = jnp.asarray(T_VALUES)
+    ref = ref_all(betas, x0, eps, T_VALUES)
+    out = {"eps": eps, "x0": x0, "v": ref["v"]}[prediction]
+    p = jd.p_mean_variance(
+        sched, model_output=out, xt=ref["xt"], t=t, prediction=prediction, variance=variance
+    )
+    np.testing.assert_allclose(p.mean, ref["eps_mean"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(p.x0_hat, x0, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(p.eps_hat, eps, rtol=1e-9, atol=1e-9)
+    r = ref["r"]
+    if variance == "fixed_small":
+        want = r["posterior_variance"][T_VALUES]
+        want_log = np.log(np.r_[r["posterior_variance"][1], r["posterior_variance"][1:]])
+    else:
+        want = np.r_[r["posterior_variance"][1], r["betas"][1:]][T_VALUES]
+        want_log = np.log(np.r_[r["posterior_variance"][1], r["betas"][1:]])
+    if variance == "fixed_large":
+        np.testing.assert_allclose(p.variance.reshape(-1), want, rtol=1e-10)
+    else:
+        np.testing.assert_allclose(p.variance.reshape(-1), want, rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(p.log_variance.reshape(-1), want_log[T_VALUES], rtol=1e-10)
+    assert p.variance.shape == (4, 1, 1, 1)
+
+
+def test_p_mean_variance_learned_range(x64):
+    """Nichol & Dhariwal eq. 15: log var = frac log beta + (1 - frac) log beta_tilde_clipped."""
+    betas = SCHEDULES["linear"]()
+    sched = jd.Schedule.from_betas(betas, dtype=jnp.float64)
+    x0, eps, vv = data(2)
+    vv = np.tanh(vv)
+    t = jnp.asarray(T_VALUES)
+    ref = ref_all(betas, x0, eps, T_VALUES)
+    out = np.concatenate([eps, vv], axis=-1)
+    p = jd.p_mean_variance(
+        sched, model_output=out, xt=ref["xt"], t=t, prediction="eps", variance="learned_range"
+    )
+    r = ref["r"]
+    min_log = bcast(np.log(np.r_[r["posterior_variance"][1], r["posterior_variance"][1:]]), x0)
+    max_log = bcast(np.log(r["betas"]), x0)
+    frac = (vv + 1) / 2
+    want = frac * max_log[T_VALUES] + (1 - frac) * min_log[T_VALUES]
+    np.testing.assert_allclose(p.log_variance, want, rtol=1e-10)
+    np.testing.assert_allclose(p.variance, np.exp(want), rtol=1e-10)
+    np.testing.assert_allclose(p.mean, ref["eps_mean"], rtol=1e-9, atol=1e-9)
+    # v = 1 gives beta, v = -1 gives the clipped beta_tilde
+    hi = jd.p_mean_variance(
+        sched,
+        model_output=np.concatenate([eps, np.ones_like(vv)], -1),
+        xt=ref["xt"],
+        t=t,
+        variance="learned_range",
+    )
+    np.testing.assert_allclose(hi.variance[:, 0, 0, 0], r["betas"][T_VALUES], rtol=1e-10)
+
+
+def test_clip_denoised_and_denoised_fn_keep_eps_consistent():
+    sched = jd.Schedule.from_betas(jd.linear_betas(T))
+    x0 = jnp.full((2, 4), 3.0)
+    eps = jnp.ones((2, 4))
+    t = jnp.array([10, 900])
+    xt = jd.q_sample(sched, x0=x0, t=t, noise=eps)
+    p = jd.p_mean_variance(sched, model_output=x0, xt=xt, t=t, prediction="x0", clip_denoised=True)
+    np.testing.assert_allclose(p.x0_hat, 1.0)
+    np.testing.assert_allclose(
+        p.eps_hat, jd.eps_from_x0(sched, xt=xt, t=t, x0=jnp.ones_like(x0)), rtol=1e-5
+    )
+    q = jd.p_mean_variance(
+        sched, model_output=x0, xt=xt, t=t, prediction="x0", denoised_fn=lambda x: 0.5 * x
+    )
+    np.testing.assert_allclose(q.x0_hat, 1.5)
+    mean, _, _ = jd.q_posterior_mean_variance(sched, x0=q.x0_hat, xt=xt, t=t)
+    np.testing.assert_allclose(q.mean, mean, rtol=1e-6)
+
+
+small = st.floats(-3, 3, allow_nan=False, width=32)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    name=st.sampled_from(["linear", "cosine", "zero_snr"]),
+    t=st.integers(0, T - 1),
+    x0=st.lists(small, min_size=3, max_size=3),
+    eps=st.lists(small, min_size=3, max_size=3),
+)
+def test_round_trips(name, t, x0, eps):
+    sched = _sched32(name)
+    x0 = jnp.asarray([x0], jnp.float32)
+    eps = jnp.asarray([eps], jnp.float32)
+    tt = jnp.asarray([t])
+    xt = jd.q_sample(sched, x0=x0, t=tt, noise=eps)
+    v = jd.v_from_x0_eps(sched, x0=x0, eps=eps, t=tt)
+    tol = dict(rtol=1e-5, atol=2e-5)
+    # x0 / eps -> v -> x0 and eps: defined for every t, zero-terminal SNR included
+    np.testing.assert_allclose(jd.x0_from_v(sched, xt=xt, t=tt, v=v), x0, **tol)
+    np.testing.assert_allclose(jd.eps_from_v(sched, xt=xt, t=tt, v=v), eps, **tol)
+    # eps -> x0 -> eps needs alpha_t well away from 0 for float32 accuracy
+    if float(sched.alphas_cumprod[t]) > 1e-3:
+        x0_back = jd.x0_from_eps(sched, xt=xt, t=tt, eps=eps)
+        np.testing.assert_allclose(
+            jd.eps_from_x0(sched, xt=xt, t=tt, x0=x0_back), eps, rtol=1e-4, atol=1e-4
+        )
+        eps_back = jd.eps_from_x0(sched, xt=xt, t=tt, x0=x0)
+        tol_x0 = 1e-5 / float(sched.sqrt_alphas_cumprod[t]) + 1e-4
+        np.testing.assert_allclose(x0_back, x0, atol=tol_x0)
+        np.testing.assert_allclose(eps_back, eps, atol=1e-3)
+    # (x0_hat, eps_hat) of every parameterization agree
+    for pred, out in (("eps", eps), ("x0", x0), ("v", v)):
+        x0_hat, eps_hat = jd.predict_x0_eps(sched, model_output=out, xt=xt, t=tt, prediction=pred)
+        if pred != "eps" or float(sched.alphas_cumprod[t]) > 1e-3:
+            np.testing.assert_allclose(x0_hat, x0, rtol=1e-4, atol=2e-3)
+        np.testing.assert_allclose(eps_hat, eps, rtol=1e-4, atol=2e-3 if pred == "x0" else 1e-4)
+
+
+_CACHE = {}
+
+
+def _sched32(name):
+    if name not in _CACHE:
+        _CACHE[name] = jd.Schedule.from_betas(SCHEDULES[name]())
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "zero_snr"])
+def test_finite_values_and_gradients_at_the_ends(name):
+    sched = _sched32(name)
+    x = jnp.ones((2, 3))
+    t = jnp.array([0, T - 1])
+
+    def total(x):
+        s = 0.0
+        s += jnp.sum(jd.x0_from_v(sched, xt=x, t=t, v=x))
+        s += jnp.sum(jd.eps_from_v(sched, xt=x, t=t, v=x))
+        s += jnp.sum(jd.v_from_x0_eps(sched, x0=x, eps=x, t=t))
+        s += jnp.sum(jd.eps_from_x0(sched, xt=x, t=t, x0=x))
+        s += jnp.sum(jd.q_sample(sched, x0=x, t=t, noise=x))
+        for pred in ("x0", "v"):
+            for var in ("fixed_small", "fixed_large"):
+                p = jd.p_mean_variance(
+                    sched, model_output=x, xt=x, t=t, prediction=pred, variance=var
+                )
+                s += jnp.sum(p.mean) + jnp.sum(p.log_variance) + jnp.sum(p.eps_hat)
+        return s
+
+    value, grad = jax.value_and_grad(total)(x)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    eps_to_x0 = jd.x0_from_eps(sched, xt=x, t=t, eps=x)
+    if name == "zero_snr":  # documented: eps -> x0 is undefined where alphas_cumprod = 0
+        assert not np.all(np.isfinite(eps_to_x0[1]))
+    else:
+        assert np.all(np.isfinite(eps_to_x0))
+
+
+def test_bfloat16_stays_bfloat16_and_float64_stays_float64():
+    sched = _sched32("linear")
+    x = jnp.ones((2, 3), jnp.bfloat16)
+    t = jnp.array([3, 700])
+    assert jd.q_sample(sched, x0=x, t=t, noise=x).dtype == jnp.bfloat16
+    assert jd.x0_from_v(sched, xt=x, t=t, v=x).dtype == jnp.bfloat16
+    p = jd.p_mean_variance(sched, model_output=x, xt=x, t=t, prediction="v")
+    assert all(a.dtype == jnp.bfloat16 for a in p)
+    with jax.enable_x64(True):
+        s64 = jd.Schedule.from_betas(jd.linear_betas(T), dtype=jnp.float64)
+        x64 = jnp.ones((2, 3), jnp.float64)
+        assert jd.q_sample(s64, x0=x64, t=t, noise=x64).dtype == jnp.float64
+
+
+def test_jit_vmap_grad_and_trace_count():
+    sched = _sched32("cosine")
+    x0, eps, _ = (jnp.asarray(a, jnp.float32) for a in data(3))
+    t = jnp.asarray(T_VALUES)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(sched, x0, eps, t):
+        return jd.q_sample(sched, x0=x0, t=t, noise=eps)
+
+    eager = jd.q_sample(sched, x0=x0, t=t, noise=eps)
+    np.testing.assert_allclose(f(sched, x0, eps, t), eager, rtol=1e-6)
+    np.testing.assert_allclose(f(sched, x0 + 1, eps, t + 1), f(sched, x0 + 1, eps, t + 1))
+    per_example = jax.vmap(lambda a, b, c: jd.q_sample(sched, x0=a, t=c, noise=b))(x0, eps, t)
+    np.testing.assert_allclose(per_example, eager, rtol=1e-6)
+    g = jax.grad(lambda a: jnp.sum(jd.q_sample(sched, x0=a, t=t, noise=eps)))(x0)
+    np.testing.assert_allclose(
+        g, jnp.broadcast_to(sched.sqrt_alphas_cumprod[t][:, None, None, None], x0.shape), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda s, x: jd.predict_x0_eps(
+                s, model_output=x, xt=x, t=jnp.zeros(2, int), prediction="noise"
+            ),
+            "prediction must be one of 'eps', 'x0', 'v'; got 'noise'",
+        ),
+        (
+            lambda s, x: jd.p_mean_variance(
+                s, model_output=x, xt=x, t=jnp.zeros(2, int), variance="big"
+            ),
+            "variance must be one of .*got 'big'",
+        ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x, t=jnp.zeros(2), noise=x),
+            "t must be an integer array; got dtype float32",
+        ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x, t=jnp.zeros(3, int), noise=x),
+            r"t has batch size 3 but x0 has shape \(2, 3\)",
+        ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x, t=jnp.array([0, 10]), noise=x),
+            r"t must lie in \[0, 9\]; got values in \[0, 10\]",
+        ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x, t=jnp.array([-1, 0]), noise=x),
+            r"t must lie in \[0, 9\]",
+        ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x, t=jnp.zeros(2, int), noise=x[:, :2]),
+            r"same shape; got x0 \(2, 3\), noise \(2, 2\)",
+        ),
+        (
+            lambda s, x: jd.p_mean_variance(
+                s, model_output=x, xt=x, t=jnp.zeros(2, int), variance="learned_range"
+            ),
+            r"twice the channels.*\(2, 6\); got \(2, 3\)",
+        ),
+        (
+            lambda s, x: jd.p_mean_variance(s, model_output=x[:, :1], xt=x, t=jnp.zeros(2, int)),
+            r"model_output must have the shape of xt \(2, 3\)",
+        ),
+    ],
+)
+def test_bad_input_raises_before_work(call, match):
+    sched = jd.Schedule.from_betas(jd.linear_betas(10))
+    with pytest.raises(ValueError, match=match):
+        call(sched, jnp.ones((2, 3)))
+
+
+def test_range_check_is_skipped_only_when_traced():
+    sched = jd.Schedule.from_betas(jd.linear_betas(10))
+    x = jnp.ones((2, 3))
+    # traced t cannot be range-checked eagerly; the call still compiles and runs
+    out = jax.jit(lambda t: jd.q_sample(sched, x0=x, t=t, noise=x))(jnp.array([0, 9]))
+    assert out.shape == (2, 3)

@@ -1,0 +1,312 @@
+"""Losses and the variational bound against float64 references, closed forms and invariants."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import mpmath
+import numpy as np
+import pytest
+from conftest import np_schedule
+
+import jax_diffusion as jd
+from jax_diffusion.testing import gaussian_denoiser, gaussian_residual_variance
+
+T = 1000
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return jd.Schedule.from_betas(jd.linear_betas(T))
+
+
+def np_normal_kl(m1, lv1, m2, lv2):
+    # KL between univariate normals, written from the definition with variances
+    v1, v2 = np.exp(lv1), np.exp(lv2)
+    return np.log(np.sqrt(v2) / np.sqrt(v1)) + (v1 + (m1 - m2) ** 2) / (2 * v2) - 0.5
+
+
+def test_normal_kl_matches_closed_form(x64):
+    rng = np.random.default_rng(0)
+    m1, lv1, m2, lv2 = rng.standard_normal((4, 50))
+    got = jd.normal_kl(m1, lv1, m2, lv2)
+    np.testing.assert_allclose(got, np_normal_kl(m1, lv1, m2, lv2), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jd.normal_kl(m1, lv1, m1, lv1), 0.0, atol=1e-14)
+
+
+def mp_discretized_loglik(x, mean, log_scale):
+    """Ho et al. 2020 decoder, written directly with the tanh CDF at 400 significant digits."""
+    mpmath.mp.dps = 400  # enough digits that 1 - tanh(z) keeps e^-900 tails
+
+    def cdf(u):
+        return (
+            1 + mpmath.tanh(mpmath.sqrt(2 / mpmath.pi) * (u + mpmath.mpf("0.044715") * u**3))
+        ) / 2
+
+    out = []
+    for xi, mi, si in zip(
+        *(np.broadcast_arrays(x, mean, log_scale)[k].ravel() for k in range(3)), strict=True
+    ):
+        xi, mi, inv = (
+            mpmath.mpf(float(xi)),
+            mpmath.mpf(float(mi)),
+            mpmath.exp(-mpmath.mpf(float(si))),
+        )
+        upper = cdf(inv * (xi - mi + mpmath.mpf(1) / 255))
+        lower = cdf(inv * (xi - mi - mpmath.mpf(1) / 255))
+        p = upper if xi < -0.999 else (1 - lower if xi > 0.999 else upper - lower)
+        out.append(float(mpmath.log(p)))
+    return np.array(out).reshape(np.shape(x))
+
+
+def test_discretized_loglik_matches_float64_reference(x64):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(8, 40)) / 127.5 - 1.0
+    means = np.clip(x + 0.05 * rng.standard_normal(x.shape), -1.2, 1.2)
+    log_scales = rng.uniform(np.log(1e-2), np.log(0.3), size=x.shape)
+    got = jd.discretized_gaussian_log_likelihood(x, means=means, log_scales=log_scales)
+    want = mp_discretized_loglik(x, means, log_scales)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_discretized_likelihood_sums_to_one_over_the_grid():
+    grid = jnp.arange(256) / 127.5 - 1.0
+    for mean, log_scale in [(0.0, -2.0), (0.7, -4.0), (-0.99, -1.0), (0.3, -6.0)]:
+        ll = jd.discretized_gaussian_log_likelihood(
+            grid, means=jnp.full(256, mean), log_scales=jnp.full(256, log_scale)
+        )
+        np.testing.assert_allclose(jnp.sum(jnp.exp(ll)), 1.0, rtol=1e-5)
+
+
+def test_discretized_loglik_accurate_in_float32_far_in_the_tails():
+    # Bins 10-60 standard deviations from the mean: the CDF difference underflows the naive
+    # float32 form (improved-diffusion clamps at log(1e-12) = -27.6).
+    x = np.array([0.0, 0.2, -0.2, 0.5, 0.996, -0.996])
+    mean = np.array([0.1, 0.0, 0.0, 0.0, 0.9, -0.9])
+    log_scale = np.log(np.array([0.01, 0.012, 0.012, 0.03, 0.009, 0.009]))
+    want = mp_discretized_loglik(x, mean, log_scale)
+    assert np.all(want < -40.0)
+    got = jd.discretized_gaussian_log_likelihood(
+        jnp.asarray(x, jnp.float32),
+        means=jnp.asarray(mean, jnp.float32),
+        log_scales=jnp.asarray(log_scale, jnp.float32),
+    )
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+def test_prior_bpd_closed_form(x64, linear):
+    x0 = np.random.default_rng(2).uniform(-1, 1, (3, 4, 4, 1))
+    abar_T = np.prod(1 - jd.linear_betas(T))
+    kl = np_normal_kl(np.sqrt(abar_T) * x0, np.log(1 - abar_T), 0.0, 0.0)
+    want = kl.reshape(3, -1).mean(1) / math.log(2)
+    s64 = jd.Schedule.from_betas(jd.linear_betas(T), dtype=jnp.float64)
+    np.testing.assert_allclose(jd.prior_bpd(s64, x0=x0), want, rtol=1e-10)
+
+
+def _grid_data(rng, shape):
+    return rng.integers(0, 256, size=shape) / 127.5 - 1.0
+
+
+def test_vlb_terms_zero_kl_for_true_noise_and_decoder_at_t0(x64):
+    sched = jd.Schedule.from_betas(jd.linear_betas(T), dtype=jnp.float64)
+    rng = np.random.default_rng(3)
+    x0 = _grid_data(rng, (4, 6))
+    eps = rng.standard_normal(x0.shape)
+    t = jnp.array([0, 1, 400, 999])
+    xt = jd.q_sample(sched, x0=x0, t=t, noise=eps)
+    terms = jd.vlb_terms_bpd(sched, model_output=eps, x0=x0, xt=xt, t=t)
+    # the exact noise gives the true posterior mean: KL(q || p) = 0 with sigma^2 = beta_tilde
+    np.testing.assert_allclose(terms[1:], 0.0, atol=1e-9)
+    # t = 0: decoder NLL with mean mu_tilde(x_1, x0) = x0 and log scale 0.5 log beta_tilde_1
+    r_var = np_schedule(jd.linear_betas(T))["posterior_variance"][1]
+    mean0 = np.asarray(jd.q_posterior_mean_variance(sched, x0=x0, xt=xt, t=t)[0])[0]
+    want = -mp_discretized_loglik(x0[0], mean0, 0.5 * np.log(r_var)).mean() / math.log(2)
+    np.testing.assert_allclose(terms[0], want, rtol=1e-9)
+    # a wrong prediction gives positive KL
+    worse = jd.vlb_terms_bpd(sched, model_output=eps + 0.1, x0=x0, xt=xt, t=t)
+    assert np.all(np.asarray(worse[1:]) > 1e-6)
+
+
+def test_nll_bpd_is_the_sum_of_its_per_step_terms(linear):
+    x0 = jnp.asarray(_grid_data(np.random.default_rng(4), (2, 4, 4, 1)), jnp.float32)
+    model_fn = gaussian_denoiser(linear, 0.0, 0.5, "eps")
+    rng = jax.random.key(5)
+    calls = []
+
+    def counting(x, t):
+        calls.append(1)
+        return model_fn(x, t)
+
+    out = jax.jit(lambda x, k: jd.nll_bpd(linear, counting, x, k))(x0, rng)
+    assert len(calls) == 1  # one traced call: the T steps are a lax.scan, not a Python loop
+    assert out.terms_bpd.shape == (2, T)
+    np.testing.assert_allclose(
+        out.total_bpd, out.prior_bpd + out.kl_bpd + out.decoder_bpd, rtol=1e-6
+    )
+    for step in (0, 1, 617, 999):
+        t = jnp.full((2,), step)
+        noise = jax.random.normal(jax.random.fold_in(rng, step), x0.shape)
+        xt = jd.q_sample(linear, x0=x0, t=t, noise=noise)
+        want = jd.vlb_terms_bpd(linear, model_output=model_fn(xt, t), x0=x0, xt=xt, t=t)
+        np.testing.assert_allclose(out.terms_bpd[:, step], want, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(out.prior_bpd, jd.prior_bpd(linear, x0=x0))
+    assert np.all(np.isfinite(out.total_bpd)) and np.all(np.asarray(out.total_bpd) > 0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_of_the_exact_gaussian_denoiser_is_analytic(linear, prediction):
+    """With data N(m, s^2 I) the optimal denoiser's per-step loss is Var(target | x_t)."""
+    m, s, dim, batch = 0.3, 0.5, 16, 4096
+    x0 = m + s * jax.random.normal(jax.random.key(6), (batch, dim))
+    model_fn = gaussian_denoiser(linear, m, s, prediction)
+    loss, metrics = jax.jit(
+        lambda x, k: jd.diffusion_loss(linear, model_fn, x, k, prediction=prediction)
+    )(x0, jax.random.key(7))
+    var_t = gaussian_residual_variance(linear, metrics["t"], s, prediction)
+    # per example: mean over `dim` squares of N(0, var_t) residuals -> mean var_t, var 2 var_t^2/dim
+    err = np.asarray(metrics["per_example_loss"], np.float64) - np.asarray(var_t, np.float64)
+    sigma = np.sqrt(np.sum(2.0 * np.asarray(var_t, np.float64) ** 2 / dim)) / batch
+    assert abs(err.mean()) < 4 * sigma, (err.mean(), sigma)
+    np.testing.assert_allclose(loss, np.mean(metrics["per_example_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(metrics["mse"], loss, rtol=1e-6)
+    # t is uniform over [0, T-1]
+    t = np.asarray(metrics["t"])
+    assert t.min() >= 0 and t.max() <= T - 1 and abs(t.mean() - (T - 1) / 2) < 4 * 289 / 64
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("weighting", ["none", "snr", "min_snr", "truncated_snr"])
+def test_loss_weights_match_their_x0_space_definitions(prediction, weighting):
+    sched = jd.Schedule.from_betas(jd.cosine_betas(T))
+    t = jnp.array([0, 10, 300, 700, 999])
+    w = np.asarray(jd.loss_weight(sched, t, prediction=prediction, weighting=weighting), float)
+    abar = np.cumprod(1 - jd.cosine_betas(T))[np.asarray(t)]
+    snr = abar / (1 - abar)
+    lam = {"none": None, "snr": snr, "min_snr": np.minimum(snr, 5.0), "truncated_snr": None}
+    lam["truncated_snr"] = np.maximum(snr, 1.0)
+    to_space = {"eps": snr, "x0": np.ones_like(snr), "v": snr + 1}[prediction]
+    want = np.ones_like(snr) if weighting == "none" else lam[weighting] / to_space
+    if weighting == "truncated_snr" and prediction == "eps":  # documented cap of 1 / SNR
+        want = np.minimum(want, 1 / np.finfo(np.float32).eps)
+    np.testing.assert_allclose(w, want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("weighting", ["none", "snr", "min_snr", "truncated_snr"])
+def test_weighted_losses_finite_at_zero_snr_and_t0(prediction, weighting):
+    sched = jd.Schedule.from_betas(jd.rescale_zero_terminal_snr(jd.linear_betas(T)))
+    t = jnp.array([0, T - 1])
+    w = jd.loss_weight(sched, t, prediction=prediction, weighting=weighting)
+    assert np.all(np.isfinite(w)) and np.all(np.asarray(w) >= 0)
+
+    def model_fn(x, t):
+        return 0.5 * x
+
+    x0 = jnp.ones((64, 3))
+    loss, _ = jd.diffusion_loss(
+        sched, model_fn, x0, jax.random.key(0), prediction=prediction, weighting=weighting
+    )
+    g = jax.grad(
+        lambda a: jd.diffusion_loss(
+            sched,
+            lambda x, t: a * x,
+            x0,
+            jax.random.key(0),
+            prediction=prediction,
+            weighting=weighting,
+        )[0]
+    )(0.5)
+    assert np.isfinite(loss) and np.isfinite(g)
+
+
+def test_l1_loss_and_snr_weighting_of_x0_equals_eps_loss(linear):
+    x0 = jax.random.normal(jax.random.key(8), (32, 5))
+    rng = jax.random.key(9)
+
+    def eps_model(x, t):
+        return 0.9 * x
+
+    def x0_model(x, t):  # the same denoiser, expressed as an x0 prediction
+        return jd.x0_from_eps(linear, xt=x, t=t, eps=eps_model(x, t))
+
+    eps_loss, m1 = jd.diffusion_loss(linear, eps_model, x0, rng)
+    snr_x0, m2 = jd.diffusion_loss(linear, x0_model, x0, rng, prediction="x0", weighting="snr")
+    np.testing.assert_allclose(snr_x0, eps_loss, rtol=1e-3)
+    np.testing.assert_array_equal(m1["t"], m2["t"])
+    l1, _ = jd.diffusion_loss(linear, eps_model, x0, rng, loss_type="l1")
+    t_rng, n_rng = jax.random.split(rng)
+    noise = jax.random.normal(n_rng, x0.shape)
+    xt = jd.q_sample(linear, x0=x0, t=m1["t"], noise=noise)
+    np.testing.assert_allclose(l1, jnp.mean(jnp.abs(0.9 * xt - noise)), rtol=1e-5)
+
+
+def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
+    x0 = jnp.asarray(_grid_data(np.random.default_rng(10), (8, 4, 4, 1)), jnp.float32)
+    rng = jax.random.key(11)
+
+    def loss_for(scale_mean, scale_var, vlb_weight):
+        def model_fn(x, t):
+            return jnp.concatenate([scale_mean * x, jnp.tanh(scale_var * x)], axis=-1)
+
+        return jd.diffusion_loss(
+            linear, model_fn, x0, rng, variance="learned_range", vlb_weight=vlb_weight
+        )[0]
+
+    g_mean_hybrid = jax.grad(loss_for, argnums=0)(0.7, 0.3, 0.001)
+    g_mean_simple = jax.grad(loss_for, argnums=0)(0.7, 0.3, 0.0)
+    np.testing.assert_allclose(g_mean_hybrid, g_mean_simple, rtol=1e-6)  # stop-gradient on mean
+    g_var = jax.grad(loss_for, argnums=1)(0.7, 0.3, 0.001)
+    assert np.isfinite(g_var) and abs(float(g_var)) > 0
+    loss, metrics = jd.diffusion_loss(
+        linear, lambda x, t: jnp.concatenate([x, 0 * x], -1), x0, rng, variance="learned_range"
+    )
+    np.testing.assert_allclose(loss, metrics["mse"] + 0.001 * T * metrics["vlb_bpd"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss_type="l3"), "loss_type must be one of 'l2', 'l1'; got 'l3'"),
+        (dict(weighting="p2"), "weighting must be one of .*got 'p2'"),
+        (dict(prediction="score"), "prediction must be one of 'eps', 'x0', 'v'; got 'score'"),
+        (dict(variance="learned"), "variance must be one of .*got 'learned'"),
+        (dict(weighting="min_snr", min_snr_gamma=0.0), "min_snr_gamma must be > 0; got 0.0"),
+    ],
+)
+def test_bad_loss_arguments_raise_before_the_model_runs(linear, kwargs, match):
+    calls = []
+
+    def model_fn(x, t):
+        calls.append(1)
+        return x
+
+    with pytest.raises(ValueError, match=match):
+        jd.diffusion_loss(linear, model_fn, jnp.ones((2, 3)), jax.random.key(0), **kwargs)
+    assert not calls
+
+
+def test_loss_is_traced_once_per_shape(linear):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(x0, rng):
+        return jd.diffusion_loss(linear, lambda x, t: 0.5 * x, x0, rng)[0]
+
+    for i in range(3):
+        assert np.isfinite(step(jnp.ones((4, 2)) * i, jax.random.key(i)))
+
+
+def test_discretized_loglik_gradients_finite_everywhere():
+    grid = jnp.arange(256) / 127.5 - 1.0
+    x = jnp.tile(grid, 4)
+    means = jnp.repeat(jnp.array([-1.1, 0.0, 0.5, 1.05]), 256)
+
+    def total(means, log_scales):
+        return jnp.sum(
+            jd.discretized_gaussian_log_likelihood(x, means=means, log_scales=log_scales)
+        )
+
+    for log_scale in (-7.0, -3.0, 0.0):
+        gm, gs = jax.grad(total, argnums=(0, 1))(means, jnp.full(x.shape, log_scale))
+        assert np.all(np.isfinite(gm)) and np.all(np.isfinite(gs)), log_scale
