@@ -1,0 +1,303 @@
+"""Building blocks of the diffusion networks: time embedding, ResBlock, attention, resampling.
+
+All image modules are NHWC. Parameters are stored in `param_dtype` (float32); `dtype` is the
+compute dtype (bfloat16 on accelerators). Normalisation statistics and the attention softmax
+are computed in float32 whatever the compute dtype.
+
+References:
+  Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM), appendix B.
+  Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
+  Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (ADM), section 3.
+  Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", algorithm 1.
+  Vaswani et al. 2017, "Attention Is All You Need", section 3.5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+__all__ = [
+    "AttentionBlock",
+    "Downsample",
+    "ResBlock",
+    "check_denoiser_inputs",
+    "Upsample",
+    "drop_labels",
+    "timestep_embedding",
+]
+
+_zeros = nn.initializers.zeros
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding PE(t) of a (discrete or continuous) timestep.
+
+    For i = 0, ..., dim/2 - 1 (Vaswani et al. 2017, section 3.5; used for t by Ho et al. 2020):
+
+        PE(t, 2i)     = sin(t / max_period^(2i/dim))
+        PE(t, 2i + 1) = cos(t / max_period^(2i/dim))
+
+    i.e. sin and cos are interleaved along the feature axis. The frequencies are computed in
+    float64 NumPy (they depend only on `dim`), the phases t * freq in float32, so the absolute
+    error of an entry is about float32 eps * |t|.
+
+    Args:
+      t: [B] int or float, timesteps (e.g. int32 in [0, num_timesteps - 1]).
+      dim: embedding dimension d, a positive even integer.
+      max_period: the base 10000 of the formula; sets the lowest frequency 1 / max_period.
+
+    Returns:
+      [B, dim] float32 embedding.
+
+    Raises:
+      ValueError: if `dim` is not a positive even integer or `t` is not rank 1.
+    """
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0 or dim % 2:
+        raise ValueError(f"dim must be a positive even integer; got {dim!r}")
+    t = jnp.asarray(t)
+    if t.ndim != 1:
+        raise ValueError(f"t must have shape [B] (rank 1); got shape {t.shape}")
+    half = dim // 2
+    freqs = np.power(float(max_period), -2.0 * np.arange(half, dtype=np.float64) / dim)
+    args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs, dtype=jnp.float32)[None, :]
+    # [B, half, 2] -> [B, dim] puts sin at even and cos at odd indices.
+    return jnp.stack([jnp.sin(args), jnp.cos(args)], axis=-1).reshape(t.shape[0], dim)
+
+
+def check_denoiser_inputs(
+    x: jax.Array,
+    t: jax.Array,
+    y: jax.Array | None,
+    num_classes: int | None,
+    *,
+    data_rank: int,
+    data_desc: str,
+) -> None:
+    """Checks the shapes of a denoiser's inputs (x, t, y) at trace time.
+
+    Args:
+      x: [B, ...] data of rank `data_rank`.
+      t: must be [B].
+      y: must be [B] int when num_classes is set, None otherwise.
+      num_classes: the model's num_classes field (None: unconditional).
+      data_rank: required rank of x.
+      data_desc: shape description of x for the message, e.g. "[B, H, W, C]".
+
+    Raises:
+      ValueError: naming the argument, the value received and what is allowed.
+    """
+    if x.ndim != data_rank:
+        raise ValueError(f"x must have rank {data_rank} ({data_desc}); got shape {x.shape}")
+    batch = x.shape[0]
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape [B] = ({batch},) matching x; got shape {t.shape}")
+    if num_classes is None and y is not None:
+        raise ValueError("y must be None when num_classes is None (unconditional model); got y")
+    if num_classes is not None:
+        if y is None:
+            raise ValueError(
+                f"y is required when num_classes={num_classes}; pass labels in "
+                f"[0, {num_classes}] ({num_classes} is the null label); got None"
+            )
+        if y.shape != (batch,):
+            raise ValueError(f"y must have shape [B] = ({batch},); got shape {y.shape}")
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"y must be an integer array; got dtype {y.dtype}")
+
+
+def drop_labels(rng: jax.Array, y: jax.Array, p: float, null_label: int) -> jax.Array:
+    """Replaces each class label by the null label with probability p.
+
+    Label dropout for classifier-free guidance training (Ho & Salimans 2022, algorithm 1,
+    p_uncond): one network learns both eps(x_t, t, y) and eps(x_t, t, null).
+
+    Args:
+      rng: PRNG key.
+      y: [B] int, class labels in [0, num_classes - 1].
+      p: drop probability in [0, 1]; p = 0 keeps every label, p = 1 drops every label.
+      null_label: the reserved label, `num_classes` for the models of this package.
+
+    Returns:
+      [B] labels with the dtype of `y`, each independently equal to `null_label` with
+      probability p and to the original label otherwise.
+
+    Raises:
+      ValueError: if `p` is a concrete number outside [0, 1].
+    """
+    if isinstance(p, (int, float, np.number)) and not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p must be in [0, 1]; got {p!r}")
+    y = jnp.asarray(y)
+    drop = jax.random.bernoulli(rng, p, y.shape)
+    return jnp.where(drop, jnp.asarray(null_label, dtype=y.dtype), y)
+
+
+class ResBlock(nn.Module):
+    """Residual block with timestep conditioning (Ho et al. 2020 app. B; ADM section 3).
+
+    h = conv3x3(SiLU(GroupNorm(x)))
+    h = GroupNorm(h) * (1 + scale) + shift      if use_scale_shift_norm (ADM "AdaGN")
+        GroupNorm(h + Dense(SiLU(emb)))         otherwise (DDPM)
+    h = conv3x3_zero(dropout(SiLU(h)))
+    out = skip(x) + h, skip = 1x1 conv when the channel count changes, identity otherwise.
+
+    The last conv is zero-initialised, so the block is the identity (or the 1x1 skip) at init.
+
+    Attributes:
+      out_channels: number of output channels.
+      dropout: dropout rate before the last conv (uses the 'dropout' rng when train=True).
+      use_scale_shift_norm: ADM scale-shift conditioning instead of additive conditioning.
+      num_groups: GroupNorm groups; must divide the input and output channel counts.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = True
+    num_groups: int = 8
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+        """Applies the block.
+
+        Args:
+          x: [B, H, W, C_in] features.
+          emb: [B, E] time (+ class) embedding.
+          train: enables dropout.
+
+        Returns:
+          [B, H, W, out_channels] features in the compute dtype.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.GroupNorm(num_groups=self.num_groups, name="norm1", **kw)(x)
+        h = nn.silu(h)
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
+
+        n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+        emb_out = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = nn.GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h)
+            h = h * (1 + scale) + shift
+        else:
+            h = nn.GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h + emb_out)
+        h = nn.silu(h)
+        h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+        h = nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=_zeros, name="conv2", **kw)(h)
+
+        if x.shape[-1] != self.out_channels:
+            x = nn.Conv(self.out_channels, (1, 1), name="skip", **kw)(x)
+        return x.astype(h.dtype) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection.
+
+    out = x + Dense_zero(MHA(qkv(GroupNorm(x)))), softmax(q k^T / sqrt(d_head)) v
+    (Vaswani et al. 2017 eq. 1; as in DDPM app. B and ADM). The output projection is
+    zero-initialised, so the block is the identity at init.
+
+    Attributes:
+      num_heads: attention heads; must divide the channel count.
+      num_groups: GroupNorm groups; must divide the channel count.
+      dtype: compute dtype (the softmax is taken in float32).
+      param_dtype: parameter dtype.
+    """
+
+    num_heads: int = 4
+    num_groups: int = 8
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies self-attention.
+
+        Args:
+          x: [B, H, W, C] features, C divisible by num_heads.
+
+        Returns:
+          [B, H, W, C] features in the compute dtype.
+
+        Raises:
+          ValueError: if num_heads does not divide C.
+        """
+        b, hgt, wid, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(
+                f"num_heads must divide the channel count {c} at attention layers; "
+                f"got num_heads={self.num_heads}"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d_head = c // self.num_heads
+        h = nn.GroupNorm(num_groups=self.num_groups, name="norm", **kw)(x)
+        qkv = nn.Dense(3 * c, name="qkv", **kw)(h.reshape(b, hgt * wid, c))
+        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * self.num_heads, d_head), 3, axis=2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d_head).astype(np.float32)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
+        out = nn.Dense(c, kernel_init=_zeros, name="proj_out", **kw)(out)
+        return x.astype(out.dtype) + out.reshape(b, hgt, wid, c)
+
+
+class Downsample(nn.Module):
+    """Halves H and W with a 3x3 stride-2 convolution (padding 1, as in DDPM / ADM).
+
+    Attributes:
+      channels: output channels.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps [B, H, W, C] to [B, H/2, W/2, channels] (H, W even)."""
+        return nn.Conv(
+            self.channels,
+            (3, 3),
+            strides=(2, 2),
+            padding=((1, 1), (1, 1)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour x2 followed by a 3x3 convolution (DDPM / ADM).
+
+    Attributes:
+      channels: output channels.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps [B, H, W, C] to [B, 2H, 2W, channels]."""
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return nn.Conv(
+            self.channels,
+            (3, 3),
+            padding=1,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)

@@ -1,0 +1,275 @@
+"""The eps_theta(x_t, t[, y]) UNet (DDPM / ADM family) and model_fn adapters.
+
+Architecture (Ho et al. 2020 app. B; Nichol & Dhariwal 2021; Dhariwal & Nichol 2021 (ADM)):
+
+  emb = MLP(PE(t)) [+ Embed(y)]                       Dense(4*ch), SiLU, Dense(4*ch)
+  encoder: conv3x3, then per level num_res_blocks x (ResBlock [+ Attention]) and a
+           strided-conv Downsample (all levels but the last); every output is pushed
+  middle:  ResBlock, Attention, ResBlock
+  decoder: per level (num_res_blocks + 1) x (concat(h, pop()) -> ResBlock [+ Attention]),
+           then a nearest x2 + conv Upsample (all levels but the first)
+  out:     GroupNorm, SiLU, conv3x3 (zero-initialised, so eps_hat = 0 at init)
+
+The samplers and losses take a plain `model_fn(x_t, t)`; `make_model_fn` and
+`make_conditional_model_fn` close a network and its params over that signature so that
+the math modules never import Flax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_diffusion.models.layers import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    check_denoiser_inputs,
+    timestep_embedding,
+)
+
+Dtype = Any
+
+__all__ = ["UNet", "make_conditional_model_fn", "make_model_fn"]
+
+
+class UNet(nn.Module):
+    """UNet noise-prediction network eps_theta(x_t, t[, y]) (DDPM app. B, ADM section 3).
+
+    Attributes:
+      base_channels: channels of the first level (`ch`); the embedding width is 4 * ch.
+      channel_mults: channels of level l are base_channels * channel_mults[l]; there are
+        len(channel_mults) resolutions, each half of the previous.
+      num_res_blocks: ResBlocks per encoder level (the decoder has one more per level).
+      attention_resolutions: spatial sizes (feature-map height) at which self-attention
+        follows each ResBlock; the middle block always has attention.
+      num_heads: attention heads.
+      dropout: ResBlock dropout rate (active only when train=True, 'dropout' rng).
+      out_channels: output channels; None means the input channel count. Double it for a
+        learned variance (Nichol & Dhariwal 2021, learned_range).
+      use_scale_shift_norm: ADM scale-shift (AdaGN) conditioning in the ResBlocks.
+      num_classes: None for an unconditional model; otherwise the label embedding has
+        num_classes + 1 rows, row `num_classes` being the null label of classifier-free
+        guidance (Ho & Salimans 2022).
+      num_groups: GroupNorm groups; must divide every level's channel count.
+      dtype: compute dtype (e.g. jnp.bfloat16); params stay in param_dtype and the output is
+        always float32.
+      param_dtype: parameter dtype.
+      remat: recompute ResBlock / attention activations in the backward pass
+        (flax.linen.remat) to save memory.
+    """
+
+    base_channels: int = 64
+    channel_mults: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (16,)
+    num_heads: int = 4
+    dropout: float = 0.0
+    out_channels: int | None = None
+    use_scale_shift_norm: bool = True
+    num_classes: int | None = None
+    num_groups: int = 8
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def _check_config(self) -> None:
+        """Validates the static fields; raises ValueError."""
+        if self.base_channels <= 0 or self.base_channels % 2:
+            raise ValueError(
+                f"base_channels must be a positive even int (it is the sinusoidal embedding "
+                f"width); got {self.base_channels}"
+            )
+        if len(self.channel_mults) == 0 or any(m <= 0 for m in self.channel_mults):
+            raise ValueError(
+                f"channel_mults must be a non-empty sequence of positive ints; "
+                f"got {self.channel_mults}"
+            )
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1; got {self.num_res_blocks}")
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1; got {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.out_channels is not None and self.out_channels <= 0:
+            raise ValueError(f"out_channels must be positive or None; got {self.out_channels}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int or None; got {self.num_classes}")
+        channels = sorted({self.base_channels * m for m in self.channel_mults})
+        if self.num_groups < 1 or any(c % self.num_groups for c in channels):
+            raise ValueError(
+                f"num_groups must divide every level's channel count {channels}; "
+                f"got num_groups={self.num_groups}"
+            )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> jax.Array:
+        """Predicts the network output (eps_hat, x0_hat or v_hat) for a batch.
+
+        Args:
+          x: [B, H, W, C] float, noisy data x_t; H and W divisible by
+            2 ** (len(channel_mults) - 1).
+          t: [B] int (or float), timesteps, e.g. in [0, num_timesteps - 1].
+          y: [B] int class labels in [0, num_classes] (num_classes = null label), required
+            iff num_classes is set, else None.
+          train: enables dropout (needs rngs={'dropout': key} in apply).
+
+        Returns:
+          [B, H, W, out_channels] float32.
+
+        Raises:
+          ValueError: on a bad field value or input shape (checked before any work).
+        """
+        self._check_config()
+        x = jnp.asarray(x)
+        t = jnp.asarray(t)
+        y = None if y is None else jnp.asarray(y)
+        check_denoiser_inputs(x, t, y, self.num_classes, data_rank=4, data_desc="[B, H, W, C]")
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(
+                f"x height and width must be divisible by 2**(len(channel_mults)-1) = {factor}; "
+                f"got H={x.shape[1]}, W={x.shape[2]}"
+            )
+
+        ch = self.base_channels
+        last = len(self.channel_mults) - 1
+        attn_channels = {ch * self.channel_mults[-1]} | {
+            ch * m
+            for level, m in enumerate(self.channel_mults)
+            if x.shape[1] // 2**level in self.attention_resolutions
+        }
+        if any(c % self.num_heads for c in attn_channels):
+            raise ValueError(
+                f"num_heads must divide the channel count of every attention layer "
+                f"{sorted(attn_channels)}; got num_heads={self.num_heads}"
+            )
+        out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # ResBlock.__call__(self, x, emb, train): `train` (index 3, self = 0) selects dropout
+        # in Python, so it must be static under remat.
+        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+
+        def res_block(h, out_ch, name):
+            block = res_cls(
+                out_channels=out_ch,
+                dropout=self.dropout,
+                use_scale_shift_norm=self.use_scale_shift_norm,
+                num_groups=self.num_groups,
+                name=name,
+                **kw,
+            )
+            return block(h, emb, train)
+
+        def attention(h, name):
+            block = attn_cls(num_heads=self.num_heads, num_groups=self.num_groups, name=name, **kw)
+            return block(h)
+
+        # Time (+ class) embedding, DDPM app. B / ADM.
+        emb = timestep_embedding(t, ch)
+        emb = nn.Dense(4 * ch, name="time_dense0", **kw)(emb)
+        emb = nn.Dense(4 * ch, name="time_dense1", **kw)(nn.silu(emb))
+        if self.num_classes is not None:
+            emb = emb + nn.Embed(self.num_classes + 1, 4 * ch, name="label_embed", **kw)(y)
+
+        # Encoder: every block output is kept for the decoder's skip concatenation.
+        h = nn.Conv(ch, (3, 3), padding=1, name="conv_in", **kw)(x.astype(self.dtype))
+        hs = [h]
+        for level, mult in enumerate(self.channel_mults):
+            for i in range(self.num_res_blocks):
+                h = res_block(h, ch * mult, f"down_{level}_res_{i}")
+                if h.shape[1] in self.attention_resolutions:
+                    h = attention(h, f"down_{level}_attn_{i}")
+                hs.append(h)
+            if level != last:
+                h = Downsample(h.shape[-1], name=f"down_{level}_downsample", **kw)(h)
+                hs.append(h)
+
+        h = res_block(h, h.shape[-1], "mid_res_0")
+        h = attention(h, "mid_attn")
+        h = res_block(h, h.shape[-1], "mid_res_1")
+
+        # Decoder: num_res_blocks + 1 blocks per level, each consuming one skip.
+        for level, mult in reversed(list(enumerate(self.channel_mults))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
+                h = res_block(h, ch * mult, f"up_{level}_res_{i}")
+                if h.shape[1] in self.attention_resolutions:
+                    h = attention(h, f"up_{level}_attn_{i}")
+            if level != 0:
+                h = Upsample(h.shape[-1], name=f"up_{level}_upsample", **kw)(h)
+
+        h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name="norm_out", **kw)(h))
+        h = nn.Conv(
+            out_channels,
+            (3, 3),
+            padding=1,
+            kernel_init=nn.initializers.zeros,
+            name="conv_out",
+            **kw,
+        )(h)
+        return h.astype(jnp.float32)
+
+
+def make_model_fn(
+    model: nn.Module,
+    params: Any,
+    *,
+    y: jax.Array | None = None,
+    train: bool = False,
+    rngs: dict[str, jax.Array] | None = None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Closes a network over its params as `model_fn(x_t, t) -> output`.
+
+    This is the signature the samplers and losses take (they never import Flax).
+
+    Args:
+      model: a Flax module called as model(x, t, y, train=...), e.g. UNet or MLPDenoiser.
+      params: the 'params' collection of the model's variables.
+      y: optional [B] int labels fixed for every call (class-conditional sampling).
+      train: passed to the model (dropout on when True; then rngs must hold 'dropout').
+      rngs: optional rngs for apply, e.g. {'dropout': key}.
+
+    Returns:
+      model_fn(x, t) = model.apply({'params': params}, x, t, y, train=train, rngs=rngs).
+    """
+
+    def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
+
+    return model_fn
+
+
+def make_conditional_model_fn(
+    model: nn.Module, params: Any
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """Closes a class-conditional network over its params as `model_fn(x_t, t, y)`.
+
+    Classifier-free guidance calls it with the labels and with the null label
+    (Ho & Salimans 2022, eq. 6).
+
+    Args:
+      model: a class-conditional Flax module (num_classes set).
+      params: the 'params' collection of the model's variables.
+
+    Returns:
+      model_fn(x, t, y) = model.apply({'params': params}, x, t, y) in eval mode.
+    """
+
+    def model_fn(x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, x, t, y)
+
+    return model_fn
