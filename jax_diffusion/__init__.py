@@ -29,6 +29,19 @@ from jax_diffusion.losses import (
     prior_bpd,
     vlb_terms_bpd,
 )
+from jax_diffusion.samplers import (
+    StepOutput,
+    classifier_free_guidance,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    ddpm_step,
+    dpm_solver_pp_sample,
+    dpm_solver_pp_step,
+    dpm_solver_pp_timesteps,
+    dynamic_threshold,
+    sampling_timesteps,
+)
 from jax_diffusion.schedules import (
     Schedule,
     cosine_betas,

@@ -36,6 +36,7 @@ __all__ = [
     "q_mean_variance",
     "q_posterior_mean_variance",
     "q_sample",
+    "split_learned_range",
     "training_target",
     "v_from_x0_eps",
     "x0_from_eps",

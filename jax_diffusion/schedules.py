@@ -245,7 +245,9 @@ class Schedule:
             raise ValueError(
                 f"timesteps must be distinct ints in [0, {self.num_timesteps - 1}]; got {ts}"
             )
-        abar = np.asarray(self.alphas_cumprod, dtype=np.float64)[ts]
+        # alphas_cumprod is rebuilt in float64 from the betas: re-deriving betas from the
+        # float32-cast alphas_cumprod would lose ~1e-4 relative precision near t = 0.
+        abar = np.cumprod(1.0 - np.asarray(self.betas, dtype=np.float64))[ts]
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         betas = np.minimum(1.0 - abar / abar_prev, 1.0)
         return Schedule.from_betas(betas, dtype=self.betas.dtype)

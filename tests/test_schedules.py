@@ -155,3 +155,12 @@ def test_bad_betas_raise(betas, match):
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_respace_of_a_float32_schedule_keeps_float32_precision():
+    betas = jd.linear_betas(1000)
+    full = Schedule.from_betas(betas).respace(np.arange(1000))
+    np.testing.assert_allclose(full.betas, betas, rtol=1e-6)
+    np.testing.assert_allclose(
+        full.posterior_variance[1:], np_schedule(betas)["posterior_variance"][1:], rtol=2e-6
+    )
