@@ -45,6 +45,99 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_config(spec: str, overrides: list[str] | None = None):
+    """Loads `path/to/config.py[:variant]` (its `get_config(variant)`) and applies overrides.
+
+    The config file is imported as a module of its package (the nearest ancestor directory
+    without an `__init__.py` goes on sys.path), so configs can import their siblings, e.g.
+    `from experiments.configs import default`. Overrides are `key.sub=value` strings whose
+    values are Python literals (strings may be bare).
+    """
+    import ast
+    import importlib
+    import os
+
+    path, _, variant = spec.partition(":")
+    path = os.path.abspath(path)
+    if not os.path.isfile(path) or not path.endswith(".py"):
+        raise ValueError(f"--config must name an existing .py file; got {spec!r}")
+    parts = [os.path.splitext(os.path.basename(path))[0]]
+    root = os.path.dirname(path)
+    while os.path.isfile(os.path.join(root, "__init__.py")):
+        parts.insert(0, os.path.basename(root))
+        root = os.path.dirname(root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module = importlib.import_module(".".join(parts))
+    config = module.get_config(variant or None)
+    for item in overrides or []:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set takes key=value; got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"--set: unknown config key {key!r}")
+        node[leaf] = value
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from jax_diffusion.train import train_and_evaluate
+
+    config = load_config(args.config, args.set)
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    summary = train_and_evaluate(config, args.workdir)
+    summary.pop("state", None)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import os
+
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from jax_diffusion import train
+    from jax_diffusion.checkpoints import CheckpointManager
+    from jax_diffusion.train import _save_samples
+
+    with open(os.path.join(args.workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(args.workdir, "data_info.json")) as f:
+        shape = tuple(json.load(f)["shape"])
+    model = train.create_model(config, channels=shape[-1])
+    state = train.create_train_state(config, model, jax.random.PRNGKey(0), shape)
+    state, _ = CheckpointManager(args.workdir).restore(state)
+    images = train.sample(
+        config,
+        model,
+        state.ema_params,
+        train.get_schedule(config.diffusion),
+        jax.random.PRNGKey(args.seed),
+        shape=shape,
+        num=args.num,
+        sampler=args.sampler,
+        num_steps=args.steps,
+        guidance=args.guidance,
+    )
+    _save_samples(np.asarray(images), args.out)
+    print(json.dumps({"out": args.out, "num": args.num, "step": int(state.step)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jax-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=256)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    tr = sub.add_parser("train", help="train (or resume) a model from an ml_collections config")
+    tr.add_argument("--config", required=True, help="path/to/config.py[:variant]")
+    tr.add_argument("--workdir", required=True)
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.num_steps=100",
+    )
+    tr.set_defaults(func=_train)
+
+    sa = sub.add_parser("sample", help="sample a grid from a workdir's latest EMA params")
+    sa.add_argument("--workdir", required=True)
+    sa.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
+    sa.add_argument("--steps", type=int, default=None)
+    sa.add_argument("--num", type=int, default=64)
+    sa.add_argument("--guidance", type=float, default=None)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--out", default="grid.png")
+    sa.set_defaults(func=_sample)
     return parser
 
 

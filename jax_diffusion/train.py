@@ -1,0 +1,459 @@
+"""Training: model and state creation, the pure train step, and the loop with checkpoints.
+
+The same code runs on one CPU, several GPUs or a TPU pod slice: `train_step` is jitted once over
+a `jax.sharding.Mesh` of all devices with the batch sharded on its leading axis ('data') and the
+state replicated (data parallelism by GSPMD). Across hosts call `jax.distributed.initialize()`
+first; each process then feeds its own shard of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_diffusion as jd
+from jax_diffusion import data as data_lib
+from jax_diffusion import samplers
+from jax_diffusion.checkpoints import CheckpointManager
+from jax_diffusion.models import MLPDenoiser, UNet, drop_labels
+from jax_diffusion.train_state import TrainState, ema_decay, make_optimizer, update_ema
+from jax_diffusion.visualize import save_image_grid
+
+__all__ = [
+    "TrainingDiverged",
+    "create_model",
+    "create_train_state",
+    "get_schedule",
+    "make_mesh",
+    "make_train_step",
+    "sample",
+    "train_and_evaluate",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after `train.max_bad_steps` consecutive non-finite steps; checkpoints are intact."""
+
+
+def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
+    """The noise schedule named by config.diffusion (schedule, num_timesteps, zero_terminal_snr)."""
+    builders = {
+        "linear": jd.linear_betas,
+        "cosine": jd.cosine_betas,
+        "scaled_linear": jd.scaled_linear_betas,
+    }
+    if diffusion.schedule not in builders:
+        raise ValueError(
+            f"diffusion.schedule must be one of {sorted(builders)}; got {diffusion.schedule!r}"
+        )
+    betas = builders[diffusion.schedule](diffusion.num_timesteps)
+    if diffusion.get("zero_terminal_snr", False):
+        betas = jd.rescale_zero_terminal_snr(betas)
+    return jd.Schedule.from_betas(betas)
+
+
+def create_model(config: ml_collections.ConfigDict, *, channels: int):
+    """The Flax network named by config.model.name ('unet' or 'mlp') for data with `channels`."""
+    m = config.model
+    out = channels * (2 if config.diffusion.variance == "learned_range" else 1)
+    dtype = jnp.dtype(m.get("dtype", "float32"))
+    num_classes = m.get("num_classes", None)
+    if m.name == "unet":
+        return UNet(
+            base_channels=m.base_channels,
+            channel_mults=tuple(m.channel_mults),
+            num_res_blocks=m.num_res_blocks,
+            attention_resolutions=tuple(m.attention_resolutions),
+            num_heads=m.num_heads,
+            dropout=m.dropout,
+            out_channels=out,
+            use_scale_shift_norm=m.use_scale_shift_norm,
+            num_classes=num_classes,
+            num_groups=m.num_groups,
+            dtype=dtype,
+            remat=m.get("remat", False),
+        )
+    if m.name == "mlp":
+        return MLPDenoiser(
+            out_dim=out,
+            hidden_dim=m.hidden_dim,
+            num_layers=m.num_layers,
+            num_classes=num_classes,
+            dropout=m.dropout,
+            dtype=dtype,
+        )
+    raise ValueError(f"model.name must be one of 'unet', 'mlp'; got {m.name!r}")
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh over all devices (of every process) with axis 'data'."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return jax.sharding.Mesh(devices.reshape(-1), ("data",))
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, model, rng: jax.Array, example_shape: tuple[int, ...]
+) -> TrainState:
+    """Initialises params from `example_shape` ([H, W, C] or [D]) and builds optimizer + EMA."""
+    init_rng, state_rng = jax.random.split(rng)
+    x = jnp.zeros((1, *example_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = None if config.model.get("num_classes") is None else jnp.zeros((1,), jnp.int32)
+    params = model.init({"params": init_rng}, x, t, y)["params"]
+    tc = config.train
+    tx = make_optimizer(
+        learning_rate=tc.learning_rate,
+        num_steps=tc.num_steps,
+        warmup_steps=tc.warmup_steps,
+        schedule=tc.lr_schedule,
+        weight_decay=tc.weight_decay,
+        grad_clip=tc.grad_clip,
+    )
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
+
+
+def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
+    """The pure step `train_step(state, batch) -> (state, metrics)`.
+
+    batch: {'image': [B, ...] float in [-1, 1], 'label': [B] int}. Step k draws all its
+    randomness (t, noise, dropout, label dropout) from fold_in(state.rng, k). A step whose loss
+    or gradient is not finite leaves params, EMA and optimizer state untouched and is counted in
+    `bad_steps` / `skipped_steps`.
+    """
+    d, tc = config.diffusion, config.train
+    num_classes = config.model.get("num_classes", None)
+    class_dropout = config.model.get("class_dropout", 0.0)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        loss_rng, dropout_rng, label_rng = jax.random.split(step_rng, 3)
+        x0 = batch["image"]
+        y = None
+        if num_classes is not None:
+            y = drop_labels(label_rng, batch["label"], class_dropout, num_classes)
+
+        def loss_fn(params):
+            def model_fn(x, t):
+                return state.apply_fn(
+                    {"params": params}, x, t, y, train=True, rngs={"dropout": dropout_rng}
+                )
+
+            return jd.diffusion_loss(
+                schedule,
+                model_fn,
+                x0,
+                loss_rng,
+                prediction=d.prediction,
+                variance=d.variance,
+                loss_type=d.loss_type,
+                weighting=d.weighting,
+                min_snr_gamma=d.min_snr_gamma,
+                vlb_weight=d.vlb_weight,
+            )
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = update_ema(state.ema_params, params, ema_decay(state.step, tc.ema_decay))
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            ema_params=keep_if_finite(ema, state.ema_params),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+            skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1),
+        )
+        metrics = {
+            "loss": loss,
+            "mse": aux["mse"],
+            "grad_norm": grad_norm,
+            "skipped": 1 - finite.astype(jnp.int32),
+            "bad_steps": new_state.bad_steps,
+        }
+        if "vlb_bpd" in aux:
+            metrics["vlb_bpd"] = aux["vlb_bpd"]
+        return new_state, metrics
+
+    return train_step
+
+
+def _jit_train_step(train_step, mesh, state):
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    ), batch_sharding
+
+
+def sample(
+    config: ml_collections.ConfigDict,
+    model,
+    params,
+    schedule: jd.Schedule,
+    rng: jax.Array,
+    *,
+    shape: tuple[int, ...],
+    num: int,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    labels: jax.Array | None = None,
+) -> jax.Array:
+    """Draws `num` samples [num, *shape] with the given params (use the EMA params).
+
+    sampler: 'ddpm' | 'ddim' | 'dpm++' (default config.sample.sampler); num_steps for ddim and
+    dpm++ (ddpm uses all T steps). For a class-conditional model, labels default to
+    arange(num) % num_classes and guidance (default config.sample.guidance) is the
+    classifier-free guidance scale w (1 = plain conditional).
+    """
+    s = config.sample
+    sampler = sampler or s.sampler
+    num_steps = num_steps or s.num_steps
+    d = config.diffusion
+    x_rng, s_rng = jax.random.split(rng)
+    x_T = jax.random.normal(x_rng, (num, *shape))
+    num_classes = config.model.get("num_classes", None)
+    if num_classes is None:
+
+        def model_fn(x, t):
+            return model.apply({"params": params}, x, t, None)
+    else:
+        labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
+        w = s.guidance if guidance is None else guidance
+
+        def cond_fn(x, t, y):
+            return model.apply({"params": params}, x, t, y)
+
+        model_fn = samplers.classifier_free_guidance(
+            cond_fn, w, num_classes, y=labels, variance=d.variance
+        )
+
+    common = dict(prediction=d.prediction, clip_denoised=s.clip_denoised)
+    if sampler == "ddpm":
+        run = jax.jit(
+            lambda x, k: samplers.ddpm_sample(
+                model_fn, schedule, x, k, variance=d.variance, **common
+            )
+        )
+    elif sampler == "ddim":
+        run = jax.jit(
+            lambda x, k: samplers.ddim_sample(
+                model_fn,
+                schedule,
+                x,
+                k,
+                num_steps=num_steps,
+                eta=s.eta,
+                variance=d.variance,
+                **common,
+            )
+        )
+    elif sampler == "dpm++":
+        run = jax.jit(
+            lambda x, k: samplers.dpm_solver_pp_sample(
+                model_fn, schedule, x, num_steps=num_steps, variance=d.variance, **common
+            )
+        )
+    else:
+        raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}")
+    return run(x_T, s_rng)
+
+
+def _save_samples(images: np.ndarray, path: str) -> None:
+    if images.ndim == 4:
+        save_image_grid(images, path, scale=max(1, 64 // images.shape[1]))
+        return
+    # 2-D toy data: a density image of the sample cloud
+    hist, _, _ = np.histogram2d(images[:, 1], images[:, 0], bins=128, range=[[-2, 2], [-2, 2]])
+    img = 1.0 - 2.0 * np.clip(hist[::-1] / max(hist.max(), 1.0) * 4.0, 0.0, 1.0)
+    save_image_grid(img[None, :, :, None], path, padding=0, scale=2)
+
+
+class _Writer:
+    """metrics.jsonl and TensorBoard events (tensorboardX: no TensorFlow), on process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains from config, resuming from the latest checkpoint in `workdir` if there is one.
+
+    Writes `workdir/checkpoints/`, `metrics.jsonl`, `tensorboard/` and `samples/step_*.png`.
+
+    Returns:
+      summary dict: final step, final loss (mean of the last log interval), steps per second,
+      images per second, number of skipped steps and the path of the last sample grid.
+
+    Raises:
+      TrainingDiverged: after train.max_bad_steps consecutive non-finite steps (no checkpoint is
+        written for them: the last good one stays the latest).
+    """
+    tc = config.train
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh()
+    if tc.batch_size % jax.device_count():
+        raise ValueError(
+            f"train.batch_size must be divisible by the device count {jax.device_count()}; "
+            f"got {tc.batch_size}"
+        )
+    data_it, info = data_lib.get_dataset(
+        config.data, global_batch_size=tc.batch_size, seed=config.seed
+    )
+    example_shape = tuple(info.shape)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "data_info.json"), "w") as f:
+            json.dump({"shape": list(example_shape), "num_classes": info.num_classes}, f)
+    schedule = get_schedule(config.diffusion)
+    model = create_model(config, channels=example_shape[-1])
+    rng = jax.random.PRNGKey(config.seed)
+    state = create_train_state(config, model, rng, example_shape)
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(state, replicated)
+    ckpt = CheckpointManager(workdir, max_to_keep=tc.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        data_it.set_state(data_state)
+        log.info("resumed from step %d", int(state.step))
+    step_fn, batch_sharding = _jit_train_step(make_train_step(config, schedule), mesh, state)
+    writer = _Writer(workdir)
+    start = int(jax.device_get(state.step))
+    sample_rng = jax.random.fold_in(rng, 2**31 - 1)
+    summary: dict[str, Any] = {"start_step": start}
+    last_sample = None
+
+    def write_samples(step: int) -> str:
+        images = sample(
+            config,
+            model,
+            state.ema_params,
+            schedule,
+            jax.random.fold_in(sample_rng, step),
+            shape=example_shape,
+            num=config.sample.num_samples,
+        )
+        path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+        if jax.process_index() == 0:
+            _save_samples(np.asarray(jax.device_get(images)), path)
+        return path
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=tc.num_steps,
+        initial=start,
+        desc="train",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    window: list[dict] = []
+    t_window = time.perf_counter()
+    t_start, steps_done = time.perf_counter(), 0
+    prev_bad = None
+    try:
+        for step in range(start, tc.num_steps):
+            local = next(data_it)
+            batch = {
+                k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+                for k, v in local.items()
+                if k in ("image", "label")
+            }
+            state, metrics = step_fn(state, batch)
+            # the previous step's counter is read now, so the host never waits on this step
+            if prev_bad is not None and int(prev_bad) >= tc.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{int(prev_bad)} consecutive steps had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={tc.max_bad_steps}) at step {step}; stopping. The last "
+                    f"good checkpoint in {ckpt.directory} is intact (step {ckpt.latest_step()})."
+                )
+            prev_bad = metrics.pop("bad_steps")  # not donated, unlike the state's own counter
+            window.append(metrics)
+            steps_done += 1
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.num_steps:
+                host = jax.device_get(window)
+                dt = time.perf_counter() - t_window
+                scalars = {
+                    k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "skipped"
+                }
+                scalars["skipped"] = float(np.sum([m["skipped"] for m in host]))
+                scalars["steps_per_sec"] = len(host) / dt
+                scalars["images_per_sec"] = len(host) * tc.batch_size / dt
+                writer.write(done, scalars)
+                bar.set_postfix(
+                    loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}"
+                )
+                summary["final_loss"] = scalars["loss"]
+                window, t_window = [], time.perf_counter()
+            bar.update(1)
+            stop_now = 0 < tc.get("stop_after", 0) <= done < tc.num_steps
+            if done % tc.checkpoint_every == 0 or done == tc.num_steps or stop_now:
+                # checkpoint only after a good step: never inside a non-finite streak
+                if int(state.bad_steps) == 0:
+                    ckpt.save(state, data_it.get_state(), force=True)
+            if done == tc.num_steps or (tc.sample_every and done % tc.sample_every == 0):
+                last_sample = write_samples(done)
+            if stop_now:
+                break
+        if prev_bad is not None and int(prev_bad) >= tc.max_bad_steps:
+            raise TrainingDiverged(
+                f"{int(prev_bad)} consecutive non-finite steps at the end of training; the last "
+                f"good checkpoint in {ckpt.directory} is intact (step {ckpt.latest_step()})."
+            )
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    elapsed = time.perf_counter() - t_start
+    summary.update(
+        final_step=int(jax.device_get(state.step)),
+        skipped_steps=int(jax.device_get(state.skipped_steps)),
+        seconds=elapsed,
+        steps_per_sec=steps_done / elapsed if elapsed else 0.0,
+        samples=last_sample,
+    )
+    summary["state"] = state
+    return summary

@@ -1,0 +1,47 @@
+"""Image grids: NHWC arrays in [-1, 1] to a PNG a person can look at."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["image_grid", "save_image_grid"]
+
+
+def image_grid(images, *, ncol: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
+    """Tiles [N, H, W, C] images in [-1, 1] into one uint8 image [rows*(H+p)+p, cols*(W+p)+p, C].
+
+    Args:
+      images: [N, H, W, C] with C in {1, 3}, values in [-1, 1] (clipped).
+      ncol: images per row (default: ceil(sqrt(N))).
+      padding: pixels of black border between images.
+      scale: integer nearest-neighbour upscaling of each image (small digits are easier to see).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must have shape [N, H, W, 1 or 3]; got {images.shape}")
+    if scale < 1:
+        raise ValueError(f"scale must be a positive int; got {scale}")
+    n, h, w, c = images.shape
+    images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
+    h, w = h * scale, w * scale
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.zeros((nrow * (h + padding) + padding, ncol * (w + padding) + padding, c), np.uint8)
+    pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top : top + h, left : left + w] = pixels[i]
+    return grid
+
+
+def save_image_grid(images, path: str, **kwargs) -> str:
+    """Writes `image_grid(images, **kwargs)` as a PNG at `path` (directories created)."""
+    grid = image_grid(images, **kwargs)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path

@@ -1,0 +1,35 @@
+"""One process of the multi-host test: joins a loopback jax.distributed cluster and trains.
+
+Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT.npz
+"""
+
+import os
+import sys
+
+os.environ.pop("XLA_FLAGS", None)  # one CPU device per process
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+pid, nproc, port, workdir, out = sys.argv[1:6]
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}", num_processes=int(nproc), process_id=int(pid)
+)
+assert jax.process_count() == int(nproc) and jax.device_count() == int(nproc)
+
+from jax_diffusion import cli, train  # noqa: E402
+
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+config = cli.load_config(
+    os.path.join(root, "experiments", "configs", "default.py") + ":smoke",
+    ["train.num_steps=3", "train.checkpoint_every=3"],
+)
+summary = train.train_and_evaluate(config, workdir)
+params = jax.tree.map(
+    lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True)),
+    summary["state"].params,
+)
+flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+np.savez(out, **flat)
+jax.distributed.shutdown()

@@ -1,0 +1,567 @@
+"""Tests for jax_diffusion.data: embedded datasets, the batch order, and the tfds + grain loader.
+
+References: scikit-learn's raw digits, `jax.image.resize`, closed-form toy geometry, the batch
+order written out from the module docstring, and a real tfds dataset that the tests build on
+local disk (array_record, PNG-encoded images), never a mock.
+"""
+
+import collections
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits as sklearn_load_digits
+
+from jax_diffusion import data
+
+# ----------------------------------------------------------------------------- digits
+
+
+@pytest.mark.parametrize("image_size", [8, 16])
+@pytest.mark.parametrize("split, size", [("train", 1500), ("test", 297), ("all", 1797)])
+def test_digits_shapes_dtype_range_classes(image_size, split, size):
+    images, labels = data.load_digits(image_size, split)
+    assert images.shape == (size, image_size, image_size, 1)
+    assert images.dtype == np.float32 and labels.dtype == np.int32
+    assert images.min() == -1.0 and images.max() == 1.0
+    assert set(labels.tolist()) == set(range(10))
+    data.check_images(images)
+
+
+def test_digits_8x8_are_sklearn_levels_over_8_minus_1():
+    raw = sklearn_load_digits()
+    images, labels = data.load_digits(8, "all")
+    np.testing.assert_array_equal(images[..., 0], raw.images / 8.0 - 1.0)
+    np.testing.assert_array_equal(labels, raw.target)
+    levels = (images + 1) * 8
+    np.testing.assert_array_equal(levels, np.round(levels))
+
+
+def test_digits_16x16_nearest_is_the_8x8_repeated():
+    small, _ = data.load_digits(8, "all")
+    big, _ = data.load_digits(16, "all", upsample="nearest")
+    for dy in (0, 1):
+        for dx in (0, 1):
+            np.testing.assert_array_equal(big[:, dy::2, dx::2], small)
+
+
+def _bilinear_2x_reference(x):
+    """Half-pixel-centre 2x bilinear upsampling of [N, H, W, 1], written with Python loops."""
+    n, h, w, _ = x.shape
+    x = x[..., 0].astype(np.float64)
+
+    def tap(i, size):  # output index -> ((input index, weight), (input index, weight))
+        near, other = i // 2, i // 2 + (1 if i % 2 else -1)
+        return (near, 0.75), (min(max(other, 0), size - 1), 0.25)
+
+    out = np.zeros((n, 2 * h, 2 * w))
+    for i in range(2 * h):
+        for j in range(2 * w):
+            for a, wa in tap(i, h):
+                for b, wb in tap(j, w):
+                    out[:, i, j] += wa * wb * x[:, a, b]
+    return out[..., None]
+
+
+def test_digits_16x16_bilinear_is_the_documented_interpolation():
+    small, _ = data.load_digits(8, "all")
+    big, _ = data.load_digits(16, "all")
+    np.testing.assert_allclose(big, _bilinear_2x_reference(small), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("image_size", [8, 16])
+def test_digits_train_and_test_partition_all(image_size):
+    train, train_labels = data.load_digits(image_size, "train")
+    test, test_labels = data.load_digits(image_size, "test")
+    everything, all_labels = data.load_digits(image_size, "all")
+    np.testing.assert_array_equal(np.concatenate([train, test]), everything)
+    np.testing.assert_array_equal(np.concatenate([train_labels, test_labels]), all_labels)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(image_size=32), "image_size must be one of 8, 16; got 32"),
+        (dict(split="val"), "split must be one of"),
+        (dict(image_size=16, upsample="cubic"), "upsample must be one of"),
+    ],
+)
+def test_digits_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.load_digits(**kwargs)
+
+
+# ----------------------------------------------------------------------------- toy 2-D
+
+
+@pytest.mark.parametrize("name", data.TOY_2D_NAMES)
+def test_toy_2d_shapes_scale_determinism(name):
+    x, labels = data.toy_2d(name, 5000, seed=3)
+    assert x.shape == (5000, 2) and x.dtype == np.float32
+    assert labels.shape == (5000,) and labels.dtype == np.int32
+    assert np.all(np.abs(x) < 1.6) and np.all((x.std(0) > 0.3) & (x.std(0) < 1.0))
+    x_again, labels_again = data.toy_2d(name, 5000, seed=3)
+    np.testing.assert_array_equal(x, x_again)
+    np.testing.assert_array_equal(labels, labels_again)
+    assert not np.array_equal(x, data.toy_2d(name, 5000, seed=4)[0])
+
+
+def test_eight_gaussians_component_means_and_stds():
+    n, sigma = 40000, 0.1
+    x, labels = data.toy_2d("eight_gaussians", n, seed=0)
+    counts = np.bincount(labels, minlength=8)
+    assert len(counts) == 8
+    assert np.all(np.abs(counts - n / 8) < 4 * np.sqrt(n * (1 / 8) * (7 / 8)))
+    for k in range(8):
+        xk = x[labels == k].astype(np.float64)
+        centre = np.array([np.cos(k * np.pi / 4), np.sin(k * np.pi / 4)])
+        assert np.all(np.abs(xk.mean(0) - centre) < 4 * sigma / np.sqrt(len(xk)))
+        assert np.all(np.abs(xk.std(0) - sigma) < 4 * sigma / np.sqrt(2 * len(xk)))
+
+
+def test_two_moons_lie_on_their_unit_half_circles():
+    x, labels = data.toy_2d("two_moons", 4000, seed=1, noise=0.0)
+    z = x.astype(np.float64) * 1.5 + np.array([0.5, 0.25])  # undo the documented scaling
+    upper, lower = z[labels == 0], z[labels == 1]
+    np.testing.assert_allclose(np.linalg.norm(upper, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(lower - [1.0, 0.5], axis=1), 1.0, atol=1e-6)
+    assert upper[:, 1].min() >= -1e-6 and lower[:, 1].max() <= 0.5 + 1e-6
+    assert abs(len(upper) - 2000) < 4 * np.sqrt(4000 / 4)
+
+
+def test_swiss_roll_lies_on_the_spiral():
+    x, labels = data.toy_2d("swiss_roll", 4000, seed=2, noise=0.0)
+    p = x.astype(np.float64) * 4.5 * np.pi
+    t = np.linalg.norm(p, axis=1)
+    assert t.min() >= 1.5 * np.pi - 1e-4 and t.max() <= 4.5 * np.pi + 1e-4
+    np.testing.assert_allclose(p, np.stack([t * np.cos(t), t * np.sin(t)], 1), atol=1e-4)
+    np.testing.assert_array_equal(labels, 0)
+
+
+def test_toy_2d_errors():
+    with pytest.raises(ValueError, match="name must be one of .*; got 'spiral'"):
+        data.toy_2d("spiral", 10, 0)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1; got 0"):
+        data.toy_2d("two_moons", 0, 0)
+
+
+# ----------------------------------------------------------------------------- ArrayIterator
+
+
+def _indexed(n):
+    """Arrays whose rows identify their index: image[i] = (i, -i), label[i] = i."""
+    idx = np.arange(n)
+    return {"image": np.stack([idx, -idx], 1).astype(np.float32), "label": idx.astype(np.int32)}
+
+
+def _take(it, steps):
+    return [next(it) for _ in range(steps)]
+
+
+def _labels(batches):
+    return np.concatenate([b["label"] for b in batches])
+
+
+@pytest.mark.parametrize("n, batch", [(20, 4), (22, 4), (7, 7)])
+def test_array_iterator_epochs_follow_the_documented_permutations(n, batch):
+    it = data.ArrayIterator(_indexed(n), global_batch_size=batch, seed=5)
+    steps = n // batch
+    for epoch in range(3):
+        seen = _labels(_take(it, steps))
+        perm = np.random.default_rng((5, epoch)).permutation(n)
+        np.testing.assert_array_equal(seen, perm[: steps * batch])
+        assert len(set(seen.tolist())) == steps * batch  # each index at most once per epoch
+        if n % batch == 0:
+            assert sorted(seen.tolist()) == list(range(n))
+
+
+def test_array_iterator_rows_stay_aligned():
+    batch = next(data.ArrayIterator(_indexed(30), global_batch_size=6, seed=0))
+    np.testing.assert_array_equal(batch["image"][:, 0], batch["label"])
+    np.testing.assert_array_equal(batch["image"][:, 1], -batch["label"])
+
+
+def test_array_iterator_without_drop_remainder_concatenates_epochs():
+    it = data.ArrayIterator(_indexed(22), global_batch_size=4, seed=1, drop_remainder=False)
+    seen = _labels(_take(it, 11))  # 44 = two epochs, batch 6 straddles them
+    perms = [np.random.default_rng((1, e)).permutation(22) for e in (0, 1)]
+    np.testing.assert_array_equal(seen, np.concatenate(perms))
+    np.testing.assert_array_equal(np.bincount(seen), 2)
+
+
+def test_array_iterator_deterministic_per_seed():
+    a = _labels(_take(data.ArrayIterator(_indexed(50), global_batch_size=10, seed=7), 8))
+    b = _labels(_take(data.ArrayIterator(_indexed(50), global_batch_size=10, seed=7), 8))
+    c = _labels(_take(data.ArrayIterator(_indexed(50), global_batch_size=10, seed=8), 8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+@pytest.mark.parametrize("k", [0, 4, 5, 7])
+def test_array_iterator_state_round_trip_through_json(drop_remainder, k):
+    def make():
+        return data.ArrayIterator(
+            _indexed(22), global_batch_size=4, seed=3, drop_remainder=drop_remainder
+        )
+
+    it = make()
+    _take(it, k)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 9)
+    restored = make()
+    _take(restored, 2)  # its own position must not matter
+    restored.set_state(state)
+    for want, got in zip(expected, _take(restored, 9), strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+            assert got[key].dtype == want[key].dtype
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_array_iterator_process_slices_concatenate_to_global_batch(process_count, drop_remainder):
+    kwargs = dict(global_batch_size=8, seed=2, drop_remainder=drop_remainder)
+    single = _take(data.ArrayIterator(_indexed(30), **kwargs), 10)
+    shards = [
+        _take(
+            data.ArrayIterator(
+                _indexed(30), process_index=p, process_count=process_count, **kwargs
+            ),
+            10,
+        )
+        for p in range(process_count)
+    ]
+    for step, want in enumerate(single):
+        parts = [shard[step] for shard in shards]
+        assert all(len(part["label"]) == 8 // process_count for part in parts)
+        for key in want:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(global_batch_size=6, process_count=4),
+            r"divisible by process_count=4 and <= .* \(10\); got 6$",
+        ),
+        (dict(global_batch_size=12), r"<= the number of examples \(10\); got 12$"),
+        (dict(global_batch_size=0), "global_batch_size must be an int >= 1; got 0"),
+        (dict(global_batch_size=2, process_index=2, process_count=2), "process_index must"),
+        (dict(global_batch_size=2, seed=-1), "seed must be an int >= 0; got -1"),
+    ],
+)
+def test_array_iterator_argument_errors(kwargs, match):
+    kwargs = {"seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        data.ArrayIterator(_indexed(10), **kwargs)
+
+
+def test_array_iterator_ragged_arrays_and_bad_states():
+    with pytest.raises(ValueError, match="leading size"):
+        data.ArrayIterator(
+            {"image": np.zeros((5, 2)), "label": np.zeros(4)}, global_batch_size=2, seed=0
+        )
+    it = data.ArrayIterator(_indexed(10), global_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="not a batch boundary"):
+        it.set_state({"epoch": 0, "position": 3})
+    with pytest.raises(ValueError, match="not a batch boundary"):
+        it.set_state({"epoch": 0, "position": 8})  # drop_remainder: only 2 steps per epoch
+    with pytest.raises(ValueError, match="keys 'epoch', 'position'"):
+        it.set_state({"step": 3})
+
+
+# ----------------------------------------------------------------------------- checks, dispatch
+
+
+def test_uint8_to_float_endpoints_grayscale_and_errors():
+    image = np.array([[0, 255], [128, 1]], np.uint8)
+    out = data.uint8_to_float(image)
+    assert out.shape == (2, 2, 1) and out.dtype == np.float32
+    np.testing.assert_allclose(out[..., 0], image / 127.5 - 1, rtol=1e-6, atol=1e-6)
+    assert out[0, 0, 0] == -1.0 and out[0, 1, 0] == 1.0
+    with pytest.raises(ValueError, match="must be uint8.*got dtype float32"):
+        data.uint8_to_float(image.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[H, W\] or \[H, W, C\]; got shape \(1, 2, 2, 1\)"):
+        data.uint8_to_float(image[None, :, :, None])
+
+
+def test_check_images_errors():
+    good = np.zeros((2, 4, 4, 1), np.float32)
+    assert data.check_images(good) is good
+    with pytest.raises(ValueError, match="NHWC"):
+        data.check_images(good[0])
+    with pytest.raises(ValueError, match="floating"):
+        data.check_images(good.astype(np.uint8))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]; got range \[0.0, 2.0\]"):
+        data.check_images(good + np.float32(2) * (np.arange(2) == 1)[:, None, None, None])
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        data.check_images(np.full_like(good, np.nan))
+
+
+@pytest.mark.parametrize("as_dict", [True, False])
+def test_get_dataset_digits(as_dict):
+    fields = {"name": "digits", "image_size": 16, "split": "test"}
+    config = fields if as_dict else ml_collections.ConfigDict(fields)
+    it, info = data.get_dataset(config, global_batch_size=8, seed=0)
+    assert info == data.DatasetInfo("digits", (16, 16, 1), 10, 297)
+    batch = next(it)  # jax.process_count() == 1 here: the local batch is the global batch
+    assert batch["image"].shape == (8, 16, 16, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+    json.dumps(it.get_state())
+
+
+def test_get_dataset_toy_and_process_slices():
+    config = ml_collections.ConfigDict({"name": "toy_2d:eight_gaussians", "num_samples": 64})
+    full, info = data.get_dataset(config, global_batch_size=8, seed=1)
+    assert info == data.DatasetInfo("toy_2d:eight_gaussians", (2,), 8, 64)
+    half, _ = data.get_dataset(
+        config, global_batch_size=8, seed=1, process_index=1, process_count=2
+    )
+    np.testing.assert_array_equal(next(half)["image"], next(full)["image"][4:])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("mnist", {}, "name must be 'digits', 'toy_2d:<kind>'.*got 'mnist'"),
+        ("toy_2d:spiral", {}, "toy_2d kind must be one of"),
+        ("digits", dict(global_batch_size=9, process_count=2), "divisible by process_count=2"),
+    ],
+)
+def test_get_dataset_errors(name, kwargs, match):
+    kwargs = {"global_batch_size": 8, "seed": 0, "process_index": 0, **kwargs}
+    kwargs.setdefault("process_count", 1)
+    with pytest.raises(ValueError, match=match):
+        data.get_dataset({"name": name}, **kwargs)
+
+
+# ----------------------------------------------------------------------------- tfds + grain
+
+_NAME = "jd_data_test_images"
+_NUM_TRAIN, _NUM_TEST = 40, 12
+
+
+@pytest.fixture(scope="module")
+def tfds_data(tmp_path_factory):
+    """Prepares a small real tfds dataset (array_record, PNG images) on local disk.
+
+    Returns (data_dir, {split: (images [N, 8, 8, 1] uint8, labels [N], levels [N] uint8)}),
+    in generation order; the "wide" feature of example i is a 6x10 RGB image whose centred
+    6x6 square is `levels[i]` and whose two outer columns each side are 0.
+    """
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("grain")
+    pytest.importorskip("array_record")
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    generated = {}
+    for split, n in (("train", _NUM_TRAIN), ("test", _NUM_TEST)):
+        images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+        images[:, 0, 0, 0] = np.arange(n)  # all distinct
+        generated[split] = (images, np.arange(n) % 3, rng.integers(0, 256, n, dtype=np.uint8))
+
+    class JdDataTestImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
+                "wide": tfds.features.Image(shape=(6, 10, 3), encoding_format="png"),
+                "float_image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.float32),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in generated}
+
+        def _generate_examples(self, split):
+            images, labels, levels = generated[split]
+            for i in range(len(images)):
+                wide = np.zeros((6, 10, 3), np.uint8)
+                wide[:, 2:8] = levels[i]
+                # PIL images are encoded with PIL: tfds encodes NumPy arrays with TensorFlow.
+                yield (
+                    i,
+                    {
+                        "image": PIL.Image.fromarray(images[i, :, :, 0]),
+                        "wide": PIL.Image.fromarray(wide),
+                        "float_image": images[i].astype(np.float32),
+                        "label": int(labels[i]),
+                    },
+                )
+
+    assert JdDataTestImages.name == _NAME
+    data_dir = tmp_path_factory.mktemp("tfds")
+    builder = JdDataTestImages(data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare(file_format="array_record")
+    return str(data_dir), generated
+
+
+def _tfds_it(data_dir, **kwargs):
+    kwargs = {"global_batch_size": 8, "seed": 0, "process_index": 0, "process_count": 1, **kwargs}
+    return data.tfds_iterator(_NAME, data_dir=data_dir, **kwargs)
+
+
+def _as_uint8(images):
+    """Inverts u / 127.5 - 1 after checking that the floats are exactly such values."""
+    u = np.rint((images.astype(np.float64) + 1) * 127.5)
+    np.testing.assert_allclose(images, u / 127.5 - 1, rtol=0, atol=1e-6)
+    return u.astype(np.uint8)
+
+
+def _multiset(images_u8, labels):
+    return collections.Counter(
+        (im.tobytes(), int(lab)) for im, lab in zip(images_u8, labels, strict=True)
+    )
+
+
+def test_tfds_one_epoch_yields_every_generated_image_once(tfds_data):
+    data_dir, generated = tfds_data
+    it = _tfds_it(data_dir)
+    assert it.info == data.DatasetInfo(f"tfds:{_NAME}", (8, 8, 1), 3, _NUM_TRAIN)
+    batches = _take(it, _NUM_TRAIN // 8)
+    for b in batches:
+        assert b["image"].shape == (8, 8, 8, 1) and b["image"].dtype == np.float32
+        assert b["label"].shape == (8,) and b["label"].dtype == np.int32
+        data.check_images(b["image"])
+    got = np.concatenate([b["image"] for b in batches])
+    images, labels, _ = generated["train"]
+    assert _multiset(_as_uint8(got), _labels(batches)) == _multiset(images, labels)
+
+
+def test_tfds_order_is_the_array_iterator_order(tfds_data):
+    import tensorflow_datasets as tfds
+
+    data_dir, _ = tfds_data
+    source = tfds.data_source(_NAME, split="train", data_dir=data_dir, download=False)
+    arrays = {
+        "image": np.stack([source[i]["image"] for i in range(len(source))]),
+        "label": np.array([source[i]["label"] for i in range(len(source))], np.int32),
+    }
+    ref = data.ArrayIterator(arrays, global_batch_size=8, seed=4, drop_remainder=False)
+    it = _tfds_it(data_dir, seed=4, drop_remainder=False)
+    for want, got in zip(_take(ref, 12), _take(it, 12), strict=True):
+        np.testing.assert_array_equal(_as_uint8(got["image"]), want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_tfds_deterministic_per_seed(tfds_data):
+    data_dir, _ = tfds_data
+    a = _labels(_take(_tfds_it(data_dir, seed=1), 10))
+    b = _labels(_take(_tfds_it(data_dir, seed=1), 10))
+    np.testing.assert_array_equal(a, b)
+    ims = [
+        np.concatenate([x["image"] for x in _take(_tfds_it(data_dir, seed=s), 2)]) for s in (1, 2)
+    ]
+    assert not np.array_equal(*ims)
+
+
+def test_tfds_state_round_trip_through_json(tfds_data):
+    data_dir, _ = tfds_data
+    it = _tfds_it(data_dir, seed=3)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 7)  # crosses the epoch boundary after step 5
+    restored = _tfds_it(data_dir, seed=3)
+    next(restored)
+    restored.set_state(state)
+    for want, got in zip(expected, _take(restored, 7), strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_tfds_process_shards_are_disjoint_and_cover_the_global_batch(tfds_data):
+    data_dir, generated = tfds_data
+    single = _take(_tfds_it(data_dir, seed=2), 5)
+    shards = [
+        _take(_tfds_it(data_dir, seed=2, process_index=p, process_count=2), 5) for p in (0, 1)
+    ]
+    for step, want in enumerate(single):
+        parts = [shard[step] for shard in shards]
+        assert all(p["image"].shape == (4, 8, 8, 1) for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), want["image"])
+    per_process = [
+        _multiset(_as_uint8(np.concatenate([b["image"] for b in s])), _labels(s)) for s in shards
+    ]
+    assert not set(per_process[0]) & set(per_process[1])
+    images, labels, _ = generated["train"]
+    assert per_process[0] + per_process[1] == _multiset(images, labels)
+
+
+def test_tfds_test_split_and_unlabeled(tfds_data):
+    data_dir, generated = tfds_data
+    it = _tfds_it(data_dir, split="test", global_batch_size=_NUM_TEST, label_key=None)
+    assert it.info.num_examples == _NUM_TEST and it.info.num_classes == 0
+    batch = next(it)
+    np.testing.assert_array_equal(batch["label"], 0)
+    images, _, _ = generated["test"]
+    assert sorted(im.tobytes() for im in _as_uint8(batch["image"])) == sorted(
+        im.tobytes() for im in images
+    )
+
+
+@pytest.mark.parametrize("image_size", [6, 3])
+def test_tfds_center_crop_and_resize(tfds_data, image_size):
+    data_dir, generated = tfds_data
+    it = _tfds_it(data_dir, split="test", global_batch_size=_NUM_TEST, image_key="wide")
+    it_sized = _tfds_it(
+        data_dir, split="test", global_batch_size=_NUM_TEST, image_key="wide", image_size=image_size
+    )
+    assert next(it)["image"].shape == (_NUM_TEST, 6, 10, 3)
+    batch = next(it_sized)
+    assert batch["image"].shape == (_NUM_TEST, image_size, image_size, 3)
+    assert it_sized.info.shape == (image_size, image_size, 3)
+    # The centred square is constant, so no zero border column may leak in.
+    u = _as_uint8(batch["image"])
+    assert np.all(u == u[:, :1, :1, :1])
+    assert sorted(u[:, 0, 0, 0].tolist()) == sorted(generated["test"][2].tolist())
+
+
+def test_tfds_get_dataset(tfds_data):
+    data_dir, _ = tfds_data
+    config = ml_collections.ConfigDict(
+        {"name": f"tfds:{_NAME}", "data_dir": data_dir, "image_size": 4, "split": "test"}
+    )
+    it, info = data.get_dataset(config, global_batch_size=6, seed=0)
+    assert info == data.DatasetInfo(f"tfds:{_NAME}", (4, 4, 1), 3, _NUM_TEST)
+    assert next(it)["image"].shape == (6, 4, 4, 1)
+
+
+def test_tfds_errors(tfds_data, tmp_path):
+    data_dir, _ = tfds_data
+    with pytest.raises(ValueError, match="unknown tfds dataset name 'no_such_dataset_jd'"):
+        data.tfds_iterator("no_such_dataset_jd", data_dir=data_dir, global_batch_size=8, seed=0)
+    with pytest.raises(FileNotFoundError, match="'mnist' is not prepared.*never downloads"):
+        data.tfds_iterator("mnist", data_dir=str(tmp_path), global_batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="must be uint8.*got dtype float32"):
+        _tfds_it(data_dir, image_key="float_image")
+    with pytest.raises(ValueError, match="image_key 'img' is not a feature"):
+        _tfds_it(data_dir, image_key="img")
+    with pytest.raises(ValueError, match="label_key 'class' is not a feature"):
+        _tfds_it(data_dir, label_key="class")
+    with pytest.raises(ValueError, match=r"divisible by process_count=3 and <= .* \(40\); got 8$"):
+        _tfds_it(data_dir, process_count=3)
+
+
+def test_tfds_worker_processes_give_the_same_stream_and_resume(tfds_data):
+    data_dir, _ = tfds_data
+    reference = _take(_tfds_it(data_dir, seed=6), 7)
+    it = _tfds_it(data_dir, seed=6, num_workers=2)
+    first = _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    rest = _take(it, 4)
+    restored = _tfds_it(data_dir, seed=6, num_workers=2)
+    restored.set_state(state)
+    for want, got in zip(reference, first + rest, strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
+    for want, got in zip(reference[3:], _take(restored, 4), strict=True):
+        assert type(got["image"]) is np.ndarray  # copied out of grain's shared memory
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])

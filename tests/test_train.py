@@ -1,0 +1,242 @@
+"""Training: smoke runs of every config, data parallelism, exact resume, the NaN guard, CLI."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_diffusion import cli, train
+from jax_diffusion import data as data_lib
+from jax_diffusion.checkpoints import CheckpointManager
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "experiments" / "configs"
+
+
+def smoke(name="default.py", variant="smoke", **overrides):
+    sets = [f"{k.replace('__', '.')}={v!r}" for k, v in overrides.items()]
+    return cli.load_config(f"{CONFIGS / name}:{variant}", sets)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["default.py", "digits_cond.py", "toy_2d.py"])
+def test_smoke_training_for_each_config(tmp_path, name):
+    config = smoke(name)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["final_step"] == config.train.num_steps
+    assert np.isfinite(summary["final_loss"])
+    assert os.path.isfile(summary["samples"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == config.train.num_steps
+    assert {"loss", "grad_norm", "images_per_sec"} <= set(json.loads(lines[-1]))
+    assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
+    assert CheckpointManager(str(tmp_path)).latest_step() == config.train.num_steps
+
+
+def test_data_parallel_equals_single_device():
+    assert jax.device_count() == 8
+    config = smoke(train__batch_size=16)
+    schedule = train.get_schedule(config.diffusion)
+    model = train.create_model(config, channels=1)
+    it, _ = data_lib.get_dataset(config.data, global_batch_size=16, seed=0)
+    batches = [next(it) for _ in range(3)]
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = train.make_mesh(devices)
+        state = train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+        state = jax.device_put(
+            state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        )
+        step, batch_sharding = train._jit_train_step(
+            train.make_train_step(config, schedule), mesh, state
+        )
+        for b in batches:
+            batch = {k: jax.device_put(b[k], batch_sharding) for k in ("image", "label")}
+            state, metrics = step(state, batch)
+        assert len(state.params["conv_in"]["kernel"].sharding.device_set) == len(devices)
+        results.append((state, metrics))
+    (s1, m1), (s8, m8) = results
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    for a, b in zip(leaves(s1.params), leaves(s8.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_interrupted_run_resumes_bit_identically(tmp_path):
+    config = smoke(train__num_steps=4, train__checkpoint_every=2)
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    interrupted = smoke(train__num_steps=4, train__checkpoint_every=2, train__stop_after=2)
+    first = train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
+    assert first["final_step"] == 2
+    second = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert second["start_step"] == 2 and second["final_step"] == 4
+    assert_trees_equal(full["state"].checkpoint_items(), second["state"].checkpoint_items())
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    config = smoke(train__num_steps=20, train__checkpoint_every=2, train__max_bad_steps=3)
+    real = data_lib.get_dataset
+
+    class PoisonAfter:
+        """Real digits batches, then NaN images from batch 4 on (a diverging data pipeline)."""
+
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            batch = dict(next(self.it))
+            self.n += 1
+            if self.n > 4:
+                batch["image"] = np.full_like(batch["image"], np.nan)
+            return batch
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, state):
+            self.it.set_state(state)
+
+    monkeypatch.setattr(
+        data_lib, "get_dataset", lambda *a, **k: (PoisonAfter(real(*a, **k)[0]), real(*a, **k)[1])
+    )
+    with pytest.raises(train.TrainingDiverged, match="3 consecutive steps had a non-finite"):
+        train.train_and_evaluate(config, str(tmp_path))
+    ckpt = CheckpointManager(str(tmp_path))
+    assert ckpt.latest_step() == 4  # the last good one; no checkpoint of the bad streak
+    model = train.create_model(config, channels=1)
+    fresh = train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+    restored, _ = ckpt.restore(fresh)
+    assert int(restored.bad_steps) == 0 and int(restored.skipped_steps) == 0
+    assert all(np.all(np.isfinite(x)) for x in leaves(restored.params))
+
+
+def test_train_step_skips_a_nan_batch_and_counts_it():
+    config = smoke()
+    schedule = train.get_schedule(config.diffusion)
+    model = train.create_model(config, channels=1)
+    state = train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+    step = jax.jit(train.make_train_step(config, schedule))
+    bad = {"image": jnp.full((8, 8, 8, 1), jnp.nan), "label": jnp.zeros(8, jnp.int32)}
+    new, metrics = step(state, bad)
+    assert int(metrics["skipped"]) == 1 and int(new.bad_steps) == 1 and int(new.step) == 1
+    assert_trees_equal(new.params, state.params)
+    assert_trees_equal(new.opt_state, state.opt_state)
+    good = {"image": jnp.zeros((8, 8, 8, 1)), "label": jnp.zeros(8, jnp.int32)}
+    newer, metrics = step(new, good)
+    assert int(metrics["skipped"]) == 0 and int(newer.bad_steps) == 0
+    assert int(newer.skipped_steps) == 1
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(leaves(newer.params), leaves(new.params), strict=True)
+    )
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env.pop("XLA_FLAGS", None)  # one device, like a user's CPU run
+    return [sys.executable, "-m", "jax_diffusion.cli", *args], env
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    common = [
+        "--config",
+        f"{CONFIGS / 'default.py'}:smoke",
+        "--set",
+        "train.num_steps=12",
+        "--set",
+        "train.checkpoint_every=1",
+        "--set",
+        "train.sample_every=0",
+    ]
+    cmd, env = _cli("train", "--workdir", str(tmp_path / "killed"), *common)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckdir = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        steps = [int(p.name) for p in ckdir.glob("[0-9]*") if p.name.isdigit()]
+        if steps and max(steps) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = CheckpointManager(str(tmp_path / "killed")).latest_step()
+    assert killed_at is not None and killed_at < 12
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    cmd_full, _ = _cli("train", "--workdir", str(tmp_path / "full"), *common)
+    subprocess.run(cmd_full, env=env, check=True, capture_output=True)
+    config = smoke()
+    model = train.create_model(config, channels=1)
+    fresh = train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+    a, _ = CheckpointManager(str(tmp_path / "killed")).restore(fresh)
+    b, _ = CheckpointManager(str(tmp_path / "full")).restore(fresh)
+    assert int(a.step) == int(b.step) == 12
+    assert_trees_equal(a.checkpoint_items(), b.checkpoint_items())
+
+
+def test_cli_train_then_sample(tmp_path, capsys):
+    work = str(tmp_path / "w")
+    assert (
+        cli.main(["train", "--config", f"{CONFIGS / 'digits_cond.py'}:smoke", "--workdir", work])
+        == 0
+    )
+    out = str(tmp_path / "grid.png")
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--workdir",
+                work,
+                "--sampler",
+                "dpm++",
+                "--steps",
+                "3",
+                "--num",
+                "10",
+                "--guidance",
+                "2.0",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    img = np.asarray(Image.open(out))
+    assert img.ndim == 2 and img.shape[0] > 8
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["step"] == 2 and report["num"] == 10
+
+
+def test_config_loading_and_errors():
+    config = smoke(train__learning_rate=0.5, diffusion__prediction="v")
+    assert config.train.learning_rate == 0.5 and config.diffusion.prediction == "v"
+    assert config.model.base_channels == 8
+    with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
+        smoke(train__nope=1)
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        cli.load_config(f"{CONFIGS / 'default.py'}:huge")
+    with pytest.raises(ValueError, match="--config must name an existing .py file"):
+        cli.load_config("nowhere.py")
+    bad = smoke(train__batch_size=12)
+    with pytest.raises(ValueError, match="batch_size must be divisible by the device count 8"):
+        train.train_and_evaluate(bad, "/tmp/never-written")
+    with pytest.raises(ValueError, match="model.name must be one of 'unet', 'mlp'; got 'vit'"):
+        train.create_model(smoke(model__name="vit"), channels=1)
