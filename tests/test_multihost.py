@@ -22,7 +22,8 @@ def _free_port():
 
 def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     procs = [
         subprocess.Popen(
             [

@@ -73,8 +73,10 @@ def test_data_parallel_equals_single_device():
         results.append((state, metrics))
     (s1, m1), (s8, m8) = results
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    # Adam divides by sqrt(v): where a gradient is ~0, float32 reduction-order noise moves
+    # a param by a fraction of one lr-sized step (lr 2e-3 here), hence atol 1e-5 = 0.5% of it.
     for a, b in zip(leaves(s1.params), leaves(s8.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_interrupted_run_resumes_bit_identically(tmp_path):
@@ -147,7 +149,8 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
 
 
 def _cli(*args, env_extra=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env_extra or {}))
     env.pop("XLA_FLAGS", None)  # one device, like a user's CPU run
     return [sys.executable, "-m", "jax_diffusion.cli", *args], env
 
