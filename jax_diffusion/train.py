@@ -284,7 +284,8 @@ def sample(
 
 def _save_samples(images: np.ndarray, path: str) -> None:
     if images.ndim == 4:
-        save_image_grid(images, path, scale=max(1, 64 // images.shape[1]))
+        scale = max(1, 64 // images.shape[1])
+        save_image_grid(images, path, scale=scale, padding=max(1, scale // 2))
         return
     # 2-D toy data: a density image of the sample cloud
     hist, _, _ = np.histogram2d(images[:, 1], images[:, 0], bins=128, range=[[-2, 2], [-2, 2]])

@@ -11,14 +11,17 @@ from PIL import Image
 __all__ = ["image_grid", "save_image_grid"]
 
 
-def image_grid(images, *, ncol: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
+def image_grid(
+    images, *, ncol: int | None = None, padding: int = 1, scale: int = 1, pad_value: int = 128
+) -> np.ndarray:
     """Tiles [N, H, W, C] images in [-1, 1] into one uint8 image [rows*(H+p)+p, cols*(W+p)+p, C].
 
     Args:
       images: [N, H, W, C] with C in {1, 3}, values in [-1, 1] (clipped).
       ncol: images per row (default: ceil(sqrt(N))).
-      padding: pixels of black border between images.
+      padding: pixels of border between images (after scaling).
       scale: integer nearest-neighbour upscaling of each image (small digits are easier to see).
+      pad_value: uint8 grey level of the border (mid-grey separates black-background images).
     """
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -30,7 +33,9 @@ def image_grid(images, *, ncol: int | None = None, padding: int = 1, scale: int 
     h, w = h * scale, w * scale
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
-    grid = np.zeros((nrow * (h + padding) + padding, ncol * (w + padding) + padding, c), np.uint8)
+    grid = np.full(
+        (nrow * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8
+    )
     pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
     for i in range(n):
         r, col = divmod(i, ncol)

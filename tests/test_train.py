@@ -151,6 +151,9 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
 def _cli(*args, env_extra=None):
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env_extra or {}))
+    # the runs of one test compile the same programs: share them through the persistent cache
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.pop("XLA_FLAGS", None)  # one device, like a user's CPU run
     return [sys.executable, "-m", "jax_diffusion.cli", *args], env
 

@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.vlb_weight = 0.001
 
     config.train = ml_collections.ConfigDict()
-    config.train.num_steps = 3000
+    config.train.num_steps = 4000
     config.train.batch_size = 64
     config.train.learning_rate = 2e-3
     config.train.warmup_steps = 100
