@@ -25,10 +25,14 @@ def test_readme_example_runs():
     readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
-    namespace = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert len(blocks) == 2, "README.md should hold the math and the sampling examples"
     import numpy as np
 
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
     np.testing.assert_allclose(namespace["x0_back"], namespace["x0"], atol=1e-5)
     assert np.isfinite(float(namespace["loss"]))
     assert np.all(np.isfinite(np.asarray(namespace["nll"].total_bpd)))
+    exec(compile(blocks[1], "README.md", "exec"), namespace)  # continues from the first
+    assert namespace["traj"].shape == (51, 8, 16, 16, 1)
+    assert np.all(np.isfinite(np.asarray(namespace["x0"])))
