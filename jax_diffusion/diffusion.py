@@ -29,6 +29,7 @@ __all__ = [
     "check_prediction",
     "check_t",
     "check_variance",
+    "denoised_estimates",
     "eps_from_v",
     "eps_from_x0",
     "p_mean_variance",
@@ -284,6 +285,37 @@ def training_target(schedule: Schedule, *, x0, eps, t, prediction: str) -> jax.A
     return v_from_x0_eps(schedule, x0=x0, eps=eps, t=t)
 
 
+def denoised_estimates(
+    schedule: Schedule,
+    *,
+    model_output,
+    xt,
+    t,
+    prediction: str,
+    clip_denoised: bool = False,
+    denoised_fn: Callable[[jax.Array], jax.Array] | None = None,
+):
+    """(x0_hat, eps_hat) from a prediction, after optional clipping / thresholding of x0_hat.
+
+    When x0_hat is altered (clip to [-1, 1], then `denoised_fn`), eps_hat is recomputed from it
+    at this x_t, as improved-diffusion does, so both describe the same point.
+
+    Args:
+      model_output: [B, ...] the eps, x0 or v prediction (without learned-variance channels).
+      xt: [B, ...]; t: int [B] or [].
+    """
+    x0_hat, eps_hat = predict_x0_eps(
+        schedule, model_output=model_output, xt=xt, t=t, prediction=prediction
+    )
+    if clip_denoised or denoised_fn is not None:
+        if clip_denoised:
+            x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+        if denoised_fn is not None:
+            x0_hat = denoised_fn(x0_hat)
+        eps_hat = eps_from_x0(schedule, xt=xt, t=t, x0=x0_hat)
+    return x0_hat, eps_hat
+
+
 class PMeanVariance(NamedTuple):
     """Reverse-process Gaussian p(x_{t-1} | x_t) and the denoised estimates behind it.
 
@@ -358,13 +390,15 @@ def p_mean_variance(
     check_prediction(prediction)
     pred, var_values = split_learned_range(model_output, xt, variance)
     t = check_t(schedule, t, xt, name="xt")
-    x0_hat, eps_hat = predict_x0_eps(schedule, model_output=pred, xt=xt, t=t, prediction=prediction)
-    if clip_denoised or denoised_fn is not None:
-        if clip_denoised:
-            x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-        if denoised_fn is not None:
-            x0_hat = denoised_fn(x0_hat)
-        eps_hat = eps_from_x0(schedule, xt=xt, t=t, x0=x0_hat)
+    x0_hat, eps_hat = denoised_estimates(
+        schedule,
+        model_output=pred,
+        xt=xt,
+        t=t,
+        prediction=prediction,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+    )
     mean, post_var, post_logvar = q_posterior_mean_variance(schedule, x0=x0_hat, xt=xt, t=t)
     dtype = _compute_dtype(xt)
     out_dtype = mean.dtype

@@ -35,9 +35,8 @@ import numpy as np
 from jax_diffusion.diffusion import (
     check_prediction,
     check_variance,
-    eps_from_x0,
+    denoised_estimates,
     p_mean_variance,
-    predict_x0_eps,
     split_learned_range,
 )
 from jax_diffusion.schedules import Schedule
@@ -247,16 +246,15 @@ def _call_model(model_fn, x, t, variance: str):
 
 
 def _denoise(schedule, x, t, pred, prediction, clip_denoised, denoised_fn):
-    """(x0_hat, eps_hat) from a model prediction, with clipping / thresholding applied to x0_hat."""
-    x0_hat, eps_hat = predict_x0_eps(schedule, model_output=pred, xt=x, t=t, prediction=prediction)
-    if clip_denoised or denoised_fn is not None:
-        if clip_denoised:
-            x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
-        if denoised_fn is not None:
-            x0_hat = denoised_fn(x0_hat)
-        # As in improved-diffusion: keep eps consistent with the altered x0 at this x_t.
-        eps_hat = eps_from_x0(schedule, xt=x, t=t, x0=x0_hat)
-    return x0_hat, eps_hat
+    return denoised_estimates(
+        schedule,
+        model_output=pred,
+        xt=x,
+        t=t,
+        prediction=prediction,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+    )
 
 
 def _alpha_sigma(schedule: Schedule, t: jax.Array, dtype):
