@@ -112,7 +112,7 @@ def create_train_state(
     x = jnp.zeros((1, *example_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = None if config.model.get("num_classes") is None else jnp.zeros((1,), jnp.int32)
-    params = model.init({"params": init_rng}, x, t, y)["params"]
+    params = jax.jit(model.init)({"params": init_rng}, x, t, y)["params"]  # jit: ~10x faster
     tc = config.train
     tx = make_optimizer(
         learning_rate=tc.learning_rate,
