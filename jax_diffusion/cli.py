@@ -138,6 +138,29 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from jax_diffusion.evaluation import evaluate_workdir
+
+    metrics = evaluate_workdir(
+        args.workdir,
+        num_samples=args.num,
+        sampler=args.sampler,
+        num_steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        bpd_examples=args.bpd_examples,
+    )
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jax-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", default="grid.png")
     sa.set_defaults(func=_sample)
+
+    ev = sub.add_parser(
+        "evaluate", help="sample from a digits workdir and print Frechet distance etc. as JSON"
+    )
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--num", type=int, default=1000)
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--bpd-examples", type=int, default=0, help="test digits for bits/dim")
+    ev.add_argument("--out", default=None, help="also write the JSON here")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

@@ -1,0 +1,669 @@
+"""Sample-quality and likelihood metrics: Frechet distance, precision/recall, IS, bits/dim.
+
+The metric functions take features / class probabilities from ANY extractor or classifier and
+compute in float64 NumPy:
+
+* `frechet_distance` between two Gaussians fitted to features (Heusel et al. 2017; FID
+  when the features are Inception-v3 pool3 activations), with `FeatureStats` accumulating the
+  mean and covariance over batches.
+* `precision_recall` with k-NN radii manifolds (Kynkaanniemi et al. 2019, section 3).
+* `inception_score`: exp E_x KL(p(y | x) || p(y)) (Salimans et al. 2016, section 4).
+* `bits_per_dim`: the full variational bound of a diffusion model on a dataset
+  (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, section 3), batched.
+
+For the embedded digits, `DigitsClassifier` is a small CNN trained on the 8x8 digits' train
+split (`python3 -m experiments.train_digits_classifier`) and shipped as
+`assets/digits_classifier_8x8.msgpack`. Its 64 penultimate activations give a Frechet distance,
+its softmax an Inception-style score and its argmax the accuracy of class-conditional samples.
+This is a CPU-scale STAND-IN for FID, NOT FID: numbers are comparable only with other numbers
+from the same extractor and the same number of samples (the Frechet distance of N samples is
+biased upward by O(1/N)), never with published FIDs. `evaluate_workdir` applies all of this to
+a training run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_diffusion.diffusion import check_prediction, check_variance
+from jax_diffusion.losses import nll_bpd
+from jax_diffusion.schedules import Schedule
+
+__all__ = [
+    "DIGITS_CLASSIFIER_TEST_ACCURACY",
+    "DigitsClassifier",
+    "FeatureStats",
+    "PrecisionRecall",
+    "bits_per_dim",
+    "digits_features",
+    "digits_logits",
+    "evaluate_workdir",
+    "frechet_distance",
+    "inception_score",
+    "load_digits_classifier",
+    "precision_recall",
+    "to_digits_resolution",
+]
+
+# Accuracy of the shipped checkpoint on load_digits(8, "test") (297 images), as printed by
+# `python3 -m experiments.train_digits_classifier`; tests check the checkpoint reproduces it.
+DIGITS_CLASSIFIER_TEST_ACCURACY = 285 / 297  # 0.9596; 0.9529 on the 16x16 (bilinear) test digits
+_ASSET = "digits_classifier_8x8.msgpack"
+
+
+def _check_int(name: str, value, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _as_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [N, D]; got shape {x.shape}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name} must have at least {min_rows} rows; got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} must be finite; got {np.size(x) - np.isfinite(x).sum()} NaN/inf")
+    return x
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+
+def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """The symmetric PSD square root V diag(sqrt(max(w, 0))) V^T of a symmetric matrix."""
+    w, v = np.linalg.eigh(cov)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """Frechet (2-Wasserstein) distance^2 between N(mu1, cov1) and N(mu2, cov2).
+
+    d^2 = ||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^{1/2})  (Dowson & Landau 1982; the FID of
+    Heusel et al. 2017). Tr (C1 C2)^{1/2} is computed as the sum of sqrt(max(eig(M), 0)) of the
+    symmetric PSD matrix M = C1^{1/2} C2 C1^{1/2}, which has the eigenvalues of C1 C2, in
+    float64 with `eigh`: no complex intermediates, and well-defined for singular
+    (rank-deficient) covariances, where `scipy.linalg.sqrtm(C1 @ C2)` is ill-conditioned.
+
+    Args:
+      mu1: [D] mean of the first Gaussian (e.g. of generated-image features).
+      cov1: [D, D] symmetric positive semi-definite covariance.
+      mu2: [D] mean of the second Gaussian (e.g. of real-image features).
+      cov2: [D, D] symmetric positive semi-definite covariance.
+
+    Returns:
+      The squared distance as a Python float >= 0 (rounding below 0 is clipped to 0).
+
+    Raises:
+      ValueError: shapes that are not [D] / [D, D] with one D, non-finite or non-symmetric
+        covariances.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    if mu1.ndim != 1 or mu1.shape != mu2.shape or mu1.size == 0:
+        raise ValueError(f"mu1 and mu2 must both be [D]; got shapes {mu1.shape}, {mu2.shape}")
+    d = mu1.shape[0]
+    for name, value in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
+        if name.startswith("cov") and value.shape != (d, d):
+            raise ValueError(f"{name} must be [D, D] = [{d}, {d}]; got shape {value.shape}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} must be finite; got NaN or inf")
+    for name, value in (("cov1", cov1), ("cov2", cov2)):
+        scale = max(np.abs(value).max(), 1e-300)
+        if np.abs(value - value.T).max() > 1e-6 * scale:
+            raise ValueError(f"{name} must be symmetric; got max |C - C^T| / max |C| > 1e-6")
+    sqrt1 = _psd_sqrt(0.5 * (cov1 + cov1.T))
+    m = sqrt1 @ cov2 @ sqrt1
+    eig = np.linalg.eigvalsh(0.5 * (m + m.T))
+    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu1 - mu2
+    fd = diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean
+    return max(float(fd), 0.0)
+
+
+class FeatureStats:
+    """Streaming mean and covariance of features, in float64, merge-able across batches/hosts.
+
+    Keeps (n, mean, M2 = sum of centred outer products) and combines batches with the pairwise
+    update of Chan, Golub & LeVeque 1979: exact (no E[x x^T] - mu mu^T cancellation) and
+    independent of how the features were split. `cov` equals `np.cov` of all features
+    concatenated (unbiased, denominator n - 1).
+    """
+
+    def __init__(self):
+        self._n = 0
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+
+    @classmethod
+    def from_features(cls, features) -> FeatureStats:
+        """The statistics of one [N, D] array of features."""
+        return cls().update(features)
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        if self._n == 0:
+            self._n, self._mean, self._m2 = n_b, mean_b.copy(), m2_b.copy()
+            return
+        if mean_b.shape != self._mean.shape:
+            d, got = self._mean.shape[0], mean_b.shape[0]
+            raise ValueError(f"features must have D = {d} columns like the earlier; got D = {got}")
+        n = self._n + n_b
+        delta = mean_b - self._mean
+        self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self._n * n_b / n)
+        self._mean = self._mean + delta * (n_b / n)
+        self._n = n
+
+    def update(self, features) -> FeatureStats:
+        """Adds features [B, D] (B >= 1, any float dtype) and returns self, for chaining.
+
+        Raises:
+          ValueError: not 2-D, empty, non-finite, or D different from earlier batches.
+        """
+        x = _as_matrix("features", features)
+        mean = x.mean(axis=0)
+        centred = x - mean
+        self._combine(x.shape[0], mean, centred.T @ centred)
+        return self
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """A new FeatureStats holding the features of both `self` and `other`."""
+        out = FeatureStats()
+        for stats in (self, other):
+            if stats._n:
+                out._combine(stats._n, stats._mean, stats._m2)
+        return out
+
+    @property
+    def n(self) -> int:
+        """Number of feature vectors seen."""
+        return self._n
+
+    @property
+    def mean(self) -> np.ndarray:
+        """[D] float64 mean."""
+        if self._n == 0:
+            raise ValueError("mean needs at least 1 feature vector; got n = 0")
+        return self._mean.copy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        """[D, D] float64 unbiased covariance (as np.cov(features, rowvar=False))."""
+        if self._n < 2:
+            raise ValueError(f"cov needs at least 2 feature vectors; got n = {self._n}")
+        return self._m2 / (self._n - 1)
+
+
+# ------------------------------------------------------------------ precision / recall and IS
+
+
+class PrecisionRecall(NamedTuple):
+    """Improved precision and recall (Kynkaanniemi et al. 2019), each a float in [0, 1]."""
+
+    precision: float
+    recall: float
+
+
+def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)] squared Euclidean distances, ||a||^2 + ||b||^2 - 2 a.b, clipped at 0."""
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d2, 0.0)
+
+
+def _knn_radii2(x: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """Squared distance of each row of x to its k-th nearest OTHER row."""
+    radii = np.empty(len(x))
+    for start in range(0, len(x), batch_size):
+        d2 = _sq_distances(x[start : start + batch_size], x)
+        rows = np.arange(d2.shape[0])
+        d2[rows, start + rows] = 0.0  # self is the 0-th neighbour, so index k is the k-th other
+        radii[start : start + batch_size] = np.partition(d2, k, axis=1)[:, k]
+    return radii
+
+
+def _coverage(points: np.ndarray, centres: np.ndarray, radii2: np.ndarray, batch_size: int):
+    """Fraction of points inside at least one ball B(centre_j, radius_j)."""
+    inside = 0
+    for start in range(0, len(points), batch_size):
+        d2 = _sq_distances(points[start : start + batch_size], centres)
+        inside += int((d2 <= radii2[None, :]).any(axis=1).sum())
+    return inside / len(points)
+
+
+def precision_recall(
+    real_features, fake_features, *, k: int = 3, batch_size: int = 1024
+) -> PrecisionRecall:
+    """Improved precision and recall with k-NN manifolds (Kynkaanniemi et al. 2019, section 3).
+
+    Each set's manifold is the union of balls around its points, the radius of a point being
+    the distance to its k-th nearest neighbour in the same set (k = 3 in the paper). Precision
+    is the fraction of fake points inside the real manifold (quality); recall is the fraction of
+    real points inside the fake manifold (coverage). The paper uses equal set sizes: recall
+    grows with the number of fake points.
+
+    Args:
+      real_features: [N_real, D] features of real data, N_real > k.
+      fake_features: [N_fake, D] features of generated data, N_fake > k.
+      k: neighbourhood size, int >= 1.
+      batch_size: rows per block of the pairwise-distance computation (memory ~ batch_size * N).
+
+    Returns:
+      PrecisionRecall(precision, recall).
+
+    Raises:
+      ValueError: bad shapes, non-finite features, k or batch_size out of range.
+    """
+    k = _check_int("k", k, minimum=1)
+    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    real = _as_matrix("real_features", real_features, min_rows=k + 1)
+    fake = _as_matrix("fake_features", fake_features, min_rows=k + 1)
+    if real.shape[1] != fake.shape[1]:
+        got = f"{real.shape[1]} and {fake.shape[1]}"
+        raise ValueError(f"real_features and fake_features must have the same D; got {got}")
+    precision = _coverage(fake, real, _knn_radii2(real, k, batch_size), batch_size)
+    recall = _coverage(real, fake, _knn_radii2(fake, k, batch_size), batch_size)
+    return PrecisionRecall(precision, recall)
+
+
+def inception_score(probs) -> float:
+    """Inception-style score exp(E_x KL(p(y | x) || p(y))) of any classifier's predictions.
+
+    Salimans et al. 2016, section 4, with p(y) the mean of p(y | x) over the N samples (a single
+    split; the paper reports mean and std over 10 splits of 5000). It lies in [1, C]: 1 when
+    every sample gets the same prediction, C for confident predictions balanced over C classes.
+
+    Args:
+      probs: [N, C] class probabilities p(y | x_i) (softmax outputs), rows summing to 1.
+
+    Returns:
+      The score as a Python float.
+
+    Raises:
+      ValueError: not [N, C], negative or non-finite entries, rows not summing to 1 (+-1e-3).
+    """
+    p = _as_matrix("probs", probs)
+    if p.min() < 0 or np.abs(p.sum(axis=1) - 1.0).max() > 1e-3:
+        raise ValueError("probs must be non-negative with rows summing to 1 (softmax outputs)")
+    p = p / p.sum(axis=1, keepdims=True)
+    p_y = p.mean(axis=0)
+    safe = np.where(p > 0, p, 1.0)  # 0 log 0 = 0
+    kl = (p * (np.log(safe) - np.log(np.where(p_y > 0, p_y, 1.0))[None, :])).sum(axis=1)
+    return float(np.exp(kl.mean()))
+
+
+# ------------------------------------------------------------------------ digits classifier
+
+
+class DigitsClassifier(nn.Module):
+    """Small CNN p(y | x) on 8x8 digits; its penultimate activations are the features.
+
+      h        = relu(Conv3x3(16)(x))                 [B, 8, 8, 16]
+      h        = relu(Conv3x3(32, stride 2)(h))       [B, 4, 4, 32]
+      features = relu(Dense(64)(flatten(h)))          [B, 64]
+      logits   = Dense(10)(features)                  [B, 10]
+
+    38k parameters. Trained by `experiments/train_digits_classifier.py`.
+
+    Attributes:
+      num_classes: number of classes (10 digits).
+      feature_dim: width of the feature layer.
+    """
+
+    num_classes: int = 10
+    feature_dim: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(logits [B, num_classes], features [B, feature_dim]) of x: [B, 8, 8, 1] in [-1, 1]."""
+        h = nn.relu(nn.Conv(16, (3, 3), name="conv1")(x))
+        h = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2), name="conv2")(h))
+        features = nn.relu(nn.Dense(self.feature_dim, name="features")(h.reshape(len(h), -1)))
+        return nn.Dense(self.num_classes, name="logits")(features), features
+
+
+def to_digits_resolution(images) -> np.ndarray:
+    """Brings digit images to the classifier's 8x8: 16x16 images are 2x2-mean downsampled.
+
+    The 2x2 mean exactly inverts `load_digits(16, upsample="nearest")`; for the default
+    bilinear upsampling it returns the 8x8 digit blurred by [1/8, 3/4, 1/8] along each axis.
+
+    Args:
+      images: [N, 8, 8, 1] or [N, 16, 16, 1] float images in [-1, 1], N >= 1.
+
+    Returns:
+      [N, 8, 8, 1] float32.
+
+    Raises:
+      ValueError: any other shape.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] not in ((8, 8, 1), (16, 16, 1)) or not len(images):
+        raise ValueError(f"images must be [N, 8, 8, 1] or [N, 16, 16, 1]; got {images.shape}")
+    if images.shape[1] == 16:
+        images = images.reshape(len(images), 8, 2, 8, 2, 1).mean(axis=(2, 4))
+    return images
+
+
+@functools.cache
+def load_digits_classifier(path: str | None = None) -> tuple[Callable, Any]:
+    """Loads the shipped digits classifier (or a checkpoint written by the training script).
+
+    Args:
+      path: a `flax.serialization.to_bytes(params)` file; None for the packaged
+        `jax_diffusion/assets/digits_classifier_8x8.msgpack`.
+
+    Returns:
+      (apply_fn, params): `apply_fn(params, x [B, 8, 8, 1]) -> (logits [B, 10], features
+      [B, 64])`, jitted.
+
+    Raises:
+      ValueError: the file's parameter shapes do not match `DigitsClassifier`.
+    """
+    if path is None:
+        data = importlib.resources.files("jax_diffusion").joinpath("assets", _ASSET).read_bytes()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    model = DigitsClassifier()
+    target = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    params = flax.serialization.msgpack_restore(data)
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    want = jax.tree.map(lambda x: tuple(x.shape), target)
+    if got != want:
+        raise ValueError(f"{path or _ASSET} does not hold DigitsClassifier params: {got}")
+    params = jax.tree.map(jnp.asarray, params)
+    return jax.jit(lambda p, x: model.apply({"params": p}, x)), params
+
+
+def _classify(images, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, 10], features [N, 64]) of digits, in fixed-size padded chunks (one compile)."""
+    x = to_digits_resolution(images)
+    n = len(x)
+    bs = min(batch_size, n)
+    x = np.concatenate([x, np.zeros((-n % bs, 8, 8, 1), np.float32)])
+    apply_fn, params = load_digits_classifier()
+    out = [jax.device_get(apply_fn(params, x[i : i + bs])) for i in range(0, len(x), bs)]
+    return np.concatenate([o[0] for o in out])[:n], np.concatenate([o[1] for o in out])[:n]
+
+
+def digits_features(images, *, batch_size: int = 500) -> np.ndarray:
+    """The shipped digits classifier's 64 penultimate activations (for Frechet distance, P/R).
+
+    Args:
+      images: [N, 8, 8, 1] or [N, 16, 16, 1] float images in [-1, 1] (16x16 are 2x2-mean
+        downsampled first, see `to_digits_resolution`).
+      batch_size: images per classifier call (the last chunk is zero-padded: one compile).
+
+    Returns:
+      [N, 64] float32 features.
+    """
+    return _classify(images, _check_int("batch_size", batch_size, minimum=1))[1]
+
+
+def digits_logits(images, *, batch_size: int = 500) -> np.ndarray:
+    """The shipped digits classifier's [N, 10] float32 logits (softmax: `inception_score`).
+
+    Args: as for `digits_features`.
+    """
+    return _classify(images, _check_int("batch_size", batch_size, minimum=1))[0]
+
+
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------- bits/dim
+
+
+def bits_per_dim(
+    schedule: Schedule,
+    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    images,
+    rng: jax.Array,
+    *,
+    batch_size: int = 250,
+    prediction: str,
+    variance: str,
+    clip_denoised: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Negative log-likelihood bound of a dataset in bits/dim: L_T + sum_t L_{t-1} + L_0.
+
+    The full-chain variational bound of Ho et al. 2020, eq. 5, every one of the T terms
+    evaluated (`losses.nll_bpd`, one x_t sample per example and step), averaged over `images`.
+    The decoder L_0 is the 8-bit discretized Gaussian (Ho et al. 2020, eq. 13) for any data: for
+    the digits, whose 17 grey levels lie on a subset of the 8-bit grid, this is the likelihood of
+    the 8-bit quantisation, as the papers define bits/dim, not of a 17-level model.
+
+    Batches have `min(batch_size, N)` examples; the last one is padded with copies of the first
+    examples, whose results are dropped, so `nll_bpd` is compiled once and every example counts
+    once. Batch i draws its noise from fold_in(rng, i).
+
+    Args:
+      schedule: the noise schedule the model was trained with.
+      model_fn: model_fn(x [B, ...], t int [B]) -> model output (doubled channels for
+        learned_range), e.g. `lambda x, t: model.apply({"params": ema_params}, x, t, None)`.
+      images: [N, ...] data in [-1, 1] (on the 8-bit grid for a true discrete likelihood), N >= 1.
+      rng: PRNG key.
+      batch_size: examples per jitted call.
+      prediction: 'eps' | 'x0' | 'v', what model_fn outputs (required: a mismatch is silent).
+      variance: 'fixed_small' | 'fixed_large' | 'learned_range'.
+      clip_denoised: clip x0_hat to [-1, 1] in the reverse mean.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      {"total_bpd", "prior_bpd", "kl_bpd", "decoder_bpd"}: means over the N examples (total =
+      prior + kl + decoder), "total_bpd_stderr": the standard error of the total's mean (data
+      and noise together; None for N = 1), and "num_examples": N.
+
+    Raises:
+      ValueError: unknown prediction or variance, empty images, batch_size < 1.
+    """
+    check_prediction(prediction)
+    check_variance(variance)
+    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    images = np.asarray(images)
+    n = len(images) if images.ndim else 0
+    if n == 0:
+        raise ValueError(f"images must hold at least one example; got shape {images.shape}")
+    bs = min(batch_size, n)
+
+    kwargs = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+    batch_bpd = jax.jit(lambda x, key: nll_bpd(schedule, model_fn, x, key, **kwargs)[:4])
+    from tqdm.auto import tqdm
+
+    parts: list[list[np.ndarray]] = [[], [], [], []]  # total, prior, kl, decoder
+    for i in tqdm(range(-(-n // bs)), desc="bits/dim", disable=not progress, leave=False):
+        x = images[i * bs : (i + 1) * bs]
+        keep = len(x)
+        if keep < bs:
+            x = np.concatenate([x, images[: bs - keep]])
+        terms = jax.device_get(batch_bpd(x, jax.random.fold_in(rng, i)))
+        for acc, value in zip(parts, terms, strict=True):
+            acc.append(np.asarray(value, np.float64)[:keep])
+    names = ("total_bpd", "prior_bpd", "kl_bpd", "decoder_bpd")
+    out = {name: float(np.concatenate(p).mean()) for name, p in zip(names, parts, strict=True)}
+    total = np.concatenate(parts[0])
+    out["total_bpd_stderr"] = float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    out["num_examples"] = n
+    return out
+
+
+# ------------------------------------------------------------------------ evaluate a workdir
+
+
+def _restore_ema_params(workdir: str):
+    """(config, example shape, model, EMA params, step) of a training run's latest checkpoint."""
+    import ml_collections
+
+    from jax_diffusion import train
+    from jax_diffusion.checkpoints import CheckpointManager
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(workdir, "data_info.json")) as f:
+        shape = tuple(json.load(f)["shape"])
+    if config.data.name != "digits":
+        raise ValueError(f"workdir must hold a run on data.name 'digits'; got {config.data.name!r}")
+    model = train.create_model(config, channels=shape[-1])
+    # The restore target only needs shapes: eval_shape skips the op-by-op init (seconds).
+    abstract = jax.eval_shape(
+        lambda: train.create_train_state(config, model, jax.random.PRNGKey(0), shape)
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        abstract.checkpoint_items(),
+    )
+    ckpt = CheckpointManager(workdir)
+    try:
+        step = ckpt.latest_step()
+        params = ckpt.restore_params(target, ema=True)
+    finally:
+        ckpt.close()
+    return config, shape, model, params, int(step)
+
+
+def evaluate_workdir(
+    workdir: str,
+    *,
+    num_samples: int = 1000,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
+    bpd_examples: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Samples from a digits training run's latest EMA params and measures the samples.
+
+    Restores the latest checkpoint of `workdir` (`jax-diffusion train` output with
+    `config.json` and `data_info.json`), draws `num_samples` images with `train.sample` in
+    batches of `batch_size` (batch i uses fold_in(PRNGKey(seed), i); the last batch is drawn
+    at full size and truncated: one compile), clips them to [-1, 1] and compares them with the
+    digits in the shipped classifier's feature space: a CPU-scale stand-in for FID, not FID.
+    Compare only runs evaluated with the same num_samples.
+
+    Class-conditional models (config.model.num_classes set) sample the labels
+    arange(num_samples) % num_classes (balanced); `class_accuracy` is the fraction of samples
+    the classifier assigns to the label they were sampled with. Bits/dim of a conditional
+    model are those of the unconditional (null-label) model p(x).
+
+    Args:
+      workdir: the training run's directory.
+      num_samples: number of generated images, >= 4 (recall's 3-NN radii need 4).
+      sampler: 'ddpm' | 'ddim' | 'dpm++'; None for config.sample.sampler.
+      num_steps: sampling steps (ddim, dpm++); None for config.sample.num_steps.
+      guidance: classifier-free guidance scale w (conditional models); None for the config's.
+      seed: sampling seed (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1)).
+      batch_size: images per sampling (and bits/dim) call.
+      bpd_examples: if > 0, also the bits/dim of the first `bpd_examples` test digits
+        (T network calls per example: slow for T = 1000).
+      progress: show tqdm progress bars.
+
+    Returns:
+      A JSON-able dict: run info ("workdir", "step", "num_samples", "sampler", "num_steps",
+      "guidance", "seed", "image_size"); "fd_test" / "fd_train": Frechet distance of the samples'
+      features to those of the digits test (297) / train (1500) split; "fd_train_vs_test": the
+      same between the two real splits, a floor set by finite sample sizes; "precision",
+      "recall" (k = 3) against the test split; "inception_score" of the samples and
+      "inception_score_test" of the test digits (about 10); "class_accuracy" for conditional
+      models; "bpd", "bpd_prior", "bpd_kl", "bpd_decoder", "bpd_stderr", "bpd_examples" when
+      bpd_examples > 0; "sample_seconds".
+
+    Raises:
+      ValueError: a non-digits run, or arguments out of range.
+      FloatingPointError: some samples are NaN or inf.
+    """
+    from jax_diffusion import data as data_lib
+    from jax_diffusion import train
+
+    num_samples = _check_int("num_samples", num_samples, minimum=4)
+    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    bpd_examples = _check_int("bpd_examples", bpd_examples, minimum=0)
+    seed = _check_int("seed", seed, minimum=0)
+    config, shape, model, params, step = _restore_ema_params(workdir)
+    num_classes = config.model.get("num_classes", None)
+    schedule = train.get_schedule(config.diffusion)
+    s = config.sample
+    sampler, num_steps = sampler or s.sampler, num_steps or s.num_steps
+    guidance = (s.guidance if guidance is None else guidance) if num_classes else None
+
+    bs = min(batch_size, num_samples)
+    num_batches = -(-num_samples // bs)
+    kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=num_steps, guidance=guidance)
+    sample_batch = jax.jit(
+        lambda p, key, y: train.sample(config, model, p, schedule, key, labels=y, **kwargs)
+    )
+    from tqdm.auto import tqdm
+
+    rng = jax.random.PRNGKey(seed)
+    all_labels = np.arange(num_batches * bs) % num_classes if num_classes else None
+    chunks, t0 = [], time.perf_counter()
+    for i in tqdm(range(num_batches), desc="sample", disable=not progress, leave=False):
+        labels = None if all_labels is None else jnp.asarray(all_labels[i * bs : (i + 1) * bs])
+        chunks.append(jax.device_get(sample_batch(params, jax.random.fold_in(rng, i), labels)))
+    samples = np.concatenate(chunks)[:num_samples]
+    sample_seconds = time.perf_counter() - t0
+    bad = int((~np.isfinite(samples).reshape(num_samples, -1).all(axis=1)).sum())
+    if bad:
+        raise FloatingPointError(f"{bad} of {num_samples} samples are not finite")
+
+    test_images = data_lib.load_digits(shape[0], "test")[0]
+    fake_logits, fake_feats = _classify(np.clip(samples, -1.0, 1.0))
+    test_logits, test_feats = _classify(test_images)
+    train_feats = _classify(data_lib.load_digits(shape[0], "train")[0])[1]
+    fake, test, trn = (FeatureStats.from_features(x) for x in (fake_feats, test_feats, train_feats))
+    pr = precision_recall(test_feats, fake_feats, k=3)
+    metrics: dict[str, Any] = {
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+        "num_samples": num_samples,
+        "sampler": sampler,
+        "num_steps": None if sampler == "ddpm" else int(num_steps),
+        "guidance": None if guidance is None else float(guidance),
+        "seed": seed,
+        "image_size": shape[0],
+        "fd_test": frechet_distance(fake.mean, fake.cov, test.mean, test.cov),
+        "fd_train": frechet_distance(fake.mean, fake.cov, trn.mean, trn.cov),
+        "fd_train_vs_test": frechet_distance(trn.mean, trn.cov, test.mean, test.cov),
+        "precision": pr.precision,
+        "recall": pr.recall,
+        "inception_score": inception_score(_softmax64(fake_logits)),
+        "inception_score_test": inception_score(_softmax64(test_logits)),
+    }
+    if num_classes:
+        predicted = fake_logits.argmax(axis=1)
+        metrics["class_accuracy"] = float(np.mean(predicted == all_labels[:num_samples]))
+    if bpd_examples:
+        x0 = test_images[:bpd_examples]
+
+        def model_fn(x, t):
+            null = None if not num_classes else jnp.full((x.shape[0],), num_classes, jnp.int32)
+            return model.apply({"params": params}, x, t, null)
+
+        d = config.diffusion
+        kwargs = dict(prediction=d.prediction, variance=d.variance, progress=progress)
+        bpd_rng = jax.random.fold_in(rng, 2**31 - 1)
+        bpd = bits_per_dim(schedule, model_fn, x0, bpd_rng, batch_size=batch_size, **kwargs)
+        metrics.update(bpd=bpd["total_bpd"], bpd_stderr=bpd["total_bpd_stderr"])
+        metrics.update({f"bpd_{k}": bpd[f"{k}_bpd"] for k in ("prior", "kl", "decoder")})
+        metrics["bpd_examples"] = bpd["num_examples"]
+    metrics["sample_seconds"] = sample_seconds
+    return metrics

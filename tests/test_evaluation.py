@@ -1,0 +1,485 @@
+"""Evaluation metrics against scipy, closed forms, brute-force references and invariants."""
+
+import json
+import math
+import os
+import pathlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jax_diffusion as jd
+from jax_diffusion import cli, evaluation, train
+from jax_diffusion.checkpoints import CheckpointManager
+from jax_diffusion.data import load_digits
+from jax_diffusion.evaluation import (
+    FeatureStats,
+    bits_per_dim,
+    digits_features,
+    digits_logits,
+    evaluate_workdir,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
+from jax_diffusion.testing import gaussian_denoiser
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def random_gaussian(rng, d, rank=None):
+    """A mean [d] and a PSD covariance [d, d] of the given rank (full by default)."""
+    a = rng.standard_normal((d, rank or d))
+    return rng.standard_normal(d), a @ a.T / (rank or d)
+
+
+def scipy_fd(mu1, cov1, mu2, cov2):
+    """The textbook formula, with scipy's general (Schur) square root of C1 C2."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # singular C1 C2: scipy warns, the trace is still fine
+        covmean = scipy.linalg.sqrtm(cov1 @ cov2)
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean).real
+
+
+# ------------------------------------------------------------------------- Frechet distance
+
+
+@pytest.mark.parametrize("d", [1, 2, 8, 32, 64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_frechet_distance_matches_scipy_on_random_spd(d, seed):
+    rng = np.random.default_rng(seed)
+    mu1, cov1 = random_gaussian(rng, d)
+    mu2, cov2 = random_gaussian(rng, d)
+    np.testing.assert_allclose(
+        frechet_distance(mu1, cov1, mu2, cov2), scipy_fd(mu1, cov1, mu2, cov2), rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize("d, rank", [(2, 1), (8, 4), (32, 16), (64, 3)])
+def test_frechet_distance_rank_deficient(d, rank):
+    rng = np.random.default_rng(d)
+    mu1, cov1 = random_gaussian(rng, d, rank)
+    mu2, cov2 = random_gaussian(rng, d, rank)
+    got = frechet_distance(mu1, cov1, mu2, cov2)
+    # Second reference without C1 C2: Tr (C1 C2)^{1/2} is the nuclear norm of C1^{1/2} C2^{1/2}.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about singular input
+        s1, s2 = scipy.linalg.sqrtm(cov1).real, scipy.linalg.sqrtm(cov2).real
+    nuclear = np.linalg.svd(s1 @ s2, compute_uv=False).sum()
+    ref = (mu1 - mu2) @ (mu1 - mu2) + np.trace(cov1) + np.trace(cov2) - 2 * nuclear
+    # the square roots of eigenvalues that are 0 up to rounding (~1e-16) are ~1e-8
+    np.testing.assert_allclose(got, ref, rtol=1e-7)
+    np.testing.assert_allclose(got, scipy_fd(mu1, cov1, mu2, cov2), rtol=1e-7)
+    # same singular covariance: only the means differ
+    np.testing.assert_allclose(
+        frechet_distance(mu1, cov1, mu2, cov1), (mu1 - mu2) @ (mu1 - mu2), rtol=1e-7, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("d", [1, 5, 40])
+def test_frechet_distance_invariants(d):
+    rng = np.random.default_rng(d)
+    mu1, cov1 = random_gaussian(rng, d)
+    mu2, cov2 = random_gaussian(rng, d)
+    fd = frechet_distance(mu1, cov1, mu2, cov2)
+    scale = np.trace(cov1) + np.trace(cov2)
+    assert frechet_distance(mu1, cov1, mu1, cov1) <= 1e-10 * scale
+    np.testing.assert_allclose(frechet_distance(mu2, cov2, mu1, cov1), fd, rtol=1e-10)
+    # a rigid motion x -> Q x + b applied to both Gaussians leaves the distance unchanged
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    b = rng.standard_normal(d)
+    moved = frechet_distance(q @ mu1 + b, q @ cov1 @ q.T, q @ mu2 + b, q @ cov2 @ q.T)
+    np.testing.assert_allclose(moved, fd, rtol=1e-9)
+    assert fd > 0
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_frechet_distance_closed_form_for_commuting_covariances(rotate):
+    # C1 = Q diag(a) Q^T, C2 = Q diag(b) Q^T commute: d^2 = |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2
+    rng = np.random.default_rng(3)
+    d = 16
+    a, b = rng.uniform(0.0, 3.0, d), rng.uniform(0.0, 3.0, d)
+    a[:3] = 0.0  # singular too
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0] if rotate else np.eye(d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    got = frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    np.testing.assert_allclose(got, want, rtol=1e-7)
+
+
+def test_frechet_distance_rejects_bad_arguments():
+    mu, cov = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match="mu1 and mu2"):
+        frechet_distance(mu, cov, np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match=r"cov2 must be \[D, D\]"):
+        frechet_distance(mu, cov, mu, np.eye(4))
+    with pytest.raises(ValueError, match="cov1 must be symmetric"):
+        frechet_distance(mu, np.triu(np.ones((3, 3))), mu, cov)
+    with pytest.raises(ValueError, match="mu2 must be finite"):
+        frechet_distance(mu, cov, np.full(3, np.nan), cov)
+
+
+# ----------------------------------------------------------------------------- FeatureStats
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_feature_stats_equals_np_cov(offset):
+    rng = np.random.default_rng(0)
+    features = offset + rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12))
+    sizes = [1, 7, 100, 1, 250, 141]
+    stats = FeatureStats()
+    for chunk in np.split(features, np.cumsum(sizes)[:-1]):
+        stats.update(chunk.astype(np.float64))
+    assert stats.n == 500
+    np.testing.assert_allclose(stats.mean, features.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.cov, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-9)
+    # merging two halves accumulated separately gives the same statistics
+    merged = FeatureStats.from_features(features[:123]).merge(
+        FeatureStats.from_features(features[123:])
+    )
+    np.testing.assert_allclose(merged.cov, stats.cov, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(FeatureStats().merge(merged).mean, stats.mean, rtol=1e-12)
+
+
+def test_feature_stats_errors():
+    stats = FeatureStats.from_features(np.ones((1, 3)))
+    with pytest.raises(ValueError, match="cov needs at least 2"):
+        _ = stats.cov
+    with pytest.raises(ValueError, match="D = 3"):
+        stats.update(np.ones((2, 4)))
+    with pytest.raises(ValueError, match="features must be a 2-D"):
+        stats.update(np.ones(3))
+
+
+# ----------------------------------------------------------------------- precision / recall
+
+
+def brute_force_precision_recall(real, fake, k):
+    """Kynkaanniemi et al. 2019 eq. 1-2 with explicit loops."""
+
+    def radii(x):
+        return np.array([np.sort(np.linalg.norm(x - p, axis=1))[k] for p in x])
+
+    def covered(points, centres, r):
+        return np.mean([np.any(np.linalg.norm(centres - p, axis=1) <= r) for p in points])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_brute_force(k):
+    rng = np.random.default_rng(k)
+    real = rng.standard_normal((120, 6))
+    fake = 0.7 * rng.standard_normal((90, 6)) + 0.5
+    got = precision_recall(real, fake, k=k, batch_size=17)
+    want = brute_force_precision_recall(real, fake, k)
+    assert got.precision == pytest.approx(want[0], abs=1e-12)
+    assert got.recall == pytest.approx(want[1], abs=1e-12)
+    assert 0 < got.precision < 1 and 0 < got.recall < 1  # the case is not degenerate
+
+
+def test_precision_recall_closed_cases():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 8))
+    assert precision_recall(x, x.copy()) == (1.0, 1.0)
+    assert precision_recall(x, x + 100.0) == (0.0, 0.0)
+    # real: two far-apart modes; fake: only the first -> the fakes are realistic (up to the
+    # tails that 3-NN balls of 500 points miss), half the real data is missed
+    modes = np.concatenate([rng.standard_normal((500, 2)), 50 + rng.standard_normal((500, 2))])
+    pr = precision_recall(modes, rng.standard_normal((500, 2)))
+    assert pr.precision > 0.95
+    assert 0.45 < pr.recall <= 0.5
+
+
+def test_precision_recall_rejects_bad_arguments():
+    x = np.zeros((10, 2))
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        precision_recall(x, x, k=0)
+    with pytest.raises(ValueError, match="fake_features must have at least 4 rows"):
+        precision_recall(x, x[:3], k=3)
+    with pytest.raises(ValueError, match="same D"):
+        precision_recall(x, np.zeros((10, 3)))
+
+
+# ---------------------------------------------------------------------------- Inception score
+
+
+@pytest.mark.parametrize("c", [2, 10])
+def test_inception_score_closed_forms(c):
+    assert inception_score(np.full((50, c), 1.0 / c)) == pytest.approx(1.0, abs=1e-12)
+    one_hot = np.eye(c)[np.arange(10 * c) % c]
+    assert inception_score(one_hot) == pytest.approx(c, rel=1e-12)
+    # confident predictions of a single class: no diversity
+    assert inception_score(np.eye(c)[np.zeros(30, int)]) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("q", [0.6, 0.9, 0.99])
+def test_inception_score_two_class_mixture(q):
+    # half the samples p = (q, 1 - q), half (1 - q, q): p(y) uniform, KL = log 2 - H(q)
+    probs = np.array([[q, 1 - q], [1 - q, q]] * 20)
+    entropy = -(q * math.log(q) + (1 - q) * math.log(1 - q))
+    assert inception_score(probs) == pytest.approx(2 * math.exp(-entropy), rel=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(2, 12), st.integers(0, 2**31 - 1))
+def test_inception_score_bounds_and_permutation_invariance(n, c, seed):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(c, 0.3), size=n)
+    score = inception_score(probs)
+    assert 1.0 - 1e-9 <= score <= c + 1e-9
+    perm = rng.permutation(c)
+    assert inception_score(probs[rng.permutation(n)][:, perm]) == pytest.approx(score, rel=1e-9)
+
+
+def test_inception_score_rejects_non_probabilities():
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        inception_score(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"probs must be a 2-D array"):
+        inception_score(np.ones(3) / 3)
+
+
+# -------------------------------------------------------------------------- digits classifier
+
+
+def test_shipped_classifier_loads_and_reproduces_its_accuracy():
+    path = ROOT / "jax_diffusion" / "assets" / "digits_classifier_8x8.msgpack"
+    assert path.stat().st_size < 200_000
+    images, labels = load_digits(8, "test")
+    logits = digits_logits(images)
+    assert logits.shape == (297, 10) and logits.dtype == np.float32
+    accuracy = np.mean(logits.argmax(1) == labels)
+    assert accuracy >= 0.9
+    # the recorded number is what the checkpoint gives (one image of slack for platforms)
+    assert abs(accuracy - evaluation.DIGITS_CLASSIFIER_TEST_ACCURACY) <= 1.5 / 297
+    images16, labels16 = load_digits(16, "test")
+    assert np.mean(digits_logits(images16).argmax(1) == labels16) >= 0.9
+
+
+def test_digits_features_shapes_padding_and_16x16_path():
+    images, _ = load_digits(8, "test")
+    feats = digits_features(images)
+    assert feats.shape == (297, 64) and np.isfinite(feats).all()
+    # the zero-padded last chunk does not leak into the results
+    np.testing.assert_allclose(digits_features(images, batch_size=50), feats, rtol=1e-5, atol=1e-5)
+    # 2x2 means exactly undo nearest-neighbour upsampling
+    up = load_digits(16, "test", upsample="nearest")[0]
+    np.testing.assert_array_equal(evaluation.to_digits_resolution(up), images)
+    with pytest.raises(ValueError, match=r"images must be \[N, 8, 8, 1\] or \[N, 16, 16, 1\]"):
+        digits_features(np.zeros((2, 28, 28, 1)))
+
+
+def test_frechet_distance_of_digits_features_separates_digits_from_noise():
+    stats = {}
+    noise = np.random.default_rng(0).uniform(-1, 1, (297, 8, 8, 1)).astype(np.float32)
+    for name, images in [
+        ("test", load_digits(8, "test")[0]),
+        ("train", load_digits(8, "train")[0]),
+        ("noise", noise),
+    ]:
+        stats[name] = FeatureStats.from_features(digits_features(images))
+
+    def fd(a, b):
+        return frechet_distance(stats[a].mean, stats[a].cov, stats[b].mean, stats[b].cov)
+
+    assert 10 * fd("test", "train") < fd("test", "noise")
+
+
+def test_training_script_writes_a_loadable_classifier(tmp_path, capsys):
+    from experiments import train_digits_classifier
+
+    out = str(tmp_path / "clf.msgpack")
+    result = train_digits_classifier.main(["--epochs", "2", "--out", out])
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == result["test_accuracy"]
+    assert result["num_params"] == 38282 and result["bytes"] < 200_000
+    apply_fn, params = evaluation.load_digits_classifier(out)
+    images, labels = load_digits(8, "test")
+    logits, features = apply_fn(params, images)
+    assert features.shape == (297, 64)
+    assert np.mean(np.asarray(logits).argmax(1) == labels) == pytest.approx(result["test_accuracy"])
+    assert result["test_accuracy"] > 0.5  # two epochs already learn most of it
+
+
+# ----------------------------------------------------------------------------------- bits/dim
+
+
+def gaussian_grid_data(n, mean, std, seed=0):
+    x = mean + std * np.random.default_rng(seed).standard_normal((n, 4, 4, 1))
+    return (np.round((np.clip(x, -1, 1) + 1) * 127.5) / 127.5 - 1).astype(np.float32)
+
+
+def test_bits_per_dim_of_the_exact_gaussian_denoiser():
+    schedule = jd.Schedule.from_betas(jd.cosine_betas(100))
+    mean, std = 0.2, 0.3
+    x0 = gaussian_grid_data(64, mean, std)
+    results = {}
+    for prediction in ("eps", "x0", "v"):
+        calls = []
+        exact = gaussian_denoiser(schedule, mean, std, prediction)
+
+        def model_fn(x, t, exact=exact, calls=calls):
+            calls.append(x.shape)
+            return exact(x, t)
+
+        r = bits_per_dim(
+            schedule,
+            model_fn,
+            x0,
+            jax.random.key(1),
+            batch_size=24,  # 24 + 24 + 16 padded to 24
+            prediction=prediction,
+            variance="fixed_small",
+            progress=False,
+        )
+        assert calls == [(24, 4, 4, 1)]  # one trace for all three batches
+        assert r["num_examples"] == 64
+        parts = r["prior_bpd"] + r["kl_bpd"] + r["decoder_bpd"]
+        assert all(np.isfinite(v) for v in r.values())
+        np.testing.assert_allclose(parts, r["total_bpd"], rtol=1e-6)
+        results[prediction] = r["total_bpd"]
+        # a bound on -log2 p(x): above the entropy of the 8-bit-quantised N(0.2, 0.3^2)
+        entropy = (0.5 * math.log(2 * math.pi * math.e * std**2) - math.log(2 / 255)) / math.log(2)
+        assert r["total_bpd"] > entropy - 4 * r["total_bpd_stderr"]
+    # the same denoiser in three parameterizations is the same model
+    np.testing.assert_allclose(results["x0"], results["eps"], rtol=1e-5)
+    np.testing.assert_allclose(results["v"], results["eps"], rtol=1e-5)
+
+
+def test_bits_per_dim_padding_counts_every_example_once():
+    # Single-point data x0 = m with its exact x0 denoiser: every term of an image c (constant)
+    # depends on c only, not on the noise, so any batching must give the mean of the per-image
+    # values. Image 0 is an outlier: padding the last batch with it would show.
+    schedule = jd.Schedule.from_betas(jd.cosine_betas(50))
+    m = 0.2
+    values = np.array([0.9, 0.2, 0.25, 0.1, 0.3, 0.15, 0.2, 0.35, 0.05, 0.2])
+    images = np.round((values[:, None, None, None] + 1) * 127.5) / 127.5 - 1
+    images = np.broadcast_to(images, (10, 2, 2, 1)).astype(np.float32)
+
+    def bpd(x, batch_size):
+        return bits_per_dim(
+            schedule,
+            gaussian_denoiser(schedule, m, 0.0, "x0"),
+            x,
+            jax.random.key(0),
+            batch_size=batch_size,
+            prediction="x0",
+            variance="fixed_small",
+            progress=False,
+        )
+
+    per_image = [bpd(images[i : i + 1], 1)["total_bpd"] for i in range(10)]
+    assert per_image[0] > 2 * max(per_image[1:])
+    for batch_size in (3, 4, 10, 64):
+        r = bpd(images, batch_size)
+        assert r["num_examples"] == 10
+        np.testing.assert_allclose(r["total_bpd"], np.mean(per_image), rtol=1e-4)
+
+
+def test_bits_per_dim_rejects_bad_arguments():
+    schedule = jd.Schedule.from_betas(jd.cosine_betas(10))
+    fn = gaussian_denoiser(schedule, 0.0, 0.5)
+    x = np.zeros((2, 2, 2, 1), np.float32)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="prediction"):
+        bits_per_dim(schedule, fn, x, key, prediction="noise", variance="fixed_small")
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        bits_per_dim(schedule, fn, x, key, batch_size=0, prediction="eps", variance="fixed_small")
+    with pytest.raises(ValueError, match="at least one example"):
+        bits_per_dim(schedule, fn, x[:0], key, prediction="eps", variance="fixed_small")
+
+
+# ---------------------------------------------------------------------------- evaluate_workdir
+
+EXPECTED_KEYS = {
+    "workdir",
+    "step",
+    "num_samples",
+    "sampler",
+    "num_steps",
+    "guidance",
+    "seed",
+    "image_size",
+    "fd_test",
+    "fd_train",
+    "fd_train_vs_test",
+    "precision",
+    "recall",
+    "inception_score",
+    "inception_score_test",
+    "sample_seconds",
+}
+BPD_KEYS = {"bpd", "bpd_prior", "bpd_kl", "bpd_decoder", "bpd_stderr", "bpd_examples"}
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    config = f"{ROOT / 'experiments' / 'configs' / 'default.py'}:smoke"
+    assert cli.main(["train", "--config", config, "--workdir", workdir]) == 0
+    return workdir
+
+
+def test_evaluate_workdir_on_a_smoke_run(smoke_workdir):
+    metrics = evaluate_workdir(
+        smoke_workdir, num_samples=16, batch_size=12, bpd_examples=5, progress=False
+    )
+    assert set(metrics) == EXPECTED_KEYS | BPD_KEYS
+    json.dumps(metrics)  # JSON-able as returned
+    assert metrics["step"] == 2 and metrics["num_samples"] == 16
+    assert metrics["sampler"] == "ddim" and metrics["num_steps"] == 3
+    assert metrics["guidance"] is None and metrics["bpd_examples"] == 5
+    for key in EXPECTED_KEYS | BPD_KEYS:
+        if isinstance(metrics[key], float):
+            assert math.isfinite(metrics[key]), key
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert 1 <= metrics["inception_score"] <= 10
+    assert metrics["inception_score_test"] > 8  # confident and balanced on real digits
+    # two training steps: the samples are far from the digits, the real splits are close
+    assert metrics["fd_test"] > 3 * metrics["fd_train_vs_test"]
+    parts = metrics["bpd_prior"] + metrics["bpd_kl"] + metrics["bpd_decoder"]
+    np.testing.assert_allclose(parts, metrics["bpd"], rtol=1e-6)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 4"):
+        evaluate_workdir(smoke_workdir, num_samples=3)
+
+
+def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, monkeypatch):
+    # A class-conditional run whose "sampler" returns real test digits of the requested labels:
+    # the accuracy must be the classifier's, which only holds if the labels it is scored
+    # against are the ones each batch was sampled with (3 batches, the last one truncated).
+    config = cli.load_config(f"{ROOT / 'experiments' / 'configs' / 'digits_cond.py'}:smoke")
+    workdir = str(tmp_path)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json())
+    with open(os.path.join(workdir, "data_info.json"), "w") as f:
+        json.dump({"shape": [8, 8, 1], "num_classes": 10}, f)
+    model = train.create_model(config, channels=1)
+    # zero params of the right structure are enough (the sampler is replaced), and instant
+    abstract = jax.eval_shape(
+        lambda: train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+    )
+    state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+    ckpt = CheckpointManager(workdir)
+    ckpt.save(state, {}, force=True)
+    ckpt.close()
+
+    images, labels = load_digits(8, "test")
+    per_class = min(np.bincount(labels))
+    table = jnp.asarray(np.stack([images[labels == c][:per_class] for c in range(10)]))
+
+    def fake_sample(config, model, params, schedule, rng, *, shape, num, labels=None, **kwargs):
+        labels = jnp.arange(num) % 10 if labels is None else labels  # train.sample's default
+        return table[labels, jnp.arange(num) % per_class]
+
+    monkeypatch.setattr(train, "sample", fake_sample)
+    metrics = evaluate_workdir(workdir, num_samples=40, batch_size=16, progress=False)
+    assert set(metrics) == EXPECTED_KEYS | {"class_accuracy"}
+    assert metrics["guidance"] == config.sample.guidance
+    assert metrics["class_accuracy"] >= 0.9
+    assert metrics["precision"] == 1.0  # every "sample" is a test digit
