@@ -320,6 +320,28 @@ class _Writer:
             self._tb.close()
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validates the choices of a config before any data is read or any model is built."""
+    d = config.diffusion
+    jd.diffusion.check_prediction(d.prediction)
+    jd.diffusion.check_variance(d.variance)
+    if d.loss_type not in jd.losses.LOSS_TYPES:
+        raise ValueError(f"diffusion.loss_type must be one of 'l2', 'l1'; got {d.loss_type!r}")
+    if d.weighting not in jd.losses.WEIGHTINGS:
+        raise ValueError(
+            f"diffusion.weighting must be one of {jd.losses.WEIGHTINGS}; got {d.weighting!r}"
+        )
+    if config.model.name not in ("unet", "mlp"):
+        raise ValueError(f"model.name must be one of 'unet', 'mlp'; got {config.model.name!r}")
+    if config.sample.sampler not in ("ddpm", "ddim", "dpm++"):
+        raise ValueError(
+            f"sample.sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {config.sample.sampler!r}"
+        )
+    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
+        if not config.train[key] >= 1:
+            raise ValueError(f"train.{key} must be >= 1; got {config.train[key]!r}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains from config, resuming from the latest checkpoint in `workdir` if there is one.
 
@@ -333,14 +355,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       TrainingDiverged: after train.max_bad_steps consecutive non-finite steps (no checkpoint is
         written for them: the last good one stays the latest).
     """
+    check_config(config)
     tc = config.train
-    os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh()
     if tc.batch_size % jax.device_count():
         raise ValueError(
             f"train.batch_size must be divisible by the device count {jax.device_count()}; "
             f"got {tc.batch_size}"
         )
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh()
     data_it, info = data_lib.get_dataset(
         config.data, global_batch_size=tc.batch_size, seed=config.seed
     )

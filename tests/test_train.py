@@ -246,6 +246,15 @@ def test_config_loading_and_errors():
         train.train_and_evaluate(bad, "/tmp/never-written")
     with pytest.raises(ValueError, match="model.name must be one of 'unet', 'mlp'; got 'vit'"):
         train.create_model(smoke(model__name="vit"), channels=1)
+    for key, value, match in [
+        ("diffusion__prediction", "score", "prediction must be one of"),
+        ("diffusion__weighting", "p2", "diffusion.weighting must be one of"),
+        ("sample__sampler", "euler", "sample.sampler must be one of"),
+        ("train__num_steps", 0, "train.num_steps must be >= 1; got 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):  # before any directory is created
+            train.train_and_evaluate(smoke(**{key: value}), "/tmp/never-written-either")
+    assert not os.path.exists("/tmp/never-written-either")
 
 
 def test_smoke_training_cifar10_config_on_a_local_tfds_dataset(tmp_path):
