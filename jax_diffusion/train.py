@@ -236,50 +236,36 @@ def sample(
     x_rng, s_rng = jax.random.split(rng)
     x_T = jax.random.normal(x_rng, (num, *shape))
     num_classes = config.model.get("num_classes", None)
-    if num_classes is None:
-
-        def model_fn(x, t):
-            return model.apply({"params": params}, x, t, None)
-    else:
-        labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
-        w = s.guidance if guidance is None else guidance
-
-        def cond_fn(x, t, y):
-            return model.apply({"params": params}, x, t, y)
-
-        model_fn = samplers.classifier_free_guidance(
-            cond_fn, w, num_classes, y=labels, variance=d.variance
-        )
-
-    common = dict(prediction=d.prediction, clip_denoised=s.clip_denoised)
-    if sampler == "ddpm":
-        run = jax.jit(
-            lambda x, k: samplers.ddpm_sample(
-                model_fn, schedule, x, k, variance=d.variance, **common
-            )
-        )
-    elif sampler == "ddim":
-        run = jax.jit(
-            lambda x, k: samplers.ddim_sample(
-                model_fn,
-                schedule,
-                x,
-                k,
-                num_steps=num_steps,
-                eta=s.eta,
-                variance=d.variance,
-                **common,
-            )
-        )
-    elif sampler == "dpm++":
-        run = jax.jit(
-            lambda x, k: samplers.dpm_solver_pp_sample(
-                model_fn, schedule, x, num_steps=num_steps, variance=d.variance, **common
-            )
-        )
-    else:
+    if sampler not in ("ddpm", "ddim", "dpm++"):
         raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}")
-    return run(x_T, s_rng)
+    if num_classes is not None:
+        labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
+    w = s.guidance if guidance is None else guidance
+
+    # params, labels and w are arguments of the compiled program, not constants baked into it
+    def run(params, labels, w, x, k):
+        if num_classes is None:
+
+            def model_fn(x, t):
+                return model.apply({"params": params}, x, t, None)
+        else:
+
+            def cond_fn(x, t, y):
+                return model.apply({"params": params}, x, t, y)
+
+            model_fn = samplers.classifier_free_guidance(
+                cond_fn, w, num_classes, y=labels, variance=d.variance
+            )
+        common = dict(prediction=d.prediction, variance=d.variance, clip_denoised=s.clip_denoised)
+        if sampler == "ddpm":
+            return samplers.ddpm_sample(model_fn, schedule, x, k, **common)
+        if sampler == "ddim":
+            return samplers.ddim_sample(
+                model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, **common
+            )
+        return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
+
+    return jax.jit(run)(params, labels, jnp.asarray(w, jnp.float32), x_T, s_rng)
 
 
 def _save_samples(images: np.ndarray, path: str) -> None:
