@@ -15,14 +15,13 @@ Prints three tables:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import load, machine  # benchmarks/common.py
 
 from jax_diffusion import samplers
 from jax_diffusion.cli import load_config
@@ -129,23 +128,6 @@ def memory(model, params, schedule, x_T, num_steps: int, trajectory: bool):
     return mem.temp_size_in_bytes, mem.output_size_in_bytes
 
 
-def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def _machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-        f"nproc {os.cpu_count()}; {model}; load average {_load()}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, fewer cases")
@@ -153,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
 
-    print(f"# sampler_speed: {_machine()}")
+    print(f"# sampler_speed: {machine()}; load average {load()}")
     schedule = get_schedule(load_config(CONFIG, []).diffusion)
     mlp, mlp_params, mlp_shape = _mlp_case()
     unet, unet_params, unet_shape = _unet_case()
@@ -174,7 +156,7 @@ def main() -> None:
             f"| {loop_s / scan_s:>5.2f} |"
         )
 
-    print(f"load average after: {_load()}")
+    print(f"load average after: {load()}")
 
     print("\n## Compile time of jit(ddim_sample) (fresh cache)")
     print("| model              | batch | steps | trace+lower s | compile s |")
@@ -189,7 +171,7 @@ def main() -> None:
             row = f"| {name:<18} | {batch:>5} | {steps:>5} | {lower_s:>13.3f} | {compile_s:>9.3f} |"
             print(row)
 
-    print(f"load average after: {_load()}")
+    print(f"load average after: {load()}")
 
     print("\n## Compiled memory vs steps (XLA memory_analysis, MiB), UNet digits, batch 64")
     print("x_T alone is 0.016 MiB; a trajectory holds num_steps + 1 of them")

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import load, machine  # benchmarks/common.py
 
 from jax_diffusion.cli import load_config
 from jax_diffusion.train import create_model, create_train_state, get_schedule, make_train_step
@@ -186,23 +186,6 @@ def _torch_available() -> bool:
     return True
 
 
-def _machine() -> str:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-        f"nproc {os.cpu_count()}; {model}"
-    )
-
-
-def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats of >= 1 s each")
@@ -218,7 +201,7 @@ def main() -> None:
     repeats, target_s = (2, 1.0) if args.quick else (3, 3.0)
     with_torch = not args.no_torch and _torch_available()
 
-    print(f"# train_throughput: {_machine()}")
+    print(f"# train_throughput: {machine()}")
     if with_torch:
         import diffusers
         import torch
@@ -270,7 +253,7 @@ def main() -> None:
             if theirs is not None:
                 theirs_ips = batch / statistics.median(theirs_s)
                 row += f" {theirs.num_params:,} | {theirs_ips:.1f} | {ips / theirs_ips:.2f} |"
-            print(row + f" {_load()} |", flush=True)
+            print(row + f" {load()} |", flush=True)
             del ours, theirs
 
 
