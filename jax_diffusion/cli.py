@@ -104,27 +104,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import os
-
     import jax
-    import ml_collections
     import numpy as np
 
     from jax_diffusion import train
-    from jax_diffusion.checkpoints import CheckpointManager
-    from jax_diffusion.train import _save_samples
 
-    with open(os.path.join(args.workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    with open(os.path.join(args.workdir, "data_info.json")) as f:
-        shape = tuple(json.load(f)["shape"])
-    model = train.create_model(config, channels=shape[-1])
-    state = train.create_train_state(config, model, jax.random.PRNGKey(0), shape)
-    state, _ = CheckpointManager(args.workdir).restore(state)
+    config, shape, model, ema_params, step = train.load_run(args.workdir)
     images = train.sample(
         config,
         model,
-        state.ema_params,
+        ema_params,
         train.get_schedule(config.diffusion),
         jax.random.PRNGKey(args.seed),
         shape=shape,
@@ -133,8 +122,8 @@ def _sample(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         guidance=args.guidance,
     )
-    _save_samples(np.asarray(images), args.out)
-    print(json.dumps({"out": args.out, "num": args.num, "step": int(state.step)}))
+    train._save_samples(np.asarray(images), args.out)
+    print(json.dumps({"out": args.out, "num": args.num, "step": step}))
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-import json
 import math
 import os
 import time
@@ -508,35 +507,13 @@ def bits_per_dim(
 
 
 def _restore_ema_params(workdir: str):
-    """(config, example shape, model, EMA params, step) of a training run's latest checkpoint."""
-    import ml_collections
-
+    """(config, example shape, model, EMA params, step) of a digits training run."""
     from jax_diffusion import train
-    from jax_diffusion.checkpoints import CheckpointManager
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    with open(os.path.join(workdir, "data_info.json")) as f:
-        shape = tuple(json.load(f)["shape"])
+    config, shape, model, params, step = train.load_run(workdir)
     if config.data.name != "digits":
         raise ValueError(f"workdir must hold a run on data.name 'digits'; got {config.data.name!r}")
-    model = train.create_model(config, channels=shape[-1])
-    # The restore target only needs shapes: eval_shape skips the op-by-op init (seconds).
-    abstract = jax.eval_shape(
-        lambda: train.create_train_state(config, model, jax.random.PRNGKey(0), shape)
-    )
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        abstract.checkpoint_items(),
-    )
-    ckpt = CheckpointManager(workdir)
-    try:
-        step = ckpt.latest_step()
-        params = ckpt.restore_params(target, ema=True)
-    finally:
-        ckpt.close()
-    return config, shape, model, params, int(step)
+    return config, shape, model, params, step
 
 
 def evaluate_workdir(

@@ -35,6 +35,7 @@ __all__ = [
     "create_model",
     "create_train_state",
     "get_schedule",
+    "load_run",
     "make_mesh",
     "make_train_step",
     "sample",
@@ -266,6 +267,38 @@ def sample(
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
     return jax.jit(run)(params, labels, jnp.asarray(w, jnp.float32), x_T, s_rng)
+
+
+def load_run(workdir: str):
+    """The config, example shape, model and latest EMA params of a training workdir.
+
+    Reads `config.json` and `data_info.json` written by training and restores only what the
+    checkpoint holds: the restore target comes from `jax.eval_shape`, so no optimizer state or
+    params are initialised (seconds saved on CPU).
+
+    Returns:
+      (config, shape, model, ema_params, step).
+    """
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(workdir, "data_info.json")) as f:
+        shape = tuple(json.load(f)["shape"])
+    model = create_model(config, channels=shape[-1])
+    abstract = jax.eval_shape(
+        lambda: create_train_state(config, model, jax.random.PRNGKey(0), shape)
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        abstract.checkpoint_items(),
+    )
+    ckpt = CheckpointManager(workdir)
+    try:
+        step = ckpt.latest_step()
+        params = ckpt.restore_params(target, ema=True)
+    finally:
+        ckpt.close()
+    return config, shape, model, params, int(step)
 
 
 def _save_samples(images: np.ndarray, path: str) -> None:
