@@ -1,12 +1,18 @@
 """DDIM sampling speed: one `lax.scan` (`ddim_sample`) vs a Python loop of jitted `ddim_step`s.
 
 Run:  python benchmarks/sampler_speed.py [--quick] [--repeats N]
+On a shared CPU pin it to one core (`taskset -c 0 python benchmarks/sampler_speed.py`): the
+header prints the cores the process may run on.
 
 Prints three tables:
   1. wall time of a whole deterministic DDIM run (median of repeats after a warm-up run, with
-     block_until_ready) for a tiny MLPDenoiser on 2-D data (batch 64 and 1024, 1000 steps) and
-     the digits UNet (default config, 8x8x1, batch 64, 50 steps); ratio = loop / scan (> 1 means
-     the scan is faster);
+     block_until_ready; the scan, loop and bare-model repeats interleaved so that a change of
+     load hits all three alike) for MLPDenoisers on 2-D data (hidden 128 x 3 blocks at batch 64
+     and 1024, hidden 32 x 1 block at batch 64; 1000 steps) and the digits UNet (default
+     config, 8x8x1, batch 64, 50 steps); ratio = loop / scan (> 1 means the scan is faster).
+     "bare model" is the same model_fn called at the same steps in a lax.scan with nothing else
+     (x <- (x + out) / 2): the floor for any scan sampler, so scan - bare is what the sampler's
+     own per-step work costs and (loop - scan) / steps what a jitted call per step costs;
   2. trace + lower and compile time of the jitted `ddim_sample` for 10 vs 1000 steps;
   3. the compiled executable's memory (XLA `memory_analysis()`: temporaries, output) vs steps,
      with and without `return_trajectory`.
@@ -15,6 +21,7 @@ Prints three tables:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -35,19 +42,25 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def _median_time(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
-    _block(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _median_times(fns: dict, repeats: int) -> dict:
+    """Median wall time of each fn() over `repeats` rounds that run every fn once, in turn.
+
+    Each fn runs once first as a warm-up. Interleaving the rounds spreads a change of machine
+    load over all the variants instead of charging it to whichever ran last.
+    """
+    for fn in fns.values():
         _block(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            _block(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _mlp_case():
-    model = MLPDenoiser(out_dim=2, hidden_dim=128, num_layers=3)
+def _mlp_case(hidden_dim: int = 128, num_layers: int = 3):
+    model = MLPDenoiser(out_dim=2, hidden_dim=hidden_dim, num_layers=num_layers)
     x = jnp.zeros((1, 2), jnp.float32)
     params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
     return model, params, (2,)
@@ -63,7 +76,7 @@ def _unet_case():
 
 
 def scan_vs_loop(model, params, schedule, shape, batch: int, num_steps: int, repeats: int):
-    """Seconds per full sampling run: (scan, loop)."""
+    """Seconds per full sampling run: (scan, loop, bare model scan)."""
     x_T = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
 
     @jax.jit
@@ -72,12 +85,23 @@ def scan_vs_loop(model, params, schedule, shape, batch: int, num_steps: int, rep
             make_model_fn(model, params), schedule, x_T, num_steps=num_steps
         )
 
+    # The loop: the public one-step function, jitted once, params passed as an argument.
     @jax.jit
     def step(params, x, t, t_prev):
         return samplers.ddim_step(make_model_fn(model, params), schedule, x, t, t_prev).x_prev
 
     ts = samplers.sampling_timesteps(schedule.num_timesteps, num_steps, "leading")
     ts_prev = np.append(ts[1:], -1)
+
+    @jax.jit
+    def bare_model_scan(params, x_T):
+        model_fn = make_model_fn(model, params)
+
+        def body(x, t):
+            return 0.5 * (x + model_fn(x, jnp.broadcast_to(t, (batch,)))), None
+
+        return jax.lax.scan(body, x_T, jnp.asarray(ts))[0]
+
     # Device scalars made once, as a careful user would: no per-step host->device transfer.
     pairs = [(jnp.int32(t), jnp.int32(tp)) for t, tp in zip(ts, ts_prev, strict=True)]
 
@@ -87,10 +111,14 @@ def scan_vs_loop(model, params, schedule, shape, batch: int, num_steps: int, rep
             x = step(params, x, t, t_prev)
         return x
 
-    scan_s = _median_time(lambda: scan_sample(params, x_T), repeats)
-    loop_s = _median_time(loop_sample, repeats)
     np.testing.assert_allclose(scan_sample(params, x_T), loop_sample(), rtol=1e-4, atol=1e-4)
-    return scan_s, loop_s
+    fns = {
+        "scan": lambda: scan_sample(params, x_T),
+        "loop": loop_sample,
+        "bare": lambda: bare_model_scan(params, x_T),
+    }
+    medians = _median_times(fns, repeats)
+    return medians["scan"], medians["loop"], medians["bare"]
 
 
 def _lowered(model, params, schedule, x_T, num_steps: int, trajectory: bool):
@@ -135,25 +163,37 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
 
-    print(f"# sampler_speed: {machine()}; load average {load()}")
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    print(f"# sampler_speed: {machine()}; cores allowed {cores}; load average {load()}")
     schedule = get_schedule(load_config(CONFIG, []).diffusion)
     mlp, mlp_params, mlp_shape = _mlp_case()
+    tiny, tiny_params, tiny_shape = _mlp_case(hidden_dim=32, num_layers=1)
     unet, unet_params, unet_shape = _unet_case()
 
     print("\n## DDIM (eta=0): one lax.scan vs a Python loop of jitted ddim_step")
-    print(f"median of {repeats} runs after a warm-up run; ratio = loop / scan")
-    print("| model              | batch | steps |   scan s |   loop s | ratio |")
-    print("|--------------------|-------|-------|----------|----------|-------|")
+    print(f"median of {repeats} interleaved runs after a warm-up run; ratio = loop / scan")
+    print(
+        "| model              | batch | steps |   scan s |   loop s | ratio "
+        "| bare model scan s | loop - scan us/step |"
+    )
+    print(
+        "|--------------------|-------|-------|----------|----------|-------"
+        "|-------------------|---------------------|"
+    )
     cases = [
         ("MLP 2-D (h128 x3)", mlp, mlp_params, mlp_shape, 64, 1000),
         ("MLP 2-D (h128 x3)", mlp, mlp_params, mlp_shape, 1024, 1000),
+        ("MLP 2-D (h32 x1)", tiny, tiny_params, tiny_shape, 64, 1000),
         ("UNet digits 8x8x1", unet, unet_params, unet_shape, 64, 50),
     ]
+    if args.quick:
+        cases = cases[:1] + cases[2:3]
     for name, model, params, shape, batch, steps in cases:
-        scan_s, loop_s = scan_vs_loop(model, params, schedule, shape, batch, steps, repeats)
+        scan_s, loop_s, bare_s = scan_vs_loop(model, params, schedule, shape, batch, steps, repeats)
+        dispatch_us = (loop_s - scan_s) / steps * 1e6
         print(
             f"| {name:<18} | {batch:>5} | {steps:>5} | {scan_s:>8.4f} | {loop_s:>8.4f} "
-            f"| {loop_s / scan_s:>5.2f} |"
+            f"| {loop_s / scan_s:>5.2f} | {bare_s:>17.4f} | {dispatch_us:>19.1f} |"
         )
 
     print(f"load average after: {load()}")
@@ -174,20 +214,21 @@ def main() -> None:
     print(f"load average after: {load()}")
 
     print("\n## Compiled memory vs steps (XLA memory_analysis, MiB), UNet digits, batch 64")
-    print("x_T alone is 0.016 MiB; a trajectory holds num_steps + 1 of them")
-    print("| steps | temp (no traj) | temp (traj) | output (traj) |")
-    print("|-------|----------------|-------------|---------------|")
     x_T = jnp.zeros((64, *unet_shape), jnp.float32)
     mib = 2.0**20
+    print(f"x_T alone is {x_T.nbytes / mib:.3f} MiB; a trajectory holds num_steps + 1 of them")
+    print("| steps | trajectory | temp (no traj) | temp (traj) | output (traj) |")
+    print("|-------|------------|----------------|-------------|---------------|")
     for steps in (10, 100, 1000):
         plain = memory(unet, unet_params, schedule, x_T, steps, False)
         traj = memory(unet, unet_params, schedule, x_T, steps, True)
         if plain is None or traj is None:
             print(f"| {steps:>5} | memory_analysis() unavailable on this backend |")
             continue
+        traj_mib = (steps + 1) * x_T.nbytes / mib
         print(
-            f"| {steps:>5} | {plain[0] / mib:>14.3f} | {traj[0] / mib:>11.3f} "
-            f"| {traj[1] / mib:>13.3f} |"
+            f"| {steps:>5} | {traj_mib:>10.3f} | {plain[0] / mib:>14.3f} "
+            f"| {traj[0] / mib:>11.3f} | {traj[1] / mib:>13.3f} |"
         )
 
 

@@ -18,6 +18,7 @@ from jax_diffusion.diffusion import (
     x0_from_eps,
     x0_from_v,
 )
+from jax_diffusion.guidance import classifier_free_guidance, dynamic_threshold
 from jax_diffusion.losses import (
     NLLBpd,
     diffusion_loss,
@@ -31,7 +32,6 @@ from jax_diffusion.losses import (
 )
 from jax_diffusion.samplers import (
     StepOutput,
-    classifier_free_guidance,
     ddim_sample,
     ddim_step,
     ddpm_sample,
@@ -39,7 +39,6 @@ from jax_diffusion.samplers import (
     dpm_solver_pp_sample,
     dpm_solver_pp_step,
     dpm_solver_pp_timesteps,
-    dynamic_threshold,
     sampling_timesteps,
 )
 from jax_diffusion.schedules import (

@@ -1,4 +1,4 @@
-"""Reverse-process samplers: DDPM, DDIM, DPM-Solver++(2M), guidance and x0 thresholding.
+"""Reverse-process samplers: DDPM, DDIM and DPM-Solver++(2M), each one `lax.scan`.
 
 A denoiser is any callable `model_fn(x, t) -> model_output` with x [B, ...] and t int32 [B]
 (index t is the paper's step t + 1); the output is an eps, x0 or v prediction of x's shape, or
@@ -15,7 +15,12 @@ custom loops. All of them work under `jax.jit`, `jax.vmap` (e.g. over a batch of
 with trajectory [num_steps + 1, B, ...]: x_T first, then the state after each step, the last
 entry equal to x0. A positive int k keeps only the states after steps 0, k, 2k, ...,
 k * (num_steps // k), trajectory [num_steps // k + 1, B, ...] written in place into a buffer of
-that size (memory O(num_steps / k)); x0 is its last entry only when k divides num_steps.
+that size and returned as is (the compiled program holds the trajectory once, memory
+O(num_steps / k)); x0 is its last entry only when k divides num_steps.
+
+Classifier-free guidance and dynamic thresholding live in `jax_diffusion.guidance` and are
+re-exported here: `classifier_free_guidance` wraps a conditional model into a `model_fn`,
+`dynamic_threshold` is a `denoised_fn`.
 
 Arguments are validated eagerly: a bad static argument raises `ValueError` naming the argument,
 the value received and what is allowed, before any tracing work; a `model_fn` whose output does
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +44,7 @@ from jax_diffusion.diffusion import (
     p_mean_variance,
     split_learned_range,
 )
+from jax_diffusion.guidance import classifier_free_guidance, dynamic_threshold
 from jax_diffusion.schedules import Schedule
 
 __all__ = [
@@ -339,26 +345,33 @@ def _scan(step_fn, carry, xs, num_steps: int, stride: int | None, x_of):
     """Runs `carry = step_fn(carry, xs[i])` for every i in ONE lax.scan.
 
     With a stride k it also returns the states after steps 0, k, 2k, ..., in a buffer of
-    num_steps // k + 1 slots written in place (one scratch slot takes the unsaved steps), so
-    memory is O(num_steps / k), not O(num_steps).
+    exactly num_steps // k + 1 slots written in place and returned as is, so the compiled
+    program holds one trajectory, O(num_steps / k), not O(num_steps).
     """
     if stride is None:
         carry, _ = jax.lax.scan(lambda c, a: (step_fn(c, a), None), carry, xs)
         return carry, None
     num_saved = num_steps // stride + 1
-    x0 = x_of(carry)
-    buf = jnp.zeros((num_saved + 1, *x0.shape), x0.dtype).at[0].set(x0)
+    x_start = x_of(carry)
+    buf = jnp.zeros((num_saved, *x_start.shape), x_start.dtype).at[0].set(x_start)
 
     def body(state, a):
         c, buf, i = state
         c = step_fn(c, a)
         i = i + 1
-        slot = jnp.where(i % stride == 0, i // stride, num_saved)
-        buf = jax.lax.dynamic_update_index_in_dim(buf, x_of(c), slot, 0)
+        x = x_of(c)
+        # Slot i // k holds the state after step (i // k) k: an off-stride step rewrites the
+        # slot's own value rather than using a scratch slot, which would have to be sliced off
+        # (a second copy of the trajectory) at the end.
+        slot = i // stride
+        if stride > 1:
+            kept = jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)
+            x = jnp.where(i % stride == 0, x, kept)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)
         return (c, buf, i), None
 
     (carry, buf, _), _ = jax.lax.scan(body, (carry, buf, jnp.int32(0)), xs)
-    return carry, buf[:num_saved]
+    return carry, buf
 
 
 def _result(x0, trajectory, stride):
@@ -703,122 +716,3 @@ def dpm_solver_pp_sample(
     carry = (x_T, jnp.zeros_like(x_T), jnp.int32(-1))
     (x0, _, _), trajectory = _scan(step, carry, xs, num_steps, stride, lambda c: c[0])
     return _result(x0, trajectory, stride)
-
-
-# --------------------------------------------------------------------------------------------
-# Guidance and x0 thresholding.
-
-
-def classifier_free_guidance(
-    model_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
-    guidance_scale,
-    null_label,
-    *,
-    y,
-    variance: str = "fixed_small",
-) -> ModelFn:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6; seed 004 section 4.5).
-
-    Wraps a conditional `model_fn(x, t, y)` into a denoiser `guided(x, t)` for labels `y`:
-      out = out(x, t, null) + w (out(x, t, y) - out(x, t, null)),
-    with both branches evaluated in ONE batched model call on [x; x], [t; t], [y; null] (2B
-    examples). The combination is done in the model's output space, which for 'eps', 'x0' and
-    'v' equals guiding eps: each parameterization is affine in the output at a fixed x_t,
-    eps = a(t) x_t + b(t) out, and the weights (1 - w) + w sum to 1. With variance='learned_range'
-    only the prediction half is guided; the variance half is the conditional branch's.
-
-    Usage: `ddim_sample(classifier_free_guidance(f, 3.0, num_classes, y=labels), schedule, x_T)`.
-
-    Args:
-      model_fn: conditional denoiser `model_fn(x [N, ...], t int32 [N], y) -> [N, ...]`.
-      guidance_scale: w, a scalar or [B] (may be traced). 0 gives the unconditional model,
-        1 the conditional one, > 1 amplifies guidance.
-      null_label: the "no condition" label, broadcast to each leaf of y (e.g. num_classes
-        for integer labels, or a null embedding [..] for embeddings).
-      y: the labels, an array [B, ...] or a pytree of them, batch-aligned with x.
-      variance: model-output layout: 'learned_range' means the last axis holds
-        [prediction, variance values].
-
-    Returns:
-      `guided(x [B, ...], t int [] or [B]) -> [B, ...]`, a denoiser for any sampler.
-    """
-    check_variance(variance)
-    if not callable(model_fn):
-        raise ValueError(f"model_fn must be a callable model_fn(x, t, y); got {model_fn!r}")
-    if jnp.ndim(guidance_scale) > 1:
-        raise ValueError(
-            f"guidance_scale must be a scalar or [B]; got shape {jnp.shape(guidance_scale)}"
-        )
-    leaves = jax.tree.leaves(y)
-    if not leaves:
-        raise ValueError(f"y must be an array [B, ...] or a pytree of them; got {y!r}")
-    if jnp.ndim(null_label) == 0:  # one null label for every leaf of y
-        null_label = jax.tree.map(lambda _: null_label, y)
-
-    def stack_null(leaf, null):
-        leaf = jnp.asarray(leaf)
-        return jnp.concatenate([leaf, jnp.broadcast_to(jnp.asarray(null, leaf.dtype), leaf.shape)])
-
-    y_both = jax.tree.map(stack_null, y, null_label)
-
-    def guided(x, t):
-        batch = x.shape[0]
-        for leaf in leaves:
-            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch:
-                raise ValueError(
-                    f"y must have batch size {batch} matching x; got a leaf of shape "
-                    f"{jnp.shape(leaf)}"
-                )
-        t = jnp.broadcast_to(t, (batch,))
-        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both)
-        if jnp.shape(out)[0] != 2 * batch:
-            raise ValueError(
-                f"model_fn must return a batch of {2 * batch} (conditional + null branches); "
-                f"got shape {jnp.shape(out)}"
-            )
-        cond, uncond = out[:batch], out[batch:]
-        if variance == "learned_range":
-            cond, cond_var = jnp.split(cond, 2, axis=-1)
-            uncond, _ = jnp.split(uncond, 2, axis=-1)
-        w = jnp.asarray(guidance_scale, jnp.promote_types(out.dtype, jnp.float32))
-        w = _per_example(w, out)
-        guided_pred = (uncond + w * (cond - uncond)).astype(out.dtype)
-        if variance == "learned_range":
-            return jnp.concatenate([guided_pred, cond_var], axis=-1)
-        return guided_pred
-
-    return guided
-
-
-def dynamic_threshold(x0: jax.Array, quantile=0.995) -> jax.Array:
-    """Dynamic thresholding of x0_hat (Saharia et al. 2022, section 2.3).
-
-    Per sample, s = max(quantile_p(|x0|), 1) over all non-batch axes; x0 is clipped to [-s, s]
-    and divided by s, so it lands in [-1, 1] while saturated pixels are pushed inwards. With
-    s = 1 it reduces to static clipping. Pass it as `denoised_fn=dynamic_threshold` (or
-    `functools.partial(dynamic_threshold, quantile=0.99)`) to any sampler.
-
-    Args:
-      x0: [B, ...] x0_hat.
-      quantile: p in (0, 1], a quantile (0.995), not a percent (99.5); may be traced.
-        The quantile interpolates linearly between order statistics (`jnp.quantile`).
-
-    Returns:
-      [B, ...] thresholded x0, in x0's dtype.
-
-    Raises:
-      ValueError: quantile outside (0, 1] or x0 without a batch axis.
-    """
-    x0 = _check_x(x0, "x0")
-    if jnp.ndim(quantile) != 0:
-        raise ValueError(f"quantile must be a scalar in (0, 1]; got shape {jnp.shape(quantile)}")
-    if _is_concrete(quantile) and not 0.0 < float(quantile) <= 1.0:
-        raise ValueError(
-            "quantile must lie in (0, 1] (a quantile such as 0.995, not a percent); "
-            f"got {quantile!r}"
-        )
-    dtype = _compute_dtype(x0)
-    flat = jnp.abs(x0.astype(dtype)).reshape(x0.shape[0], -1)
-    s = jnp.maximum(jnp.quantile(flat, jnp.asarray(quantile, dtype), axis=1), 1.0)
-    s = _per_example(s, x0)
-    return (jnp.clip(x0.astype(dtype), -s, s) / s).astype(x0.dtype)
