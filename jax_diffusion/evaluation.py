@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_diffusion.backend import compiler_options
 from jax_diffusion.diffusion import check_prediction, check_variance
 from jax_diffusion.losses import nll_bpd
 from jax_diffusion.schedules import Schedule
@@ -483,7 +484,10 @@ def bits_per_dim(
     bs = min(batch_size, n)
 
     kwargs = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
-    batch_bpd = jax.jit(lambda x, key: nll_bpd(schedule, model_fn, x, key, **kwargs)[:4])
+    batch_bpd = jax.jit(
+        lambda x, key: nll_bpd(schedule, model_fn, x, key, **kwargs)[:4],
+        compiler_options=compiler_options(),
+    )
     from tqdm.auto import tqdm
 
     parts: list[list[np.ndarray]] = [[], [], [], []]  # total, prior, kl, decoder
@@ -586,7 +590,8 @@ def evaluate_workdir(
     num_batches = -(-num_samples // bs)
     kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=num_steps, guidance=guidance)
     sample_batch = jax.jit(
-        lambda p, key, y: train.sample(config, model, p, schedule, key, labels=y, **kwargs)
+        lambda p, key, y: train.sample(config, model, p, schedule, key, labels=y, **kwargs),
+        compiler_options=compiler_options(),
     )
     from tqdm.auto import tqdm
 

@@ -57,7 +57,9 @@ def test_data_parallel_equals_single_device():
     it, _ = data_lib.get_dataset(config.data, global_batch_size=16, seed=0)
     batches = [next(it) for _ in range(3)]
     results = []
-    for devices in (jax.devices()[:1], jax.devices()):
+    # one device; 8 devices; 8 devices with the network run on 2 strided micro-batches
+    for devices, chunks in ((jax.devices()[:1], 1), (jax.devices(), 1), (jax.devices(), 2)):
+        config.train.microbatches = chunks
         mesh = train.make_mesh(devices)
         state = train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
         state = jax.device_put(
@@ -66,17 +68,21 @@ def test_data_parallel_equals_single_device():
         step, batch_sharding = train._jit_train_step(
             train.make_train_step(config, schedule), mesh, state
         )
+        if chunks > 1:  # strided chunks split every device's block locally: no resharding
+            hlo = step.lower(state, batches[0]).compile().as_text()
+            assert "all-to-all" not in hlo and "collective-permute" not in hlo
         for b in batches:
             batch = {k: jax.device_put(b[k], batch_sharding) for k in ("image", "label")}
             state, metrics = step(state, batch)
         assert len(state.params["conv_in"]["kernel"].sharding.device_set) == len(devices)
         results.append((state, metrics))
-    (s1, m1), (s8, m8) = results
-    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-    # Adam divides by sqrt(v): where a gradient is ~0, float32 reduction-order noise moves
-    # a param by a fraction of one lr-sized step (lr 2e-3 here), hence atol 1e-5 = 0.5% of it.
-    for a, b in zip(leaves(s1.params), leaves(s8.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    (s1, m1), *others = results
+    for s8, m8 in others:
+        np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+        # Adam divides by sqrt(v): where a gradient is ~0, float32 reduction-order noise moves
+        # a param by a fraction of one lr-sized step (lr 2e-3 here), hence atol 1e-5 = 0.5% of it.
+        for a, b in zip(leaves(s1.params), leaves(s8.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_interrupted_run_resumes_bit_identically(tmp_path):
@@ -251,6 +257,7 @@ def test_config_loading_and_errors():
         ("diffusion__weighting", "p2", "diffusion.weighting must be one of"),
         ("sample__sampler", "euler", "sample.sampler must be one of"),
         ("train__num_steps", 0, "train.num_steps must be >= 1; got 0"),
+        ("train__microbatches", 3, "train.microbatches must be a positive integer dividing"),
     ]:
         with pytest.raises(ValueError, match=match):  # before any directory is created
             train.train_and_evaluate(smoke(**{key: value}), "/tmp/never-written-either")

@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 4000
     config.train.batch_size = 64
+    config.train.microbatches = 1  # > 1: the network runs on batch/n examples at a time (CPU)
     config.train.learning_rate = 2e-3
     config.train.warmup_steps = 100
     config.train.lr_schedule = "cosine"

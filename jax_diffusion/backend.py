@@ -1,0 +1,72 @@
+"""Per-backend XLA compile options for the networks' jitted programs (train step, sampler).
+
+On the CPU backend, XLA (jax 0.10) hands every convolution to the YNNPACK library by default.
+Its weight-gradient convolution is slow: on a 2-core Xeon, the dW of a 3x3 conv at 32x32x128,
+batch 32, took 490-570 ms with YNNPACK and 97-141 ms with XLA's own (Eigen) convolution, while
+the forward and input-gradient passes were on par (`benchmarks/train_throughput.py`,
+BENCHMARKS.md). `compiler_options` therefore asks XLA:CPU to keep YNNPACK for dots,
+elementwise and reduce fusions but not for convolutions. The math is unchanged (the same HLO is
+compiled); accelerators get no options and keep their own convolutions.
+
+The option is passed per `jax.jit` (`compiler_options=`), never through the process-wide
+XLA_FLAGS, so code around this library is unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["compiler_options", "CPU_COMPILER_OPTIONS"]
+
+_FUSION = "LIBRARY_FUSION_TYPE_"
+
+# YNNPACK for everything XLA:CPU offers it except INDIVIDUAL_CONVOLUTION.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": ",".join(
+        _FUSION + kind for kind in ("DOT", "ELTWISE", "REDUCE", "INDIVIDUAL_DOT")
+    )
+}
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+    """Whether this jaxlib's CPU compiler accepts CPU_COMPILER_OPTIONS (compiled once)."""
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+        f = jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)
+        f.lower(jax.ShapeDtypeStruct((1,), jnp.float32, sharding=_single(cpu))).compile()
+    except Exception as err:  # noqa: BLE001 - an unknown option is a compile error
+        warnings.warn(
+            f"XLA:CPU rejected {CPU_COMPILER_OPTIONS} ({type(err).__name__}); compiling with "
+            "XLA's default options (slower convolution weight gradients on CPU)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _single(device):
+    return jax.sharding.SingleDeviceSharding(device)
+
+
+def compiler_options(devices: Iterable[jax.Device] | None = None) -> dict[str, str] | None:
+    """The `compiler_options` for a jit whose computation runs on `devices`.
+
+    Args:
+      devices: the devices the program runs on (e.g. `mesh.devices.flat`); default the
+        default backend's devices.
+
+    Returns:
+      CPU_COMPILER_OPTIONS when every device is a CPU and this jaxlib accepts them, else None
+      (GPU, TPU, or a jaxlib without the option: XLA's defaults).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices or any(d.platform != "cpu" for d in devices):
+        return None
+    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_supported() else None
