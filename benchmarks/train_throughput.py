@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import load, machine  # benchmarks/common.py
 
+from jax_diffusion.backend import compiler_options
 from jax_diffusion.cli import load_config
 from jax_diffusion.train import create_model, create_train_state, get_schedule, make_train_step
 
@@ -85,9 +86,10 @@ def _flops(compiled) -> float | None:
 class OursStep:
     """Our compiled, state-donating train step on one fixed batch."""
 
-    def __init__(self, name: str, batch_size: int):
+    def __init__(self, name: str, batch_size: int, *, xla_defaults: bool, microbatches: int):
         overrides, channels = CONFIGS[name]
-        config = load_config(CONFIG, [*overrides, f"train.batch_size={batch_size}"])
+        sets = [*overrides, f"train.batch_size={batch_size}", f"train.microbatches={microbatches}"]
+        config = load_config(CONFIG, sets)
         size = config.data.image_size
         self.config, self.channels, self.size = config, channels, size
         model = create_model(config, channels=channels)
@@ -98,7 +100,10 @@ class OursStep:
         self.batch = {"image": images, "label": jnp.zeros((batch_size,), jnp.int32)}
         step = make_train_step(config, get_schedule(config.diffusion))
         start = time.perf_counter()
-        lowered = jax.jit(step, donate_argnums=(0,)).lower(self.state, self.batch)
+        # the library's per-backend options (jax_diffusion.backend), as train.py compiles it
+        options = None if xla_defaults else compiler_options()
+        jitted = jax.jit(step, donate_argnums=(0,), compiler_options=options)
+        lowered = jitted.lower(self.state, self.batch)
         mid = time.perf_counter()
         self.compiled = lowered.compile()
         self.lower_s, self.compile_s = mid - start, time.perf_counter() - mid
@@ -192,6 +197,12 @@ def main() -> None:
     parser.add_argument("--configs", default="digits8,digits16,cifar", help=", ".join(CONFIGS))
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--no-torch", action="store_true", help="skip the diffusers comparison")
+    parser.add_argument(
+        "--xla-defaults",
+        action="store_true",
+        help="compile without jax_diffusion.backend.compiler_options (the state before them)",
+    )
+    parser.add_argument("--microbatches", type=int, default=1, help="train.microbatches")
     args = parser.parse_args()
     names = [n for n in args.configs.split(",") if n]
     for n in names:
@@ -214,6 +225,8 @@ def main() -> None:
         print("# torch / diffusers not installed: no comparison (pip install -e '.[bench]')")
     peak = matmul_peak_flops()
     print(f"# float32 matmul peak (jitted 2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
+    options = "XLA defaults" if args.xla_defaults else compiler_options()
+    print(f"# our step: compiler_options={options}, train.microbatches={args.microbatches}")
     print(f"# median of {repeats} repeats (each >= {target_s:g} s or 1 step) after a warm-up step")
 
     header = (
@@ -228,7 +241,9 @@ def main() -> None:
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
     for name in names:
         for batch in batches:
-            ours = OursStep(name, batch)
+            ours = OursStep(
+                name, batch, xla_defaults=args.xla_defaults, microbatches=args.microbatches
+            )
             theirs = TheirsStep(ours.config, ours.channels, batch) if with_torch else None
             warm = ours.run(1)
             n_ours = max(1, math.ceil(target_s / warm))
