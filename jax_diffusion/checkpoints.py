@@ -22,12 +22,16 @@ class CheckpointManager:
     """Saves and restores (TrainState, data state) under `<workdir>/checkpoints`.
 
     Args:
-      workdir: run directory (local path or a bucket path orbax understands, e.g. gs://...).
+      workdir: run directory (local path or a bucket path orbax understands, e.g. gs://...),
+        as a str or a path-like such as `etils.epath.Path`.
       max_to_keep: number of most recent checkpoints kept.
       save_interval_steps: orbax only saves steps that are multiples of this (and forced ones).
     """
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1):
+    def __init__(
+        self, workdir: str | os.PathLike, *, max_to_keep: int = 3, save_interval_steps: int = 1
+    ):
+        workdir = os.fspath(workdir)
         if "://" not in workdir:
             workdir = os.path.abspath(workdir)
         self.directory = os.path.join(workdir, "checkpoints")

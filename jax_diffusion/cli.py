@@ -89,15 +89,10 @@ def load_config(spec: str, overrides: list[str] | None = None):
 
 
 def _train(args: argparse.Namespace) -> int:
-    import os
-
     from jax_diffusion.train import train_and_evaluate
 
     config = load_config(args.config, args.set)
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
-    summary = train_and_evaluate(config, args.workdir)
+    summary = train_and_evaluate(config, args.workdir)  # writes workdir/config.json too
     summary.pop("state", None)
     print(json.dumps(summary, indent=2))
     return 0

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -301,24 +302,30 @@ def sample(
             )
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
-    run = jax.jit(run, compiler_options=compiler_options())
-    return run(params, labels, jnp.asarray(w, jnp.float32), x_T, s_rng)
+    args = (params, labels, jnp.asarray(w, jnp.float32), x_T, s_rng)
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+        # at top level: compile with the backend's options (a nested jit may not set any)
+        run = jax.jit(run, compiler_options=compiler_options())
+    return run(*args)
 
 
-def load_run(workdir: str):
+def load_run(workdir: str | os.PathLike):
     """The config, example shape, model and latest EMA params of a training workdir.
 
-    Reads `config.json` and `data_info.json` written by training and restores only what the
-    checkpoint holds: the restore target comes from `jax.eval_shape`, so no optimizer state or
-    params are initialised (seconds saved on CPU).
+    Reads `config.json` and `data_info.json` written by `train_and_evaluate` and restores only
+    what the checkpoint holds: the restore target comes from `jax.eval_shape`, so no optimizer
+    state or params are initialised (seconds saved on CPU).
+
+    Args:
+      workdir: the run directory: a local path or a URI `etils.epath` and orbax understand
+        (e.g. gs://bucket/run).
 
     Returns:
       (config, shape, model, ema_params, step).
     """
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    with open(os.path.join(workdir, "data_info.json")) as f:
-        shape = tuple(json.load(f)["shape"])
+    workdir = epath.Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    shape = tuple(json.loads((workdir / "data_info.json").read_text())["shape"])
     model = create_model(config, channels=shape[-1])
     abstract = jax.eval_shape(
         lambda: create_train_state(config, model, jax.random.PRNGKey(0), shape)
@@ -328,7 +335,7 @@ def load_run(workdir: str):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
         abstract.checkpoint_items(),
     )
-    ckpt = CheckpointManager(workdir)
+    ckpt = CheckpointManager(os.fspath(workdir))
     try:
         step = ckpt.latest_step()
         params = ckpt.restore_params(target, ema=True)
@@ -337,7 +344,13 @@ def load_run(workdir: str):
     return config, shape, model, params, int(step)
 
 
-def _save_samples(images: np.ndarray, path: str) -> None:
+def _save_samples(images: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes a sample grid (images) or a 2-D density plot (toy points) as an image at `path`.
+
+    Args:
+      images: [N, H, W, C] in [-1, 1], or [N, 2] points of the 2-D toy data.
+      path: a local path or a URI `etils.epath` understands (e.g. gs://bucket/run/grid.png).
+    """
     if images.ndim == 4:
         scale = max(1, 64 // images.shape[1])
         save_image_grid(images, path, scale=scale, padding=max(1, scale // 2))
@@ -349,16 +362,21 @@ def _save_samples(images: np.ndarray, path: str) -> None:
 
 
 class _Writer:
-    """metrics.jsonl and TensorBoard events (tensorboardX: no TensorFlow), on process 0 only."""
+    """metrics.jsonl and TensorBoard events (tensorboardX: no TensorFlow), on process 0 only.
 
-    def __init__(self, workdir: str):
+    metrics.jsonl goes through `etils.epath` (so gs:// works); tensorboardX writes gs:// and
+    s3:// event files itself. On an object store the appended lines may only become visible
+    when the file is closed, at the end of training.
+    """
+
+    def __init__(self, workdir: epath.Path):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -403,10 +421,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, Any]:
     """Trains from config, resuming from the latest checkpoint in `workdir` if there is one.
 
-    Writes `workdir/checkpoints/`, `metrics.jsonl`, `tensorboard/` and `samples/step_*.png`.
+    Writes `workdir/config.json` (the config as `config.to_json(indent=2)`), `data_info.json`,
+    `checkpoints/`, `metrics.jsonl`, `tensorboard/` and `samples/step_*.png`, so `load_run` and
+    `jax-diffusion sample` / `evaluate` work on any run, whether started from the CLI or from
+    Python. The files written here go through `etils.epath`, checkpoints through orbax and
+    events through tensorboardX, which all handle URIs, so `workdir` may be a local path or a
+    bucket such as gs://bucket/run.
+
+    config.json and data_info.json describe the checkpoints: they are (re)written on every call,
+    by process 0, only once the state is known to match them (after a resume's restore), so
+    resuming with more steps records the new config, while a resume with an incompatible model
+    fails in the restore and leaves them as they were.
+
+    Args:
+      config: the full config (sections data, model, diffusion, train, sample).
+      workdir: the run directory: a local path or a URI `etils.epath` and orbax understand.
 
     Returns:
       summary dict: final step, final loss (mean of the last log interval), steps per second,
@@ -423,26 +457,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"train.batch_size must be divisible by the device count {jax.device_count()}; "
             f"got {tc.batch_size}"
         )
-    os.makedirs(workdir, exist_ok=True)
+    config_json = config.to_json(indent=2)  # a config JSON cannot represent fails before any I/O
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh()
     data_it, info = data_lib.get_dataset(
         config.data, global_batch_size=tc.batch_size, seed=config.seed
     )
     example_shape = tuple(info.shape)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "data_info.json"), "w") as f:
-            json.dump({"shape": list(example_shape), "num_classes": info.num_classes}, f)
     schedule = get_schedule(config.diffusion)
     model = create_model(config, channels=example_shape[-1])
     rng = jax.random.PRNGKey(config.seed)
     state = create_train_state(config, model, rng, example_shape)
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
-    ckpt = CheckpointManager(workdir, max_to_keep=tc.keep_checkpoints)
+    ckpt = CheckpointManager(os.fspath(workdir), max_to_keep=tc.keep_checkpoints)
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(state)
         data_it.set_state(data_state)
         log.info("resumed from step %d", int(state.step))
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config_json)
+        data_info = {"shape": list(example_shape), "num_classes": info.num_classes}
+        (workdir / "data_info.json").write_text(json.dumps(data_info))
     step_fn, batch_sharding = _jit_train_step(make_train_step(config, schedule), mesh, state)
     writer = _Writer(workdir)
     start = int(jax.device_get(state.step))
@@ -460,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             shape=example_shape,
             num=config.sample.num_samples,
         )
-        path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+        path = os.fspath(workdir / "samples" / f"step_{step:07d}.png")
         if jax.process_index() == 0:
             _save_samples(np.asarray(jax.device_get(images)), path)
         return path

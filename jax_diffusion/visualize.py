@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 __all__ = ["image_grid", "save_image_grid"]
@@ -44,9 +45,27 @@ def image_grid(
     return grid
 
 
-def save_image_grid(images, path: str, **kwargs) -> str:
-    """Writes `image_grid(images, **kwargs)` as a PNG at `path` (directories created)."""
+def save_image_grid(images, path: str | os.PathLike, **kwargs) -> str | os.PathLike:
+    """Writes `image_grid(images, **kwargs)` as an image at `path` (directories created).
+
+    Args:
+      images: [N, H, W, C] with C in {1, 3}, values in [-1, 1] (clipped).
+      path: a local path or a URI `etils.epath` understands (e.g. gs://bucket/grid.png); the
+        format follows the extension, as in `PIL.Image.save` (.png for a lossless grid).
+      **kwargs: passed to `image_grid`.
+
+    Returns:
+      `path`, as given.
+
+    Raises:
+      ValueError: if the extension names no image format PIL can write.
+    """
     grid = image_grid(images, **kwargs)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    out = epath.Path(path)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"path must end in an image extension such as '.png'; got {path!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format=fmt)
     return path

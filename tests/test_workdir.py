@@ -1,0 +1,128 @@
+"""The training workdir: every file goes through etils.epath, so gs:// works like a local path.
+
+No network: the gs:// test swaps epath's backends (`epath.testing.mock_epath`, public API) for
+the local file system under a temporary 'bucket' directory. Orbax and tensorboardX have their
+own gs:// support (tensorstore, google-cloud-storage), so they are pointed at the same
+directory; any file written with plain `open` / `os.makedirs` would instead appear as
+`./gs:/...` under the current directory, which the tests assert stays empty.
+"""
+
+import json
+import os
+import pathlib
+
+import pytest
+import tensorboardX
+from etils import epath
+from etils.epath import gpath
+
+from jax_diffusion import cli, train
+from jax_diffusion.checkpoints import CheckpointManager
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = f"{ROOT / 'experiments' / 'configs' / 'default.py'}:smoke"
+
+
+def smoke_config():
+    # the smoke shapes of test_train / test_cli (persistent compile cache hits); one checkpoint
+    # save instead of two, since orbax saves of the replicated 8-device state take seconds
+    return cli.load_config(SMOKE, ["train.checkpoint_every=2"])
+
+
+def run_files(workdir: pathlib.Path) -> set[str]:
+    return {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()}
+
+
+def assert_complete_run(workdir: pathlib.Path, config) -> None:
+    """The files of a finished 2-step smoke run; config.json as `jax-diffusion train` wrote it."""
+    files = run_files(workdir)
+    assert {"config.json", "data_info.json", "metrics.jsonl", "samples/step_0000002.png"} <= files
+    assert any(f.startswith("checkpoints/2/") for f in files)
+    assert any(f.startswith("tensorboard/events") for f in files)
+    assert (workdir / "config.json").read_text() == config.to_json(indent=2)
+    assert json.loads((workdir / "data_info.json").read_text()) == {
+        "shape": [8, 8, 1],
+        "num_classes": 10,
+    }
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_run_started_from_python_is_loadable_and_samples_from_the_cli(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    config = smoke_config()
+    summary = train.train_and_evaluate(config, "run")  # relative: resolved against the cwd
+    assert os.listdir(tmp_path) == ["run"]  # nothing written outside the workdir
+    assert_complete_run(tmp_path / "run", config)
+    assert summary["samples"] == os.path.join("run", "samples", "step_0000002.png")
+
+    loaded, shape, _, _, step = train.load_run("run")
+    assert loaded.to_json() == config.to_json() and shape == (8, 8, 1) and step == 2
+    capsys.readouterr()
+    assert cli.main(["sample", "--workdir", "run", "--num", "8", "--out", "run/grid.png"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": "run/grid.png", "num": 8, "step": 2}
+    assert (tmp_path / "run" / "grid.png").read_bytes().startswith(b"\x89PNG")
+    assert os.listdir(tmp_path) == ["run"]
+
+    # A resume whose checkpoints do not match the config (say model.base_channels=16: orbax
+    # raises ValueError on the shapes) fails in the restore; config.json keeps describing the
+    # checkpoints. The failure is forced here: a real failed orbax restore leaves hundreds of
+    # unraisable asyncio errors behind.
+    def incompatible(self, state, step=None):
+        raise ValueError("stored shape (8,) is not compatible with (16,)")
+
+    monkeypatch.setattr(CheckpointManager, "restore", incompatible)
+    longer = cli.load_config(SMOKE, ["train.num_steps=4"])
+    with pytest.raises(ValueError, match="not compatible"):
+        train.train_and_evaluate(longer, "run")
+    assert (tmp_path / "run" / "config.json").read_text() == config.to_json(indent=2)
+
+
+def test_gs_workdir_writes_every_file_through_epath(tmp_path, monkeypatch, capsys):
+    bucket = tmp_path / "fake_gcs"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def local(path) -> str:
+        path = os.fspath(path)
+        return str(bucket / path.removeprefix("gs://")) if path.startswith("gs://") else path
+
+    def one_path(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    def two_paths(fn, src, dst, *args, **kwargs):
+        return fn(local(src), local(dst), *args, **kwargs)
+
+    fake = {name: one_path for name in ("open", "exists", "isdir", "listdir", "stat", "walk")}
+    fake |= {name: one_path for name in ("makedirs", "mkdir", "remove", "rmtree")}
+    fake |= {name: two_paths for name in ("rename", "replace", "copy")}
+    # with TensorFlow installed epath sends gs:// to tf.io.gfile, around the mocked backends
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False, raising=False)
+    monkeypatch.setattr(train, "CheckpointManager", lambda w, **k: CheckpointManager(local(w), **k))
+    summary_writer = tensorboardX.SummaryWriter
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", lambda d, **k: summary_writer(local(d), **k))
+
+    config = smoke_config()
+    with epath.testing.mock_epath(**fake):
+        summary = train.train_and_evaluate(config, "gs://bucket/run")
+        assert summary["samples"] == "gs://bucket/run/samples/step_0000002.png"
+        loaded, shape, _, _, step = train.load_run("gs://bucket/run")
+        capsys.readouterr()
+        out = "gs://bucket/run/grid.png"
+        assert cli.main(["sample", "--workdir", "gs://bucket/run", "--num", "8", "--out", out]) == 0
+        assert json.loads(capsys.readouterr().out)["out"] == out
+    assert os.listdir(cwd) == []  # no ./gs:/bucket/run from a plain open or os.makedirs
+    assert_complete_run(bucket / "bucket" / "run", config)
+    assert (bucket / "bucket" / "run" / "grid.png").read_bytes().startswith(b"\x89PNG")
+    assert loaded.to_json() == config.to_json() and shape == (8, 8, 1) and step == 2
+
+
+def test_config_json_can_not_represent_fails_before_the_workdir_is_created(tmp_path):
+    config = smoke_config()
+    config.train.callback = object()  # what `load_run` could never read back
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
