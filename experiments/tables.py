@@ -1,0 +1,124 @@
+"""Prints the Markdown tables of experiments/README.md from the results JSONs.
+
+Run:  python3 -m experiments.tables --out experiments/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _load(out: str, name: str) -> dict | None:
+    path = os.path.join(out, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parameterization(r: dict) -> str:
+    rows = []
+    for kind, m in r["models"].items():
+        bpd = f"{m['bpd']:.3g} ± {m['bpd_stderr']:.2g}"
+        rows.append(
+            [kind, m["fd_train"], m["fd_test"], m["precision"], m["recall"]]
+            + [m["inception_score"], bpd, m["bpd_kl"], m["bpd_decoder"], m["run"]["final_loss"]]
+        )
+    head = ["prediction", "fd_train", "fd_test", "precision", "recall", "IS", "bits/dim"]
+    out = [_table(head + ["(KL terms)", "(decoder L_0)", "final train loss"], rows)]
+    edges = next(iter(r["models"].values()))["loss_by_t"]["bucket_edges"]
+    buckets = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    for key in ("own_mse", "eps_mse", "x0_mse"):
+        rows = [[kind] + m["loss_by_t"][key] for kind, m in r["models"].items()]
+        out.append(f"\n{key} per t bucket (test digits):\n\n" + _table(["t"] + buckets, rows))
+    return "\n".join(out)
+
+
+def sampler_sweep(r: dict) -> str:
+    out = []
+    for count in sorted({row["num_samples"] for row in r["rows"]}, reverse=True):
+        rows = [row for row in r["rows"] if row["num_samples"] == count]
+        steps = sorted({row["steps"] for row in rows})
+        for key in ("fd_train", "precision", "recall"):
+            table = []
+            for label in dict.fromkeys(row["sampler"] for row in rows):
+                by = {row["steps"]: row[key] for row in rows if row["sampler"] == label}
+                table.append([label] + [by.get(n, "") for n in steps])
+            head = [f"{key}, N={count}"] + [f"{n} steps" for n in steps]
+            out.append(_table(head, table) + "\n")
+    return "\n".join(out)
+
+
+def variance_loss(r: dict) -> str:
+    rows = []
+    for variance, e in r["variance"].items():
+        ddpm = [k for k in e if k.startswith("ddpm")]
+        row = [variance, f"{e['bpd']:.3g} ± {e['bpd_stderr']:.2g}", e["bpd_decoder"]]
+        for k in ddpm:
+            row += [f"{e[k]['fd_train']:.3g} / {e[k]['precision']:.2f} / {e[k]['recall']:.2f}"]
+        rows.append(row)
+    head = ["sigma^2", "bits/dim", "(decoder L_0)"]
+    head += [f"{k} (N={e[k]['num_samples']}): fd_train / P / R" for k in ddpm]
+    out = [_table(head, rows), ""]
+    rows = []
+    for name, m in r["models"].items():
+        samplers = [k for k in m if k[:4] in ("ddim", "ddpm")]
+        row = [name, f"{m['bpd']:.3g} ± {m['bpd_stderr']:.2g}"]
+        row += [
+            f"{m[k]['fd_train']:.3g} / {m[k]['precision']:.2f} / {m[k]['recall']:.2f}"
+            for k in samplers
+        ]
+        row += [m["run"]["final_loss"]]
+        rows.append(row)
+    head = ["objective", "bits/dim"] + [f"{k}: fd_train / P / R" for k in samplers]
+    out.append(_table(head + ["final train loss"], rows))
+    edges = next(iter(r["models"].values()))["loss_by_t"]["bucket_edges"]
+    buckets = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    rows = [[name] + m["loss_by_t"]["eps_mse"] for name, m in r["models"].items()]
+    out.append("\neps_mse per t bucket (test digits):\n\n" + _table(["t"] + buckets, rows))
+    return "\n".join(out)
+
+
+def guidance(r: dict) -> str:
+    keys = ("class_accuracy", "fd_train", "precision", "recall", "inception_score")
+    rows = [[row["guidance"]] + [row[k] for k in keys + ("within_class_var",)] for row in r["rows"]]
+    ref = r["reference"]["within_class_var_train"]
+    head = ["w", *keys, f"within-class var (train digits: {ref:.3g})"]
+    return _table(head, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="experiments/results")
+    args = p.parse_args(argv)
+    for name, fn in (
+        ("parameterization", parameterization),
+        ("sampler_sweep", sampler_sweep),
+        ("variance_loss", variance_loss),
+        ("guidance", guidance),
+    ):
+        r = _load(args.out, name)
+        if r is None:
+            continue
+        print(f"## {name}\n\n`{r['command']}` ({r['wall_seconds'] / 60:.1f} min)\n")
+        print(fn(r))
+        ref = r.get("reference", {}).get("fd_train_vs_test")
+        if ref is not None:
+            print(f"\nfd_train_vs_test (real train vs real test digits): {ref:.3g}\n")
+
+
+if __name__ == "__main__":
+    main()

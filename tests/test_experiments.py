@@ -1,0 +1,94 @@
+"""Smoke tests of the experiment scripts: tiny model, a few steps and samples, in-process.
+
+Each script's `--smoke` mode must train, sample, measure and write `<name>.json` with finite
+numbers under the expected keys, and `<name>.png`. The four share one workdir, so the eps model
+trained by the parameterization experiment is reused by the sampler and variance experiments,
+as in the full runs.
+"""
+
+import json
+import math
+import os
+
+import pytest
+
+from experiments import common, guidance, parameterization, sampler_sweep, variance_loss
+
+QUALITY = ("fd_train", "fd_test", "precision", "recall", "inception_score")
+BPD = ("bpd", "bpd_stderr", "bpd_prior", "bpd_kl", "bpd_decoder")
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    return str(root / "runs"), str(root / "out")
+
+
+def _run(module, dirs):
+    workdir, out = dirs
+    module.main(["--smoke", "--workdir", workdir, "--out", out])
+    assert os.path.getsize(os.path.join(out, f"{module.NAME}.png")) > 0
+    with open(os.path.join(out, f"{module.NAME}.json")) as f:
+        results = json.load(f)
+    assert all(math.isfinite(x) for x in _numbers(results))
+    assert results["command"].startswith(f"python3 -m experiments.{module.__name__.split('.')[-1]}")
+    return results
+
+
+def test_parameterization(dirs):
+    results = _run(parameterization, dirs)
+    assert set(results["models"]) == {"eps", "x0", "v"}
+    for m in results["models"].values():
+        assert set(QUALITY + BPD) <= set(m)
+        buckets = m["loss_by_t"]
+        assert len(buckets["bucket_edges"]) == 11
+        for key in ("own_mse", "eps_mse", "x0_mse"):
+            assert len(buckets[key]) == 10
+    assert (
+        results["models"]["eps"]["run"]["num_steps"] == results["models"]["v"]["run"]["num_steps"]
+    )
+
+
+def test_sampler_sweep(dirs):
+    results = _run(sampler_sweep, dirs)
+    assert {r["sampler"] for r in results["rows"]} == set(sampler_sweep.SAMPLERS)
+    for row in results["rows"]:
+        assert set(QUALITY) <= set(row)
+        assert row["steps"] >= 1
+
+
+def test_variance_loss(dirs):
+    results = _run(variance_loss, dirs)
+    assert set(results["variance"]) == {"fixed_small", "fixed_large"}
+    for entry in results["variance"].values():
+        assert set(BPD) <= set(entry)
+    assert set(results["models"]) == set(variance_loss.MODELS)
+    for m in results["models"].values():
+        assert set(BPD) <= set(m)
+        assert set(QUALITY) <= set(m["ddim50"])
+
+
+def test_guidance(dirs):
+    results = _run(guidance, dirs)
+    assert [r["guidance"] for r in results["rows"]] == [0.0, 3.0]
+    for row in results["rows"]:
+        assert set(QUALITY + ("class_accuracy", "within_class_var")) <= set(row)
+        assert 0.0 <= row["class_accuracy"] <= 1.0
+
+
+def test_train_run_reuses_a_finished_workdir(dirs):
+    workdir = common.run_dir(dirs[0], "param_eps", smoke=True)
+    config = common.make_config({}, steps=2, smoke=True)
+    info = common.train_run(workdir, config)
+    assert info["reused"] and info["steps"] == 2
