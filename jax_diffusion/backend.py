@@ -6,7 +6,10 @@ batch 32, took 490-570 ms with YNNPACK and 97-141 ms with XLA's own (Eigen) conv
 the forward and input-gradient passes were on par (`benchmarks/train_throughput.py`,
 BENCHMARKS.md). `compiler_options` therefore asks XLA:CPU to keep YNNPACK for dots,
 elementwise and reduce fusions but not for convolutions. The math is unchanged (the same HLO is
-compiled); accelerators get no options and keep their own convolutions.
+compiled); accelerators get no options and keep their own convolutions. Whole train step on the
+same CPU: CIFAR-sized UNet 7.7 -> 13.5 img/s at batch 32, digits 16x16 at batch 128 160 -> 264;
+the smallest case (8x8 digits, batch 32) is ~20% slower, its small convolutions being faster
+through YNNPACK.
 
 The option is passed per `jax.jit` (`compiler_options=`), never through the process-wide
 XLA_FLAGS, so code around this library is unaffected.
