@@ -59,5 +59,8 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
         for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(single["state"].params))
     }
     assert sorted(flat) == sorted(p0.files)
+    # as in test_train's data-parallel test: Adam divides by sqrt(v), so where a gradient is ~0
+    # float32 reduction-order noise (here: 2 processes vs 1, and the CPU convolution library)
+    # moves a param by a fraction of one lr-sized step (lr 2e-3): atol 1e-5 is 0.5% of it.
     for k in p0.files:
-        np.testing.assert_allclose(p0[k], flat[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(p0[k], flat[k], rtol=1e-4, atol=1e-5, err_msg=k)
