@@ -108,10 +108,7 @@ def train_run(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]
             done = json.load(f)
         if done.get("config") == cfg:
             return {**{k: v for k, v in done.items() if k != "config"}, "reused": True}
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
-    summary = train_and_evaluate_quiet(config, workdir)
+    summary = train_and_evaluate_quiet(config, workdir)  # it writes config.json itself
     done = {
         "workdir": os.path.abspath(workdir),
         "train_seconds": summary["seconds"],
