@@ -32,6 +32,7 @@ import jax_diffusion as jd
 from jax_diffusion import data as data_lib
 from jax_diffusion import diffusion as diffusion_lib
 from jax_diffusion import evaluation, samplers, train
+from jax_diffusion.cli import set_config_value
 
 
 def parse_args(description: str, **defaults) -> argparse.Namespace:
@@ -85,13 +86,7 @@ def make_config(
     config.train.log_every = max(1, min(100, steps))
     config.train.warmup_steps = min(config.train.warmup_steps, max(1, steps // 2))
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise ValueError(f"unknown config key {key!r}")
-        node[leaf] = value
+        set_config_value(config, key, value)
     return config
 
 
@@ -468,6 +463,15 @@ def run_info(config: ml_collections.ConfigDict, train_info: dict[str, Any]) -> d
         "base_channels": config.model.base_channels,
         "num_timesteps": config.diffusion.num_timesteps,
     }
+
+
+def finish(out_dir: str, name: str, results: dict[str, Any], t0: float, plot) -> dict[str, Any]:
+    """Records the wall time, writes `<name>.json`, draws `<name>.png` with plot(results, path)."""
+    results["wall_seconds"] = time.perf_counter() - t0
+    write_json(out_dir, name, results)
+    plot(results, f"{out_dir}/{name}.png")
+    log(f"done in {results['wall_seconds']:.0f} s")
+    return results
 
 
 def log(msg: str) -> None:

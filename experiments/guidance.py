@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         grids[w] = samples[:20]
         common.log(f"w={w}: {row}")
     results["reference"] = common.reference_metrics(run.shape[0])
-    results["wall_seconds"] = time.perf_counter() - t0
-    common.write_json(args.out, NAME, results)
-    plot(results, grids, f"{args.out}/{NAME}.png")
-    common.log(f"done in {results['wall_seconds']:.0f} s")
-    return results
+    return common.finish(args.out, NAME, results, t0, lambda r, path: plot(r, grids, path))
 
 
 def plot(results: dict, grids: dict, path: str) -> None:

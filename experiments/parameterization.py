@@ -55,11 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         common.log(f"{kind}: bpd {bpd['bpd']:.3f}")
     results["reference"] = common.reference_metrics(8)
-    results["wall_seconds"] = time.perf_counter() - t0
-    common.write_json(args.out, NAME, results)
-    plot(results, f"{args.out}/{NAME}.png")
-    common.log(f"done in {results['wall_seconds']:.0f} s")
-    return results
+    return common.finish(args.out, NAME, results, t0, plot)
 
 
 def plot(results: dict, path: str) -> None:

@@ -61,11 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["rows"].append(row)
         common.log(f"{label} x {n} (N={count}): fd_train {row['fd_train']:.2f} ({seconds:.0f} s)")
     results["reference"] = common.reference_metrics(run.shape[0])
-    results["wall_seconds"] = time.perf_counter() - t0
-    common.write_json(args.out, NAME, results)
-    plot(results, f"{args.out}/{NAME}.png")
-    common.log(f"done in {results['wall_seconds']:.0f} s")
-    return results
+    return common.finish(args.out, NAME, results, t0, plot)
 
 
 def plot(results: dict, path: str) -> None:

@@ -78,14 +78,22 @@ def load_config(spec: str, overrides: list[str] | None = None):
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise ValueError(f"--set: unknown config key {key!r}")
-        node[leaf] = value
+        try:
+            set_config_value(config, key, value)
+        except ValueError as err:
+            raise ValueError(f"--set: {err}") from None
     return config
+
+
+def set_config_value(config, key: str, value) -> None:
+    """Sets the dotted `key` (e.g. 'train.batch_size') of a ConfigDict; unknown keys raise."""
+    node = config
+    *parents, leaf = key.split(".")
+    for name in parents:
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"unknown config key {key!r}")
+    node[leaf] = value
 
 
 def _train(args: argparse.Namespace) -> int:
