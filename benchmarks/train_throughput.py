@@ -1,7 +1,7 @@
 """Train-step throughput: images/s of the jitted, state-donating train step, vs diffusers.
 
 Run:  python benchmarks/train_throughput.py [--quick] [--configs digits8,digits16,cifar]
-                                           [--batches 32,128] [--no-torch]
+                                           [--batches 32,128] [--no-torch] [--chunk-size 8]
 
 For each (config, batch) it compiles `make_train_step` (jit, donate_argnums=0) once, timing
 trace + lower and compile, then times whole steps on a fixed random batch (block_until_ready,
@@ -203,6 +203,12 @@ def main() -> None:
         help="compile without jax_diffusion.backend.compiler_options (the state before them)",
     )
     parser.add_argument("--microbatches", type=int, default=1, help="train.microbatches")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="examples per micro-batch: train.microbatches = batch / this (overrides it)",
+    )
     args = parser.parse_args()
     names = [n for n in args.configs.split(",") if n]
     for n in names:
@@ -226,7 +232,8 @@ def main() -> None:
     peak = matmul_peak_flops()
     print(f"# float32 matmul peak (jitted 2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
     options = "XLA defaults" if args.xla_defaults else compiler_options()
-    print(f"# our step: compiler_options={options}, train.microbatches={args.microbatches}")
+    chunks = f"batch / {args.chunk_size}" if args.chunk_size else args.microbatches
+    print(f"# our step: compiler_options={options}, train.microbatches={chunks}")
     print(f"# median of {repeats} repeats (each >= {target_s:g} s or 1 step) after a warm-up step")
 
     header = (
@@ -241,9 +248,10 @@ def main() -> None:
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
     for name in names:
         for batch in batches:
-            ours = OursStep(
-                name, batch, xla_defaults=args.xla_defaults, microbatches=args.microbatches
+            microbatches = (
+                max(1, batch // args.chunk_size) if args.chunk_size else args.microbatches
             )
+            ours = OursStep(name, batch, xla_defaults=args.xla_defaults, microbatches=microbatches)
             theirs = TheirsStep(ours.config, ours.channels, batch) if with_torch else None
             warm = ours.run(1)
             n_ours = max(1, math.ceil(target_s / warm))

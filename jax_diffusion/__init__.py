@@ -28,6 +28,7 @@ from jax_diffusion.losses import (
     nll_bpd,
     normal_kl,
     prior_bpd,
+    training_draws,
     vlb_terms_bpd,
 )
 from jax_diffusion.samplers import (

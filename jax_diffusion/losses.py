@@ -294,6 +294,26 @@ def loss_weight(
     return 1.0 / jnp.maximum(jnp.minimum(snr, 1.0), jnp.finfo(snr.dtype).eps)
 
 
+def training_draws(schedule: Schedule, x0, rng) -> tuple[jax.Array, jax.Array]:
+    """The randomness of one `diffusion_loss` call: t ~ U{0, ..., T-1} [B] and eps ~ N(0, I).
+
+    Args:
+      schedule: the noise schedule (T = schedule.num_timesteps).
+      x0: [B, ...] clean data (only its shape and dtype are used).
+      rng: PRNG key.
+
+    Returns:
+      (t int32 [B], noise [B, ...] of x0's dtype): exactly what diffusion_loss(..., x0, rng)
+      draws, so a batch can be split after drawing (gradient accumulation) without changing
+      the loss.
+    """
+    batch = jnp.shape(x0)[0]
+    t_rng, noise_rng = jax.random.split(rng)
+    t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps, dtype=jnp.int32)
+    noise = jax.random.normal(noise_rng, jnp.shape(x0), jnp.result_type(x0))
+    return t, noise
+
+
 def diffusion_loss(
     schedule: Schedule,
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
@@ -306,6 +326,7 @@ def diffusion_loss(
     weighting: str = "none",
     min_snr_gamma: float = 5.0,
     vlb_weight: float = 0.001,
+    draws: tuple[jax.Array, jax.Array] | None = None,
 ):
     """Denoising training loss: L_simple and its weighted / hybrid variants.
 
@@ -327,6 +348,8 @@ def diffusion_loss(
       weighting: 'none' | 'snr' | 'min_snr' | 'truncated_snr' (see `loss_weight`).
       min_snr_gamma: gamma of 'min_snr'.
       vlb_weight: lambda of the hybrid loss.
+      draws: (t int [B], noise [B, ...]) to use instead of drawing them from `rng` (which is
+        then ignored); `training_draws(schedule, x0, rng)` gives the ones drawn otherwise.
 
     Returns:
       (loss, metrics): scalar loss (mean over the batch) and a dict with scalars 'loss', 'mse'
@@ -344,10 +367,16 @@ def diffusion_loss(
         weighting=weighting,
         min_snr_gamma=min_snr_gamma,
     )  # validates weighting and gamma before any work
-    batch = jnp.shape(x0)[0]
-    t_rng, noise_rng = jax.random.split(rng)
-    t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps, dtype=jnp.int32)
-    noise = jax.random.normal(noise_rng, jnp.shape(x0), x0.dtype)
+    if draws is None:
+        t, noise = training_draws(schedule, x0, rng)
+    else:
+        t, noise = draws
+        batch = jnp.shape(x0)[0]
+        if jnp.shape(t) != (batch,) or jnp.shape(noise) != jnp.shape(x0):
+            raise ValueError(
+                f"draws must be (t [B], noise [B, ...]) with x0's shape {jnp.shape(x0)}; "
+                f"got t {jnp.shape(t)} and noise {jnp.shape(noise)}"
+            )
     xt = q_sample(schedule, x0=x0, t=t, noise=noise)
     model_output = model_fn(xt, t)
     pred, var_values = split_learned_range(model_output, xt, variance)

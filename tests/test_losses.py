@@ -242,6 +242,30 @@ def test_l1_loss_and_snr_weighting_of_x0_equals_eps_loss(linear):
     np.testing.assert_allclose(l1, jnp.mean(jnp.abs(0.9 * xt - noise)), rtol=1e-5)
 
 
+def test_given_draws_are_the_ones_the_loss_draws_itself(linear):
+    """training_draws(rng) is what diffusion_loss(rng) draws, so a batch split after drawing
+    (gradient accumulation over micro-batches) has the full batch's loss."""
+    x0 = jax.random.normal(jax.random.key(12), (8, 5))
+    rng = jax.random.key(13)
+
+    def model_fn(x, t):
+        return 0.8 * x + 1e-3 * t[:, None]
+
+    loss, metrics = jd.diffusion_loss(linear, model_fn, x0, rng, prediction="v")
+    t, noise = jd.training_draws(linear, x0, rng)
+    np.testing.assert_array_equal(t, metrics["t"])
+    np.testing.assert_array_equal(noise, jax.random.normal(jax.random.split(rng)[1], x0.shape))
+    given, _ = jd.diffusion_loss(linear, model_fn, x0, None, prediction="v", draws=(t, noise))
+    assert float(given) == float(loss)
+    halves = [
+        jd.diffusion_loss(
+            linear, model_fn, x0[j::2], None, prediction="v", draws=(t[j::2], noise[j::2])
+        )[0]
+        for j in (0, 1)
+    ]
+    np.testing.assert_allclose(np.mean(halves), loss, rtol=1e-6)
+
+
 def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
     x0 = jnp.asarray(_grid_data(np.random.default_rng(10), (8, 4, 4, 1)), jnp.float32)
     rng = jax.random.key(11)
@@ -273,6 +297,10 @@ def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
         (dict(prediction="score"), "prediction must be one of 'eps', 'x0', 'v'; got 'score'"),
         (dict(variance="learned"), "variance must be one of .*got 'learned'"),
         (dict(weighting="min_snr", min_snr_gamma=0.0), "min_snr_gamma must be > 0; got 0.0"),
+        (
+            dict(draws=(jnp.zeros((3,), jnp.int32), jnp.zeros((2, 3)))),
+            r"draws must be \(t \[B\], noise \[B, ...\]\) with x0's shape \(2, 3\); got t \(3,\)",
+        ),
     ],
 )
 def test_bad_loss_arguments_raise_before_the_model_runs(linear, kwargs, match):
