@@ -213,10 +213,10 @@ def _accumulated_value_and_grad(loss_fn, params, inputs, rng, num_chunks: int):
     terms (aux: scalar means), so the mean over equal chunks is the full-batch value. Chunk j
     holds examples j, j + n, j + 2n, ... (n = num_chunks): a batch sharded over devices in
     contiguous blocks splits on every device locally, without communication. Chunk j uses
-    rng fold_in(rng, j) (dropout); with n = 1, rng itself. An optimization barrier makes
-    chunk j + 1 start after chunk j's gradient, so XLA reuses one chunk's activation memory
-    for the next: a step's temporary memory is that of batch / n (on CPU, where every step's
-    temporaries are fresh pages, this is most of the gain).
+    rng fold_in(rng, j) (dropout); with n = 1, rng itself. Chunk j + 1's inputs depend on
+    chunk j's value and gradient (`_after`), so it starts after them and XLA reuses one chunk's
+    activation memory for the next: a step's temporary memory is about that of batch / n (on
+    CPU, where every step's temporaries are fresh pages, this is most of the gain).
 
     Returns:
       (loss, aux, grads), each the mean over chunks.
@@ -245,9 +245,10 @@ def _accumulated_value_and_grad(loss_fn, params, inputs, rng, num_chunks: int):
 
 
 def _after(tree, dependency):
-    """`tree`, made to depend on every leaf of `dependency`: its first leaf plus a zero that XLA
-    cannot fold (0 * a float from each leaf; lax.optimization_barrier is expanded away on CPU
-    before scheduling, which lost the order). Non-finite dependencies make it non-finite."""
+    """`tree`, made to depend on every leaf of `dependency`: its first floating leaf plus a zero
+    that XLA cannot fold (0 * one element of each leaf; lax.optimization_barrier is expanded
+    away on CPU before scheduling, which lost the order). A non-finite dependency makes that
+    leaf non-finite, which only happens when the step is already non-finite (and skipped)."""
     zero = sum(jnp.ravel(leaf)[0].astype(jnp.float32) for leaf in jax.tree.leaves(dependency)) * 0
     leaves, treedef = jax.tree.flatten(tree)
     for i, leaf in enumerate(leaves):
