@@ -241,10 +241,15 @@ class AttentionBlock(nn.Module):
         d_head = c // self.num_heads
         h = nn.GroupNorm(num_groups=self.num_groups, name="norm", **kw)(x)
         qkv = nn.Dense(3 * c, name="qkv", **kw)(h.reshape(b, hgt * wid, c))
-        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * self.num_heads, d_head), 3, axis=2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d_head).astype(np.float32)
+        # Heads first ([B, heads, HW, d_head]) so both products are plain batched matmuls:
+        # with the heads in the middle ("bqhd,bkhd->bhqk") XLA:CPU's dots ran the attention
+        # fwd+bwd 2.5x slower (55 vs 22 ms at [8, 256, 128], 4 heads, AMD EPYC).
+        qkv = qkv.reshape(b, hgt * wid, 3 * self.num_heads, d_head).transpose(0, 2, 1, 3)
+        q, k, v = jnp.split(qkv, 3, axis=1)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(d_head).astype(np.float32)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+        out = out.reshape(b, hgt * wid, c)
         out = nn.Dense(c, kernel_init=_zeros, name="proj_out", **kw)(out)
         return x.astype(out.dtype) + out.reshape(b, hgt, wid, c)
 
