@@ -385,3 +385,44 @@ def test_make_model_fn_passes_train_and_rngs():
 
 def test_models_are_linen_modules():
     assert issubclass(UNet, nn.Module) and issubclass(MLPDenoiser, nn.Module)
+
+
+def _np_attention(x, p, num_heads, num_groups, eps=1e-6):
+    """Float64 NumPy self-attention block from its formula (Vaswani et al. 2017 eq. 1):
+    x + proj_out(MHA(qkv(GroupNorm(x)))), heads taken as consecutive d_head slices of q, k, v."""
+    x = np.asarray(x, np.float64)
+    b, hgt, wid, c = x.shape
+    g = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in p.items()}
+    xg = x.reshape(b, hgt * wid, num_groups, c // num_groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = xg.var(axis=(1, 3), keepdims=True)
+    h = ((xg - mean) / np.sqrt(var + eps)).reshape(b, hgt * wid, c)
+    h = h * g["norm"]["scale"] + g["norm"]["bias"]
+    qkv = h @ g["qkv"]["kernel"] + g["qkv"]["bias"]
+    d = c // num_heads
+    out = np.zeros((b, hgt * wid, c))
+    for n in range(b):
+        for head in range(num_heads):
+            q, k, v = (qkv[n, :, j * c + head * d : j * c + (head + 1) * d] for j in range(3))
+            logits = q @ k.T / np.sqrt(d)
+            w = np.exp(logits - logits.max(axis=1, keepdims=True))
+            w /= w.sum(axis=1, keepdims=True)
+            out[n, :, head * d : (head + 1) * d] = w @ v
+    out = out @ g["proj_out"]["kernel"] + g["proj_out"]["bias"]
+    return x + out.reshape(b, hgt, wid, c)
+
+
+def test_attention_block_matches_a_float64_numpy_reference():
+    from jax_diffusion.models.layers import AttentionBlock
+
+    block = AttentionBlock(num_heads=2, num_groups=4)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16), jnp.float32) * 2 + 0.5
+    params = block.init(jax.random.key(1), x)["params"]
+    # random values everywhere: proj_out is zero at init, which would hide the attention
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    leaves = [0.5 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
+    params = jax.tree.unflatten(tree, leaves)
+    got = jax.jit(block.apply)({"params": params}, x)
+    want = _np_attention(x, params, num_heads=2, num_groups=4)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
