@@ -1,12 +1,13 @@
 """Per-backend compile options: chosen only for CPU, and the same math with or without them."""
 
+import pathlib
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion import backend
+from jax_diffusion import backend, cli, train
 
 
 def test_options_only_for_cpu_devices():
@@ -16,6 +17,24 @@ def test_options_only_for_cpu_devices():
     assert backend.compiler_options([gpu]) is None
     assert backend.compiler_options([jax.devices()[0], gpu]) is None
     assert backend.compiler_options([]) is None
+    assert backend.compiler_options(run_once=True) == backend.CPU_RUN_ONCE_OPTIONS
+    assert backend.compiler_options([gpu], run_once=True) is None
+
+
+def test_parameters_initialised_under_the_run_once_options_are_bit_identical():
+    """create_train_state compiles model.init cheaply; the parameters are XLA's default's, bit
+    for bit (level 0 would fail this: it changes the last bit of a few)."""
+    config = cli.load_config(
+        f"{pathlib.Path(__file__).parents[1] / 'experiments/configs/toy_2d.py'}:smoke"
+    )
+    model = train.create_model(config, channels=2)
+    state = train.create_train_state(config, model, jax.random.PRNGKey(3), (2,))
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(3))
+    plain = jax.jit(model.init)({"params": init_rng}, jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32))
+    leaves = jax.tree.leaves(plain["params"])
+    assert len(leaves) == len(jax.tree.leaves(state.params)) > 2
+    for a, b in zip(leaves, jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_conv_value_and_gradients_unchanged_by_the_options():
