@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+from conftest import SUBPROCESS_XLA_FLAGS
 
 from jax_diffusion import cli, train
 
@@ -23,7 +24,7 @@ def _free_port():
 def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     port = _free_port()
     path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
     procs = [
         subprocess.Popen(
             [
@@ -51,7 +52,7 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
 
     config = cli.load_config(
         str(HERE.parent / "experiments" / "configs" / "default.py") + ":smoke",
-        ["train.num_steps=3", "train.checkpoint_every=3"],
+        [],  # the smoke config as it is: test_train's runs compile its one-process step too
     )
     single = train.train_and_evaluate(config, str(tmp_path / "single"))
     flat = {

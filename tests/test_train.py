@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SUBPROCESS_XLA_FLAGS
 
 from jax_diffusion import cli, train
 from jax_diffusion import data as data_lib
@@ -117,13 +118,14 @@ def test_micro_batches_run_one_after_another():
 
 
 def test_interrupted_run_resumes_bit_identically(tmp_path):
-    config = smoke(train__num_steps=4, train__checkpoint_every=2)
+    # the smoke config as it is (2 steps): its train step is the one other tests compile too
+    config = smoke()
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
-    interrupted = smoke(train__num_steps=4, train__checkpoint_every=2, train__stop_after=2)
+    interrupted = smoke(train__stop_after=1)
     first = train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
-    assert first["final_step"] == 2
+    assert first["final_step"] == 1
     second = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert second["start_step"] == 2 and second["final_step"] == 4
+    assert second["start_step"] == 1 and second["final_step"] == 2
     assert_trees_equal(full["state"].checkpoint_items(), second["state"].checkpoint_items())
 
 
@@ -169,6 +171,8 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
     schedule = train.get_schedule(config.diffusion)
     model = train.create_model(config, channels=1)
     state = train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+    # committed like the step's outputs, so the second call reuses the first one's program
+    state = jax.device_put(state, jax.devices()[0])
     step = jax.jit(train.make_train_step(config, schedule))
     bad = {"image": jnp.full((8, 8, 8, 1), jnp.nan), "label": jnp.zeros(8, jnp.int32)}
     new, metrics = step(state, bad)
@@ -191,7 +195,7 @@ def _cli(*args, env_extra=None):
     # the runs of one test compile the same programs: share them through the persistent cache
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env.pop("XLA_FLAGS", None)  # one device, like a user's CPU run
+    env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS  # one device, like a user's CPU run
     return [sys.executable, "-m", "jax_diffusion.cli", *args], env
 
 
@@ -202,7 +206,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         "--set",
         "train.num_steps=12",
         "--set",
-        "train.checkpoint_every=1",
+        "train.checkpoint_every=3",  # each orbax save takes ~1.5 s here
         "--set",
         "train.sample_every=0",
     ]
