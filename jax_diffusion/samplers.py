@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion.diffusion import (
+    _is_concrete,
     check_prediction,
     check_variance,
     denoised_estimates,
@@ -81,10 +82,6 @@ class StepOutput(NamedTuple):
 
 # --------------------------------------------------------------------------------------------
 # Validation helpers (eager, on static / concrete arguments).
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:

@@ -28,6 +28,7 @@ from jax_diffusion import data as data_lib
 from jax_diffusion import samplers
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.checkpoints import CheckpointManager
+from jax_diffusion.diffusion import _is_concrete
 from jax_diffusion.models import MLPDenoiser, UNet, drop_labels
 from jax_diffusion.train_state import TrainState, ema_decay, make_optimizer, update_ema
 from jax_diffusion.visualize import save_image_grid
@@ -107,6 +108,12 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(devices.reshape(-1), ("data",))
 
 
+def _top_level(tree) -> bool:
+    """No leaf is a tracer: not called inside a jit / eval_shape trace, where a nested jit may set
+    no compiler_options."""
+    return all(_is_concrete(a) for a in jax.tree.leaves(tree))
+
+
 def create_train_state(
     config: ml_collections.ConfigDict, model, rng: jax.Array, example_shape: tuple[int, ...]
 ) -> TrainState:
@@ -115,10 +122,9 @@ def create_train_state(
     x = jnp.zeros((1, *example_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = None if config.model.get("num_classes") is None else jnp.zeros((1,), jnp.int32)
-    # jit: ~10x faster than op by op; compiled cheaply on CPU as it runs once (backend.py),
-    # unless traced inside another jit / eval_shape, where a nested jit may set no options
-    traced = isinstance(init_rng, jax.core.Tracer)
-    init = jax.jit(model.init, compiler_options=None if traced else compiler_options(run_once=True))
+    # jit: ~10x faster than op by op; compiled cheaply on CPU as it runs once (backend.py)
+    options = compiler_options(run_once=True) if _top_level(init_rng) else None
+    init = jax.jit(model.init, compiler_options=options)
     params = init({"params": init_rng}, x, t, y)["params"]
     tc = config.train
     tx = make_optimizer(
@@ -333,7 +339,7 @@ def sample(
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
     args = (params, labels, jnp.asarray(w, jnp.float32), x_T, s_rng)
-    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+    if _top_level(args):
         # at top level: compile with the backend's options (a nested jit may not set any)
         run = jax.jit(run, compiler_options=compiler_options())
     return run(*args)

@@ -58,6 +58,14 @@ def _perturb(params, seed, scale=0.2, only=None):
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
+def _normal_params(shapes, seed, scale):
+    """scale * N(0, 1) arrays (NumPy draws) of the shapes and dtypes of a params tree."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), shapes
+    )
+
+
 class _Net:
     """A model, its jitted apply and its init / perturbed params, built once per module."""
 
@@ -233,12 +241,7 @@ def test_unet_remat_same_output_and_gradients():
     plain = UNet(**cfg)
     remat = UNet(**cfg, remat=True)
     x, t, _ = _inputs()
-    shapes = jax.eval_shape(plain.init, jax.random.key(0), x, t)["params"]
-    leaves, treedef = jax.tree.flatten(shapes)
-    rng = np.random.default_rng(4)
-    params = treedef.unflatten(
-        [jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype) for s in leaves]
-    )
+    params = _normal_params(jax.eval_shape(plain.init, jax.random.key(0), x, t)["params"], 4, 0.3)
 
     def loss(model, params):
         return jnp.mean(model.apply({"params": params}, x, t) ** 2)
@@ -422,10 +425,7 @@ def test_attention_block_matches_a_float64_numpy_reference():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16), jnp.float32) * 2 + 0.5
     shapes = jax.eval_shape(block.init, jax.random.key(1), x)["params"]
     # random values everywhere: proj_out is zero at init, which would hide the attention
-    rng = np.random.default_rng(2)
-    params = jax.tree.map(
-        lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype), shapes
-    )
+    params = _normal_params(shapes, 2, 0.5)
     got = jax.jit(block.apply)({"params": params}, x)
     want = _np_attention(x, params, num_heads=2, num_groups=4)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
