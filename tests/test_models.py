@@ -429,3 +429,134 @@ def test_attention_block_matches_a_float64_numpy_reference():
     got = jax.jit(block.apply)({"params": params}, x)
     want = _np_attention(x, params, num_heads=2, num_groups=4)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- GroupNorm
+
+
+def _np_group_norm(x, scale, bias, num_groups, eps=1e-6):
+    """Float64 NumPy GroupNorm from Wu & He 2018 eqs. 1-3 (two-pass variance)."""
+    x = np.asarray(x, np.float64)
+    b, c = x.shape[0], x.shape[-1]
+    xg = x.reshape(b, -1, num_groups, c // num_groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    y = ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return y * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+
+
+@pytest.mark.parametrize(
+    "shape, groups", [((2, 4, 4, 16), 4), ((3, 5, 6, 8), 8), ((2, 7, 12), 3), ((2, 3, 3, 6), 1)]
+)
+def test_group_norm_matches_a_float64_numpy_reference(shape, groups):
+    from jax_diffusion.models import group_norm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.5, 2.0, shape).astype(np.float32)
+    scale, bias = rng.normal(size=(2, shape[-1])).astype(np.float32)
+    got = jax.jit(group_norm, static_argnums=3)(x, scale, bias, groups)
+    assert got.dtype == jnp.float32
+    want = _np_group_norm(x, scale, bias, groups)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_group_norm_gradients_match_flax_group_norm():
+    """Same function as flax.linen.GroupNorm, so the same gradients (checked by autodiff of
+    both) for the input, the scale and the bias."""
+    from jax_diffusion.models import group_norm
+
+    rng = np.random.default_rng(1)
+    x, ct = rng.normal(0.5, 1.5, (2, 2, 4, 4, 12)).astype(np.float32)
+    scale, bias = rng.normal(size=(2, 12)).astype(np.float32)
+
+    def ours(x, scale, bias):
+        return jnp.sum(nn.silu(group_norm(x, scale, bias, 3)) * ct)
+
+    def flax_gn(x, scale, bias):
+        y = nn.GroupNorm(num_groups=3).apply({"params": {"scale": scale, "bias": bias}}, x)
+        return jnp.sum(nn.silu(y) * ct)
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(flax_gn, argnums=(0, 1, 2))(x, scale, bias)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_module_has_flax_group_norm_parameters_and_dtypes():
+    from jax_diffusion.models import GroupNorm
+
+    x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
+    ours = GroupNorm(num_groups=4).init(jax.random.key(0), x)
+    theirs = nn.GroupNorm(num_groups=4).init(jax.random.key(0), x)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert GroupNorm(num_groups=4).apply(ours, x).dtype == jnp.float32  # as flax: promoted
+    assert GroupNorm(num_groups=4, dtype=jnp.bfloat16).apply(ours, x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("groups", [0, 3, 16])
+def test_group_norm_rejects_groups_that_do_not_divide_the_channels(groups):
+    from jax_diffusion.models import group_norm
+
+    x = jnp.ones((2, 4, 4, 8))
+    with pytest.raises(ValueError, match=f"num_groups.*channel count 8.*got {groups}"):
+        group_norm(x, jnp.ones(8), jnp.zeros(8), groups)
+
+
+# --------------------------------------------------------------------------- attention core
+
+
+def _plain_attention(q, k, v):
+    """The formula with jax.nn.softmax, differentiated by JAX's own autodiff (the reference)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _qkv(seed, n=6, m=5, d=4):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(2, 3, n, d)).astype(np.float32) * 1.5
+    k, v = (rng.normal(size=(2, 3, m, d)).astype(np.float32) for _ in range(2))
+    return q, k, v
+
+
+def test_dot_product_attention_matches_a_float64_numpy_reference():
+    from jax_diffusion.models import dot_product_attention
+
+    q, k, v = _qkv(0)
+    logits = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k) / 2.0  # sqrt(d = 4)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bhkd->bhqd", w / w.sum(-1, keepdims=True), v)
+    got = jax.jit(dot_product_attention)(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_dot_product_attention_gradients_and_jvp_match_autodiff_of_the_formula():
+    """Its own softmax JVP rule gives the derivatives JAX computes through exp / sum / divide,
+    in reverse mode (grad) and forward mode (jvp)."""
+    from jax_diffusion.models import dot_product_attention
+
+    q, k, v = _qkv(1)
+    ct = np.random.default_rng(2).normal(size=q.shape[:3] + v.shape[-1:]).astype(np.float32)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * ct)
+
+    got = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(_plain_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    tangents = _qkv(3)
+    _, got = jax.jvp(dot_product_attention, (q, k, v), tangents)
+    _, want = jax.jvp(_plain_attention, (q, k, v), tangents)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_dot_product_attention_bfloat16_inputs():
+    from jax_diffusion.models import dot_product_attention
+
+    q, k, v = _qkv(4)
+    got = dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+    assert got.dtype == jnp.bfloat16
+    want = np.asarray(_plain_attention(q, k, v))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=0.05)

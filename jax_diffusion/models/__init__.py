@@ -3,9 +3,12 @@
 from jax_diffusion.models.layers import (
     AttentionBlock,
     Downsample,
+    GroupNorm,
     ResBlock,
     Upsample,
+    dot_product_attention,
     drop_labels,
+    group_norm,
     timestep_embedding,
 )
 from jax_diffusion.models.mlp import MLPDenoiser
@@ -14,11 +17,14 @@ from jax_diffusion.models.unet import UNet, make_conditional_model_fn, make_mode
 __all__ = [
     "AttentionBlock",
     "Downsample",
+    "GroupNorm",
     "MLPDenoiser",
     "ResBlock",
     "UNet",
     "Upsample",
+    "dot_product_attention",
     "drop_labels",
+    "group_norm",
     "make_conditional_model_fn",
     "make_model_fn",
     "timestep_embedding",

@@ -1,4 +1,5 @@
-"""Building blocks of the diffusion networks: time embedding, ResBlock, attention, resampling.
+"""Building blocks of the diffusion networks: time embedding, GroupNorm, ResBlock, attention,
+resampling.
 
 All image modules are NHWC. Parameters are stored in `param_dtype` (float32); `dtype` is the
 compute dtype (bfloat16 on accelerators). Normalisation statistics and the attention softmax
@@ -10,26 +11,32 @@ References:
   Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (ADM), section 3.
   Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", algorithm 1.
   Vaswani et al. 2017, "Attention Is All You Need", section 3.5.
+  Wu & He 2018, "Group Normalization", equations 1-3.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Dtype = Any
 
 __all__ = [
     "AttentionBlock",
     "Downsample",
+    "GroupNorm",
     "ResBlock",
     "check_denoiser_inputs",
     "Upsample",
+    "dot_product_attention",
     "drop_labels",
+    "group_norm",
     "timestep_embedding",
 ]
 
@@ -138,6 +145,87 @@ def drop_labels(rng: jax.Array, y: jax.Array, p: float, null_label: int) -> jax.
     return jnp.where(drop, jnp.asarray(null_label, dtype=y.dtype), y)
 
 
+def group_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float = 1e-6
+) -> jax.Array:
+    """Group normalisation of channels-last features (Wu & He 2018, eqs. 1-3).
+
+    The C channels are split into `num_groups` consecutive groups; each example's group is
+    normalised by the mean and variance over its positions and channels, then scaled and shifted
+    per channel: y = (x - mean_g) / sqrt(var_g + epsilon) * scale + bias. The statistics are
+    taken in float32 (at least), with var = E[x^2] - E[x]^2 clipped at 0, as flax.linen.GroupNorm
+    does by default (`use_fast_variance`).
+
+    The statistics are summed per channel over the positions first ([B, C]) and only then over
+    each group's channels: on XLA:CPU that is a reduction along the contiguous channel axis, where
+    flax.linen.GroupNorm reduces a [B, H, W, G, C/G] view over three strided axes. Fwd + bwd
+    with SiLU, 2-core AMD EPYC: [8, 32, 32, 64] 5.2-5.6 -> 1.8 ms, [128, 8, 8, 64]
+    6.4-7.5 -> 1.7-2.7 ms (PyTorch's fused kernel: 2.1-3.2 and 2.3-2.6 ms).
+
+    Args:
+      x: [B, ..., C] features (any float dtype).
+      scale: [C] per-channel scale.
+      bias: [C] per-channel shift.
+      num_groups: number of groups G; must divide C.
+      epsilon: added to the variance.
+
+    Returns:
+      [B, ..., C] normalised features in the promoted dtype of x, scale, bias and float32.
+
+    Raises:
+      ValueError: if num_groups does not divide C.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    if num_groups < 1 or c % num_groups:
+        raise ValueError(
+            f"num_groups must be a positive divisor of the channel count {c}; got {num_groups}"
+        )
+    dtype = jnp.promote_types(jnp.promote_types(x.dtype, scale.dtype), jnp.float32)
+    xf = x.astype(dtype)
+    axes = tuple(range(1, x.ndim - 1))
+    count = float(np.prod(x.shape[1:-1])) * (c // num_groups)
+
+    def group_mean(per_channel_sum):  # [B, C] -> [B, G] -> back to [B, C]
+        m = per_channel_sum.reshape(b, num_groups, c // num_groups).sum(axis=-1) / count
+        return jnp.repeat(m, c // num_groups, axis=1)
+
+    mean = group_mean(jnp.sum(xf, axis=axes))
+    mean_sq = group_mean(jnp.sum(xf * xf, axis=axes))
+    var = jnp.maximum(mean_sq - mean * mean, 0.0)
+    mul = lax.rsqrt(var + epsilon) * scale.astype(dtype)
+    bcast = (b,) + (1,) * len(axes) + (c,)
+    return (xf - mean.reshape(bcast)) * mul.reshape(bcast) + bias.astype(dtype)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation layer over [B, ..., C] with a learned per-channel scale and bias.
+
+    A drop-in for flax.linen.GroupNorm(num_groups) as used here: the same parameters ('scale'
+    ones, 'bias' zeros, shape [C]), the same formula and float32 statistics, so checkpoints are
+    interchangeable; computed by `group_norm`, which is faster on CPU.
+
+    Attributes:
+      num_groups: number of groups; must divide the channel count.
+      epsilon: added to the variance.
+      dtype: compute (output) dtype; default the promoted dtype of the input and parameters.
+      param_dtype: parameter dtype.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps [B, ..., C] features to normalised [B, ..., C] features in `dtype`."""
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        y = group_norm(x, scale, bias, self.num_groups, self.epsilon)
+        return y.astype(self.dtype or jnp.promote_types(x.dtype, self.param_dtype))
+
+
 class ResBlock(nn.Module):
     """Residual block with timestep conditioning (Ho et al. 2020 app. B; ADM section 3).
 
@@ -178,7 +266,7 @@ class ResBlock(nn.Module):
           [B, H, W, out_channels] features in the compute dtype.
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.GroupNorm(num_groups=self.num_groups, name="norm1", **kw)(x)
+        h = GroupNorm(num_groups=self.num_groups, name="norm1", **kw)(x)
         h = nn.silu(h)
         h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
 
@@ -186,10 +274,10 @@ class ResBlock(nn.Module):
         emb_out = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = nn.GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h)
+            h = GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h)
             h = h * (1 + scale) + shift
         else:
-            h = nn.GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h + emb_out)
+            h = GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h + emb_out)
         h = nn.silu(h)
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
         h = nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=_zeros, name="conv2", **kw)(h)
@@ -197,6 +285,47 @@ class ResBlock(nn.Module):
         if x.shape[-1] != self.out_channels:
             x = nn.Conv(self.out_channels, (1, 1), name="skip", **kw)(x)
         return x.astype(h.dtype) + h
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """softmax(x) along `axis`, differentiated by its own JVP rule (below).
+
+    jax.nn.softmax has the same rule but uses it only under the `jax_softmax_custom_jvp` config
+    flag (off by default in jax 0.10, and process-wide); without it autodiff goes through the
+    exp / sum / divide and the backward pass makes several passes over the [B, heads, N, N]
+    weights. Attention fwd + bwd at [8, 4, 256, 32] (2-core AMD EPYC): 39.6-43.8 -> 22.6 ms.
+    """
+    e = jnp.exp(x - jnp.max(x, axis, keepdims=True))
+    return e / jnp.sum(e, axis, keepdims=True)
+
+
+@_softmax.defjvp
+def _softmax_jvp(axis, primals, tangents):
+    # d softmax(x) = y * (dx - sum(y * dx)): linear in dx, so reverse mode transposes it
+    (x,), (dx,) = primals, tangents
+    y = _softmax(x, axis)
+    return y, y * (dx - jnp.sum(y * dx, axis, keepdims=True))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Scaled dot-product attention softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
+
+    The softmax is taken in float32 whatever the input dtype, and differentiated with its
+    closed-form JVP (`_softmax`), so both forward and reverse mode work and the backward pass is
+    four matmuls and two elementwise passes over the weights.
+
+    Args:
+      q: [B, heads, N, d] queries.
+      k: [B, heads, M, d] keys.
+      v: [B, heads, M, d] values.
+
+    Returns:
+      [B, heads, N, d] attention output in v's dtype.
+    """
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+    weights = _softmax(logits.astype(jnp.float32), -1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
 
 class AttentionBlock(nn.Module):
@@ -239,16 +368,14 @@ class AttentionBlock(nn.Module):
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d_head = c // self.num_heads
-        h = nn.GroupNorm(num_groups=self.num_groups, name="norm", **kw)(x)
+        h = GroupNorm(num_groups=self.num_groups, name="norm", **kw)(x)
         qkv = nn.Dense(3 * c, name="qkv", **kw)(h.reshape(b, hgt * wid, c))
         # Heads first ([B, heads, HW, d_head]) so both products are plain batched matmuls:
         # with the heads in the middle ("bqhd,bkhd->bhqk") XLA:CPU's dots ran the attention
         # fwd+bwd 2.5x slower (55 vs 22 ms at [8, 256, 128], 4 heads, AMD EPYC).
         qkv = qkv.reshape(b, hgt * wid, 3 * self.num_heads, d_head).transpose(0, 2, 1, 3)
         q, k, v = jnp.split(qkv, 3, axis=1)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(d_head).astype(np.float32)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+        out = dot_product_attention(q, k, v).transpose(0, 2, 1, 3)
         out = out.reshape(b, hgt * wid, c)
         out = nn.Dense(c, kernel_init=_zeros, name="proj_out", **kw)(out)
         return x.astype(out.dtype) + out.reshape(b, hgt, wid, c)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax_diffusion.models.layers import (
     AttentionBlock,
     Downsample,
+    GroupNorm,
     ResBlock,
     Upsample,
     check_denoiser_inputs,
@@ -212,7 +213,7 @@ class UNet(nn.Module):
             if level != 0:
                 h = Upsample(h.shape[-1], name=f"up_{level}_upsample", **kw)(h)
 
-        h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name="norm_out", **kw)(h))
+        h = nn.silu(GroupNorm(num_groups=self.num_groups, name="norm_out", **kw)(h))
         h = nn.Conv(
             out_channels,
             (3, 3),
