@@ -86,9 +86,11 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> None:
     for name in arg.split(","):
         if name == "smoke":  # tiny shapes for tests: compiles and runs in seconds
             config.model.base_channels = 8
-            config.model.channel_mults = (1, 2)
+            # one level (no resampling; attention only in the middle block): 70 parameter
+            # arrays instead of 128, the train step compiles in ~7 s instead of ~14 s
+            config.model.channel_mults = (1,)
             config.model.num_res_blocks = 1
-            config.model.attention_resolutions = (4,)
+            config.model.attention_resolutions = ()
             config.model.num_heads = 2
             config.model.num_groups = 4
             config.diffusion.num_timesteps = 50
