@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_diffusion.diffusion import check_variance
+from jax_diffusion.diffusion import _is_concrete, check_variance
 
 __all__ = ["classifier_free_guidance", "dynamic_threshold"]
 
@@ -136,7 +136,7 @@ def dynamic_threshold(x0: jax.Array, quantile=0.995) -> jax.Array:
         )
     if jnp.ndim(quantile) != 0:
         raise ValueError(f"quantile must be a scalar in (0, 1]; got shape {jnp.shape(quantile)}")
-    if not isinstance(quantile, jax.core.Tracer) and not 0.0 < float(quantile) <= 1.0:
+    if _is_concrete(quantile) and not 0.0 < float(quantile) <= 1.0:
         raise ValueError(
             "quantile must lie in (0, 1] (a quantile such as 0.995, not a percent); "
             f"got {quantile!r}"

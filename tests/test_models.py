@@ -399,11 +399,8 @@ def _np_attention(x, p, num_heads, num_groups, eps=1e-6):
     x = np.asarray(x, np.float64)
     b, hgt, wid, c = x.shape
     g = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in p.items()}
-    xg = x.reshape(b, hgt * wid, num_groups, c // num_groups)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = xg.var(axis=(1, 3), keepdims=True)
-    h = ((xg - mean) / np.sqrt(var + eps)).reshape(b, hgt * wid, c)
-    h = h * g["norm"]["scale"] + g["norm"]["bias"]
+    h = _np_group_norm(x, g["norm"]["scale"], g["norm"]["bias"], num_groups, eps)
+    h = h.reshape(b, hgt * wid, c)
     qkv = h @ g["qkv"]["kernel"] + g["qkv"]["bias"]
     d = c // num_heads
     out = np.zeros((b, hgt * wid, c))

@@ -180,7 +180,7 @@ def group_norm(
         raise ValueError(
             f"num_groups must be a positive divisor of the channel count {c}; got {num_groups}"
         )
-    dtype = jnp.promote_types(jnp.promote_types(x.dtype, scale.dtype), jnp.float32)
+    dtype = jnp.promote_types(jnp.result_type(x, scale, bias), jnp.float32)
     xf = x.astype(dtype)
     axes = tuple(range(1, x.ndim - 1))
     count = float(np.prod(x.shape[1:-1])) * (c // num_groups)
