@@ -393,6 +393,12 @@ def test_models_are_linen_modules():
     assert issubclass(UNet, nn.Module) and issubclass(MLPDenoiser, nn.Module)
 
 
+def _np_softmax(logits):
+    """Float64 softmax over the last axis."""
+    w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return w / w.sum(axis=-1, keepdims=True)
+
+
 def _np_attention(x, p, num_heads, num_groups, eps=1e-6):
     """Float64 NumPy self-attention block from its formula (Vaswani et al. 2017 eq. 1):
     x + proj_out(MHA(qkv(GroupNorm(x)))), heads taken as consecutive d_head slices of q, k, v."""
@@ -408,9 +414,7 @@ def _np_attention(x, p, num_heads, num_groups, eps=1e-6):
         for head in range(num_heads):
             q, k, v = (qkv[n, :, j * c + head * d : j * c + (head + 1) * d] for j in range(3))
             logits = q @ k.T / np.sqrt(d)
-            w = np.exp(logits - logits.max(axis=1, keepdims=True))
-            w /= w.sum(axis=1, keepdims=True)
-            out[n, :, head * d : (head + 1) * d] = w @ v
+            out[n, :, head * d : (head + 1) * d] = _np_softmax(logits) @ v
     out = out @ g["proj_out"]["kernel"] + g["proj_out"]["bias"]
     return x + out.reshape(b, hgt, wid, c)
 
@@ -522,8 +526,7 @@ def test_dot_product_attention_matches_a_float64_numpy_reference():
 
     q, k, v = _qkv(0)
     logits = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k) / 2.0  # sqrt(d = 4)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    want = np.einsum("bhqk,bhkd->bhqd", w / w.sum(-1, keepdims=True), v)
+    want = np.einsum("bhqk,bhkd->bhqd", _np_softmax(logits), v)
     got = jax.jit(dot_product_attention)(q, k, v)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
