@@ -4,6 +4,14 @@ Each checkpoint holds two items: 'state' (the TrainState pytree, arrays) and 'da
 iterator's JSON state), so a resumed run continues bit-identically. orbax writes each step to a
 temporary directory and renames it when complete, so a process killed mid-save leaves the last
 complete checkpoint as the latest one.
+
+In a single-process run, an array replicated over several devices (the data-parallel train
+state) is saved as its device-0 copy. orbax would otherwise split each replicated array into one
+slice per device ("replica-parallel" saving, meant for several hosts writing together): one
+jitted slice per array and device, compiled on first use, for one process that writes them all
+anyway. Saving the smoke train state replicated over 8 CPU devices: 6.2 s -> 0.8 s for the first
+save, 1.75 -> 0.8 s for later ones. The checkpoint holds the same values; `restore` places them
+with the target's shardings.
 """
 
 from __future__ import annotations
@@ -51,10 +59,11 @@ class CheckpointManager:
     def save(self, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
         """Saves at `state.step`; returns whether a checkpoint was written."""
         step = int(jax.device_get(state.step))
+        items = jax.tree.map(_single_copy, state.checkpoint_items())
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state.checkpoint_items()),
+                state=ocp.args.StandardSave(items),
                 data=ocp.args.JsonSave(data_state),
             ),
             force=force,
@@ -105,3 +114,19 @@ class CheckpointManager:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _single_copy(x):
+    """A fully replicated multi-device array of a single-process run as its device-0 copy.
+
+    The copy is the array's own first shard (no transfer); other arrays are returned as they
+    are. See the module docstring.
+    """
+    if (
+        isinstance(x, jax.Array)
+        and jax.process_count() == 1
+        and len(x.sharding.device_set) > 1
+        and x.is_fully_replicated
+    ):
+        return x.addressable_shards[0].data
+    return x
