@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
         quality = common.measure(samples)
         common.log(f"{kind}: {quality}; bits/dim on {bpd_n} test digits")
         bpd = common.bits_per_dim(run, num_examples=bpd_n, seed=args.seed)
-        buckets = common.loss_by_t_bucket(run, seed=args.seed)
+        buckets = common.loss_by_t_bucket(run, draws=1 if args.smoke else 4, seed=args.seed)
         results["models"][kind] = {
             "run": common.run_info(config, info),
             **quality,

@@ -14,6 +14,10 @@ import pytest
 
 from experiments import common, guidance, parameterization, sampler_sweep, variance_loss
 
+# one worker runs the whole module (pyproject: --dist loadgroup), so the runs the scripts share
+# (the eps model of test_parameterization) are trained once, in the module's workdir
+pytestmark = pytest.mark.xdist_group("experiments")
+
 QUALITY = ("fd_train", "fd_test", "precision", "recall", "inception_score")
 BPD = ("bpd", "bpd_stderr", "bpd_prior", "bpd_kl", "bpd_decoder")
 
