@@ -171,21 +171,31 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
     schedule = train.get_schedule(config.diffusion)
     model = train.create_model(config, channels=1)
     state = train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
-    # committed like the step's outputs, so the second call reuses the first one's program
-    state = jax.device_put(state, jax.devices()[0])
-    step = jax.jit(train.make_train_step(config, schedule))
-    bad = {"image": jnp.full((8, 8, 8, 1), jnp.nan), "label": jnp.zeros(8, jnp.int32)}
-    new, metrics = step(state, bad)
+    # the program train_and_evaluate compiles for the smoke config (the smoke runs' persistent
+    # cache entry): state replicated over the mesh, batch split over it, state donated
+    mesh = train.make_mesh()
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step, batch_sharding = train._jit_train_step(
+        train.make_train_step(config, schedule), mesh, state
+    )
+    before = jax.device_get(state)  # the step donates its input state
+
+    def batch(value):
+        image = np.full((8, 8, 8, 1), value, np.float32)
+        return jax.device_put({"image": image, "label": np.zeros(8, np.int32)}, batch_sharding)
+
+    new, metrics = step(state, batch(np.nan))
     assert int(metrics["skipped"]) == 1 and int(new.bad_steps) == 1 and int(new.step) == 1
-    assert_trees_equal(new.params, state.params)
-    assert_trees_equal(new.opt_state, state.opt_state)
-    good = {"image": jnp.zeros((8, 8, 8, 1)), "label": jnp.zeros(8, jnp.int32)}
-    newer, metrics = step(new, good)
+    assert_trees_equal(new.params, before.params)
+    assert_trees_equal(new.opt_state, before.opt_state)
+    assert_trees_equal(new.ema_params, before.ema_params)
+    new_params = jax.device_get(new.params)
+    newer, metrics = step(new, batch(0.0))
     assert int(metrics["skipped"]) == 0 and int(newer.bad_steps) == 0
     assert int(newer.skipped_steps) == 1
     assert any(
         not np.array_equal(a, b)
-        for a, b in zip(leaves(newer.params), leaves(new.params), strict=True)
+        for a, b in zip(leaves(newer.params), leaves(new_params), strict=True)
     )
 
 
