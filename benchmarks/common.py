@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
+import time
 
 import jax
+import jax.numpy as jnp
 
 
 def load() -> str:
@@ -24,3 +28,35 @@ def machine() -> str:
         f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
         f"nproc {os.cpu_count()}; {model}"
     )
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--dtype: the network's compute dtype (model.dtype), also the dtype of the peak."""
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the network's compute dtype (model.dtype); %% peak is against this dtype's matmul",
+    )
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Measured FLOP/s of a jitted [n, n] @ [n, n] jnp.dot in `dtype` (median of repeats)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        times.append(time.perf_counter() - start)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+def print_peak(dtype: str) -> float:
+    """Measures and prints the matmul peak in `dtype` (2048^3 on CPU, 8192^3 on an accelerator)."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    peak = matmul_peak_flops(n, dtype=jnp.dtype(dtype))
+    print(f"# {dtype} matmul peak (jitted {n}^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
+    return peak

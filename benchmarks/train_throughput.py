@@ -2,19 +2,23 @@
 
 Run:  python benchmarks/train_throughput.py [--quick] [--configs digits8,digits16,cifar]
                                            [--batches 32,128] [--no-torch] [--chunk-size 8]
+                                           [--dtype bfloat16]
 
 For each (config, batch) it compiles `make_train_step` (jit, donate_argnums=0) once, timing
 trace + lower and compile, then times whole steps on a fixed random batch (block_until_ready,
 median over repeats, after a warm-up step). Achieved FLOP/s is the compiled step's own XLA
 `cost_analysis()` flops divided by the step time, also shown as a fraction of this machine's
-float32 matmul peak (a large jitted jnp.dot, measured at start).
+matmul peak in the compute dtype (a large jitted jnp.dot, measured at start: 2048^3 on CPU,
+8192^3 on an accelerator). With `--dtype bfloat16` (the network's compute dtype,
+`model.dtype`; parameters and optimizer stay float32) on a GPU or TPU, that fraction is the
+step's MFU against the measured bf16 peak.
 
 With torch and diffusers installed (the `bench` extra), the same step is run with diffusers'
 `UNet2DModel` at matched widths (block_out_channels, layers_per_block, attention levels,
 GroupNorm groups, scale-shift time conditioning): MSE on eps, AdamW, global-norm clipping at
 the config's grad_clip and an EMA update, as our step does. Its repeats are interleaved with
 ours so both see the same machine load; `ours/theirs` is the ratio of images/s (> 1: we are
-faster).
+faster). The comparison runs on the CPU backend only (float32, CPU torch).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import load, machine  # benchmarks/common.py
+from common import add_dtype_argument, load, machine, print_peak  # benchmarks/common.py
 
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.cli import load_config
@@ -57,20 +61,6 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 FLOP/s of a jitted [n, n] @ [n, n] jnp.dot (median of repeats)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    _block(dot(a, b))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _block(dot(a, b))
-        times.append(time.perf_counter() - start)
-    return 2.0 * n**3 / statistics.median(times)
-
-
 def _flops(compiled) -> float | None:
     try:
         cost = compiled.cost_analysis()
@@ -86,9 +76,22 @@ def _flops(compiled) -> float | None:
 class OursStep:
     """Our compiled, state-donating train step on one fixed batch."""
 
-    def __init__(self, name: str, batch_size: int, *, xla_defaults: bool, microbatches: int):
+    def __init__(
+        self,
+        name: str,
+        batch_size: int,
+        *,
+        xla_defaults: bool,
+        microbatches: int,
+        dtype: str = "float32",
+    ):
         overrides, channels = CONFIGS[name]
-        sets = [*overrides, f"train.batch_size={batch_size}", f"train.microbatches={microbatches}"]
+        sets = [
+            *overrides,
+            f"train.batch_size={batch_size}",
+            f"train.microbatches={microbatches}",
+            f"model.dtype={dtype!r}",
+        ]
         config = load_config(CONFIG, sets)
         size = config.data.image_size
         self.config, self.channels, self.size = config, channels, size
@@ -203,6 +206,7 @@ def main() -> None:
         help="compile without jax_diffusion.backend.compiler_options (the state before them)",
     )
     parser.add_argument("--microbatches", type=int, default=1, help="train.microbatches")
+    add_dtype_argument(parser)
     parser.add_argument(
         "--chunk-size",
         type=int,
@@ -216,7 +220,8 @@ def main() -> None:
             parser.error(f"--configs: unknown config {n!r}; allowed: {', '.join(CONFIGS)}")
     batches = [int(b) for b in args.batches.split(",") if b]
     repeats, target_s = (2, 1.0) if args.quick else (3, 3.0)
-    with_torch = not args.no_torch and _torch_available()
+    on_cpu = jax.default_backend() == "cpu"
+    with_torch = not args.no_torch and on_cpu and args.dtype == "float32" and _torch_available()
 
     print(f"# train_throughput: {machine()}")
     if with_torch:
@@ -227,13 +232,17 @@ def main() -> None:
             f"# torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"diffusers {diffusers.__version__}"
         )
+    elif not args.no_torch and not (on_cpu and args.dtype == "float32"):
+        print("# diffusers comparison: CPU backend and float32 only; skipped")
     elif not args.no_torch:
         print("# torch / diffusers not installed: no comparison (pip install -e '.[bench]')")
-    peak = matmul_peak_flops()
-    print(f"# float32 matmul peak (jitted 2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
+    peak = print_peak(args.dtype)
     options = "XLA defaults" if args.xla_defaults else compiler_options()
     chunks = f"batch / {args.chunk_size}" if args.chunk_size else args.microbatches
-    print(f"# our step: compiler_options={options}, train.microbatches={chunks}")
+    print(
+        f"# our step: compiler_options={options}, train.microbatches={chunks}, "
+        f"model.dtype={args.dtype}"
+    )
     print(f"# median of {repeats} repeats (each >= {target_s:g} s or 1 step) after a warm-up step")
 
     header = (
@@ -251,7 +260,13 @@ def main() -> None:
             microbatches = (
                 max(1, batch // args.chunk_size) if args.chunk_size else args.microbatches
             )
-            ours = OursStep(name, batch, xla_defaults=args.xla_defaults, microbatches=microbatches)
+            ours = OursStep(
+                name,
+                batch,
+                xla_defaults=args.xla_defaults,
+                microbatches=microbatches,
+                dtype=args.dtype,
+            )
             theirs = TheirsStep(ours.config, ours.channels, batch) if with_torch else None
             warm = ours.run(1)
             n_ours = max(1, math.ceil(target_s / warm))
