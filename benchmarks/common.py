@@ -30,6 +30,23 @@ def machine() -> str:
     )
 
 
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median wall time of each fn() over `repeats` rounds that run every fn once, in turn.
+
+    Each fn runs once first as a warm-up. Interleaving the rounds spreads a change of machine
+    load over all the variants instead of charging it to whichever ran last.
+    """
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """--dtype: the network's compute dtype (model.dtype), also the dtype of the peak."""
     parser.add_argument(

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import load, machine  # benchmarks/common.py
+from common import load, machine, median_times  # benchmarks/common.py
 
 from jax_diffusion import samplers
 from jax_diffusion.cli import load_config
@@ -36,27 +35,6 @@ from jax_diffusion.models import MLPDenoiser, make_model_fn
 from jax_diffusion.train import create_model, get_schedule
 
 CONFIG = "experiments/configs/default.py"
-
-
-def _block(x):
-    return jax.block_until_ready(x)
-
-
-def _median_times(fns: dict, repeats: int) -> dict:
-    """Median wall time of each fn() over `repeats` rounds that run every fn once, in turn.
-
-    Each fn runs once first as a warm-up. Interleaving the rounds spreads a change of machine
-    load over all the variants instead of charging it to whichever ran last.
-    """
-    for fn in fns.values():
-        _block(fn())
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            _block(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _mlp_case(hidden_dim: int = 128, num_layers: int = 3):
@@ -117,7 +95,7 @@ def scan_vs_loop(model, params, schedule, shape, batch: int, num_steps: int, rep
         "loop": loop_sample,
         "bare": lambda: bare_model_scan(params, x_T),
     }
-    medians = _median_times(fns, repeats)
+    medians = median_times(fns, repeats)
     return medians["scan"], medians["loop"], medians["bare"]
 
 

@@ -18,12 +18,17 @@ or TPU with bfloat16, the sampler's MFU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-from common import add_dtype_argument, load, machine, print_peak  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    add_dtype_argument,
+    load,
+    machine,
+    median_times,
+    print_peak,
+)
 from train_throughput import CONFIG, CONFIGS, _flops
 
 from jax_diffusion import samplers
@@ -31,10 +36,6 @@ from jax_diffusion.backend import compiler_options
 from jax_diffusion.cli import load_config
 from jax_diffusion.models import make_model_fn
 from jax_diffusion.train import create_model, get_schedule
-
-
-def _block(x):
-    return jax.block_until_ready(x)
 
 
 def run_case(name: str, batch: int, num_steps: int, dtype: str, repeats: int) -> dict:
@@ -67,19 +68,14 @@ def run_case(name: str, batch: int, num_steps: int, dtype: str, repeats: int) ->
     call = jax.jit(lambda p, x, t: make_model_fn(model, p)(x, t), compiler_options=options)
     flop_call = _flops(call.lower(params, x_T, t).compile())
 
-    _block(compiled(params, x_T))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _block(compiled(params, x_T))
-        times.append(time.perf_counter() - start)
+    run_s = median_times({"run": lambda: compiled(params, x_T)}, repeats)["run"]
     return {
         "size": size,
         "channels": channels,
         "params": num_params,
         "lower_s": lower_s,
         "compile_s": compile_s,
-        "run_s": statistics.median(times),
+        "run_s": run_s,
         "flop": None if flop_call is None else flop_call * num_steps,
     }
 
