@@ -26,8 +26,18 @@ jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+import pathlib  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# the experiment configs the smoke runs load, e.g. f"{CONFIGS / 'default.py'}:smoke"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def leaves(tree):
+    """The leaves of a (device) pytree as NumPy arrays, in tree order."""
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
 @pytest.fixture

@@ -1,20 +1,13 @@
 """Checkpoints: a data-parallel (replicated) train state round-trips onto any target sharding."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import CONFIGS, leaves
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jax_diffusion import cli, train
 from jax_diffusion.checkpoints import CheckpointManager, _single_copy
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
-
-
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
 def _random_state():

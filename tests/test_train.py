@@ -12,23 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SUBPROCESS_XLA_FLAGS
+from conftest import CONFIGS, SUBPROCESS_XLA_FLAGS, leaves
 
 from jax_diffusion import cli, train
 from jax_diffusion import data as data_lib
 from jax_diffusion.checkpoints import CheckpointManager
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs"
 
 
 def smoke(name="default.py", variant="smoke", **overrides):
     sets = [f"{k.replace('__', '.')}={v!r}" for k, v in overrides.items()]
     return cli.load_config(f"{CONFIGS / name}:{variant}", sets)
-
-
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
 def assert_trees_equal(a, b):
