@@ -47,6 +47,23 @@ def median_times(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def parse_configs_batches(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, allowed
+) -> tuple[list[str], list[int]]:
+    """args.configs and args.batches (comma-separated) as lists; parser.error on a bad entry."""
+    names = [n for n in args.configs.split(",") if n]
+    for n in names:
+        if n not in allowed:
+            parser.error(f"--configs: unknown config {n!r}; allowed: {', '.join(allowed)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        batches = [0]
+    if not batches or any(b < 1 for b in batches):
+        parser.error(f"--batches: comma-separated positive ints; got {args.batches!r}")
+    return names, batches
+
+
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """--dtype: the network's compute dtype (model.dtype), also the dtype of the peak."""
     parser.add_argument(

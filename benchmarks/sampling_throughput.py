@@ -27,6 +27,7 @@ from common import (  # benchmarks/common.py
     load,
     machine,
     median_times,
+    parse_configs_batches,
     print_peak,
 )
 from train_throughput import CONFIG, CONFIGS, _flops
@@ -88,13 +89,9 @@ def main() -> None:
     add_dtype_argument(parser)
     parser.add_argument("--quick", action="store_true", help="2 timed runs instead of 5")
     args = parser.parse_args()
-    names = [n for n in args.configs.split(",") if n]
-    for n in names:
-        if n not in CONFIGS:
-            parser.error(f"--configs: unknown config {n!r}; allowed: {', '.join(CONFIGS)}")
+    names, batches = parse_configs_batches(parser, args, CONFIGS)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1; got {args.steps}")
-    batches = [int(b) for b in args.batches.split(",") if b]
     repeats = 2 if args.quick else 5
 
     print(f"# sampling_throughput: {machine()}")

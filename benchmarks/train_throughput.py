@@ -31,7 +31,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import add_dtype_argument, load, machine, print_peak  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    add_dtype_argument,
+    load,
+    machine,
+    parse_configs_batches,
+    print_peak,
+)
 
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.cli import load_config
@@ -214,11 +220,7 @@ def main() -> None:
         help="examples per micro-batch: train.microbatches = batch / this (overrides it)",
     )
     args = parser.parse_args()
-    names = [n for n in args.configs.split(",") if n]
-    for n in names:
-        if n not in CONFIGS:
-            parser.error(f"--configs: unknown config {n!r}; allowed: {', '.join(CONFIGS)}")
-    batches = [int(b) for b in args.batches.split(",") if b]
+    names, batches = parse_configs_batches(parser, args, CONFIGS)
     repeats, target_s = (2, 1.0) if args.quick else (3, 3.0)
     on_cpu = jax.default_backend() == "cpu"
     with_torch = not args.no_torch and on_cpu and args.dtype == "float32" and _torch_available()

@@ -1,0 +1,171 @@
+"""Where the CPU train step's time goes: network fwd + bwd vs batch, and conv weight gradients.
+
+Run:  python benchmarks/cpu_breakdown.py [--configs cifar] [--batches 8,16,32] [--no-torch]
+                                        [--quick] [--skip-conv]
+
+Table 1, the network alone: seconds of one gradient of mean(output^2) with respect to the
+parameters (our UNet under `jax.jit(jax.grad)` with the library's compile options; diffusers'
+`UNet2DModel` of train_throughput.py with `.backward()`), per batch size, as seconds per image.
+No optimizer, no micro-batches: how each framework's per-image cost moves with the batch, which
+is what decides `train.microbatches` on a CPU (ours is cheapest per image at small batches,
+PyTorch's at large ones).
+
+Table 2, the lever the speed issue named: a 3x3 convolution's weight gradient dW (HWIO) as XLA
+computes it for `jax.vjp` of `lax.conv_general_dilated` (what the library uses; on CPU a
+convolution over transposed operands) against two matmul formulations, im2col patches of the
+padded input and one dot over (B, H, W), and nine dots of shifted input views; GFLOP/s of each
+and its largest error relative to XLA's result. Layer shapes are the cifar config's at batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import load, machine, median_times, parse_configs_batches  # benchmarks/common.py
+from jax import lax
+from train_throughput import CONFIG, CONFIGS, TheirsStep, _torch_available
+
+from jax_diffusion.backend import compiler_options
+from jax_diffusion.cli import load_config
+from jax_diffusion.train import create_model
+
+# (batch, height = width, in channels, out channels): cifar's 3x3 convolutions at batch 8.
+CONV_SHAPES = [
+    (8, 32, 64, 64),
+    (8, 32, 128, 64),
+    (8, 32, 128, 128),
+    (8, 16, 128, 128),
+    (8, 16, 256, 128),
+    (8, 8, 128, 128),
+]
+
+
+def _conv(x, w):
+    return lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def dw_xla(x, w, dy):
+    """XLA's own weight gradient (the library's path)."""
+    return jax.vjp(lambda w: _conv(x, w), w)[1](dy)[0]
+
+
+def _shifted(x):
+    """The 9 views x_pad[:, i:i+H, j:j+W, :] of the zero-padded input, row-major in (i, j)."""
+    h, w = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
+
+
+def dw_patches(x, w, dy):
+    """im2col: patches [B, H, W, 9 Cin], one dot contracting (B, H, W)."""
+    patches = jnp.concatenate(_shifted(x), axis=-1)
+    return jnp.einsum("bhwk,bhwo->ko", patches, dy).reshape(w.shape)
+
+
+def dw_nine_dots(x, w, dy):
+    """One [Cin, Cout] dot per kernel offset."""
+    dws = [jnp.einsum("bhwi,bhwo->io", xs, dy) for xs in _shifted(x)]
+    return jnp.stack(dws).reshape(w.shape)
+
+
+def network_table(names, batches, with_torch, repeats) -> None:
+    header = "| config | batch | ours s | ours s/image |"
+    if with_torch:
+        header += " diffusers s | diffusers s/image | ours/theirs (images/s) |"
+    print("\n" + header + " load |")
+    print("|" + "|".join("---" for _ in range(header.count("|"))) + "|")
+    options = compiler_options()
+    for name in names:
+        overrides, channels = CONFIGS[name]
+        config = load_config(CONFIG, overrides)
+        size = config.data.image_size
+        model = create_model(config, channels=channels)
+        init = jax.jit(model.init, compiler_options=compiler_options(run_once=True))
+        one = jnp.zeros((1, size, size, channels))
+        params = init(jax.random.key(0), one, jnp.zeros((1,), jnp.int32))["params"]
+
+        def loss(params, x, t, model=model):
+            return jnp.mean(model.apply({"params": params}, x, t) ** 2)
+
+        grad = jax.jit(jax.grad(loss), compiler_options=options)
+        for batch in batches:
+            x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
+            t = jnp.arange(batch) * 7 % config.diffusion.num_timesteps
+            fns = {"ours": functools.partial(grad, params, x, t)}
+            if with_torch:
+                import torch
+
+                theirs = TheirsStep(config, channels, batch)
+                xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+                tt = torch.from_numpy(np.array(t))
+
+                def torch_grad(theirs=theirs, xt=xt, tt=tt):
+                    theirs.model.zero_grad(set_to_none=True)
+                    (theirs.model(xt, tt).sample ** 2).mean().backward()
+
+                fns["theirs"] = torch_grad
+            secs = median_times(fns, repeats)
+            row = f"| {name} | {batch} | {secs['ours']:.3f} | {secs['ours'] / batch:.4f} |"
+            if with_torch:
+                row += (
+                    f" {secs['theirs']:.3f} | {secs['theirs'] / batch:.4f} "
+                    f"| {secs['theirs'] / secs['ours']:.2f} |"
+                )
+            print(row + f" {load()} |", flush=True)
+
+
+def conv_table(repeats) -> None:
+    variants = {"xla": dw_xla, "patches": dw_patches, "nine dots": dw_nine_dots}
+    header = "| B, HxW, Cin -> Cout | GFLOP |" + "".join(
+        f" {v} ms | {v} GFLOP/s |" for v in variants
+    )
+    print("\n" + header + " max rel. err vs xla | load |")
+    print("|" + "|".join("---" for _ in range(header.count("|") + 1)) + "|")
+    options = compiler_options()
+    for b, hw, cin, cout in CONV_SHAPES:
+        keys = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(keys[0], (b, hw, hw, cin))
+        w = jax.random.normal(keys[1], (3, 3, cin, cout))
+        dy = jax.random.normal(keys[2], (b, hw, hw, cout))
+        jitted = {n: jax.jit(f, compiler_options=options) for n, f in variants.items()}
+        ref = np.asarray(jitted["xla"](x, w, dy), np.float64)
+        err = max(
+            float(np.abs(np.asarray(f(x, w, dy)) - ref).max() / np.abs(ref).max())
+            for f in jitted.values()
+        )
+        secs = median_times({n: functools.partial(f, x, w, dy) for n, f in jitted.items()}, repeats)
+        gflop = 2 * b * hw * hw * 9 * cin * cout / 1e9
+        cells = "".join(f" {1e3 * s:.2f} | {gflop / s:.1f} |" for s in secs.values())
+        print(f"| {b}, {hw}x{hw}, {cin} -> {cout} | {gflop:.2f} |{cells} {err:.0e} | {load()} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="cifar", help=", ".join(CONFIGS))
+    parser.add_argument("--batches", default="8,16,32")
+    parser.add_argument("--no-torch", action="store_true", help="skip diffusers in table 1")
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    parser.add_argument("--skip-conv", action="store_true", help="table 1 only")
+    args = parser.parse_args()
+    names, batches = parse_configs_batches(parser, args, CONFIGS)
+    repeats = 3 if args.quick else 7
+    with_torch = not args.no_torch and jax.default_backend() == "cpu" and _torch_available()
+    print(f"# cpu_breakdown: {machine()}")
+    if with_torch:
+        import torch
+
+        print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"# compiler_options={compiler_options()}; median of {repeats} interleaved rounds")
+    network_table(names, batches, with_torch, repeats)
+    if not args.skip_conv:
+        conv_table(repeats)
+
+
+if __name__ == "__main__":
+    main()
