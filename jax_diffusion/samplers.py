@@ -260,6 +260,12 @@ def _denoise(schedule, x, t, pred, prediction, clip_denoised, denoised_fn):
     )
 
 
+def _sqrt_clamped(u: jax.Array) -> jax.Array:
+    """sqrt(max(u, 0)) whose derivative is 0, not inf * 0 = NaN, where u <= 0 (clamped)."""
+    positive = u > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, u, 1.0)), 0.0)
+
+
 def _alpha_sigma(schedule: Schedule, t: jax.Array, dtype):
     """(alpha_t, sigma_t) from the float64-built tables; t = -1 is the clean end (1, 0).
 
@@ -521,8 +527,10 @@ def ddim_step(
             1.0 - alpha**2 / jnp.maximum(abar_prev, jnp.finfo(dtype).tiny),
         )
         eta = jnp.asarray(eta, dtype)
-        sigma_eta = eta * sigma_prev / sigma * jnp.sqrt(jnp.maximum(ratio_gap, 0.0))
-        direction = jnp.sqrt(jnp.maximum(sigma_prev**2 - sigma_eta**2, 0.0))
+        sigma_eta = eta * sigma_prev / sigma * _sqrt_clamped(ratio_gap)
+        # clamped at 0 for eta > 1 and on the last step (sigma_prev = sigma_eta = 0), where
+        # a plain sqrt would make the gradient with respect to a traced eta NaN
+        direction = _sqrt_clamped(sigma_prev**2 - sigma_eta**2)
         noise = jax.random.normal(rng, x.shape, dtype)
         x_prev = alpha_prev * x0_hat + direction * eps_hat + sigma_eta * noise
     return StepOutput(x_prev.astype(x.dtype), x0_hat.astype(x.dtype))

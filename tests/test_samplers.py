@@ -223,6 +223,29 @@ def test_ddim_eta1_on_all_steps_is_ddpm_fixed_small():
     np.testing.assert_allclose(ddim, ddpm, rtol=RTOL, atol=1e-5)
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.5])
+def test_ddim_gradient_wrt_eta_matches_finite_differences(eta, x64):
+    # eta may be traced, e.g. to tune the stochasticity by gradient: the derivative must exist
+    # where the direction term sqrt(sigma_prev^2 - sigma_eta^2) is clamped at 0 (every
+    # sampler's last step, t_prev = -1; steps where eta > 1). Reference: float64 central
+    # differences of the same sampler.
+    schedule = Schedule.from_betas(linear_betas(20, 1e-3, 0.2), jnp.float64)
+    model = gaussian_denoiser(schedule, DATA_MEAN, DATA_STD, "eps")
+    x_T, rng = _normal(8, (4, 3), jnp.float64), jax.random.key(9)
+
+    def total(eta):
+        return ddim_sample(model, schedule, x_T, rng, num_steps=5, eta=eta).sum()
+
+    h = 1e-5
+    finite_difference = (total(eta + h) - total(eta - h)) / (2 * h)
+    np.testing.assert_allclose(jax.grad(total)(eta), finite_difference, rtol=1e-6)
+
+    def last_step(eta):  # returns x0_hat whatever eta is
+        return ddim_step(model, schedule, x_T, 4, -1, rng, eta=eta).x_prev.sum()
+
+    assert jax.grad(last_step)(eta) == 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # Convergence orders to the exact probability-flow ODE endpoint.
 
