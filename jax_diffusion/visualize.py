@@ -27,6 +27,8 @@ def image_grid(
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must have shape [N, H, W, 1 or 3]; got {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"images must hold at least one image; got shape {images.shape}")
     if scale < 1:
         raise ValueError(f"scale must be a positive int; got {scale}")
     n, h, w, c = images.shape
