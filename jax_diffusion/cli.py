@@ -48,13 +48,15 @@ def _demo(args: argparse.Namespace) -> int:
 def load_config(spec: str, overrides: list[str] | None = None):
     """Loads `path/to/config.py[:variant]` (its `get_config(variant)`) and applies overrides.
 
-    The config file is imported as a module of its package (the nearest ancestor directory
-    without an `__init__.py` goes on sys.path), so configs can import their siblings, e.g.
-    `from experiments.configs import default`. Overrides are `key.sub=value` strings whose
-    values are Python literals (strings may be bare).
+    The config file is executed afresh on every call, as a module of its package (the nearest
+    ancestor directory without an `__init__.py` goes on sys.path), so configs can import their
+    siblings, e.g. `from experiments.configs import default`, and two files of the same name,
+    or a file edited in a notebook session, are never confused with a cached import. Overrides
+    are `key.sub=value` strings whose values are Python literals (strings may be bare).
     """
     import ast
     import importlib
+    import importlib.util
     import os
 
     path, _, variant = spec.partition(":")
@@ -68,7 +70,11 @@ def load_config(spec: str, overrides: list[str] | None = None):
         root = os.path.dirname(root)
     if root not in sys.path:
         sys.path.insert(0, root)
-    module = importlib.import_module(".".join(parts))
+    if len(parts) > 1:  # the package, for the config's own relative or sibling imports
+        importlib.import_module(".".join(parts[:-1]))
+    spec = importlib.util.spec_from_file_location(".".join(parts), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     config = module.get_config(variant or None)
     for item in overrides or []:
         key, eq, raw = item.partition("=")
@@ -87,9 +93,13 @@ def load_config(spec: str, overrides: list[str] | None = None):
 
 def set_config_value(config, key: str, value) -> None:
     """Sets the dotted `key` (e.g. 'train.batch_size') of a ConfigDict; unknown keys raise."""
+    import ml_collections
+
     node = config
     *parents, leaf = key.split(".")
     for name in parents:
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            raise ValueError(f"unknown config key {key!r}")
         node = node[name]
     if leaf not in node:
         raise ValueError(f"unknown config key {key!r}")
@@ -153,12 +163,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int; got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jax-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the diffusion math end to end on CPU (no training)")
-    demo.add_argument("--num-timesteps", type=int, default=1000)
-    demo.add_argument("--batch", type=int, default=256)
+    demo.add_argument("--num-timesteps", type=_positive_int, default=1000)
+    demo.add_argument("--batch", type=_positive_int, default=256)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
@@ -177,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="sample a grid from a workdir's latest EMA params")
     sa.add_argument("--workdir", required=True)
     sa.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
-    sa.add_argument("--steps", type=int, default=None)
-    sa.add_argument("--num", type=int, default=64)
+    sa.add_argument("--steps", type=_positive_int, default=None)
+    sa.add_argument("--num", type=_positive_int, default=64)
     sa.add_argument("--guidance", type=float, default=None)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", default="grid.png")
@@ -189,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
-    ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--num", type=int, default=1000)
+    ev.add_argument("--steps", type=_positive_int, default=None)
+    ev.add_argument("--num", type=_positive_int, default=1000)
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--bpd-examples", type=int, default=0, help="test digits for bits/dim")

@@ -397,6 +397,14 @@ def _save_samples(images: np.ndarray, path: str | os.PathLike) -> None:
     save_image_grid(img[None, :, :, None], path, padding=0, scale=2)
 
 
+def _logged_step(line: str) -> int:
+    """The step of a metrics.jsonl line; -1 for a line a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
 class _Writer:
     """metrics.jsonl and TensorBoard events (tensorboardX: no TensorFlow), on process 0 only.
 
@@ -405,14 +413,21 @@ class _Writer:
     when the file is closed, at the end of training.
     """
 
-    def __init__(self, workdir: epath.Path):
+    def __init__(self, workdir: epath.Path, start: int = 0):
+        """start: the step training resumes from; what a killed run logged after it is dropped
+        (metrics.jsonl rewritten, TensorBoard's events purged), so no step appears twice."""
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        self._jsonl = (workdir / "metrics.jsonl").open("a")
+        path = workdir / "metrics.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = (ln.rstrip("\n") + "\n" for ln in lines if 0 <= _logged_step(ln) <= start)
+            path.write_text("".join(kept))
+        self._jsonl = path.open("a")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+        self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=start + 1)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -455,6 +470,63 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"train.microbatches must be a positive integer dividing train.batch_size="
             f"{config.train.batch_size}; got {chunks!r}"
         )
+    tc, m, s = config.train, config.model, config.sample
+    if tc.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(
+            f"train.lr_schedule must be one of 'cosine', 'constant'; got {tc.lr_schedule!r}"
+        )
+    if not tc.learning_rate > 0:
+        raise ValueError(f"train.learning_rate must be > 0; got {tc.learning_rate!r}")
+    if not 0 <= tc.warmup_steps <= tc.num_steps:
+        raise ValueError(
+            f"train.warmup_steps must lie in [0, train.num_steps={tc.num_steps}]; "
+            f"got {tc.warmup_steps!r}"
+        )
+    if not 0.0 <= tc.ema_decay <= 1.0:
+        raise ValueError(f"train.ema_decay must lie in [0, 1]; got {tc.ema_decay!r}")
+    keep = tc.get("keep_checkpoints", None)
+    if keep is not None and not keep >= 1:
+        raise ValueError(f"train.keep_checkpoints must be >= 1 or None (keep all); got {keep!r}")
+    for key in ("sample_every", "stop_after"):
+        if not tc.get(key, 0) >= 0:
+            raise ValueError(f"train.{key} must be >= 0 (0: off); got {tc[key]!r}")
+    if not 0.0 <= m.get("dropout", 0.0) < 1.0:
+        raise ValueError(f"model.dropout must lie in [0, 1); got {m.dropout!r}")
+    if not 0.0 <= m.get("class_dropout", 0.0) <= 1.0:
+        raise ValueError(f"model.class_dropout must lie in [0, 1]; got {m.class_dropout!r}")
+    num_classes = m.get("num_classes", None)
+    if num_classes is not None and not num_classes >= 1:
+        raise ValueError(f"model.num_classes must be >= 1 or None; got {num_classes!r}")
+    num_timesteps = config.diffusion.num_timesteps
+    if s.sampler != "ddpm" and num_timesteps >= 1 and not 1 <= s.num_steps <= num_timesteps:
+        raise ValueError(
+            f"sample.num_steps must lie in [1, diffusion.num_timesteps={num_timesteps}] for "
+            f"sample.sampler={s.sampler!r}; got {s.num_steps!r}"
+        )
+    if not s.num_samples >= 1:
+        raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
+
+
+def check_num_classes(config: ml_collections.ConfigDict, data_num_classes: int) -> None:
+    """model.num_classes must be None (unconditional) or the dataset's class count.
+
+    Labels index the class embedding, whose row num_classes is the null label of guidance: a
+    smaller num_classes would train some class as the null label or index past the table.
+    data_num_classes: `DatasetInfo.num_classes`, 0 for a dataset without labels.
+    """
+    num_classes = config.model.get("num_classes", None)
+    if num_classes is None or num_classes == data_num_classes:
+        return
+    if not data_num_classes:
+        raise ValueError(
+            f"model.num_classes={num_classes} but data.name={config.data.name!r} has no labels; "
+            "set model.num_classes=None"
+        )
+    raise ValueError(
+        f"model.num_classes={num_classes} does not match data.name={config.data.name!r}, which "
+        f"has {data_num_classes} classes; set model.num_classes={data_num_classes} (or None "
+        "for an unconditional model)"
+    )
 
 
 def train_and_evaluate(
@@ -483,6 +555,8 @@ def train_and_evaluate(
       images per second, number of skipped steps and the path of the last sample grid.
 
     Raises:
+      ValueError: on a bad config value (`check_config`) or a model.num_classes that does not
+        match the data's labels, before the workdir is created.
       TrainingDiverged: after train.max_bad_steps consecutive non-finite steps (no checkpoint is
         written for them: the last good one stays the latest).
     """
@@ -494,12 +568,13 @@ def train_and_evaluate(
             f"got {tc.batch_size}"
         )
     config_json = config.to_json(indent=2)  # a config JSON cannot represent fails before any I/O
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh()
     data_it, info = data_lib.get_dataset(
         config.data, global_batch_size=tc.batch_size, seed=config.seed
     )
+    check_num_classes(config, info.num_classes)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     example_shape = tuple(info.shape)
     schedule = get_schedule(config.diffusion)
     model = create_model(config, channels=example_shape[-1])
@@ -517,8 +592,8 @@ def train_and_evaluate(
         data_info = {"shape": list(example_shape), "num_classes": info.num_classes}
         (workdir / "data_info.json").write_text(json.dumps(data_info))
     step_fn, batch_sharding = _jit_train_step(make_train_step(config, schedule), mesh, state)
-    writer = _Writer(workdir)
     start = int(jax.device_get(state.step))
+    writer = _Writer(workdir, start=start)
     sample_rng = jax.random.fold_in(rng, 2**31 - 1)
     summary: dict[str, Any] = {"start_step": start}
     last_sample = None
@@ -587,10 +662,15 @@ def train_and_evaluate(
                 summary["final_loss"] = scalars["loss"]
                 window, t_window = [], time.perf_counter()
             bar.update(1)
-            stop_now = 0 < tc.get("stop_after", 0) <= done < tc.num_steps
-            if done % tc.checkpoint_every == 0 or done == tc.num_steps or stop_now:
-                # checkpoint only after a good step: never inside a non-finite streak
-                if int(state.bad_steps) == 0:
+            # stops at stop_after, once: a rerun of the same command continues past it
+            stop_now = done == tc.get("stop_after", 0) < tc.num_steps
+            last = done == tc.num_steps or stop_now
+            if done % tc.checkpoint_every == 0 or last:
+                # Periodic checkpoints only after a good step, never inside a non-finite streak.
+                # The last one also after a skipped step (skipped steps leave params, EMA and
+                # optimizer state as they were), unless the streak ends the run.
+                bad = int(state.bad_steps)
+                if bad == 0 or (last and bad < tc.max_bad_steps):
                     ckpt.save(state, data_it.get_state(), force=True)
             if done == tc.num_steps or (tc.sample_every and done % tc.sample_every == 0):
                 last_sample = write_samples(done)

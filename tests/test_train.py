@@ -128,32 +128,39 @@ def test_interrupted_run_resumes_bit_identically(tmp_path):
     assert_trees_equal(full["state"].checkpoint_items(), second["state"].checkpoint_items())
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
-    config = smoke(train__num_steps=20, train__checkpoint_every=2, train__max_bad_steps=3)
+class PoisonedBatches:
+    """Real batches, with NaN images in the batches (numbered from 1) that `bad(n)` selects."""
+
+    def __init__(self, it, bad):
+        self.it, self.bad, self.n = it, bad, 0
+
+    def __next__(self):
+        batch = dict(next(self.it))
+        self.n += 1
+        if self.bad(self.n):
+            batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def poison_batches(monkeypatch, bad):
     real = data_lib.get_dataset
 
-    class PoisonAfter:
-        """Real digits batches, then NaN images from batch 4 on (a diverging data pipeline)."""
+    def get_dataset(*args, **kwargs):
+        it, info = real(*args, **kwargs)
+        return PoisonedBatches(it, bad), info
 
-        def __init__(self, it):
-            self.it, self.n = it, 0
+    monkeypatch.setattr(data_lib, "get_dataset", get_dataset)
 
-        def __next__(self):
-            batch = dict(next(self.it))
-            self.n += 1
-            if self.n > 4:
-                batch["image"] = np.full_like(batch["image"], np.nan)
-            return batch
 
-        def get_state(self):
-            return self.it.get_state()
-
-        def set_state(self, state):
-            self.it.set_state(state)
-
-    monkeypatch.setattr(
-        data_lib, "get_dataset", lambda *a, **k: (PoisonAfter(real(*a, **k)[0]), real(*a, **k)[1])
-    )
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    config = smoke(train__num_steps=20, train__checkpoint_every=2, train__max_bad_steps=3)
+    poison_batches(monkeypatch, lambda n: n > 4)  # a data pipeline that diverges
     with pytest.raises(train.TrainingDiverged, match="3 consecutive steps had a non-finite"):
         train.train_and_evaluate(config, str(tmp_path))
     ckpt = CheckpointManager(str(tmp_path))
@@ -163,6 +170,29 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch)
     restored, _ = ckpt.restore(fresh)
     assert int(restored.bad_steps) == 0 and int(restored.skipped_steps) == 0
     assert all(np.all(np.isfinite(x)) for x in leaves(restored.params))
+
+
+def test_stop_after_and_a_skipped_last_step_leave_a_resumable_run(tmp_path, monkeypatch):
+    # num_steps=20 as in the test above: the same compiled step
+    config = smoke(train__num_steps=20, train__checkpoint_every=8, train__stop_after=5)
+    assert train.train_and_evaluate(config, str(tmp_path / "a"))["final_step"] == 5
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    with metrics.open("a") as f:  # what a run killed after step 7 logged past its checkpoint
+        f.write('{"step": 6, "loss": 1.0}\n{"step": 7, "lo')
+    again = train.train_and_evaluate(config, str(tmp_path / "a"))  # the same command again
+    assert again["start_step"] == 5 and again["final_step"] == 20
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 21))
+
+    # A non-finite last step is skipped, and the run's last checkpoint is still written: the
+    # same command again finds the run complete instead of retraining from step 16.
+    poison_batches(monkeypatch, lambda n: n == 20)
+    config = smoke(train__num_steps=20, train__checkpoint_every=8, train__max_bad_steps=3)
+    summary = train.train_and_evaluate(config, str(tmp_path / "b"))
+    assert summary["final_step"] == 20 and summary["skipped_steps"] == 1
+    assert CheckpointManager(str(tmp_path / "b")).latest_step() == 20
+    rerun = train.train_and_evaluate(config, str(tmp_path / "b"))
+    assert rerun["start_step"] == 20 and rerun["final_step"] == 20
 
 
 def test_train_step_skips_a_nan_batch_and_counts_it():
@@ -302,10 +332,50 @@ def test_config_loading_and_errors():
         ("sample__sampler", "euler", "sample.sampler must be one of"),
         ("train__num_steps", 0, "train.num_steps must be >= 1; got 0"),
         ("train__microbatches", 3, "train.microbatches must be a positive integer dividing"),
+        ("train__lr_schedule", "linear", "train.lr_schedule must be one of"),
+        ("train__learning_rate", -1.0, "train.learning_rate must be > 0; got -1.0"),
+        ("train__warmup_steps", 3, r"train.warmup_steps must lie in \[0, train.num_steps=2\]"),
+        ("train__ema_decay", 1.5, r"train.ema_decay must lie in \[0, 1\]; got 1.5"),
+        ("train__keep_checkpoints", 0, "train.keep_checkpoints must be >= 1 or None"),
+        ("train__stop_after", -1, "train.stop_after must be >= 0"),
+        ("model__dropout", 1.5, r"model.dropout must lie in \[0, 1\)"),
+        ("model__class_dropout", 1.5, r"model.class_dropout must lie in \[0, 1\]"),
+        ("sample__num_steps", 51, r"sample.num_steps must lie in \[1, diffusion.num_timesteps=50"),
+        ("sample__num_samples", 0, "sample.num_samples must be >= 1"),
     ]:
         with pytest.raises(ValueError, match=match):  # before any directory is created
             train.train_and_evaluate(smoke(**{key: value}), "/tmp/never-written-either")
+    # model.num_classes against the data's labels, also before the workdir is made
+    for name, value, match in [
+        ("digits_cond.py", 3, "model.num_classes=3 does not match data.name='digits'.*10 classes"),
+        ("digits_cond.py", 11, "model.num_classes=11 .*set model.num_classes=10 .or None"),
+        ("toy_2d.py", 2, "model.num_classes=2 but data.name='toy_2d:swiss_roll' has no labels"),
+    ]:
+        config = smoke(name, model__num_classes=value)
+        with pytest.raises(ValueError, match=match):
+            train.train_and_evaluate(config, "/tmp/never-written-either")
     assert not os.path.exists("/tmp/never-written-either")
+    for key in ("foo__bar", "train__num_steps__x"):
+        with pytest.raises(ValueError, match="--set: unknown config key"):
+            smoke(**{key: 1})
+    with pytest.raises(SystemExit):  # argparse: "argument --num: must be a positive int"
+        cli.main(["sample", "--workdir", "/tmp/never-written-either", "--num", "0"])
+
+
+def test_config_files_are_loaded_afresh(tmp_path):
+    # two files of the same name, and one edited between two loads (a notebook session)
+    text = (
+        "import ml_collections\n\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict({{'lr': {}}})\n"
+    )
+    for sub, lr in (("a", 0.1), ("b", 0.2)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "myconf.py").write_text(text.format(lr))
+    assert cli.load_config(str(tmp_path / "a" / "myconf.py")).lr == 0.1
+    assert cli.load_config(str(tmp_path / "b" / "myconf.py")).lr == 0.2
+    (tmp_path / "a" / "myconf.py").write_text(text.format(0.3))
+    assert cli.load_config(str(tmp_path / "a" / "myconf.py")).lr == 0.3
 
 
 def test_smoke_training_cifar10_config_on_a_local_tfds_dataset(tmp_path):

@@ -66,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 2
     config.train.sample_every = 0  # 0: only at the end
     config.train.max_bad_steps = 10
-    config.train.stop_after = 0  # > 0: stop (checkpointed) after this step, as a preemption would
+    config.train.stop_after = 0  # > 0: stop (checkpointed) on reaching this step, as a preemption
+    #                               would; running the same command again continues past it
 
     config.sample = ml_collections.ConfigDict()
     config.sample.sampler = "ddim"
