@@ -573,10 +573,10 @@ def train_and_evaluate(
         config.data, global_batch_size=tc.batch_size, seed=config.seed
     )
     check_num_classes(config, info.num_classes)
+    schedule = get_schedule(config.diffusion)  # validates the diffusion section
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     example_shape = tuple(info.shape)
-    schedule = get_schedule(config.diffusion)
     model = create_model(config, channels=example_shape[-1])
     rng = jax.random.PRNGKey(config.seed)
     state = create_train_state(config, model, rng, example_shape)

@@ -342,6 +342,7 @@ def test_config_loading_and_errors():
         ("model__class_dropout", 1.5, r"model.class_dropout must lie in \[0, 1\]"),
         ("sample__num_steps", 51, r"sample.num_steps must lie in \[1, diffusion.num_timesteps=50"),
         ("sample__num_samples", 0, "sample.num_samples must be >= 1"),
+        ("diffusion__schedule", "sigmoid", "diffusion.schedule must be one of"),
     ]:
         with pytest.raises(ValueError, match=match):  # before any directory is created
             train.train_and_evaluate(smoke(**{key: value}), "/tmp/never-written-either")
