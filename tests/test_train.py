@@ -173,26 +173,29 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch)
 
 
 def test_stop_after_and_a_skipped_last_step_leave_a_resumable_run(tmp_path, monkeypatch):
-    # num_steps=20 as in the test above: the same compiled step
-    config = smoke(train__num_steps=20, train__checkpoint_every=8, train__stop_after=5)
-    assert train.train_and_evaluate(config, str(tmp_path / "a"))["final_step"] == 5
+    # the toy MLP (its train step compiles in ~1 s): this is about the loop around the step
+    config = smoke("toy_2d.py", train__num_steps=3, train__checkpoint_every=100)
+    config.train.stop_after = 1
+    assert train.train_and_evaluate(config, str(tmp_path / "a"))["final_step"] == 1
     metrics = tmp_path / "a" / "metrics.jsonl"
-    with metrics.open("a") as f:  # what a run killed after step 7 logged past its checkpoint
-        f.write('{"step": 6, "loss": 1.0}\n{"step": 7, "lo')
+    with metrics.open("a") as f:  # what a run killed in step 3 logged past its checkpoint
+        f.write('{"step": 2, "loss": 1.0}\n{"step": 3, "lo')
     again = train.train_and_evaluate(config, str(tmp_path / "a"))  # the same command again
-    assert again["start_step"] == 5 and again["final_step"] == 20
+    assert again["start_step"] == 1 and again["final_step"] == 3
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 21))
+    assert steps == [1, 2, 3]
 
     # A non-finite last step is skipped, and the run's last checkpoint is still written: the
-    # same command again finds the run complete instead of retraining from step 16.
-    poison_batches(monkeypatch, lambda n: n == 20)
-    config = smoke(train__num_steps=20, train__checkpoint_every=8, train__max_bad_steps=3)
+    # same command again finds the run complete instead of retraining the steps after the
+    # last periodic checkpoint (here: all of them).
+    # (the smoke run's own 2 steps: test_smoke_training_for_each_config compiles them too)
+    poison_batches(monkeypatch, lambda n: n == 2)
+    config = smoke("toy_2d.py", train__checkpoint_every=100)
     summary = train.train_and_evaluate(config, str(tmp_path / "b"))
-    assert summary["final_step"] == 20 and summary["skipped_steps"] == 1
-    assert CheckpointManager(str(tmp_path / "b")).latest_step() == 20
+    assert summary["final_step"] == 2 and summary["skipped_steps"] == 1
+    assert CheckpointManager(str(tmp_path / "b")).latest_step() == 2
     rerun = train.train_and_evaluate(config, str(tmp_path / "b"))
-    assert rerun["start_step"] == 20 and rerun["final_step"] == 20
+    assert rerun["start_step"] == 2 and rerun["final_step"] == 2
 
 
 def test_train_step_skips_a_nan_batch_and_counts_it():
