@@ -422,8 +422,9 @@ class _Writer:
         path = workdir / "metrics.jsonl"
         if path.exists():
             lines = path.read_text().splitlines(keepends=True)
-            kept = (ln.rstrip("\n") + "\n" for ln in lines if 0 <= _logged_step(ln) <= start)
-            path.write_text("".join(kept))
+            kept = [ln.rstrip("\n") + "\n" for ln in lines if 0 <= _logged_step(ln) <= start]
+            if kept != lines:  # rewritten only where a killed run left lines behind
+                path.write_text("".join(kept))
         self._jsonl = path.open("a")
         from tensorboardX import SummaryWriter
 
