@@ -22,8 +22,8 @@ from jax_diffusion import cli, train  # noqa: E402
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 config = cli.load_config(
-    os.path.join(root, "experiments", "configs", "default.py") + ":smoke",
-    [],  # the smoke config as it is (2 steps), as the test's one-process run
+    os.path.join(root, "experiments", "configs", "toy_2d.py") + ":smoke",
+    [],  # the toy MLP's smoke config as it is (2 steps), as the test's one-process run
 )
 summary = train.train_and_evaluate(config, workdir)
 params = jax.tree.map(

@@ -50,9 +50,11 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     for k in p0.files:
         np.testing.assert_array_equal(p0[k], p1[k])  # lockstep: identical params everywhere
 
+    # the toy MLP: what is under test is the multi-process plumbing (jax.distributed, each
+    # process's slice of the batch, the global arrays, checkpoints written by two processes),
+    # which does not depend on the network; the digits UNet made this test ~100 s of compiling
     config = cli.load_config(
-        str(HERE.parent / "experiments" / "configs" / "default.py") + ":smoke",
-        [],  # the smoke config as it is: test_train's runs compile its one-process step too
+        str(HERE.parent / "experiments" / "configs" / "toy_2d.py") + ":smoke", []
     )
     single = train.train_and_evaluate(config, str(tmp_path / "single"))
     flat = {
@@ -61,7 +63,7 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     }
     assert sorted(flat) == sorted(p0.files)
     # as in test_train's data-parallel test: Adam divides by sqrt(v), so where a gradient is ~0
-    # float32 reduction-order noise (here: 2 processes vs 1, and the CPU convolution library)
-    # moves a param by a fraction of one lr-sized step (lr 2e-3): atol 1e-5 is 0.5% of it.
+    # float32 reduction-order noise (here: 2 processes vs 1) moves a param by a fraction of one
+    # lr-sized step (lr 1e-3): atol 1e-5 is 1% of it.
     for k in p0.files:
         np.testing.assert_allclose(p0[k], flat[k], rtol=1e-4, atol=1e-5, err_msg=k)
