@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jax_diffusion.train_state import TrainState
@@ -32,13 +33,30 @@ class CheckpointManager:
     Args:
       workdir: run directory (local path or a bucket path orbax understands, e.g. gs://...),
         as a str or a path-like such as `etils.epath.Path`.
-      max_to_keep: number of most recent checkpoints kept.
-      save_interval_steps: orbax only saves steps that are multiples of this (and forced ones).
+      max_to_keep: number of most recent checkpoints kept, an int >= 1, or None for all.
+      save_interval_steps: orbax only saves steps that are multiples of this int >= 1 (and
+        forced ones).
+
+    Raises:
+      ValueError: max_to_keep or save_interval_steps not as above.
     """
 
     def __init__(
-        self, workdir: str | os.PathLike, *, max_to_keep: int = 3, save_interval_steps: int = 1
+        self,
+        workdir: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
     ):
+        for name, value in (
+            ("max_to_keep", max_to_keep),
+            ("save_interval_steps", save_interval_steps),
+        ):
+            if value is None and name == "max_to_keep":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                allowed = "an int >= 1 or None" if name == "max_to_keep" else "an int >= 1"
+                raise ValueError(f"{name} must be {allowed}; got {value!r}")
         workdir = os.fspath(workdir)
         if "://" not in workdir:
             workdir = os.path.abspath(workdir)

@@ -24,8 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -114,15 +113,19 @@ def uint8_to_float(image: np.ndarray, image_size: int | None = None) -> np.ndarr
       [H, W, C] (or [S, S, C]) float32 in [-1, 1]; grayscale gets C = 1.
 
     Raises:
-      ValueError: dtype not uint8 or rank not 2 or 3.
+      ValueError: dtype not uint8, rank not 2 or 3, an empty axis, or image_size not an int >= 1.
     """
+    if image_size is not None:
+        image_size = _check_int("image_size", image_size, minimum=1)
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 with values in [0, 255]; got dtype {image.dtype}")
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.ndim != 3:
-        raise ValueError(f"image must be [H, W] or [H, W, C]; got shape {image.shape}")
+    if image.ndim != 3 or 0 in image.shape:
+        raise ValueError(
+            f"image must be [H, W] or [H, W, C] with no empty axis; got shape {image.shape}"
+        )
     if image_size is not None and image.shape[:2] != (image_size, image_size):
         image = _center_crop_resize(image, image_size)
     return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
@@ -221,8 +224,12 @@ def toy_2d(
     rng = np.random.default_rng(_check_int("seed", seed, minimum=0))
     if noise is None:
         noise = {"swiss_roll": 0.02, "two_moons": 0.05, "eight_gaussians": 0.1}[name]
-    if not noise >= 0:
-        raise ValueError(f"noise must be >= 0; got {noise!r}")
+    if (
+        isinstance(noise, bool)
+        or not isinstance(noise, int | float | np.integer | np.floating)
+        or not 0 <= noise < np.inf
+    ):
+        raise ValueError(f"noise must be a finite number >= 0; got {noise!r}")
     if name == "swiss_roll":
         t = 1.5 * np.pi * (1 + 2 * rng.uniform(size=num_samples))
         x = np.stack([t * np.cos(t), t * np.sin(t)], axis=1) / (4.5 * np.pi)
@@ -262,21 +269,34 @@ class _BatchPlan:
     process_count: int
     drop_remainder: bool
 
-    @classmethod
-    def create(cls, num_examples, global_batch_size, seed, process_index, process_count, drop):
-        num_examples = _check_int("num_examples", num_examples, minimum=1)
+    @staticmethod
+    def check_args(global_batch_size, seed, process_index, process_count, drop) -> tuple:
+        """The arguments that do not depend on the data, checked (before any data is opened)."""
         process_count = _check_int("process_count", process_count, minimum=1)
         process_index = _check_int("process_index", process_index, minimum=0)
         global_batch_size = _check_int("global_batch_size", global_batch_size, minimum=1)
         if process_index >= process_count:
             raise ValueError(f"process_index must lie in [0, {process_count}); got {process_index}")
-        if global_batch_size % process_count or global_batch_size > num_examples:
+        if global_batch_size % process_count:
             raise ValueError(
-                f"global_batch_size must be divisible by process_count={process_count} and <= "
-                f"the number of examples ({num_examples}); got {global_batch_size}"
+                f"global_batch_size must be divisible by process_count={process_count}; "
+                f"got {global_batch_size}"
             )
         seed = _check_int("seed", seed, minimum=0)
-        return cls(num_examples, global_batch_size, seed, process_index, process_count, drop)
+        if not isinstance(drop, bool | np.bool_):
+            raise ValueError(f"drop_remainder must be True or False; got {drop!r}")
+        return global_batch_size, seed, process_index, process_count, bool(drop)
+
+    @classmethod
+    def create(cls, num_examples, global_batch_size, seed, process_index, process_count, drop):
+        num_examples = _check_int("num_examples", num_examples, minimum=1)
+        args = cls.check_args(global_batch_size, seed, process_index, process_count, drop)
+        if args[0] > num_examples:
+            raise ValueError(
+                f"global_batch_size must be <= the number of examples ({num_examples}); "
+                f"got {args[0]}"
+            )
+        return cls(num_examples, *args)
 
     @property
     def local_batch_size(self) -> int:
@@ -323,7 +343,31 @@ class _BatchPlan:
         return out
 
 
-class ArrayIterator:
+class _PlannedIterator:
+    """The state shared by the iterators: the next global step of a `_BatchPlan`, saved as the
+    (epoch, position) of its first example, so a state does not depend on how batches are read
+    (in memory, grain threads or grain worker processes)."""
+
+    _plan: _BatchPlan
+    _step: int
+
+    def get_state(self) -> dict[str, int]:
+        """Returns {"epoch", "position"} (plain ints) of the next batch; JSON-serialisable."""
+        epoch, position = self._plan.start(self._step)
+        return {"epoch": int(epoch), "position": int(position)}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        """Continues from a `get_state()` result; the following batches are bit-identical."""
+        if not isinstance(state, Mapping) or set(state) != {"epoch", "position"}:
+            keys = sorted(state) if isinstance(state, Mapping) else state
+            raise ValueError(f"state must have keys 'epoch', 'position'; got {keys!r}")
+        self._seek(self._plan.step(state["epoch"], state["position"]))
+
+    def _seek(self, step: int) -> None:
+        self._step = step
+
+
+class ArrayIterator(_PlannedIterator):
     """Infinite, exactly resumable batch iterator over in-memory arrays.
 
     `next(it)` returns `{key: array[indices]}` for this process's slice of the global batch, in
@@ -380,17 +424,6 @@ class ArrayIterator:
         self._step += 1
         return {k: v[idx] for k, v in self._arrays.items()}
 
-    def get_state(self) -> dict[str, int]:
-        """Returns {"epoch", "position"} (plain ints) of the next batch; JSON-serialisable."""
-        epoch, position = self._plan.start(self._step)
-        return {"epoch": int(epoch), "position": int(position)}
-
-    def set_state(self, state: Mapping[str, int]) -> None:
-        """Continues from a `get_state()` result; the following batches are bit-identical."""
-        if set(state) != {"epoch", "position"}:
-            raise ValueError(f"state must have keys 'epoch', 'position'; got {sorted(state)}")
-        self._step = self._plan.step(state["epoch"], state["position"])
-
 
 class _ReadBatch:
     """grain map: global step -> this process's batch, read from a random-access source.
@@ -427,30 +460,37 @@ class _ReadBatch:
         return uint8_to_float(record[self.image_key], self.image_size)
 
 
-class GrainIterator:
-    """Wraps a grain DatasetIterator: NumPy batches and a JSON-serialisable state.
+class GrainIterator(_PlannedIterator):
+    """Batches read by grain: `next(it)` returns {"image": [local_B, H, W, C] float32 in
+    [-1, 1], "label": [local_B] int32}.
 
-    `next(it)` returns {"image": [local_B, H, W, C] float32 in [-1, 1], "label": [local_B]
-    int32}. `get_state()` is grain's state (a dict of ints and lists) and `set_state` restores
-    it, after which the batches continue bit-identically.
+    `get_state()` is {"epoch", "position"} of the next batch, as for `ArrayIterator` (the same
+    state whatever the number of grain workers), and `set_state` continues bit-identically.
+
+    Args:
+      iterator_from: step -> a grain iterator whose first element is that global step's batch
+        for this process; called on the first `next` after construction or `set_state`.
+      plan: the batch plan the iterator reads.
+      info: the `DatasetInfo`, as `.info`.
     """
 
-    def __init__(self, iterator, info: DatasetInfo):
-        self._iterator = iterator
-        self.info = info
+    def __init__(self, iterator_from: Callable[[int], Iterator], plan: _BatchPlan, info):
+        self._iterator_from, self._plan, self.info = iterator_from, plan, info
+        self._step, self._iterator = 0, None
 
     def __iter__(self) -> GrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._iterator_from(self._step)
+        batch = next(self._iterator)
+        self._step += 1
         # np.array copies: with num_workers > 0 grain returns views of shared memory.
-        return {k: np.array(v) for k, v in next(self._iterator).items()}
+        return {k: np.array(v) for k, v in batch.items()}
 
-    def get_state(self) -> dict[str, Any]:
-        return self._iterator.get_state()
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        self._iterator.set_state(dict(state))
+    def _seek(self, step: int) -> None:
+        self._step, self._iterator = step, None
 
 
 def _tfds_builder(name: str, data_dir):
@@ -494,7 +534,8 @@ def tfds_iterator(
     Reads `builder.as_data_source(split)` (array_record, random access) through
     `grain.MapDataset`: element s of the dataset is global step s's batch for this process, in
     the batch order of the module docstring (the same order `ArrayIterator` gives the same
-    examples), so the grain iterator state is just the step (plus worker bookkeeping).
+    examples), so the iterator's state is that of `ArrayIterator` (not grain's, which depends
+    on num_workers) and a resumed iterator starts its pipeline at the saved step.
     Needs the `data` extra (tensorflow-datasets, grain, array_record).
 
     Args:
@@ -532,30 +573,48 @@ def tfds_iterator(
     num_workers = _check_int("num_workers", num_workers, minimum=0)
     if image_size is not None:
         image_size = _check_int("image_size", image_size, minimum=1)
+    if not isinstance(split, str):
+        raise ValueError(f"split must be a tfds split string such as 'train'; got {split!r}")
     process_index, process_count = _default_processes(process_index, process_count)
+    _BatchPlan.check_args(global_batch_size, seed, process_index, process_count, drop_remainder)
     builder = _tfds_builder(name, data_dir)
+    features = builder.info.features
+    num_classes = 0
+    if label_key is not None:
+        if label_key not in features:
+            raise ValueError(
+                f"label_key {label_key!r} is not a feature; features are {list(features)}"
+            )
+        num_classes = getattr(features[label_key], "num_classes", None)
+        if not num_classes:
+            raise ValueError(
+                f"label_key {label_key!r} must name a tfds ClassLabel feature (labels in "
+                f"[0, num_classes)), or be None for unlabeled data; it is a "
+                f"{type(features[label_key]).__name__}"
+            )
     source = builder.as_data_source(split=split)
     plan = _BatchPlan.create(
         len(source), global_batch_size, seed, process_index, process_count, drop_remainder
     )
     read = _ReadBatch(source, plan, image_key, label_key, image_size)
     first = read._image(source[0])  # fail here, not in a reader thread, on bad images
-    features = builder.info.features
-    if label_key is not None and label_key not in features:
-        raise ValueError(f"label_key {label_key!r} is not a feature; features are {list(features)}")
-    label = features[label_key] if label_key is not None else None
-    num_classes = int(getattr(label, "num_classes", 0) or 0)
-    info = DatasetInfo(f"tfds:{name}", tuple(first.shape), num_classes, len(source))
-    dataset = grain.MapDataset.range(sys.maxsize).map(read)
+    info = DatasetInfo(f"tfds:{name}", tuple(first.shape), int(num_classes), len(source))
     read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
-    dataset = dataset.to_iter_dataset(read_options)
     if num_workers:
         from absl import flags  # grain workers read absl flags, which raise unless parsed.
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return GrainIterator(iter(dataset), info)
+
+    def iterator_from(step: int):
+        # element i is global step `step + i`: a resumed run starts its pipeline there
+        dataset = grain.MapDataset.range(step, sys.maxsize).map(read)
+        dataset = dataset.to_iter_dataset(read_options)
+        if num_workers:
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        return iter(dataset)
+
+    return GrainIterator(iterator_from, plan, info)
 
 
 def _default_processes(process_index, process_count) -> tuple[int, int]:
@@ -566,9 +625,9 @@ def _default_processes(process_index, process_count) -> tuple[int, int]:
 
 
 def _field(config, key: str, default=None):
-    return (
-        config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
-    )
+    """config[key], or `default` where the field is missing or None (a ConfigDict placeholder)."""
+    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+    return default if value is None else value
 
 
 def get_dataset(
@@ -607,32 +666,38 @@ def get_dataset(
     Raises:
       ValueError: unknown name, or bad batch size / process arguments.
     """
-    name, split = _field(config, "name"), _field(config, "split") or "train"
+    name, split = _field(config, "name"), _field(config, "split", "train")
     process_index, process_count = _default_processes(process_index, process_count)
     batch_args = dict(global_batch_size=global_batch_size, seed=seed, process_index=process_index)
     batch_args.update(
         process_count=process_count, drop_remainder=_field(config, "drop_remainder", True)
     )
     if isinstance(name, str) and name.startswith("tfds:"):
+        # label_key: a missing field means "label", None means unlabeled
+        label_key = (
+            config.get("label_key", "label")
+            if isinstance(config, Mapping)
+            else getattr(config, "label_key", "label")
+        )
         iterator = tfds_iterator(
             name.removeprefix("tfds:"),
             split=split,
             data_dir=_field(config, "data_dir"),
             image_size=_field(config, "image_size"),
-            image_key=_field(config, "image_key") or "image",
-            label_key=_field(config, "label_key", "label"),
-            num_workers=_field(config, "num_workers") or 0,
+            image_key=_field(config, "image_key", "image"),
+            label_key=label_key,
+            num_workers=_field(config, "num_workers", 0),
             **batch_args,
         )
         return iterator, iterator.info
     if name == "digits":
-        images, labels = load_digits(_field(config, "image_size") or 8, split)
+        images, labels = load_digits(_field(config, "image_size", 8), split)
         check_images(images, name="digits images")
         info = DatasetInfo(name, images.shape[1:], 10, len(images))
     elif isinstance(name, str) and name.startswith("toy_2d:"):
         kind = name.removeprefix("toy_2d:")
         _check_choice("toy_2d kind", kind, TOY_2D_NAMES)
-        images, labels = toy_2d(kind, _field(config, "num_samples") or 10000, seed)
+        images, labels = toy_2d(kind, _field(config, "num_samples", 10000), seed)
         num_classes = {"swiss_roll": 0, "two_moons": 2, "eight_gaussians": 8}[kind]
         info = DatasetInfo(name, images.shape[1:], num_classes, len(images))
     else:

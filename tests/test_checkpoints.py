@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import CONFIGS, leaves
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
@@ -69,3 +70,15 @@ def test_replicated_state_restores_onto_replicated_and_single_device_targets(tmp
     for a, b in zip(leaves(state.ema_params), leaves(ema), strict=True):
         np.testing.assert_array_equal(a, b)
     ckpt.close()
+
+
+def test_bad_keep_and_interval_arguments_are_rejected_before_anything_is_written(tmp_path):
+    for kwargs, match in [
+        (dict(max_to_keep=0), "max_to_keep must be an int >= 1 or None; got 0"),
+        (dict(max_to_keep=2.5), "max_to_keep must be an int >= 1 or None; got 2.5"),
+        (dict(save_interval_steps=0), "save_interval_steps must be an int >= 1; got 0"),
+        (dict(save_interval_steps=True), "save_interval_steps must be an int >= 1; got True"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            CheckpointManager(str(tmp_path / "run"), **kwargs)
+    assert not (tmp_path / "run").exists()

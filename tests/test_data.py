@@ -144,6 +144,9 @@ def test_toy_2d_errors():
         data.toy_2d("spiral", 10, 0)
     with pytest.raises(ValueError, match="num_samples must be an int >= 1; got 0"):
         data.toy_2d("two_moons", 0, 0)
+    for noise in (-0.1, float("inf"), float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=f"noise must be a finite number >= 0; got {noise!r}"):
+            data.toy_2d("two_moons", 10, 0, noise=noise)
 
 
 # ----------------------------------------------------------------------------- ArrayIterator
@@ -243,11 +246,10 @@ def test_array_iterator_process_slices_concatenate_to_global_batch(process_count
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (
-            dict(global_batch_size=6, process_count=4),
-            r"divisible by process_count=4 and <= .* \(10\); got 6$",
-        ),
+        (dict(global_batch_size=6, process_count=4), r"divisible by process_count=4; got 6$"),
         (dict(global_batch_size=12), r"<= the number of examples \(10\); got 12$"),
+        (dict(global_batch_size=2, drop_remainder="false"), "drop_remainder must be True or"),
+        (dict(global_batch_size=2, drop_remainder=None), "drop_remainder must be True or"),
         (dict(global_batch_size=0), "global_batch_size must be an int >= 1; got 0"),
         (dict(global_batch_size=2, process_index=2, process_count=2), "process_index must"),
         (dict(global_batch_size=2, seed=-1), "seed must be an int >= 0; got -1"),
@@ -271,6 +273,8 @@ def test_array_iterator_ragged_arrays_and_bad_states():
         it.set_state({"epoch": 0, "position": 8})  # drop_remainder: only 2 steps per epoch
     with pytest.raises(ValueError, match="keys 'epoch', 'position'"):
         it.set_state({"step": 3})
+    with pytest.raises(ValueError, match=r"state\['position'\] must be an int >= 0; got -4"):
+        it.set_state({"epoch": 0, "position": -4})
 
 
 # ----------------------------------------------------------------------------- checks, dispatch
@@ -284,8 +288,13 @@ def test_uint8_to_float_endpoints_grayscale_and_errors():
     assert out[0, 0, 0] == -1.0 and out[0, 1, 0] == 1.0
     with pytest.raises(ValueError, match="must be uint8.*got dtype float32"):
         data.uint8_to_float(image.astype(np.float32))
-    with pytest.raises(ValueError, match=r"\[H, W\] or \[H, W, C\]; got shape \(1, 2, 2, 1\)"):
+    with pytest.raises(ValueError, match=r"\[H, W\] or \[H, W, C\] .*; got shape \(1, 2, 2, 1\)"):
         data.uint8_to_float(image[None, :, :, None])
+    with pytest.raises(ValueError, match=r"no empty axis; got shape \(2, 2, 0\)"):
+        data.uint8_to_float(image[:, :, None][:, :, :0])
+    for size in (0, 4.0, True):
+        with pytest.raises(ValueError, match=f"image_size must be an int >= 1; got {size!r}"):
+            data.uint8_to_float(image, size)
 
 
 def test_check_images_errors():
@@ -329,13 +338,34 @@ def test_get_dataset_toy_and_process_slices():
         ("mnist", {}, "name must be 'digits', 'toy_2d:<kind>'.*got 'mnist'"),
         ("toy_2d:spiral", {}, "toy_2d kind must be one of"),
         ("digits", dict(global_batch_size=9, process_count=2), "divisible by process_count=2"),
+        # a field's value is used as given (only a missing or None field takes the default)
+        ("digits", dict(image_size=0), "image_size must be one of 8, 16; got 0"),
+        ("digits", dict(split=""), "split must be one of 'train', 'test', 'all'; got ''"),
+        ("toy_2d:two_moons", dict(num_samples=0), "num_samples must be an int >= 1; got 0"),
+        ("digits", dict(drop_remainder="no"), "drop_remainder must be True or False; got 'no'"),
     ],
 )
 def test_get_dataset_errors(name, kwargs, match):
+    fields = {
+        k: kwargs.pop(k)
+        for k in ("image_size", "split", "num_samples", "drop_remainder")
+        if k in kwargs
+    }
     kwargs = {"global_batch_size": 8, "seed": 0, "process_index": 0, **kwargs}
     kwargs.setdefault("process_count", 1)
     with pytest.raises(ValueError, match=match):
-        data.get_dataset({"name": name}, **kwargs)
+        data.get_dataset({"name": name, **fields}, **kwargs)
+
+
+def test_get_dataset_none_fields_take_their_defaults():
+    config = ml_collections.ConfigDict(
+        {"name": "digits", "image_size": None, "split": None, "drop_remainder": None}
+    )
+    it, info = data.get_dataset(config, global_batch_size=256, seed=0)
+    assert info == data.DatasetInfo("digits", (8, 8, 1), 10, 1500)
+    for _ in range(1500 // 256):  # drop_remainder=True: the epoch's tail of 220 is skipped
+        next(it)
+    assert it.get_state() == {"epoch": 1, "position": 0}
 
 
 # ----------------------------------------------------------------------------- tfds + grain
@@ -404,9 +434,11 @@ def tfds_data(tmp_path_factory):
     return str(data_dir), generated
 
 
+_TFDS_ARGS = {"global_batch_size": 8, "seed": 0, "process_index": 0, "process_count": 1}
+
+
 def _tfds_it(data_dir, **kwargs):
-    kwargs = {"global_batch_size": 8, "seed": 0, "process_index": 0, "process_count": 1, **kwargs}
-    return data.tfds_iterator(_NAME, data_dir=data_dir, **kwargs)
+    return data.tfds_iterator(_NAME, data_dir=data_dir, **{**_TFDS_ARGS, **kwargs})
 
 
 def _as_uint8(images):
@@ -546,8 +578,23 @@ def test_tfds_errors(tfds_data, tmp_path):
         _tfds_it(data_dir, image_key="img")
     with pytest.raises(ValueError, match="label_key 'class' is not a feature"):
         _tfds_it(data_dir, label_key="class")
-    with pytest.raises(ValueError, match=r"divisible by process_count=3 and <= .* \(40\); got 8$"):
+    with pytest.raises(ValueError, match=r"divisible by process_count=3; got 8$"):
         _tfds_it(data_dir, process_count=3)
+    with pytest.raises(ValueError, match=r"<= the number of examples \(12\); got 16$"):
+        _tfds_it(data_dir, split="test", global_batch_size=16)
+    with pytest.raises(ValueError, match="label_key 'float_image' must name a tfds ClassLabel"):
+        _tfds_it(data_dir, label_key="float_image")
+    with pytest.raises(ValueError, match="split must be a tfds split string .*; got None"):
+        _tfds_it(data_dir, split=None)
+    # arguments that do not depend on the data are checked before the dataset is opened
+    for kwargs, match in [
+        (dict(global_batch_size=0), "global_batch_size must be an int >= 1; got 0"),
+        (dict(seed=-1), "seed must be an int >= 0; got -1"),
+        (dict(process_index=5, process_count=2), r"process_index must lie in \[0, 2\); got 5"),
+        (dict(drop_remainder="yes"), "drop_remainder must be True or False; got 'yes'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            data.tfds_iterator("mnist", data_dir=str(tmp_path), **{**_TFDS_ARGS, **kwargs})
 
 
 def test_tfds_worker_processes_give_the_same_stream_and_resume(tfds_data):
@@ -556,12 +603,17 @@ def test_tfds_worker_processes_give_the_same_stream_and_resume(tfds_data):
     it = _tfds_it(data_dir, seed=6, num_workers=2)
     first = _take(it, 3)
     state = json.loads(json.dumps(it.get_state()))
+    assert state == {"epoch": 0, "position": 24}  # the same state whatever num_workers is
     rest = _take(it, 4)
-    restored = _tfds_it(data_dir, seed=6, num_workers=2)
-    restored.set_state(state)
     for want, got in zip(reference, first + rest, strict=True):
         np.testing.assert_array_equal(got["image"], want["image"])
-    for want, got in zip(reference[3:], _take(restored, 4), strict=True):
-        assert type(got["image"]) is np.ndarray  # copied out of grain's shared memory
-        np.testing.assert_array_equal(got["image"], want["image"])
-        np.testing.assert_array_equal(got["label"], want["label"])
+    # a state saved with workers resumes with workers or without, and the other way round
+    in_threads = _tfds_it(data_dir, seed=6)
+    _take(in_threads, 3)
+    for num_workers, saved in [(0, state), (2, in_threads.get_state())]:
+        restored = _tfds_it(data_dir, seed=6, num_workers=num_workers)
+        restored.set_state(saved)
+        for want, got in zip(reference[3:], _take(restored, 4), strict=True):
+            assert type(got["image"]) is np.ndarray  # copied out of grain's shared memory
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["label"], want["label"])
