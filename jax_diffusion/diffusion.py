@@ -303,7 +303,19 @@ def denoised_estimates(
     Args:
       model_output: [B, ...] the eps, x0 or v prediction (without learned-variance channels).
       xt: [B, ...]; t: int [B] or [].
+      clip_denoised: a Python bool (static: it selects the computation).
+      denoised_fn: None or a callable x0_hat -> x0_hat.
+
+    Raises:
+      ValueError: clip_denoised not a bool (a truthy string or threshold would silently clip
+        to [-1, 1]), or denoised_fn not callable.
     """
+    if not isinstance(clip_denoised, bool | np.bool_):
+        raise ValueError(f"clip_denoised must be True or False; got {clip_denoised!r}")
+    if denoised_fn is not None and not callable(denoised_fn):
+        raise ValueError(
+            f"denoised_fn must be a callable x0_hat -> x0_hat or None; got {denoised_fn!r}"
+        )
     x0_hat, eps_hat = predict_x0_eps(
         schedule, model_output=model_output, xt=xt, t=t, prediction=prediction
     )

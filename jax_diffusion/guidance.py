@@ -71,12 +71,26 @@ def classifier_free_guidance(
     leaves = jax.tree.leaves(y)
     if not leaves:
         raise ValueError(f"y must be an array [B, ...] or a pytree of them; got {y!r}")
+    for leaf in leaves:
+        if jnp.ndim(leaf) < 1:
+            raise ValueError(
+                "y must be an array [B, ...] or a pytree of them (a Python list is a pytree of "
+                f"scalars: pass jnp.asarray(labels)); got a leaf of shape {jnp.shape(leaf)}"
+            )
     if jnp.ndim(null_label) == 0:  # one null label for every leaf of y
         null_label = jax.tree.map(lambda _: null_label, y)
 
     def stack_null(leaf, null):
         leaf = jnp.asarray(leaf)
-        return jnp.concatenate([leaf, jnp.broadcast_to(jnp.asarray(null, leaf.dtype), leaf.shape)])
+        null = jnp.asarray(null, leaf.dtype)
+        try:
+            null = jnp.broadcast_to(null, leaf.shape)
+        except ValueError:
+            raise ValueError(
+                f"null_label must broadcast to each leaf of y; got shape {null.shape} for a "
+                f"leaf of shape {leaf.shape}"
+            ) from None
+        return jnp.concatenate([leaf, null])
 
     y_both = jax.tree.map(stack_null, y, null_label)
 
@@ -88,6 +102,11 @@ def classifier_free_guidance(
                     f"y must have batch size {batch} matching x; got a leaf of shape "
                     f"{jnp.shape(leaf)}"
                 )
+        if jnp.ndim(guidance_scale) == 1 and jnp.shape(guidance_scale)[0] != batch:
+            raise ValueError(
+                f"guidance_scale must be a scalar or [B] = [{batch}]; got shape "
+                f"{jnp.shape(guidance_scale)}"
+            )
         t = jnp.broadcast_to(t, (batch,))
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y_both)
         if jnp.shape(out)[0] != 2 * batch:

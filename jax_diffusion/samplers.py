@@ -30,6 +30,7 @@ not match x_T raises `ValueError` when the step is traced, before anything is co
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -113,18 +114,22 @@ def _check_x(x, name: str = "x_T") -> jax.Array:
 
 
 def _check_rng(rng, name: str = "rng", why: str = "") -> None:
-    if rng is None:
-        raise ValueError(f"{name} must be a PRNG key{why}; got None")
+    """A typed key (jax.random.key) or a raw uint32 one (jax.random.PRNGKey)."""
+    dtype = getattr(rng, "dtype", None)
+    if dtype is None or not (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
+    ):
+        raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)){why}; got {rng!r}")
 
 
 def _check_eta(eta) -> bool:
     """Validates eta >= 0; returns True when eta is statically zero (deterministic DDIM)."""
     if isinstance(eta, bool) or jnp.ndim(eta) != 0:
-        raise ValueError(f"eta must be a scalar >= 0; got {eta!r}")
+        raise ValueError(f"eta must be a finite scalar >= 0; got {eta!r}")
     if _is_concrete(eta):
         value = float(eta)
-        if not value >= 0.0:
-            raise ValueError(f"eta must be a scalar >= 0; got {eta!r}")
+        if not 0.0 <= value < math.inf:
+            raise ValueError(f"eta must be a finite scalar >= 0; got {eta!r}")
         return value == 0.0
     return False
 
@@ -149,9 +154,58 @@ def _check_denoised_fn(denoised_fn) -> None:
         )
 
 
-def _check_common(x_T, prediction, variance, denoised_fn, return_trajectory):
+def _check_model_and_schedule(model_fn, schedule) -> None:
+    if not callable(model_fn):
+        raise ValueError(f"model_fn must be a callable model_fn(x, t); got {model_fn!r}")
+    if not isinstance(schedule, Schedule):
+        raise ValueError(
+            "schedule must be a jax_diffusion Schedule (e.g. Schedule.from_betas(betas)); got "
+            f"{type(schedule).__name__}"
+        )
+
+
+def _check_clip(clip_denoised) -> None:
+    if not isinstance(clip_denoised, bool | np.bool_):
+        raise ValueError(f"clip_denoised must be True or False; got {clip_denoised!r}")
+
+
+def _check_t_order(schedule, t, t_prev, t_last=None) -> None:
+    """Where the steps are concrete: t in [0, T - 1], t_prev in [-1, t - 1], t_last -1 or > t."""
+    if not all(_is_concrete(a) for a in (t, t_prev, t_last) if a is not None):
+        return
+    t_, prev = np.asarray(t), np.asarray(t_prev)
+    num_timesteps = schedule.num_timesteps
+    if t_.size and not (0 <= t_.min() and t_.max() <= num_timesteps - 1):
+        raise ValueError(f"t must lie in [0, {num_timesteps - 1}]; got {t_.tolist()}")
+    if not np.all((prev >= -1) & (prev < t_)):
+        raise ValueError(f"t_prev must lie in [-1, t - 1] (t = {t_.tolist()}); got {prev.tolist()}")
+    if t_last is not None:
+        last = np.asarray(t_last)
+        if not np.all((last == -1) | (last > t_)):
+            raise ValueError(
+                f"t_last must be -1 (no history) or > t (t = {t_.tolist()}); got {last.tolist()}"
+            )
+
+
+def _check_zero_snr(schedule, prediction: str, t_first: int) -> None:
+    """eps prediction cannot give x0 where alphas_cumprod is 0 (a zero-terminal-SNR schedule's
+    last step): x0 = (x_t - sigma eps) / alpha divides by 0, and every sample would be NaN."""
+    table = schedule.alphas_cumprod
+    if prediction == "eps" and _is_concrete(table) and np.asarray(table)[t_first] == 0.0:
+        raise ValueError(
+            f"prediction='eps' cannot sample from step {t_first}, where alphas_cumprod is 0 "
+            "(a zero-terminal-SNR schedule): x0 = (x_t - sigma eps) / alpha is undefined; "
+            "train with prediction='v' or 'x0' (Lin et al. 2024)"
+        )
+
+
+def _check_common(
+    model_fn, schedule, x_T, prediction, variance, clip_denoised, denoised_fn, return_trajectory
+):
+    _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
+    _check_clip(clip_denoised)
     _check_denoised_fn(denoised_fn)
     return _check_x(x_T), _check_stride(return_trajectory)
 
@@ -168,6 +222,10 @@ def sampling_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leadi
       'trailing': 999, 979, ..., 39, 19       (round(T - arange(n) * T / n) - 1, Lin et al. 2024,
                                                table 2: starts at the last step)
       'linspace': round(linspace(0, T - 1, n)) reversed: 999, 979, ..., 20, 0.
+    'leading' starts at (n - 1) (T // n) and 'linspace' with n = 1 at 0: with few steps they
+    skip the noisiest steps, where x_T ~ N(0, I) is what the chain expects, and the samples
+    come out biased (n = 1 returns x_T almost unchanged). 'trailing' always starts at T - 1
+    (Lin et al. 2024, section 3.3); 'leading' is the DDIM paper's and diffusers' default.
 
     Args:
       num_timesteps: T, the schedule length.
@@ -315,8 +373,10 @@ def ddpm_step(
     Returns:
       StepOutput(x_prev, x0_hat).
     """
+    _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
+    _check_clip(clip_denoised)
     _check_rng(rng, why=" for the noise of a DDPM step")
     x = _check_x(x, "x")
     t = _check_step_t(t, x, "t")
@@ -423,7 +483,9 @@ def ddpm_sample(
       ValueError: bad prediction / variance / timesteps / return_trajectory, missing rng, or a
         model_fn output that does not match x_T.
     """
-    x_T, stride = _check_common(x_T, prediction, variance, denoised_fn, return_trajectory)
+    x_T, stride = _check_common(
+        model_fn, schedule, x_T, prediction, variance, clip_denoised, denoised_fn, return_trajectory
+    )
     _check_rng(rng, why=" for ddpm_sample")
     if timesteps is None:
         sched = schedule
@@ -438,6 +500,7 @@ def ddpm_sample(
         sched = schedule.respace(timesteps)
         index = np.arange(sched.num_timesteps)[::-1]
         model_ts = np.sort(np.asarray(timesteps))[::-1]
+    _check_zero_snr(schedule, prediction, int(model_ts[0]))
     num_steps = index.shape[0]
     xs = (
         jnp.asarray(index, jnp.int32),
@@ -501,14 +564,17 @@ def ddim_step(
     Returns:
       StepOutput(x_prev, x0_hat).
     """
+    _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
+    _check_clip(clip_denoised)
     deterministic = _check_eta(eta)
     if not deterministic:
         _check_rng(rng, why=" when eta is not 0")
     x = _check_x(x, "x")
     t = _check_step_t(t, x, "t")
     t_prev = _check_step_t(t_prev, x, "t_prev")
+    _check_t_order(schedule, t, t_prev)
     pred, _ = split_learned_range(_call_model(model_fn, x, t, variance), x, variance)
     x0_hat, eps_hat = _denoise(schedule, x, t, pred, prediction, clip_denoised, denoised_fn)
     dtype = _compute_dtype(x)
@@ -574,11 +640,14 @@ def ddim_sample(
     Returns:
       x0 [B, ...] in x_T's dtype, or (x0, trajectory) with `return_trajectory`.
     """
-    x_T, stride = _check_common(x_T, prediction, variance, denoised_fn, return_trajectory)
+    x_T, stride = _check_common(
+        model_fn, schedule, x_T, prediction, variance, clip_denoised, denoised_fn, return_trajectory
+    )
     deterministic = _check_eta(eta)
     if not deterministic:
         _check_rng(rng, why=" when eta is not 0")
     ts = sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
+    _check_zero_snr(schedule, prediction, int(ts[0]))
     ts_prev = np.append(ts[1:], -1)
     keys = None if deterministic else jax.random.split(rng, num_steps)
     xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(ts_prev, jnp.int32), keys)
@@ -638,11 +707,16 @@ def dpm_solver_pp_step(
     Returns:
       StepOutput(x_prev, x0_hat); feed x0_hat (and t) as x0_hat_last (t_last) to the next step.
     """
+    _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
+    _check_clip(clip_denoised)
     x = _check_x(x, "x")
     t = _check_step_t(t, x, "t")
     t_prev = _check_step_t(t_prev, x, "t_prev")
+    if x0_hat_last is not None:
+        t_last = _check_step_t(t_last, x, "t_last")
+    _check_t_order(schedule, t, t_prev, None if x0_hat_last is None else t_last)
     pred, _ = split_learned_range(_call_model(model_fn, x, t, variance), x, variance)
     x0_hat, _ = _denoise(schedule, x, t, pred, prediction, clip_denoised, denoised_fn)
     dtype = _compute_dtype(x)
@@ -651,7 +725,6 @@ def dpm_solver_pp_step(
     alpha_prev, sigma_prev = _alpha_sigma(schedule, t_prev, dtype)
     d = x0_hat
     if x0_hat_last is not None:
-        t_last = _check_step_t(t_last, x, "t_last")
         second = (t_last >= 0) & (t_prev >= 0)
         # Half log-SNRs from the float64-built table; dummy finite values where unused.
         lam = 0.5 * schedule.logsnr_table.astype(dtype)
@@ -701,10 +774,13 @@ def dpm_solver_pp_sample(
     Returns:
       x0 [B, ...] in x_T's dtype, or (x0, trajectory) with `return_trajectory`.
     """
-    x_T, stride = _check_common(x_T, prediction, variance, denoised_fn, return_trajectory)
+    x_T, stride = _check_common(
+        model_fn, schedule, x_T, prediction, variance, clip_denoised, denoised_fn, return_trajectory
+    )
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(f"order must be 1 or 2; got {order!r}")
     ts = dpm_solver_pp_timesteps(schedule.num_timesteps, num_steps)
+    _check_zero_snr(schedule, prediction, int(ts[0]))
     ts_prev = np.append(ts[1:], -1)
     xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(ts_prev, jnp.int32))
 

@@ -141,6 +141,18 @@ BAD_INPUTS = {
         lambda: classifier_free_guidance(lambda x, t, y: x, 2.0, 9, y=jnp.zeros(2), variance="x"),
         r"variance.*'x'",
     ),
+    "cfg_scale_batch": (
+        lambda: classifier_free_guidance(lambda x, t, y: x, jnp.ones(3), 9, y=jnp.zeros(2))(X, 0),
+        r"guidance_scale must be a scalar or \[B\] = \[2\]; got shape \(3,\)",
+    ),
+    "cfg_labels_as_a_list": (
+        lambda: classifier_free_guidance(lambda x, t, y: x, 2.0, 9, y=[1, 2]),
+        r"a Python list is a pytree of scalars: pass jnp.asarray\(labels\)",
+    ),
+    "cfg_null_label_shape": (
+        lambda: classifier_free_guidance(lambda x, t, y: x, 2.0, jnp.zeros(3), y=jnp.zeros((2, 4))),
+        r"null_label must broadcast to each leaf of y; got shape \(3,\) for a leaf of shape",
+    ),
     "threshold_rank": (lambda: dynamic_threshold(jnp.float32(2.0)), r"x0 must be a floating"),
     "threshold_quantile_rank": (
         lambda: dynamic_threshold(X, jnp.array([0.9, 0.99])),

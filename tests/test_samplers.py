@@ -21,11 +21,13 @@ from jax_diffusion.samplers import (
     ddim_sample,
     ddim_step,
     ddpm_sample,
+    ddpm_step,
     dpm_solver_pp_sample,
+    dpm_solver_pp_step,
     dpm_solver_pp_timesteps,
     sampling_timesteps,
 )
-from jax_diffusion.schedules import Schedule, linear_betas
+from jax_diffusion.schedules import Schedule, linear_betas, rescale_zero_terminal_snr
 from jax_diffusion.testing import gaussian_denoiser
 
 T = 1000
@@ -535,7 +537,56 @@ BAD_INPUTS = {
         lambda: ddim_step(_gauss(), SCHEDULE, X, jnp.array([3, 2, 1]), 0),
         r"t has shape \(3,\) but x has batch size 2",
     ),
+    # a truthy non-bool used to clip to [-1, 1] silently (0.5 read as a threshold, "no", [0])
+    "clip_threshold": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, clip_denoised=0.5),
+        r"clip_denoised must be True or False; got 0.5",
+    ),
+    "clip_string": (
+        lambda: ddpm_step(_gauss(), SCHEDULE, X, 5, KEY, clip_denoised="no"),
+        r"clip_denoised must be True or False; got 'no'",
+    ),
+    "eta_inf": (lambda: ddim_sample(_gauss(), SCHEDULE, X, KEY, eta=np.inf), r"eta must be a fini"),
+    "rng_int": (lambda: ddpm_sample(_gauss(), SCHEDULE, X, 0), r"rng must be a PRNG key.*got 0"),
+    "model_none": (lambda: ddim_sample(None, SCHEDULE, X), r"model_fn must be a callable"),
+    "schedule_array": (
+        lambda: ddim_sample(_gauss(), BETAS, X),
+        r"schedule must be a jax_diffusion Schedule .*got ndarray",
+    ),
+    "step_t_prev_not_below_t": (
+        lambda: ddim_step(_gauss(), SCHEDULE, X, 5, 7),
+        r"t_prev must lie in \[-1, t - 1\] \(t = 5\); got 7",
+    ),
+    "step_t_prev_below_minus_one": (
+        lambda: ddim_step(_gauss(), SCHEDULE, X, 5, -7),
+        r"t_prev must lie in \[-1, t - 1\]",
+    ),
+    "step_t_past_the_end": (
+        lambda: dpm_solver_pp_step(_gauss(), SCHEDULE, X, T + 5, 3),
+        r"t must lie in \[0, 999\]; got 1005",
+    ),
+    "step_t_last_not_above_t": (
+        lambda: dpm_solver_pp_step(_gauss(), SCHEDULE, X, 5, 3, X, 5),
+        r"t_last must be -1 \(no history\) or > t \(t = 5\); got 5",
+    ),
+    "eps_at_zero_terminal_snr": (
+        lambda: ddim_sample(_gauss(), ZERO_SNR, X, spacing="trailing", num_steps=10),
+        r"prediction='eps' cannot sample from step 999, where alphas_cumprod is 0",
+    ),
 }
+ZERO_SNR = Schedule.from_betas(rescale_zero_terminal_snr(BETAS), jnp.float32)
+
+
+def test_zero_terminal_snr_samples_with_v_and_from_below_the_last_step_with_eps():
+    v_model = gaussian_denoiser(ZERO_SNR, 0.0, 1.0, "v")
+    for sample in (
+        lambda: ddim_sample(v_model, ZERO_SNR, X, prediction="v", spacing="trailing"),
+        lambda: dpm_solver_pp_sample(v_model, ZERO_SNR, X, prediction="v"),
+        lambda: ddpm_sample(v_model, ZERO_SNR, X, KEY, prediction="v"),
+        # leading spacing never visits step T - 1, where the eps model has no x0
+        lambda: ddim_sample(_gauss(), ZERO_SNR, X, num_steps=10),
+    ):
+        assert np.isfinite(np.asarray(sample())).all()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
