@@ -303,14 +303,21 @@ def sample(
     classifier-free guidance scale w (1 = plain conditional).
     """
     s = config.sample
-    sampler = sampler or s.sampler
-    num_steps = num_steps or s.num_steps
+    sampler = s.sampler if sampler is None else sampler
+    num_steps = s.num_steps if num_steps is None else num_steps
     d = config.diffusion
-    x_rng, s_rng = jax.random.split(rng)
-    x_T = jax.random.normal(x_rng, (num, *shape))
     num_classes = config.model.get("num_classes", None)
     if sampler not in ("ddpm", "ddim", "dpm++"):
         raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}")
+    if isinstance(num, bool) or not isinstance(num, int | np.integer) or num < 1:
+        raise ValueError(f"num must be an int >= 1; got {num!r}")
+    if num_classes is None and (labels is not None or guidance is not None):
+        raise ValueError(
+            "labels and guidance need a class-conditional model (model.num_classes is None); "
+            f"got labels={'None' if labels is None else 'given'}, guidance={guidance!r}"
+        )
+    x_rng, s_rng = jax.random.split(rng)
+    x_T = jax.random.normal(x_rng, (num, *shape))
     if num_classes is not None:
         labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
     w = s.guidance if guidance is None else guidance
@@ -499,10 +506,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if num_classes is not None and not num_classes >= 1:
         raise ValueError(f"model.num_classes must be >= 1 or None; got {num_classes!r}")
     num_timesteps = config.diffusion.num_timesteps
-    if s.sampler != "ddpm" and num_timesteps >= 1 and not 1 <= s.num_steps <= num_timesteps:
+    # dpm++ takes n + 1 distinct grid points in [0, T - 1]
+    most = num_timesteps - 1 if s.sampler == "dpm++" else num_timesteps
+    if s.sampler != "ddpm" and num_timesteps >= 1 and not 1 <= s.num_steps <= most:
+        bound = "diffusion.num_timesteps - 1" if s.sampler == "dpm++" else "diffusion.num_timesteps"
         raise ValueError(
-            f"sample.num_steps must lie in [1, diffusion.num_timesteps={num_timesteps}] for "
+            f"sample.num_steps must lie in [1, {bound}={most}] for "
             f"sample.sampler={s.sampler!r}; got {s.num_steps!r}"
+        )
+    if d.get("zero_terminal_snr", False) and d.prediction == "eps":
+        raise ValueError(
+            "diffusion.zero_terminal_snr=True needs diffusion.prediction 'v' or 'x0': an eps "
+            "model cannot give x0 at the last step, where alphas_cumprod is 0 (Lin et al. 2024)"
         )
     if not s.num_samples >= 1:
         raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")

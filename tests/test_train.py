@@ -351,6 +351,16 @@ def test_config_loading_and_errors():
     ]:
         with pytest.raises(ValueError, match=match):  # before any directory is created
             train.train_and_evaluate(smoke(**{key: value}), "/tmp/never-written-either")
+    for overrides, match in [
+        # dpm++ needs n + 1 distinct grid points: this used to fail after training
+        (
+            dict(sample__sampler="dpm++", sample__num_steps=50),
+            r"sample.num_steps must lie in \[1, diffusion.num_timesteps - 1=49\]",
+        ),
+        (dict(diffusion__zero_terminal_snr=True), "zero_terminal_snr=True needs diffusion.pred"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train.train_and_evaluate(smoke(**overrides), "/tmp/never-written-either")
     # model.num_classes against the data's labels, also before the workdir is made
     for name, value, match in [
         ("digits_cond.py", 3, "model.num_classes=3 does not match data.name='digits'.*10 classes"),
@@ -423,3 +433,20 @@ def test_smoke_training_cifar10_config_on_a_local_tfds_dataset(tmp_path):
 
     grid = np.asarray(Image.open(summary["samples"]))
     assert grid.ndim == 3 and grid.shape[-1] == 3  # RGB samples
+
+
+def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
+    config = smoke("toy_2d.py")
+    model = train.create_model(config, channels=2)
+    schedule = train.get_schedule(config.diffusion)
+    key = jax.random.PRNGKey(0)
+    for kwargs, match in [
+        (dict(num_steps=0), r"num_steps must be an int in \[1, 50\]; got 0"),
+        (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+'; got ''"),
+        (dict(num=-1), "num must be an int >= 1; got -1"),
+        (dict(guidance=3.0), "labels and guidance need a class-conditional model"),
+        (dict(labels=jnp.zeros(4, jnp.int32)), "labels and guidance need a class-conditional"),
+    ]:
+        kwargs = {"num": 4, **kwargs}
+        with pytest.raises(ValueError, match=match):  # before the network is ever called
+            train.sample(config, model, None, schedule, key, shape=(2,), **kwargs)
