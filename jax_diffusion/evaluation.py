@@ -64,16 +64,37 @@ DIGITS_CLASSIFIER_TEST_ACCURACY = 285 / 297  # 0.9596; 0.9529 on the 16x16 (bili
 _ASSET = "digits_classifier_8x8.msgpack"
 
 
-def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+def _check_int(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an int {allowed}; got {value!r}")
     return int(value)
 
 
+def _check_data(name: str, x) -> np.ndarray:
+    """x as a floating array, after checking every value is finite and in [-1, 1]."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be floating data in [-1, 1]; got dtype {x.dtype}")
+    if x.size and not (np.isfinite(x).all() and -1 <= x.min() <= x.max() <= 1):
+        raise ValueError(
+            f"{name} must be finite with values in [-1, 1]; got range [{np.min(x)}, {np.max(x)}]"
+        )
+    return x
+
+
 def _as_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, D]; got shape {x.shape}")
+    x = np.asarray(x)
+    if np.iscomplexobj(x) or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise ValueError(f"{name} must be a real-valued array [N, D]; got dtype {x.dtype}")
+    x = x.astype(np.float64)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a 2-D array [N, D] with D >= 1; got shape {x.shape}")
     if x.shape[0] < min_rows:
         raise ValueError(f"{name} must have at least {min_rows} rows; got shape {x.shape}")
     if not np.isfinite(x).all():
@@ -109,8 +130,8 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
       The squared distance as a Python float >= 0 (rounding below 0 is clipped to 0).
 
     Raises:
-      ValueError: shapes that are not [D] / [D, D] with one D, non-finite or non-symmetric
-        covariances.
+      ValueError: shapes that are not [D] / [D, D] with one D, non-finite, non-symmetric or
+        indefinite covariances (an eigenvalue below -1e-8 times the largest magnitude).
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
@@ -126,6 +147,12 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
         scale = max(np.abs(value).max(), 1e-300)
         if np.abs(value - value.T).max() > 1e-6 * scale:
             raise ValueError(f"{name} must be symmetric; got max |C - C^T| / max |C| > 1e-6")
+        w = np.linalg.eigvalsh(0.5 * (value + value.T))
+        if w[0] < -1e-8 * max(np.abs(w).max(), 1e-300):
+            raise ValueError(
+                f"{name} must be positive semi-definite; got smallest eigenvalue {w[0]:.3g} "
+                f"(largest {w[-1]:.3g})"
+            )
     sqrt1 = _psd_sqrt(0.5 * (cov1 + cov1.T))
     m = sqrt1 @ cov2 @ sqrt1
     eig = np.linalg.eigvalsh(0.5 * (m + m.T))
@@ -273,6 +300,10 @@ def precision_recall(
     if real.shape[1] != fake.shape[1]:
         got = f"{real.shape[1]} and {fake.shape[1]}"
         raise ValueError(f"real_features and fake_features must have the same D; got {got}")
+    # distances do not depend on a common shift; removing one keeps ||a||^2 + ||b||^2 - 2 a.b
+    # from cancelling catastrophically for features far from the origin
+    centre = real.mean(axis=0)
+    real, fake = real - centre, fake - centre
     precision = _coverage(fake, real, _knn_radii2(real, k, batch_size), batch_size)
     recall = _coverage(real, fake, _knn_radii2(fake, k, batch_size), batch_size)
     return PrecisionRecall(precision, recall)
@@ -295,8 +326,12 @@ def inception_score(probs) -> float:
       ValueError: not [N, C], negative or non-finite entries, rows not summing to 1 (+-1e-3).
     """
     p = _as_matrix("probs", probs)
-    if p.min() < 0 or np.abs(p.sum(axis=1) - 1.0).max() > 1e-3:
-        raise ValueError("probs must be non-negative with rows summing to 1 (softmax outputs)")
+    row_error = np.abs(p.sum(axis=1) - 1.0).max()
+    if p.min() < 0 or row_error > 1e-3:
+        raise ValueError(
+            "probs must be non-negative with rows summing to 1 (softmax outputs); got min "
+            f"{p.min():.3g} and max |row sum - 1| {row_error:.3g}"
+        )
     p = p / p.sum(axis=1, keepdims=True)
     p_y = p.mean(axis=0)
     safe = np.where(p > 0, p, 1.0)  # 0 log 0 = 0
@@ -347,9 +382,9 @@ def to_digits_resolution(images) -> np.ndarray:
       [N, 8, 8, 1] float32.
 
     Raises:
-      ValueError: any other shape.
+      ValueError: any other shape, a non-float dtype, or values not finite and in [-1, 1].
     """
-    images = np.asarray(images, np.float32)
+    images = _check_data("images", images).astype(np.float32)
     if images.ndim != 4 or images.shape[1:] not in ((8, 8, 1), (16, 16, 1)) or not len(images):
         raise ValueError(f"images must be [N, 8, 8, 1] or [N, 16, 16, 1]; got {images.shape}")
     if images.shape[1] == 16:
@@ -472,15 +507,18 @@ def bits_per_dim(
       and noise together; None for N = 1), and "num_examples": N.
 
     Raises:
-      ValueError: unknown prediction or variance, empty images, batch_size < 1.
+      ValueError: unknown prediction or variance, empty images, images not floating, not
+        finite or outside [-1, 1], batch_size < 1.
     """
     check_prediction(prediction)
     check_variance(variance)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
-    images = np.asarray(images)
+    images = _check_data("images", images)
     n = len(images) if images.ndim else 0
     if n == 0:
         raise ValueError(f"images must hold at least one example; got shape {images.shape}")
+    if images.dtype.itemsize < 4:  # in float16 / bfloat16 the bound is off by ~0.3-2%
+        images = images.astype(np.float32)
     bs = min(batch_size, n)
 
     kwargs = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
@@ -552,10 +590,10 @@ def evaluate_workdir(
       sampler: 'ddpm' | 'ddim' | 'dpm++'; None for config.sample.sampler.
       num_steps: sampling steps (ddim, dpm++); None for config.sample.num_steps.
       guidance: classifier-free guidance scale w (conditional models); None for the config's.
-      seed: sampling seed (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1)).
+      seed: sampling seed in [0, 2**32) (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1)).
       batch_size: images per sampling (and bits/dim) call.
-      bpd_examples: if > 0, also the bits/dim of the first `bpd_examples` test digits
-        (T network calls per example: slow for T = 1000).
+      bpd_examples: if > 0, also the bits/dim of the first `bpd_examples` test digits, at most
+        297 (T network calls per example: slow for T = 1000).
       progress: show tqdm progress bars.
 
     Returns:
@@ -577,13 +615,25 @@ def evaluate_workdir(
 
     num_samples = _check_int("num_samples", num_samples, minimum=4)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
-    bpd_examples = _check_int("bpd_examples", bpd_examples, minimum=0)
-    seed = _check_int("seed", seed, minimum=0)
+    bpd_examples = _check_int(
+        "bpd_examples", bpd_examples, minimum=0, maximum=data_lib.DIGITS_NUM_TEST
+    )
+    seed = _check_int("seed", seed, minimum=0, maximum=2**32 - 1)  # PRNGKey keeps 32 bits
+    if sampler is not None and sampler not in ("ddpm", "ddim", "dpm++"):
+        raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++' or None; got {sampler!r}")
+    if num_steps is not None:
+        num_steps = _check_int("num_steps", num_steps, minimum=1)
     config, shape, model, params, step = _restore_ema_params(workdir)
     num_classes = config.model.get("num_classes", None)
+    if guidance is not None and not num_classes:
+        raise ValueError(
+            f"guidance={guidance!r} needs a class-conditional model; the run in {workdir} has "
+            "model.num_classes=None (pass guidance=None)"
+        )
     schedule = train.get_schedule(config.diffusion)
     s = config.sample
-    sampler, num_steps = sampler or s.sampler, num_steps or s.num_steps
+    sampler = s.sampler if sampler is None else sampler
+    num_steps = s.num_steps if num_steps is None else num_steps
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
 
     bs = min(batch_size, num_samples)

@@ -124,6 +124,15 @@ def test_frechet_distance_rejects_bad_arguments():
         frechet_distance(mu, np.triu(np.ones((3, 3))), mu, cov)
     with pytest.raises(ValueError, match="mu2 must be finite"):
         frechet_distance(mu, cov, np.full(3, np.nan), cov)
+    # an indefinite "covariance" used to give 0.0 (its negative eigenvalues were clipped and
+    # the traces cancelled): the value of identical distributions
+    with pytest.raises(ValueError, match=r"cov1 must be positive semi-definite; got smallest"):
+        frechet_distance(mu, -cov, mu, cov)
+    with pytest.raises(ValueError, match="cov2 must be positive semi-definite"):
+        frechet_distance(mu, cov, mu, np.diag([1.0, -1.0, 1.0]))
+    # rounding-level negative eigenvalues of a singular covariance are accepted
+    rank1 = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) * (1 + 1e-15)
+    assert frechet_distance(mu, rank1, mu, rank1) == pytest.approx(0.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- FeatureStats
@@ -206,6 +215,32 @@ def test_precision_recall_rejects_bad_arguments():
         precision_recall(x, x[:3], k=3)
     with pytest.raises(ValueError, match="same D"):
         precision_recall(x, np.zeros((10, 3)))
+    with pytest.raises(ValueError, match=r"real_features must be .* with D >= 1; got shape"):
+        precision_recall(np.zeros((6, 0)), np.zeros((6, 0)))
+    with pytest.raises(ValueError, match="real_features must be a real-valued array"):
+        precision_recall(x + 1j, x)
+
+
+def test_precision_recall_does_not_depend_on_a_common_shift():
+    # ||a||^2 + ||b||^2 - 2 a.b cancelled for features far from the origin (offset 1e7 with
+    # spread 1 changed the answer); the brute-force reference below has no such term
+    rng = np.random.default_rng(5)
+    real, fake = rng.standard_normal((50, 4)), 0.5 + rng.standard_normal((60, 4))
+
+    def reference(real, fake, k=3):
+        def radii(x):
+            d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+            return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+        def inside(points, centres):
+            d = np.sqrt(((points[:, None] - centres[None]) ** 2).sum(-1))
+            return float((d <= radii(centres)[None]).any(axis=1).mean())
+
+        return inside(fake, real), inside(real, fake)
+
+    want = reference(real, fake)
+    for offset in (0.0, 1e7):
+        assert tuple(precision_recall(real + offset, fake + offset)) == want
 
 
 # ---------------------------------------------------------------------------- Inception score
@@ -240,8 +275,10 @@ def test_inception_score_bounds_and_permutation_invariance(n, c, seed):
 
 
 def test_inception_score_rejects_non_probabilities():
-    with pytest.raises(ValueError, match="rows summing to 1"):
+    with pytest.raises(ValueError, match=r"rows summing to 1 .*max \|row sum - 1\| 2$"):
         inception_score(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"probs must be a 2-D array \[N, D\] with D >= 1"):
+        inception_score(np.ones((3, 0)))
     with pytest.raises(ValueError, match=r"probs must be a 2-D array"):
         inception_score(np.ones(3) / 3)
 
@@ -393,6 +430,27 @@ def test_bits_per_dim_rejects_bad_arguments():
         bits_per_dim(schedule, fn, x, key, batch_size=0, prediction="eps", variance="fixed_small")
     with pytest.raises(ValueError, match="at least one example"):
         bits_per_dim(schedule, fn, x[:0], key, prediction="eps", variance="fixed_small")
+    # data must be as the model saw it in training: floats in [-1, 1]
+    for bad, match in [
+        (x + np.nan, r"images must be finite with values in \[-1, 1\]; got range \[nan"),
+        (x + 255, r"images must be finite with values in \[-1, 1\]; got range \[255"),
+        (x.astype(np.uint8), "images must be floating data in .*; got dtype uint8"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bits_per_dim(schedule, fn, bad, key, prediction="eps", variance="fixed_small")
+    with pytest.raises(ValueError, match=r"images must be finite with values in \[-1, 1\]"):
+        digits_features(np.full((2, 8, 8, 1), 3.0, np.float32))
+
+
+def test_bits_per_dim_of_half_precision_images_is_computed_in_float32():
+    schedule = jd.Schedule.from_betas(jd.cosine_betas(10))
+    fn = gaussian_denoiser(schedule, 0.0, 0.5)
+    x = (np.arange(-8, 8, dtype=np.float32) / 8).reshape(2, 2, 2, 2)
+    key = jax.random.key(0)
+    kw = dict(prediction="eps", variance="fixed_small", progress=False)
+    want = bits_per_dim(schedule, fn, x, key, **kw)["total_bpd"]
+    half = x.astype(np.float16)  # these values are exact in float16
+    assert bits_per_dim(schedule, fn, half, key, **kw)["total_bpd"] == want
 
 
 # ---------------------------------------------------------------------------- evaluate_workdir
@@ -447,6 +505,22 @@ def test_evaluate_workdir_on_a_smoke_run(smoke_workdir):
     np.testing.assert_allclose(parts, metrics["bpd"], rtol=1e-6)
     with pytest.raises(ValueError, match="num_samples must be an int >= 4"):
         evaluate_workdir(smoke_workdir, num_samples=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # each used to be replaced by the config's value or silently ignored or truncated
+        (dict(num_steps=0), "num_steps must be an int >= 1; got 0"),
+        (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+' or None; got ''"),
+        (dict(guidance=5.0), "guidance=5.0 needs a class-conditional model"),
+        (dict(bpd_examples=1000), r"bpd_examples must be an int in \[0, 297\]; got 1000"),
+        (dict(seed=2**64), r"seed must be an int in \[0, 4294967295\]"),
+    ],
+)
+def test_evaluate_workdir_rejects_bad_arguments(smoke_workdir, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate_workdir(smoke_workdir, num_samples=8, progress=False, **kwargs)
 
 
 def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, monkeypatch):
