@@ -137,6 +137,8 @@ def test_timestep_embedding_rejects_bad_dim(dim):
 def test_timestep_embedding_rejects_bad_t_rank():
     with pytest.raises(ValueError, match="t must have shape"):
         timestep_embedding(jnp.zeros((2, 1)), 8)
+    with pytest.raises(ValueError, match="max_period must be a finite number > 0; got 0.0"):
+        timestep_embedding(jnp.arange(3), 4, max_period=0.0)  # used to give NaN columns
 
 
 # --------------------------------------------------------------------------- UNet structure
@@ -290,6 +292,26 @@ def test_unet_dropout(uncond):
         ({"num_groups": 3}, (B, H, W, C), (B,), False, "num_groups must divide"),
         ({"base_channels": 0}, (B, H, W, C), (B,), False, "base_channels"),
         ({"num_heads": 3}, (B, H, W, C), (B,), False, "num_heads must divide"),
+        # conv_in's base_channels are normalised too: 12 % 8 != 0 failed deep in GroupNorm
+        (
+            {"base_channels": 12, "channel_mults": (2,), "num_groups": 8, "num_heads": 1},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"num_groups must divide every level's channel count \[12, 24\]",
+        ),
+        ({"channel_mults": (1, 1.5)}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
+        ({"num_res_blocks": 1.5}, (B, H, W, C), (B,), False, "num_res_blocks must be an int"),
+        ({"base_channels": 8.0}, (B, H, W, C), (B,), False, "base_channels must be an int >= 1"),
+        ({"dtype": jnp.int32}, (B, H, W, C), (B,), False, "dtype must be a floating dtype"),
+        # a size the UNet never reaches used to be ignored without a word
+        (
+            {"attention_resolutions": (16,)},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"attention_resolutions must name feature-map sizes of this UNet, \[4, 8\]",
+        ),
     ],
 )
 def test_unet_value_errors(kwargs, shape, t_shape, with_y, match):
@@ -359,6 +381,32 @@ def test_drop_labels_edge_cases():
     assert out.dtype == y.dtype
     with pytest.raises(ValueError, match="p must be in"):
         drop_labels(rng, y, 1.5, 4)
+    with pytest.raises(ValueError, match="p must be in"):
+        drop_labels(rng, y, jnp.float32(1.5), 4)
+
+
+def test_mlp_denoiser_value_errors():
+    x, t = jnp.zeros((5, 2)), jnp.zeros((5,), jnp.int32)
+    for kwargs, match in [
+        (dict(dropout=1.5), r"dropout must be in \[0, 1\); got 1.5"),
+        (dict(out_dim=0), "out_dim must be an int >= 1; got 0"),
+        (dict(time_embed_dim=7), "time_embed_dim must be a positive even int"),
+        (dict(hidden_dim=16.0), "hidden_dim must be an int >= 1; got 16.0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(MLPDenoiser(**kwargs).init, jax.random.key(0), x, t)
+
+
+def test_out_of_range_labels_are_rejected_where_concrete():
+    # past the embedding table jnp.take gave NaN; -1 wrapped around to the null label
+    model = MLPDenoiser(hidden_dim=8, num_layers=1, time_embed_dim=4, num_classes=3)
+    x, t = jnp.zeros((5, 2)), jnp.zeros((5,), jnp.int32)
+    params = model.init(jax.random.key(0), x, t, jnp.zeros((5,), jnp.int32))["params"]
+    for y in ([0, 3, -1, 1, 2], [0, 1, 2, 4, 100]):
+        with pytest.raises(ValueError, match=r"y must lie in \[0, 3\] \(3 is the null label\)"):
+            model.apply({"params": params}, x, t, jnp.asarray(y, jnp.int32))
+    ok = model.apply({"params": params}, x, t, jnp.asarray([0, 1, 2, 3, 3], jnp.int32))
+    assert np.isfinite(np.asarray(ok)).all()
 
 
 # --------------------------------------------------------------------------- model_fn adapters

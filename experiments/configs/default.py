@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.name = "digits"  # 'digits', 'toy_2d:<swiss_roll|two_moons|eight_gaussians>',
     #                               or 'tfds:<name>' (e.g. 'tfds:mnist'; needs the data extra)
     config.data.image_size = 8  # digits: 8 (native) or 16; tfds: resize/crop to this
+    #                             (the UNet checks model.attention_resolutions against it)
     config.data.split = "train"
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
     config.data.num_samples = 10000  # toy_2d only
@@ -83,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str) -> None:
-    """Applies comma-separated variants, e.g. 'smoke' or 'smoke,toy'."""
+    """Applies comma-separated variants; the only one is 'smoke' (tiny shapes for tests)."""
     for name in arg.split(","):
         if name == "smoke":  # tiny shapes for tests: compiles and runs in seconds
             config.model.base_channels = 8

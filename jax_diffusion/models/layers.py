@@ -29,6 +29,8 @@ Dtype = Any
 
 __all__ = [
     "AttentionBlock",
+    "check_field_int",
+    "check_field_dtype",
     "Downsample",
     "GroupNorm",
     "ResBlock",
@@ -41,6 +43,25 @@ __all__ = [
 ]
 
 _zeros = nn.initializers.zeros
+
+
+def check_field_int(name: str, value, minimum: int) -> int:
+    """A module field that must be an int >= minimum (not a bool, not a float such as 8.0)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_field_dtype(name: str, value) -> None:
+    """A module's compute or parameter dtype, which must be a floating type."""
+    try:
+        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} must be a floating dtype such as float32 or bfloat16; got {value!r}"
+        )
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -64,10 +85,13 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
       [B, dim] float32 embedding.
 
     Raises:
-      ValueError: if `dim` is not a positive even integer or `t` is not rank 1.
+      ValueError: if `dim` is not a positive even integer, `max_period` not > 0 or `t` is not
+        rank 1.
     """
     if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0 or dim % 2:
         raise ValueError(f"dim must be a positive even integer; got {dim!r}")
+    if isinstance(max_period, bool) or not 0 < float(max_period) < np.inf:
+        raise ValueError(f"max_period must be a finite number > 0; got {max_period!r}")
     t = jnp.asarray(t)
     if t.ndim != 1:
         raise ValueError(f"t must have shape [B] (rank 1); got shape {t.shape}")
@@ -117,6 +141,16 @@ def check_denoiser_inputs(
             raise ValueError(f"y must have shape [B] = ({batch},); got shape {y.shape}")
         if not jnp.issubdtype(y.dtype, jnp.integer):
             raise ValueError(f"y must be an integer array; got dtype {y.dtype}")
+        # concrete labels are range-checked: past the table jnp.take gives NaN, and -1 wraps
+        # around to the null label
+        if y.size and not isinstance(y, jax.core.Tracer):
+            values = np.asarray(y)  # NumPy: inside a trace, y.min() would be staged
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high > num_classes:
+                raise ValueError(
+                    f"y must lie in [0, {num_classes}] ({num_classes} is the null label); "
+                    f"got min {low}, max {high}"
+                )
 
 
 def drop_labels(rng: jax.Array, y: jax.Array, p: float, null_label: int) -> jax.Array:
@@ -138,7 +172,8 @@ def drop_labels(rng: jax.Array, y: jax.Array, p: float, null_label: int) -> jax.
     Raises:
       ValueError: if `p` is a concrete number outside [0, 1].
     """
-    if isinstance(p, (int, float, np.number)) and not 0.0 <= float(p) <= 1.0:
+    concrete = not isinstance(p, jax.core.Tracer) and np.ndim(p) == 0
+    if concrete and not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"p must be in [0, 1]; got {p!r}")
     y = jnp.asarray(y)
     drop = jax.random.bernoulli(rng, p, y.shape)

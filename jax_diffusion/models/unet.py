@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_diffusion.models.layers import (
     AttentionBlock,
@@ -31,6 +32,8 @@ from jax_diffusion.models.layers import (
     ResBlock,
     Upsample,
     check_denoiser_inputs,
+    check_field_dtype,
+    check_field_int,
     timestep_embedding,
 )
 
@@ -81,31 +84,38 @@ class UNet(nn.Module):
 
     def _check_config(self) -> None:
         """Validates the static fields; raises ValueError."""
-        if self.base_channels <= 0 or self.base_channels % 2:
+        check_field_int("base_channels", self.base_channels, 1)
+        if self.base_channels % 2:
             raise ValueError(
                 f"base_channels must be a positive even int (it is the sinusoidal embedding "
                 f"width); got {self.base_channels}"
             )
-        if len(self.channel_mults) == 0 or any(m <= 0 for m in self.channel_mults):
+        mults = self.channel_mults
+        if (
+            len(mults) == 0
+            or any(isinstance(m, bool) or not isinstance(m, int | np.integer) for m in mults)
+            or any(m <= 0 for m in mults)
+        ):
             raise ValueError(
-                f"channel_mults must be a non-empty sequence of positive ints; "
-                f"got {self.channel_mults}"
+                f"channel_mults must be a non-empty sequence of positive ints; got {mults}"
             )
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1; got {self.num_res_blocks}")
-        if self.num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1; got {self.num_heads}")
+        check_field_int("num_res_blocks", self.num_res_blocks, 1)
+        check_field_int("num_heads", self.num_heads, 1)
+        check_field_int("num_groups", self.num_groups, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
-        if self.out_channels is not None and self.out_channels <= 0:
-            raise ValueError(f"out_channels must be positive or None; got {self.out_channels}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int or None; got {self.num_classes}")
-        channels = sorted({self.base_channels * m for m in self.channel_mults})
-        if self.num_groups < 1 or any(c % self.num_groups for c in channels):
+        if self.out_channels is not None:
+            check_field_int("out_channels", self.out_channels, 1)
+        if self.num_classes is not None:
+            check_field_int("num_classes", self.num_classes, 1)
+        check_field_dtype("dtype", self.dtype)
+        check_field_dtype("param_dtype", self.param_dtype)
+        # conv_in's output (base_channels wide) is normalised and concatenated too
+        channels = sorted({self.base_channels} | {self.base_channels * m for m in mults})
+        if any(c % self.num_groups for c in channels):
             raise ValueError(
-                f"num_groups must divide every level's channel count {channels}; "
-                f"got num_groups={self.num_groups}"
+                f"num_groups must divide every level's channel count {channels} (base_channels "
+                f"and base_channels * channel_mults); got num_groups={self.num_groups}"
             )
 
     @nn.compact
@@ -145,6 +155,14 @@ class UNet(nn.Module):
                 f"got H={x.shape[1]}, W={x.shape[2]}"
             )
 
+        sizes = sorted({x.shape[1] // 2**level for level in range(len(self.channel_mults))})
+        unused = sorted(set(self.attention_resolutions) - set(sizes))
+        if unused:
+            raise ValueError(
+                f"attention_resolutions must name feature-map sizes of this UNet, {sizes} for "
+                f"H={x.shape[1]} (or be empty: attention only in the middle block); got "
+                f"{tuple(self.attention_resolutions)}, with {unused} never reached"
+            )
         ch = self.base_channels
         last = len(self.channel_mults) - 1
         attn_channels = {ch * self.channel_mults[-1]} | {
