@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 
@@ -57,7 +59,6 @@ def load_config(spec: str, overrides: list[str] | None = None):
     import ast
     import importlib
     import importlib.util
-    import os
 
     path, _, variant = spec.partition(":")
     path = os.path.abspath(path)
@@ -86,8 +87,8 @@ def load_config(spec: str, overrides: list[str] | None = None):
             value = raw
         try:
             set_config_value(config, key, value)
-        except ValueError as err:
-            raise ValueError(f"--set: {err}") from None
+        except (ValueError, TypeError) as err:  # TypeError: ml_collections' type safety
+            raise ValueError(f"--set {item}: {err}") from None
     return config
 
 
@@ -135,14 +136,16 @@ def _sample(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         guidance=args.guidance,
     )
-    train._save_samples(np.asarray(images), args.out)
+    images = np.asarray(images)
+    bad = int((~np.isfinite(images).reshape(len(images), -1).all(axis=1)).sum())
+    if bad:  # a black or saturated grid would pass for a result
+        raise FloatingPointError(f"{bad} of {len(images)} samples are not finite; nothing written")
+    train._save_samples(images, args.out)
     print(json.dumps({"out": args.out, "num": args.num, "step": step}))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import os
-
     from jax_diffusion.evaluation import evaluate_workdir
 
     metrics = evaluate_workdir(
@@ -163,11 +166,45 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int; got {text}")
+def _int_in(low: int, high: int | None = None, what: str = ""):
+    """An argparse type: an int in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an int {allowed}{what}; got {text!r}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its own messages
+    return parse
+
+
+_positive_int = _int_in(1)
+_seed = _int_in(0, 2**32 - 1, " (a PRNGKey keeps 32 bits)")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
     return value
+
+
+def _image_path(text: str) -> str:
+    from PIL import Image
+
+    if Image.registered_extensions().get(os.path.splitext(text)[1].lower()) is None:
+        raise argparse.ArgumentTypeError(
+            f"must end in an image extension such as .png; got {text!r}"
+        )
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,11 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="sample a grid from a workdir's latest EMA params")
     sa.add_argument("--workdir", required=True)
     sa.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
-    sa.add_argument("--steps", type=_positive_int, default=None)
+    sa.add_argument("--steps", type=_positive_int, default=None, help="ddim and dpm++ only")
     sa.add_argument("--num", type=_positive_int, default=64)
-    sa.add_argument("--guidance", type=float, default=None)
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--out", default="grid.png")
+    sa.add_argument("--guidance", type=_finite_float, default=None)
+    sa.add_argument("--seed", type=_seed, default=0)
+    sa.add_argument("--out", type=_image_path, default="grid.png")
     sa.set_defaults(func=_sample)
 
     ev = sub.add_parser(
@@ -206,11 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
-    ev.add_argument("--steps", type=_positive_int, default=None)
-    ev.add_argument("--num", type=_positive_int, default=1000)
-    ev.add_argument("--guidance", type=float, default=None)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--bpd-examples", type=int, default=0, help="test digits for bits/dim")
+    ev.add_argument("--steps", type=_positive_int, default=None, help="ddim and dpm++ only")
+    ev.add_argument("--num", type=_int_in(4, what=" (recall's 3-NN radii need 4)"), default=1000)
+    ev.add_argument("--guidance", type=_finite_float, default=None)
+    ev.add_argument("--seed", type=_seed, default=0)
+    ev.add_argument(
+        "--bpd-examples", type=_int_in(0, 297), default=0, help="test digits for bits/dim"
+    )
     ev.add_argument("--out", default=None, help="also write the JSON here")
     ev.set_defaults(func=_evaluate)
     return parser

@@ -588,7 +588,8 @@ def evaluate_workdir(
       workdir: the training run's directory.
       num_samples: number of generated images, >= 4 (recall's 3-NN radii need 4).
       sampler: 'ddpm' | 'ddim' | 'dpm++'; None for config.sample.sampler.
-      num_steps: sampling steps (ddim, dpm++); None for config.sample.num_steps.
+      num_steps: sampling steps (ddim, dpm++; an error with ddpm, which runs all T steps);
+        None for config.sample.num_steps.
       guidance: classifier-free guidance scale w (conditional models); None for the config's.
       seed: sampling seed in [0, 2**32) (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1)).
       batch_size: images per sampling (and bits/dim) call.
@@ -633,12 +634,18 @@ def evaluate_workdir(
     schedule = train.get_schedule(config.diffusion)
     s = config.sample
     sampler = s.sampler if sampler is None else sampler
+    if sampler == "ddpm" and num_steps is not None:
+        raise ValueError(
+            f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
+            f"{config.diffusion.num_timesteps} steps (got num_steps={num_steps!r})"
+        )
     num_steps = s.num_steps if num_steps is None else num_steps
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
 
     bs = min(batch_size, num_samples)
     num_batches = -(-num_samples // bs)
-    kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=num_steps, guidance=guidance)
+    steps = None if sampler == "ddpm" else num_steps
+    kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=steps, guidance=guidance)
     sample_batch = jax.jit(
         lambda p, key, y: train.sample(config, model, p, schedule, key, labels=y, **kwargs),
         compiler_options=compiler_options(),

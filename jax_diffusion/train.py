@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -298,17 +299,23 @@ def sample(
     """Draws `num` samples [num, *shape] with the given params (use the EMA params).
 
     sampler: 'ddpm' | 'ddim' | 'dpm++' (default config.sample.sampler); num_steps for ddim and
-    dpm++ (ddpm uses all T steps). For a class-conditional model, labels default to
-    arange(num) % num_classes and guidance (default config.sample.guidance) is the
-    classifier-free guidance scale w (1 = plain conditional).
+    dpm++ (default config.sample.num_steps; ddpm uses all T steps and rejects num_steps). For
+    a class-conditional model, labels default to arange(num) % num_classes and guidance
+    (default config.sample.guidance) is the classifier-free guidance scale w (1 = plain
+    conditional).
     """
     s = config.sample
     sampler = s.sampler if sampler is None else sampler
-    num_steps = s.num_steps if num_steps is None else num_steps
+    explicit_steps, num_steps = num_steps, s.num_steps if num_steps is None else num_steps
     d = config.diffusion
     num_classes = config.model.get("num_classes", None)
     if sampler not in ("ddpm", "ddim", "dpm++"):
         raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}")
+    if sampler == "ddpm" and explicit_steps is not None:
+        raise ValueError(
+            f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
+            f"{config.diffusion.num_timesteps} steps (got num_steps={explicit_steps!r})"
+        )
     if isinstance(num, bool) or not isinstance(num, int | np.integer) or num < 1:
         raise ValueError(f"num must be an int >= 1; got {num!r}")
     if num_classes is None and (labels is not None or guidance is not None):
@@ -452,8 +459,47 @@ class _Writer:
             self._tb.close()
 
 
+_NUMERIC_FIELDS = {  # field -> may it be None
+    "train.num_steps": False,
+    "train.batch_size": False,
+    "train.log_every": False,
+    "train.checkpoint_every": False,
+    "train.max_bad_steps": False,
+    "train.learning_rate": False,
+    "train.warmup_steps": False,
+    "train.ema_decay": False,
+    "train.weight_decay": False,
+    "train.grad_clip": True,
+    "train.sample_every": False,
+    "train.stop_after": False,
+    "diffusion.min_snr_gamma": False,
+    "diffusion.vlb_weight": False,
+    "sample.num_steps": False,
+    "sample.num_samples": False,
+    "sample.eta": False,
+    "sample.guidance": False,
+}
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Each numeric field present is a finite real number (or None where that means off), so
+    the range checks that follow compare numbers; a None used to fail after training."""
+    for key, none_ok in _NUMERIC_FIELDS.items():
+        section, name = key.split(".")
+        if name not in config[section]:
+            continue
+        value = config[section][name]
+        if value is None and none_ok:
+            continue
+        number = not isinstance(value, bool) and isinstance(value, int | float | np.number)
+        if not number or not math.isfinite(value):
+            allowed = "a finite number" + (" or None" if none_ok else "")
+            raise ValueError(f"{key} must be {allowed}; got {value!r}")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Validates the choices of a config before any data is read or any model is built."""
+    _check_numbers(config)
     d = config.diffusion
     jd.diffusion.check_prediction(d.prediction)
     jd.diffusion.check_variance(d.variance)
@@ -498,6 +544,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("sample_every", "stop_after"):
         if not tc.get(key, 0) >= 0:
             raise ValueError(f"train.{key} must be >= 0 (0: off); got {tc[key]!r}")
+    if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"model.dtype must be one of 'float32', 'bfloat16', 'float16'; got {m.dtype!r}"
+        )
     if not 0.0 <= m.get("dropout", 0.0) < 1.0:
         raise ValueError(f"model.dropout must lie in [0, 1); got {m.dropout!r}")
     if not 0.0 <= m.get("class_dropout", 0.0) <= 1.0:
@@ -521,6 +571,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if not s.num_samples >= 1:
         raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
+    if not s.get("eta", 0.0) >= 0:
+        raise ValueError(f"sample.eta must be >= 0; got {s.eta!r}")
+    if not isinstance(s.get("clip_denoised", False), bool):
+        raise ValueError(f"sample.clip_denoised must be True or False; got {s.clip_denoised!r}")
+    # a negative clip norm flips the gradient (optax scales by clip / norm): gradient ascent
+    if tc.get("grad_clip", None) is not None and not tc.grad_clip > 0:
+        raise ValueError(f"train.grad_clip must be > 0 or None (off); got {tc.grad_clip!r}")
+    if not tc.get("weight_decay", 0.0) >= 0:
+        raise ValueError(f"train.weight_decay must be >= 0; got {tc.weight_decay!r}")
+    if not d.get("min_snr_gamma", 5.0) > 0:
+        raise ValueError(f"diffusion.min_snr_gamma must be > 0; got {d.min_snr_gamma!r}")
+    if not d.get("vlb_weight", 0.0) >= 0:
+        raise ValueError(f"diffusion.vlb_weight must be >= 0; got {d.vlb_weight!r}")
 
 
 def check_num_classes(config: ml_collections.ConfigDict, data_num_classes: int) -> None:

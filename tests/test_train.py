@@ -348,6 +348,15 @@ def test_config_loading_and_errors():
         ("sample__num_steps", 51, r"sample.num_steps must lie in \[1, diffusion.num_timesteps=50"),
         ("sample__num_samples", 0, "sample.num_samples must be >= 1"),
         ("diffusion__schedule", "sigmoid", "diffusion.schedule must be one of"),
+        ("model__dtype", "int32", "model.dtype must be one of 'float32', 'bfloat16', 'float16'"),
+        # a negative clip norm trained by gradient ascent (loss 0.42 -> 2e7 on the toy data)
+        ("train__grad_clip", -1.0, r"train.grad_clip must be > 0 or None \(off\); got -1.0"),
+        ("train__weight_decay", -0.1, "train.weight_decay must be >= 0; got -0.1"),
+        ("diffusion__min_snr_gamma", 0.0, "diffusion.min_snr_gamma must be > 0; got 0.0"),
+        # None used to pass, then fail after training (guidance, eta) or with a TypeError
+        ("sample__guidance", None, "sample.guidance must be a finite number; got None"),
+        ("sample__eta", None, "sample.eta must be a finite number; got None"),
+        ("train__ema_decay", None, "train.ema_decay must be a finite number; got None"),
     ]:
         with pytest.raises(ValueError, match=match):  # before any directory is created
             train.train_and_evaluate(smoke(**{key: value}), "/tmp/never-written-either")
@@ -372,10 +381,20 @@ def test_config_loading_and_errors():
             train.train_and_evaluate(config, "/tmp/never-written-either")
     assert not os.path.exists("/tmp/never-written-either")
     for key in ("foo__bar", "train__num_steps__x"):
-        with pytest.raises(ValueError, match="--set: unknown config key"):
+        with pytest.raises(ValueError, match="--set .*=1: unknown config key"):
             smoke(**{key: 1})
-    with pytest.raises(SystemExit):  # argparse: "argument --num: must be a positive int"
-        cli.main(["sample", "--workdir", "/tmp/never-written-either", "--num", "0"])
+    with pytest.raises(ValueError, match="--set train.num_steps=2.0: .*num_steps"):
+        smoke(train__num_steps=2.0)  # ml_collections' TypeError, named after the flag
+    for argv in (
+        ["sample", "--num", "0"],
+        ["sample", "--guidance", "nan"],  # wrote a black grid
+        ["sample", "--seed", "-1"],
+        ["sample", "--out", "grid"],  # failed after sampling
+        ["evaluate", "--num", "3"],
+        ["evaluate", "--bpd-examples", "300"],
+    ):
+        with pytest.raises(SystemExit):  # argparse, before the workdir is read
+            cli.main([*argv, "--workdir", "/tmp/never-written-either"])
 
 
 def test_config_files_are_loaded_afresh(tmp_path):
@@ -446,6 +465,8 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
         (dict(num=-1), "num must be an int >= 1; got -1"),
         (dict(guidance=3.0), "labels and guidance need a class-conditional model"),
         (dict(labels=jnp.zeros(4, jnp.int32)), "labels and guidance need a class-conditional"),
+        # ddpm ignored num_steps: `jax-diffusion sample --sampler ddpm --steps 2` ran all T
+        (dict(sampler="ddpm", num_steps=5), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
     ]:
         kwargs = {"num": 4, **kwargs}
         with pytest.raises(ValueError, match=match):  # before the network is ever called
