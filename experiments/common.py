@@ -32,7 +32,7 @@ import jax_diffusion as jd
 from jax_diffusion import data as data_lib
 from jax_diffusion import diffusion as diffusion_lib
 from jax_diffusion import evaluation, samplers, train
-from jax_diffusion.cli import set_config_value
+from jax_diffusion.cli import _positive_int, _seed, set_config_value
 
 
 def parse_args(description: str, **defaults) -> argparse.Namespace:
@@ -40,10 +40,10 @@ def parse_args(description: str, **defaults) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", default="/tmp/exp", help="parent folder of the training runs")
     p.add_argument("--out", default="experiments/results", help="folder for <name>.json/.png")
-    p.add_argument("--steps", type=int, default=None, help="train steps (2000; smoke: 2)")
-    p.add_argument("--num-samples", type=int, default=defaults.get("num_samples", 1000))
-    p.add_argument("--bpd-examples", type=int, default=defaults.get("bpd_examples", 100))
-    p.add_argument("--seed", type=int, default=0, help="sampling / evaluation seed")
+    p.add_argument("--steps", type=_positive_int, default=None, help="train steps (2000; smoke: 2)")
+    p.add_argument("--num-samples", type=_positive_int, default=defaults.get("num_samples", 1000))
+    p.add_argument("--bpd-examples", type=_positive_int, default=defaults.get("bpd_examples", 100))
+    p.add_argument("--seed", type=_seed, default=0, help="sampling / evaluation seed")
     p.add_argument("--smoke", action="store_true", help="tiny model and counts (tests)")
     return p
 
@@ -91,6 +91,9 @@ def make_config(
 def train_run(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains `config` in `workdir`, or reuses the run if `done.json` records the same config.
 
+    A workdir holding a run of another config (finished, or killed before `done.json`) is an
+    error: training there would resume that run's checkpoint under this config.
+
     Returns:
       {"workdir", "train_seconds", "final_loss", "steps", "reused"}.
     """
@@ -101,6 +104,14 @@ def train_run(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]
             done = json.load(f)
         if done.get("config") == cfg:
             return {**{k: v for k, v in done.items() if k != "config"}, "reused": True}
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            if json.load(f) != cfg:
+                raise ValueError(
+                    f"{workdir} holds a run of a different config (other --steps or settings); "
+                    "pass another --workdir or delete it"
+                )
     summary = train_and_evaluate_quiet(config, workdir)  # it writes config.json itself
     done = {
         "workdir": os.path.abspath(workdir),

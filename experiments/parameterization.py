@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
         info = common.train_run(workdir, config)
         run = common.load(workdir)
         common.log(f"{kind}: sampling {num}")
-        samples, seconds = common.draw_samples(run, num=num, sampler="ddim", num_steps=50)
+        samples, seconds = common.draw_samples(
+            run, num=num, sampler="ddim", num_steps=50, seed=args.seed
+        )
         quality = common.measure(samples)
         common.log(f"{kind}: {quality}; bits/dim on {bpd_n} test digits")
         bpd = common.bits_per_dim(run, num_examples=bpd_n, seed=args.seed)

@@ -96,3 +96,6 @@ def test_train_run_reuses_a_finished_workdir(dirs):
     config = common.make_config({}, steps=2, smoke=True)
     info = common.train_run(workdir, config)
     assert info["reused"] and info["steps"] == 2
+    # another config there would resume that run's checkpoint under new settings
+    with pytest.raises(ValueError, match="holds a run of a different config"):
+        common.train_run(workdir, common.make_config({}, steps=3, smoke=True))

@@ -1,8 +1,8 @@
 """Class-conditional digits with classifier-free guidance (label dropout 0.1, guidance 3).
 
 Run:  jax-diffusion train --config experiments/configs/digits_cond.py --workdir /tmp/digits_cond
-      jax-diffusion sample --workdir /tmp/digits_cond --guidance 3 --out grid.png
-Expect: each row of the grid cycles through the classes 0-9.
+      jax-diffusion sample --workdir /tmp/digits_cond --guidance 3 --num 100 --out grid.png
+Expect: a 10 x 10 grid whose rows each run through the classes 0-9 (sample i has label i % 10).
 """
 
 from experiments.configs import default
