@@ -34,6 +34,7 @@ __all__ = [
     "DatasetInfo",
     "GrainIterator",
     "TOY_2D_NAMES",
+    "check_data",
     "check_images",
     "get_dataset",
     "load_digits",
@@ -91,13 +92,26 @@ def check_images(images: np.ndarray, *, name: str = "images") -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"{name} must be NHWC [N, H, W, C]; got shape {images.shape}")
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"{name} must be floating with values in [-1, 1]; got {images.dtype}")
-    if images.size and not (np.isfinite(images).all() and -1 <= images.min() <= images.max() <= 1):
+    return check_data(images, name=name)
+
+
+def check_data(x, *, name: str = "x") -> np.ndarray:
+    """Checks that `x` (any shape) is floating with every value finite and in [-1, 1].
+
+    Returns:
+      `x` as a NumPy array, values unchanged.
+
+    Raises:
+      ValueError: non-float dtype, NaN/inf, or a value outside [-1, 1].
+    """
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be floating data in [-1, 1]; got dtype {x.dtype}")
+    if x.size and not (np.isfinite(x).all() and -1 <= x.min() <= x.max() <= 1):
         raise ValueError(
-            f"{name} must have values in [-1, 1]; got range [{images.min()}, {images.max()}]"
+            f"{name} must be finite with values in [-1, 1]; got range [{np.min(x)}, {np.max(x)}]"
         )
-    return images
+    return x
 
 
 def uint8_to_float(image: np.ndarray, image_size: int | None = None) -> np.ndarray:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion.backend import compiler_options
+from jax_diffusion.data import check_data
 from jax_diffusion.diffusion import check_prediction, check_variance
 from jax_diffusion.losses import nll_bpd
 from jax_diffusion.schedules import Schedule
@@ -74,18 +75,6 @@ def _check_int(name: str, value, *, minimum: int, maximum: int | None = None) ->
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be an int {allowed}; got {value!r}")
     return int(value)
-
-
-def _check_data(name: str, x) -> np.ndarray:
-    """x as a floating array, after checking every value is finite and in [-1, 1]."""
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name} must be floating data in [-1, 1]; got dtype {x.dtype}")
-    if x.size and not (np.isfinite(x).all() and -1 <= x.min() <= x.max() <= 1):
-        raise ValueError(
-            f"{name} must be finite with values in [-1, 1]; got range [{np.min(x)}, {np.max(x)}]"
-        )
-    return x
 
 
 def _as_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
@@ -384,7 +373,7 @@ def to_digits_resolution(images) -> np.ndarray:
     Raises:
       ValueError: any other shape, a non-float dtype, or values not finite and in [-1, 1].
     """
-    images = _check_data("images", images).astype(np.float32)
+    images = check_data(images, name="images").astype(np.float32)
     if images.ndim != 4 or images.shape[1:] not in ((8, 8, 1), (16, 16, 1)) or not len(images):
         raise ValueError(f"images must be [N, 8, 8, 1] or [N, 16, 16, 1]; got {images.shape}")
     if images.shape[1] == 16:
@@ -513,7 +502,7 @@ def bits_per_dim(
     check_prediction(prediction)
     check_variance(variance)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
-    images = _check_data("images", images)
+    images = check_data(images, name="images")
     n = len(images) if images.ndim else 0
     if n == 0:
         raise ValueError(f"images must hold at least one example; got shape {images.shape}")
