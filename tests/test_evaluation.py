@@ -485,9 +485,8 @@ def smoke_workdir(tmp_path_factory):
 
 
 def test_evaluate_workdir_on_a_smoke_run(smoke_workdir):
-    metrics = evaluate_workdir(
-        smoke_workdir, num_samples=16, batch_size=12, bpd_examples=5, progress=False
-    )
+    # the default batch size: the same sampling program as the CLI test below (one compile)
+    metrics = evaluate_workdir(smoke_workdir, num_samples=16, bpd_examples=5, progress=False)
     assert set(metrics) == EXPECTED_KEYS | BPD_KEYS
     json.dumps(metrics)  # JSON-able as returned
     assert metrics["step"] == 2 and metrics["num_samples"] == 16
@@ -505,6 +504,17 @@ def test_evaluate_workdir_on_a_smoke_run(smoke_workdir):
     np.testing.assert_allclose(parts, metrics["bpd"], rtol=1e-6)
     with pytest.raises(ValueError, match="num_samples must be an int >= 4"):
         evaluate_workdir(smoke_workdir, num_samples=3)
+
+
+def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    argv = ["evaluate", "--workdir", smoke_workdir, "--num", "16", "--steps", "3"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert printed["num_samples"] == 16 and printed["num_steps"] == 3
+    for key in ("fd_test", "fd_train", "precision", "recall", "inception_score"):
+        assert math.isfinite(printed[key]), key
 
 
 @pytest.mark.parametrize(
