@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping
 import jax
 import numpy as np
 
+from jax_diffusion._checks import check_int
+
 __all__ = [
     "ArrayIterator",
     "DatasetInfo",
@@ -63,12 +65,6 @@ class DatasetInfo:
     shape: tuple[int, ...]
     num_classes: int
     num_examples: int
-
-
-def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return int(value)
 
 
 def _check_choice(name: str, value, allowed) -> None:
@@ -130,7 +126,7 @@ def uint8_to_float(image: np.ndarray, image_size: int | None = None) -> np.ndarr
       ValueError: dtype not uint8, rank not 2 or 3, an empty axis, or image_size not an int >= 1.
     """
     if image_size is not None:
-        image_size = _check_int("image_size", image_size, minimum=1)
+        image_size = check_int("image_size", image_size, 1)
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 with values in [0, 255]; got dtype {image.dtype}")
@@ -234,8 +230,8 @@ def toy_2d(
       labels: [N] int32.
     """
     _check_choice("name", name, TOY_2D_NAMES)
-    num_samples = _check_int("num_samples", num_samples, minimum=1)
-    rng = np.random.default_rng(_check_int("seed", seed, minimum=0))
+    num_samples = check_int("num_samples", num_samples, 1)
+    rng = np.random.default_rng(check_int("seed", seed, 0))
     if noise is None:
         noise = {"swiss_roll": 0.02, "two_moons": 0.05, "eight_gaussians": 0.1}[name]
     if (
@@ -286,9 +282,9 @@ class _BatchPlan:
     @staticmethod
     def check_args(global_batch_size, seed, process_index, process_count, drop) -> tuple:
         """The arguments that do not depend on the data, checked (before any data is opened)."""
-        process_count = _check_int("process_count", process_count, minimum=1)
-        process_index = _check_int("process_index", process_index, minimum=0)
-        global_batch_size = _check_int("global_batch_size", global_batch_size, minimum=1)
+        process_count = check_int("process_count", process_count, 1)
+        process_index = check_int("process_index", process_index, 0)
+        global_batch_size = check_int("global_batch_size", global_batch_size, 1)
         if process_index >= process_count:
             raise ValueError(f"process_index must lie in [0, {process_count}); got {process_index}")
         if global_batch_size % process_count:
@@ -296,14 +292,14 @@ class _BatchPlan:
                 f"global_batch_size must be divisible by process_count={process_count}; "
                 f"got {global_batch_size}"
             )
-        seed = _check_int("seed", seed, minimum=0)
+        seed = check_int("seed", seed, 0)
         if not isinstance(drop, bool | np.bool_):
             raise ValueError(f"drop_remainder must be True or False; got {drop!r}")
         return global_batch_size, seed, process_index, process_count, bool(drop)
 
     @classmethod
     def create(cls, num_examples, global_batch_size, seed, process_index, process_count, drop):
-        num_examples = _check_int("num_examples", num_examples, minimum=1)
+        num_examples = check_int("num_examples", num_examples, 1)
         args = cls.check_args(global_batch_size, seed, process_index, process_count, drop)
         if args[0] > num_examples:
             raise ValueError(
@@ -329,8 +325,8 @@ class _BatchPlan:
 
     def step(self, epoch: int, position: int) -> int:
         """Inverse of `start`; ValueError if (epoch, position) is not a batch boundary."""
-        epoch = _check_int("state['epoch']", epoch, minimum=0)
-        position = _check_int("state['position']", position, minimum=0)
+        epoch = check_int("state['epoch']", epoch, 0)
+        position = check_int("state['position']", position, 0)
         g = self.global_batch_size
         if self.drop_remainder:
             ok = position % g == 0 and position // g < self.steps_per_epoch
@@ -584,9 +580,9 @@ def tfds_iterator(
             f"tfds_iterator needs the data extra: pip install 'jax_diffusion[data]' ({e})"
         ) from e
 
-    num_workers = _check_int("num_workers", num_workers, minimum=0)
+    num_workers = check_int("num_workers", num_workers, 0)
     if image_size is not None:
-        image_size = _check_int("image_size", image_size, minimum=1)
+        image_size = check_int("image_size", image_size, 1)
     if not isinstance(split, str):
         raise ValueError(f"split must be a tfds split string such as 'train'; got {split!r}")
     process_index, process_count = _default_processes(process_index, process_count)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_diffusion._checks import check_int
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.data import check_data
 from jax_diffusion.diffusion import check_prediction, check_variance
@@ -63,18 +64,6 @@ __all__ = [
 # `python3 -m experiments.train_digits_classifier`; tests check the checkpoint reproduces it.
 DIGITS_CLASSIFIER_TEST_ACCURACY = 285 / 297  # 0.9596; 0.9529 on the 16x16 (bilinear) test digits
 _ASSET = "digits_classifier_8x8.msgpack"
-
-
-def _check_int(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | np.integer)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an int {allowed}; got {value!r}")
-    return int(value)
 
 
 def _as_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
@@ -282,8 +271,8 @@ def precision_recall(
     Raises:
       ValueError: bad shapes, non-finite features, k or batch_size out of range.
     """
-    k = _check_int("k", k, minimum=1)
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    k = check_int("k", k, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     real = _as_matrix("real_features", real_features, min_rows=k + 1)
     fake = _as_matrix("fake_features", fake_features, min_rows=k + 1)
     if real.shape[1] != fake.shape[1]:
@@ -434,7 +423,7 @@ def digits_features(images, *, batch_size: int = 500) -> np.ndarray:
     Returns:
       [N, 64] float32 features.
     """
-    return _classify(images, _check_int("batch_size", batch_size, minimum=1))[1]
+    return _classify(images, check_int("batch_size", batch_size, 1))[1]
 
 
 def digits_logits(images, *, batch_size: int = 500) -> np.ndarray:
@@ -442,7 +431,7 @@ def digits_logits(images, *, batch_size: int = 500) -> np.ndarray:
 
     Args: as for `digits_features`.
     """
-    return _classify(images, _check_int("batch_size", batch_size, minimum=1))[0]
+    return _classify(images, check_int("batch_size", batch_size, 1))[0]
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
@@ -501,7 +490,7 @@ def bits_per_dim(
     """
     check_prediction(prediction)
     check_variance(variance)
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    batch_size = check_int("batch_size", batch_size, 1)
     images = check_data(images, name="images")
     n = len(images) if images.ndim else 0
     if n == 0:
@@ -603,16 +592,14 @@ def evaluate_workdir(
     from jax_diffusion import data as data_lib
     from jax_diffusion import train
 
-    num_samples = _check_int("num_samples", num_samples, minimum=4)
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
-    bpd_examples = _check_int(
-        "bpd_examples", bpd_examples, minimum=0, maximum=data_lib.DIGITS_NUM_TEST
-    )
-    seed = _check_int("seed", seed, minimum=0, maximum=2**32 - 1)  # PRNGKey keeps 32 bits
+    num_samples = check_int("num_samples", num_samples, 4)
+    batch_size = check_int("batch_size", batch_size, 1)
+    bpd_examples = check_int("bpd_examples", bpd_examples, 0, data_lib.DIGITS_NUM_TEST)
+    seed = check_int("seed", seed, 0, 2**32 - 1)  # PRNGKey keeps 32 bits
     if sampler is not None and sampler not in ("ddpm", "ddim", "dpm++"):
         raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++' or None; got {sampler!r}")
     if num_steps is not None:
-        num_steps = _check_int("num_steps", num_steps, minimum=1)
+        num_steps = check_int("num_steps", num_steps, 1)
     config, shape, model, params, step = _restore_ema_params(workdir)
     num_classes = config.model.get("num_classes", None)
     if guidance is not None and not num_classes:

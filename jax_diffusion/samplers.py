@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_diffusion._checks import check_int as _check_int
 from jax_diffusion.diffusion import (
     _is_concrete,
     check_prediction,
@@ -83,16 +84,6 @@ class StepOutput(NamedTuple):
 
 # --------------------------------------------------------------------------------------------
 # Validation helpers (eager, on static / concrete arguments).
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    ok = not isinstance(value, bool) and isinstance(value, int | np.integer)
-    if ok:
-        ok = value >= low and (high is None or value <= high)
-    if not ok:
-        allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
-    return int(value)
 
 
 def _check_spacing(spacing: str) -> str:

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 import jax_diffusion as jd
 from jax_diffusion import data as data_lib
 from jax_diffusion import samplers
+from jax_diffusion._checks import check_int
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.checkpoints import CheckpointManager
 from jax_diffusion.diffusion import _is_concrete
@@ -316,8 +317,7 @@ def sample(
             f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
             f"{config.diffusion.num_timesteps} steps (got num_steps={explicit_steps!r})"
         )
-    if isinstance(num, bool) or not isinstance(num, int | np.integer) or num < 1:
-        raise ValueError(f"num must be an int >= 1; got {num!r}")
+    check_int("num", num, 1)
     if num_classes is None and (labels is not None or guidance is not None):
         raise ValueError(
             "labels and guidance need a class-conditional model (model.num_classes is None); "

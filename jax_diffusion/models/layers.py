@@ -29,7 +29,6 @@ Dtype = Any
 
 __all__ = [
     "AttentionBlock",
-    "check_field_int",
     "check_field_dtype",
     "Downsample",
     "GroupNorm",
@@ -43,13 +42,6 @@ __all__ = [
 ]
 
 _zeros = nn.initializers.zeros
-
-
-def check_field_int(name: str, value, minimum: int) -> int:
-    """A module field that must be an int >= minimum (not a bool, not a float such as 8.0)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return int(value)
 
 
 def check_field_dtype(name: str, value) -> None:

@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_diffusion._checks import check_int
 from jax_diffusion.models.layers import (
     check_denoiser_inputs,
     check_field_dtype,
-    check_field_int,
     timestep_embedding,
 )
 
@@ -78,18 +78,18 @@ class MLPDenoiser(nn.Module):
         Raises:
           ValueError: on a bad field value or input shape.
         """
-        check_field_int("hidden_dim", self.hidden_dim, 1)
-        check_field_int("num_layers", self.num_layers, 0)
-        check_field_int("time_embed_dim", self.time_embed_dim, 2)
+        check_int("hidden_dim", self.hidden_dim, 1)
+        check_int("num_layers", self.num_layers, 0)
+        check_int("time_embed_dim", self.time_embed_dim, 2)
         if self.time_embed_dim % 2:
             raise ValueError(
                 f"time_embed_dim must be a positive even int (sin and cos pairs); "
                 f"got {self.time_embed_dim}"
             )
         if self.out_dim is not None:
-            check_field_int("out_dim", self.out_dim, 1)
+            check_int("out_dim", self.out_dim, 1)
         if self.num_classes is not None:
-            check_field_int("num_classes", self.num_classes, 1)
+            check_int("num_classes", self.num_classes, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
         check_field_dtype("dtype", self.dtype)

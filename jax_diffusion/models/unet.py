@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_diffusion._checks import check_int
 from jax_diffusion.models.layers import (
     AttentionBlock,
     Downsample,
@@ -33,7 +34,6 @@ from jax_diffusion.models.layers import (
     Upsample,
     check_denoiser_inputs,
     check_field_dtype,
-    check_field_int,
     timestep_embedding,
 )
 
@@ -84,7 +84,7 @@ class UNet(nn.Module):
 
     def _check_config(self) -> None:
         """Validates the static fields; raises ValueError."""
-        check_field_int("base_channels", self.base_channels, 1)
+        check_int("base_channels", self.base_channels, 1)
         if self.base_channels % 2:
             raise ValueError(
                 f"base_channels must be a positive even int (it is the sinusoidal embedding "
@@ -99,15 +99,15 @@ class UNet(nn.Module):
             raise ValueError(
                 f"channel_mults must be a non-empty sequence of positive ints; got {mults}"
             )
-        check_field_int("num_res_blocks", self.num_res_blocks, 1)
-        check_field_int("num_heads", self.num_heads, 1)
-        check_field_int("num_groups", self.num_groups, 1)
+        check_int("num_res_blocks", self.num_res_blocks, 1)
+        check_int("num_heads", self.num_heads, 1)
+        check_int("num_groups", self.num_groups, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
         if self.out_channels is not None:
-            check_field_int("out_channels", self.out_channels, 1)
+            check_int("out_channels", self.out_channels, 1)
         if self.num_classes is not None:
-            check_field_int("num_classes", self.num_classes, 1)
+            check_int("num_classes", self.num_classes, 1)
         check_field_dtype("dtype", self.dtype)
         check_field_dtype("param_dtype", self.param_dtype)
         # conv_in's output (base_channels wide) is normalised and concatenated too
