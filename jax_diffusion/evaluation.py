@@ -610,18 +610,12 @@ def evaluate_workdir(
     schedule = train.get_schedule(config.diffusion)
     s = config.sample
     sampler = s.sampler if sampler is None else sampler
-    if sampler == "ddpm" and num_steps is not None:
-        raise ValueError(
-            f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
-            f"{config.diffusion.num_timesteps} steps (got num_steps={num_steps!r})"
-        )
-    num_steps = s.num_steps if num_steps is None else num_steps
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
 
     bs = min(batch_size, num_samples)
     num_batches = -(-num_samples // bs)
-    steps = None if sampler == "ddpm" else num_steps
-    kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=steps, guidance=guidance)
+    # num_steps as given: train.sample takes None as the config's and rejects it with ddpm
+    kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=num_steps, guidance=guidance)
     sample_batch = jax.jit(
         lambda p, key, y: train.sample(config, model, p, schedule, key, labels=y, **kwargs),
         compiler_options=compiler_options(),
@@ -646,12 +640,13 @@ def evaluate_workdir(
     train_feats = _classify(data_lib.load_digits(shape[0], "train")[0])[1]
     fake, test, trn = (FeatureStats.from_features(x) for x in (fake_feats, test_feats, train_feats))
     pr = precision_recall(test_feats, fake_feats, k=3)
+    steps_used = int(s.num_steps if num_steps is None else num_steps)
     metrics: dict[str, Any] = {
         "workdir": os.path.abspath(workdir),
         "step": step,
         "num_samples": num_samples,
         "sampler": sampler,
-        "num_steps": None if sampler == "ddpm" else int(num_steps),
+        "num_steps": None if sampler == "ddpm" else steps_used,
         "guidance": None if guidance is None else float(guidance),
         "seed": seed,
         "image_size": shape[0],

@@ -526,6 +526,7 @@ def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, c
         (dict(guidance=5.0), "guidance=5.0 needs a class-conditional model"),
         (dict(bpd_examples=1000), r"bpd_examples must be an int in \[0, 297\]; got 1000"),
         (dict(seed=2**64), r"seed must be an int in \[0, 4294967295\]"),
+        (dict(sampler="ddpm", num_steps=3), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
     ],
 )
 def test_evaluate_workdir_rejects_bad_arguments(smoke_workdir, kwargs, match):
