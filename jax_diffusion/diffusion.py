@@ -26,6 +26,7 @@ __all__ = [
     "PREDICTIONS",
     "VARIANCES",
     "PMeanVariance",
+    "check_denoising",
     "check_prediction",
     "check_t",
     "check_variance",
@@ -53,6 +54,20 @@ def check_prediction(prediction: str) -> str:
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of 'eps', 'x0', 'v'; got {prediction!r}")
     return prediction
+
+
+def check_denoising(clip_denoised, denoised_fn) -> None:
+    """Raises ValueError unless clip_denoised is a bool and denoised_fn None or a callable.
+
+    clip_denoised selects the computation (a Python bool): a truthy string or a threshold such
+    as 0.5 would otherwise silently clip to [-1, 1].
+    """
+    if not isinstance(clip_denoised, bool | np.bool_):
+        raise ValueError(f"clip_denoised must be True or False; got {clip_denoised!r}")
+    if denoised_fn is not None and not callable(denoised_fn):
+        raise ValueError(
+            f"denoised_fn must be a callable x0_hat -> x0_hat or None; got {denoised_fn!r}"
+        )
 
 
 def check_variance(variance: str) -> str:
@@ -307,15 +322,9 @@ def denoised_estimates(
       denoised_fn: None or a callable x0_hat -> x0_hat.
 
     Raises:
-      ValueError: clip_denoised not a bool (a truthy string or threshold would silently clip
-        to [-1, 1]), or denoised_fn not callable.
+      ValueError: clip_denoised not a bool, or denoised_fn not callable (`check_denoising`).
     """
-    if not isinstance(clip_denoised, bool | np.bool_):
-        raise ValueError(f"clip_denoised must be True or False; got {clip_denoised!r}")
-    if denoised_fn is not None and not callable(denoised_fn):
-        raise ValueError(
-            f"denoised_fn must be a callable x0_hat -> x0_hat or None; got {denoised_fn!r}"
-        )
+    check_denoising(clip_denoised, denoised_fn)
     x0_hat, eps_hat = predict_x0_eps(
         schedule, model_output=model_output, xt=xt, t=t, prediction=prediction
     )

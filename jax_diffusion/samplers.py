@@ -41,6 +41,7 @@ import numpy as np
 from jax_diffusion._checks import check_int as _check_int
 from jax_diffusion.diffusion import (
     _is_concrete,
+    check_denoising,
     check_prediction,
     check_variance,
     denoised_estimates,
@@ -138,13 +139,6 @@ def _check_stride(return_trajectory) -> int | None:
     )
 
 
-def _check_denoised_fn(denoised_fn) -> None:
-    if denoised_fn is not None and not callable(denoised_fn):
-        raise ValueError(
-            f"denoised_fn must be a callable x0_hat -> x0_hat or None; got {denoised_fn!r}"
-        )
-
-
 def _check_model_and_schedule(model_fn, schedule) -> None:
     if not callable(model_fn):
         raise ValueError(f"model_fn must be a callable model_fn(x, t); got {model_fn!r}")
@@ -153,11 +147,6 @@ def _check_model_and_schedule(model_fn, schedule) -> None:
             "schedule must be a jax_diffusion Schedule (e.g. Schedule.from_betas(betas)); got "
             f"{type(schedule).__name__}"
         )
-
-
-def _check_clip(clip_denoised) -> None:
-    if not isinstance(clip_denoised, bool | np.bool_):
-        raise ValueError(f"clip_denoised must be True or False; got {clip_denoised!r}")
 
 
 def _check_t_order(schedule, t, t_prev, t_last=None) -> None:
@@ -196,8 +185,7 @@ def _check_common(
     _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
-    _check_clip(clip_denoised)
-    _check_denoised_fn(denoised_fn)
+    check_denoising(clip_denoised, denoised_fn)
     return _check_x(x_T), _check_stride(return_trajectory)
 
 
@@ -367,7 +355,7 @@ def ddpm_step(
     _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
-    _check_clip(clip_denoised)
+    check_denoising(clip_denoised, denoised_fn)
     _check_rng(rng, why=" for the noise of a DDPM step")
     x = _check_x(x, "x")
     t = _check_step_t(t, x, "t")
@@ -558,7 +546,7 @@ def ddim_step(
     _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
-    _check_clip(clip_denoised)
+    check_denoising(clip_denoised, denoised_fn)
     deterministic = _check_eta(eta)
     if not deterministic:
         _check_rng(rng, why=" when eta is not 0")
@@ -701,7 +689,7 @@ def dpm_solver_pp_step(
     _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
     check_variance(variance)
-    _check_clip(clip_denoised)
+    check_denoising(clip_denoised, denoised_fn)
     x = _check_x(x, "x")
     t = _check_step_t(t, x, "t")
     t_prev = _check_step_t(t_prev, x, "t_prev")
