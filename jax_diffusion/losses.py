@@ -367,6 +367,10 @@ def diffusion_loss(
         weighting=weighting,
         min_snr_gamma=min_snr_gamma,
     )  # validates weighting and gamma before any work
+    if isinstance(vlb_weight, bool) or (
+        isinstance(vlb_weight, int | float) and not vlb_weight >= 0
+    ):
+        raise ValueError(f"vlb_weight must be a number >= 0; got {vlb_weight!r}")
     if draws is None:
         t, noise = training_draws(schedule, x0, rng)
     else:

@@ -297,6 +297,8 @@ def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
         (dict(prediction="score"), "prediction must be one of 'eps', 'x0', 'v'; got 'score'"),
         (dict(variance="learned"), "variance must be one of .*got 'learned'"),
         (dict(weighting="min_snr", min_snr_gamma=0.0), "min_snr_gamma must be > 0; got 0.0"),
+        # a negative hybrid weight rewards a worse variational bound
+        (dict(variance="learned_range", vlb_weight=-1.0), "vlb_weight must be a number >= 0"),
         (
             dict(draws=(jnp.zeros((3,), jnp.int32), jnp.zeros((2, 3)))),
             r"draws must be \(t \[B\], noise \[B, ...\]\) with x0's shape \(2, 3\); got t \(3,\)",
