@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_diffusion._checks import check_int
 from jax_diffusion.train_state import TrainState
 
 __all__ = ["CheckpointManager"]
@@ -48,15 +48,8 @@ class CheckpointManager:
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
     ):
-        for name, value in (
-            ("max_to_keep", max_to_keep),
-            ("save_interval_steps", save_interval_steps),
-        ):
-            if value is None and name == "max_to_keep":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                allowed = "an int >= 1 or None" if name == "max_to_keep" else "an int >= 1"
-                raise ValueError(f"{name} must be {allowed}; got {value!r}")
+        check_int("max_to_keep", max_to_keep, 1, none_ok=True)
+        check_int("save_interval_steps", save_interval_steps, 1)
         workdir = os.fspath(workdir)
         if "://" not in workdir:
             workdir = os.path.abspath(workdir)

@@ -137,9 +137,7 @@ def _sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
     )
     images = np.asarray(images)
-    bad = int((~np.isfinite(images).reshape(len(images), -1).all(axis=1)).sum())
-    if bad:  # a black or saturated grid would pass for a result
-        raise FloatingPointError(f"{bad} of {len(images)} samples are not finite; nothing written")
+    train.check_finite_samples(images)  # before anything is written
     train._save_samples(images, args.out)
     print(json.dumps({"out": args.out, "num": args.num, "step": step}))
     return 0

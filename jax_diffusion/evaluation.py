@@ -630,9 +630,7 @@ def evaluate_workdir(
         chunks.append(jax.device_get(sample_batch(params, jax.random.fold_in(rng, i), labels)))
     samples = np.concatenate(chunks)[:num_samples]
     sample_seconds = time.perf_counter() - t0
-    bad = int((~np.isfinite(samples).reshape(num_samples, -1).all(axis=1)).sum())
-    if bad:
-        raise FloatingPointError(f"{bad} of {num_samples} samples are not finite")
+    train.check_finite_samples(samples)
 
     test_images = data_lib.load_digits(shape[0], "test")[0]
     fake_logits, fake_feats = _classify(np.clip(samples, -1.0, 1.0))

@@ -359,6 +359,14 @@ def sample(
     return run(*args)
 
 
+def check_finite_samples(samples: np.ndarray) -> None:
+    """Raises FloatingPointError when some of samples [N, ...] hold NaN or inf: a black or
+    saturated grid, or metrics of NaN, would otherwise pass for a result."""
+    bad = int((~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)).sum())
+    if bad:
+        raise FloatingPointError(f"{bad} of {len(samples)} samples are not finite")
+
+
 def load_run(workdir: str | os.PathLike):
     """The config, example shape, model and latest EMA params of a training workdir.
 
