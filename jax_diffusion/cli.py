@@ -108,10 +108,14 @@ def set_config_value(config, key: str, value) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jax_diffusion.train import train_and_evaluate
+    from jax_diffusion.train import TrainingDiverged, train_and_evaluate
 
     config = load_config(args.config, args.set)
-    summary = train_and_evaluate(config, args.workdir)  # writes workdir/config.json too
+    try:
+        summary = train_and_evaluate(config, args.workdir)  # writes workdir/config.json too
+    except TrainingDiverged as err:
+        print(f"jax-diffusion train: {err}", file=sys.stderr)
+        return 1
     summary.pop("state", None)
     print(json.dumps(summary, indent=2))
     return 0
@@ -211,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the diffusion math end to end on CPU (no training)")
     demo.add_argument("--num-timesteps", type=_positive_int, default=1000)
     demo.add_argument("--batch", type=_positive_int, default=256)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.set_defaults(func=_demo)
 
     tr = sub.add_parser("train", help="train (or resume) a model from an ml_collections config")
@@ -254,8 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Runs the command line; returns the exit status.
+
+    A bad argument or config value (the library's ValueError, raised before any work) and a
+    missing file end the program as argparse's own errors do: `jax-diffusion <command>:
+    error: <message>` on stderr and exit status 2, without a traceback unless the environment
+    sets JAX_DIFFUSION_TRACEBACK=1. A diverged training run exits with status 1.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("JAX_DIFFUSION_TRACEBACK", "") not in ("", "0"):
+            raise
+        parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

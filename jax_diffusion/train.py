@@ -380,10 +380,19 @@ def load_run(workdir: str | os.PathLike):
 
     Returns:
       (config, shape, model, ema_params, step).
+
+    Raises:
+      FileNotFoundError: workdir holds no run (no config.json / data_info.json) or no
+        checkpoint.
     """
     workdir = epath.Path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    shape = tuple(json.loads((workdir / "data_info.json").read_text())["shape"])
+    try:
+        config_text = (workdir / "config.json").read_text()
+        info_text = (workdir / "data_info.json").read_text()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no training run in {workdir}: {err}") from None
+    config = ml_collections.ConfigDict(json.loads(config_text))
+    shape = tuple(json.loads(info_text)["shape"])
     model = create_model(config, channels=shape[-1])
     abstract = jax.eval_shape(
         lambda: create_train_state(config, model, jax.random.PRNGKey(0), shape)

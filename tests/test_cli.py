@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+from conftest import CONFIGS
+
 from jax_diffusion import cli
 
 
@@ -36,3 +39,26 @@ def test_readme_example_runs():
     exec(compile(blocks[1], "README.md", "exec"), namespace)  # continues from the first
     assert namespace["traj"].shape == (51, 8, 16, 16, 1)
     assert np.all(np.isfinite(np.asarray(namespace["x0"])))
+
+
+def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, monkeypatch):
+    """A library ValueError / FileNotFoundError: a one-line message and status 2, before work."""
+    workdir = tmp_path / "run"
+    train = ["train", "--config", f"{CONFIGS / 'default.py'}:smoke", "--workdir", str(workdir)]
+    cases = [
+        ([*train, "--set", "train.grad_clip=-1"], "train.grad_clip"),
+        ([*train, "--set", "model.nope=1"], "unknown config key 'model.nope'"),
+        (["sample", "--workdir", str(workdir), "--out", "g.png"], "no training run"),
+        (["evaluate", "--workdir", str(workdir)], "no training run"),
+    ]
+    for argv, named in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"jax-diffusion {argv[0]}: error: "), err
+        assert named in err and "Traceback" not in err, err
+    assert not workdir.exists()  # rejected before the run directory was made
+    monkeypatch.setenv("JAX_DIFFUSION_TRACEBACK", "1")  # the traceback, for debugging
+    with pytest.raises(ValueError, match="train.grad_clip"):
+        cli.main(cases[0][0])
