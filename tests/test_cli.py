@@ -62,3 +62,16 @@ def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, mo
     monkeypatch.setenv("JAX_DIFFUSION_TRACEBACK", "1")  # the traceback, for debugging
     with pytest.raises(ValueError, match="train.grad_clip"):
         cli.main(cases[0][0])
+
+
+def test_a_diverged_run_ends_with_its_message_and_status_1(tmp_path, capsys, monkeypatch):
+    from jax_diffusion import train
+
+    def diverge(config, workdir):  # what train_and_evaluate raises after max_bad_steps
+        raise train.TrainingDiverged("3 consecutive steps had a non-finite loss")
+
+    monkeypatch.setattr(train, "train_and_evaluate", diverge)
+    argv = ["train", "--config", f"{CONFIGS / 'default.py'}:smoke", "--workdir", str(tmp_path)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "jax-diffusion train: 3 consecutive steps had a non-finite loss\n"

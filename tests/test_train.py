@@ -158,18 +158,11 @@ def poison_batches(monkeypatch, bad):
     monkeypatch.setattr(data_lib, "get_dataset", get_dataset)
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys):
-    sets = {"train.num_steps": 20, "train.checkpoint_every": 2, "train.max_bad_steps": 3}
-    config = smoke(**{k.replace(".", "__"): v for k, v in sets.items()})
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    config = smoke(train__num_steps=20, train__checkpoint_every=2, train__max_bad_steps=3)
     poison_batches(monkeypatch, lambda n: n > 4)  # a data pipeline that diverges
     with pytest.raises(train.TrainingDiverged, match="3 consecutive steps had a non-finite"):
-        train.train_and_evaluate(config, str(tmp_path / "lib"))
-    # the command line: the message on stderr and exit status 1, no traceback
-    argv = ["train", "--config", f"{CONFIGS / 'default.py'}:smoke", "--workdir", str(tmp_path)]
-    assert cli.main([*argv, *(f"--set={k}={v}" for k, v in sets.items())]) == 1
-    err = capsys.readouterr().err
-    assert "jax-diffusion train: 3 consecutive steps had a non-finite" in err
-    assert "Traceback" not in err
+        train.train_and_evaluate(config, str(tmp_path))
     ckpt = CheckpointManager(str(tmp_path))
     assert ckpt.latest_step() == 4  # the last good one; no checkpoint of the bad streak
     model = train.create_model(config, channels=1)
