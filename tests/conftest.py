@@ -72,3 +72,25 @@ def np_schedule(betas):
         "posterior_mean_coef1": np.array(c1),
         "posterior_mean_coef2": np.array(c2),
     }
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook has added the group suffixes
+def pytest_collection_modifyitems(config, items):
+    """Warns when `--dist loadgroup` (pyproject addopts) would not keep an xdist_group together.
+
+    Tests marked `xdist_group` share a module-scoped trained run and must run on one worker;
+    pytest-xdist marks them by suffixing the node id with `@<group>`, which pytest 9.2 ignores
+    (pytest-dev/pytest-xdist#1386). The suite then still passes, trains those runs once per
+    worker and takes minutes longer.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        config.issue_config_time_warning(
+            pytest.PytestWarning(
+                f"--dist loadgroup does not group {len(lost)} tests with pytest "
+                f"{pytest.__version__} (pytest-dev/pytest-xdist#1386); install 'pytest<9.2'"
+            ),
+            stacklevel=2,
+        )

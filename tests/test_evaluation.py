@@ -484,6 +484,11 @@ def smoke_workdir(tmp_path_factory):
     return workdir
 
 
+# the tests of the smoke run on one xdist worker, so that the module fixture trains it once
+ON_THE_SMOKE_RUN = pytest.mark.xdist_group("evaluation_smoke_run")
+
+
+@ON_THE_SMOKE_RUN
 def test_evaluate_workdir_on_a_smoke_run(smoke_workdir):
     # the default batch size: the same sampling program as the CLI test below (one compile)
     metrics = evaluate_workdir(smoke_workdir, num_samples=16, bpd_examples=5, progress=False)
@@ -506,6 +511,7 @@ def test_evaluate_workdir_on_a_smoke_run(smoke_workdir):
         evaluate_workdir(smoke_workdir, num_samples=3)
 
 
+@ON_THE_SMOKE_RUN
 def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     argv = ["evaluate", "--workdir", smoke_workdir, "--num", "16", "--steps", "3"]
@@ -529,6 +535,7 @@ def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, c
         (dict(sampler="ddpm", num_steps=3), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
     ],
 )
+@ON_THE_SMOKE_RUN
 def test_evaluate_workdir_rejects_bad_arguments(smoke_workdir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         evaluate_workdir(smoke_workdir, num_samples=8, progress=False, **kwargs)

@@ -83,6 +83,10 @@ class _Net:
         return self.apply({"params": params}, x, t, y, **kw)
 
 
+# the tests of the two module-scoped models run on one xdist worker, so each is built once
+ON_THE_TINY_UNETS = pytest.mark.xdist_group("tiny_unets")
+
+
 @pytest.fixture(scope="module")
 def uncond():
     # Dropout > 0 only matters with train=True, so this one model serves the dropout test too.
@@ -180,6 +184,7 @@ def test_unet_adm_skip_structure():
 
 
 @pytest.mark.parametrize("conditional", [False, True])
+@ON_THE_TINY_UNETS
 def test_unet_shape_dtype_and_zero_output_at_init(conditional, uncond, cond):
     net = cond if conditional else uncond
     x, t, _ = _inputs()
@@ -200,6 +205,7 @@ def test_unet_out_channels_override():
 
 
 @pytest.mark.parametrize("conditional", [False, True])
+@ON_THE_TINY_UNETS
 def test_unet_time_embedding_influences_output(conditional, uncond, cond):
     net = cond if conditional else uncond
     x, t, _ = _inputs()
@@ -212,6 +218,7 @@ def test_unet_time_embedding_influences_output(conditional, uncond, cond):
     np.testing.assert_allclose(swapped[::-1], out, rtol=1e-5, atol=1e-5)
 
 
+@ON_THE_TINY_UNETS
 def test_unet_class_label_influences_output(cond):
     x, t, y = _inputs()
     out = np.asarray(cond(cond.perturbed, x, t, y))
@@ -223,6 +230,7 @@ def test_unet_class_label_influences_output(cond):
     assert cond.params["label_embed"]["embedding"].shape == (NUM_CLASSES + 1, 32)
 
 
+@ON_THE_TINY_UNETS
 def test_unet_bfloat16_compute(uncond):
     x, t, _ = _inputs()
     model = UNet(**TINY, dtype=jnp.bfloat16)
@@ -265,6 +273,7 @@ def test_unet_remat_same_output_and_gradients():
     assert all(np.abs(np.asarray(g)).max() > 0 for g in grads)
 
 
+@ON_THE_TINY_UNETS
 def test_unet_dropout(uncond):
     x, t, _ = _inputs()
     p = uncond.perturbed
@@ -412,6 +421,7 @@ def test_out_of_range_labels_are_rejected_where_concrete():
 # --------------------------------------------------------------------------- model_fn adapters
 
 
+@ON_THE_TINY_UNETS
 def test_make_model_fn_matches_apply(uncond, cond):
     x, t, y = _inputs()
     fn = jax.jit(make_model_fn(uncond.model, uncond.perturbed))
