@@ -158,6 +158,23 @@ def test_clip_denoised_and_denoised_fn_keep_eps_consistent():
     np.testing.assert_allclose(q.x0_hat, 1.5)
     mean, _, _ = jd.q_posterior_mean_variance(sched, x0=q.x0_hat, xt=xt, t=t)
     np.testing.assert_allclose(q.mean, mean, rtol=1e-6)
+    # the lower bound too, values inside [-1, 1] untouched
+    inside = jnp.array([[-3.0, -0.5, 0.25, 7.0]] * 2)
+    c = jd.p_mean_variance(
+        sched, model_output=inside, xt=xt, t=t, prediction="x0", clip_denoised=True
+    )
+    np.testing.assert_allclose(c.x0_hat, [[-1.0, -0.5, 0.25, 1.0]] * 2)
+    # clip first, then denoised_fn (the documented order): 3 -> 1 -> 0.5, not 3 -> 1.5 -> 1
+    both = jd.p_mean_variance(
+        sched,
+        model_output=x0,
+        xt=xt,
+        t=t,
+        prediction="x0",
+        clip_denoised=True,
+        denoised_fn=lambda x: 0.5 * x,
+    )
+    np.testing.assert_allclose(both.x0_hat, 0.5)
 
 
 small = st.floats(-3, 3, allow_nan=False, width=32)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,6 +208,14 @@ def test_precision_recall_closed_cases():
     assert 0.45 < pr.recall <= 0.5
 
 
+def test_precision_recall_counts_points_on_the_ball_boundary():
+    # k-NN balls are closed (Kynkaanniemi et al. 2019: ||phi - phi_r|| <= NND_k(phi_r))
+    real = np.arange(6.0)[:, None]
+    assert precision_recall(real, real + 1.0, k=1) == (1.0, 1.0)  # each edge point at distance 1
+    same = np.zeros((4, 2))
+    assert precision_recall(same, same, k=3) == (1.0, 1.0)  # radius 0: only equality counts
+
+
 def test_precision_recall_rejects_bad_arguments():
     x = np.zeros((10, 2))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
@@ -261,6 +270,15 @@ def test_inception_score_two_class_mixture(q):
     probs = np.array([[q, 1 - q], [1 - q, q]] * 20)
     entropy = -(q * math.log(q) + (1 - q) * math.log(1 - q))
     assert inception_score(probs) == pytest.approx(2 * math.exp(-entropy), rel=1e-12)
+
+
+def test_inception_score_of_unequal_kls_is_exp_of_their_mean():
+    # IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), the mean inside the exp
+    probs = np.array([[1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
+    marginal = probs.mean(0)
+    kls = scipy.special.rel_entr(probs, marginal).sum(1)
+    assert len(set(np.round(kls, 6))) == 3
+    assert inception_score(probs) == pytest.approx(math.exp(kls.mean()), rel=1e-12)
 
 
 @settings(max_examples=30, deadline=None)
@@ -413,10 +431,30 @@ def test_bits_per_dim_padding_counts_every_example_once():
 
     per_image = [bpd(images[i : i + 1], 1)["total_bpd"] for i in range(10)]
     assert per_image[0] > 2 * max(per_image[1:])
+    stderr = np.std(per_image, ddof=1) / math.sqrt(10)  # of the mean of 10 examples
     for batch_size in (3, 4, 10, 64):
         r = bpd(images, batch_size)
         assert r["num_examples"] == 10
         np.testing.assert_allclose(r["total_bpd"], np.mean(per_image), rtol=1e-4)
+        np.testing.assert_allclose(r["total_bpd_stderr"], stderr, rtol=1e-3)
+
+
+def test_bits_per_dim_batches_draw_different_noise():
+    # one image four times, one per batch: with noise-dependent terms (data of std 0.3) the four
+    # results differ only if batch i draws its own noise, fold_in(rng, i)
+    schedule = jd.Schedule.from_betas(jd.cosine_betas(100))
+    x0 = np.repeat(gaussian_grid_data(1, 0.2, 0.3), 4, axis=0)
+    r = bits_per_dim(
+        schedule,
+        gaussian_denoiser(schedule, 0.2, 0.3, "eps"),
+        x0,
+        jax.random.key(1),
+        batch_size=1,
+        prediction="eps",
+        variance="fixed_small",
+        progress=False,
+    )
+    assert r["total_bpd_stderr"] > 1e-3 * r["total_bpd"]
 
 
 def test_bits_per_dim_rejects_bad_arguments():

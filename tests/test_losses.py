@@ -129,6 +129,45 @@ def test_vlb_terms_zero_kl_for_true_noise_and_decoder_at_t0(x64):
     assert np.all(np.asarray(worse[1:]) > 1e-6)
 
 
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_vlb_kl_terms_match_float64_kl_of_q_from_p(x64, variance):
+    """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), in that order (Ho et al. eq. 5),
+    against float64 NumPy from the paper's posterior (eqs. 6-7), for x0 predictions that are
+    clipped to [-1, 1] (clip_denoised) or not. With sigma^2 = beta (fixed_large) the variances
+    differ, so the KL's direction matters."""
+    betas = jd.linear_betas(T)
+    sched = jd.Schedule.from_betas(betas, dtype=jnp.float64)
+    r = np_schedule(betas)
+    rng = np.random.default_rng(6)
+    x0 = _grid_data(rng, (4, 6))
+    t = np.array([1, 5, 400, 999])
+    xt = np.asarray(jd.q_sample(sched, x0=x0, t=t, noise=rng.standard_normal(x0.shape)))
+    pred = 1.5 * rng.standard_normal(x0.shape)  # x0 predictions, many outside [-1, 1]
+
+    def posterior_mean(x0_):  # Ho et al. eq. 7
+        return r["posterior_mean_coef1"][t, None] * x0_ + r["posterior_mean_coef2"][t, None] * xt
+
+    q_logvar = np.log(r["posterior_variance"][t])[:, None]
+    p_var = r["posterior_variance"][t] if variance == "fixed_small" else r["betas"][t]
+    for clip in (False, True):
+        x0_hat = np.clip(pred, -1, 1) if clip else pred
+        kl = np_normal_kl(
+            posterior_mean(x0), q_logvar, posterior_mean(x0_hat), np.log(p_var)[:, None]
+        )
+        want = kl.mean(1) / math.log(2)
+        got = jd.vlb_terms_bpd(
+            sched,
+            model_output=pred,
+            x0=x0,
+            xt=xt,
+            t=t,
+            prediction="x0",
+            variance=variance,
+            clip_denoised=clip,
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
 def test_nll_bpd_is_the_sum_of_its_per_step_terms(linear):
     x0 = jnp.asarray(_grid_data(np.random.default_rng(4), (2, 4, 4, 1)), jnp.float32)
     model_fn = gaussian_denoiser(linear, 0.0, 0.5, "eps")
@@ -152,6 +191,8 @@ def test_nll_bpd_is_the_sum_of_its_per_step_terms(linear):
         want = jd.vlb_terms_bpd(linear, model_output=model_fn(xt, t), x0=x0, xt=xt, t=t)
         np.testing.assert_allclose(out.terms_bpd[:, step], want, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(out.prior_bpd, jd.prior_bpd(linear, x0=x0))
+    np.testing.assert_allclose(out.kl_bpd, out.terms_bpd[:, 1:].sum(1), rtol=1e-6)
+    np.testing.assert_array_equal(out.decoder_bpd, out.terms_bpd[:, 0])
     assert np.all(np.isfinite(out.total_bpd)) and np.all(np.asarray(out.total_bpd) > 0)
 
 
@@ -240,6 +281,17 @@ def test_l1_loss_and_snr_weighting_of_x0_equals_eps_loss(linear):
     noise = jax.random.normal(n_rng, x0.shape)
     xt = jd.q_sample(linear, x0=x0, t=m1["t"], noise=noise)
     np.testing.assert_allclose(l1, jnp.mean(jnp.abs(0.9 * xt - noise)), rtol=1e-5)
+
+
+def test_training_draws_are_uniform_over_every_step():
+    """t ~ U{0, ..., T-1} (Ho et al. Algorithm 1 with t shifted to [0, T-1]), ends included."""
+    sched = jd.Schedule.from_betas(jd.linear_betas(5))
+    t, noise = jd.training_draws(sched, jnp.zeros((5000, 2)), jax.random.key(3))
+    counts = np.bincount(np.asarray(t), minlength=5)
+    assert counts.shape == (5,)  # nothing outside [0, 4]
+    # each count ~ Binomial(5000, 1/5): mean 1000, sd 28
+    np.testing.assert_allclose(counts, 1000, atol=150)
+    assert noise.shape == (5000, 2) and abs(float(noise.std()) - 1) < 0.03
 
 
 def test_given_draws_are_the_ones_the_loss_draws_itself(linear):

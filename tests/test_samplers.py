@@ -64,6 +64,9 @@ def test_sampling_timesteps_values():
         sampling_timesteps(1000, 50, "linspace"), np.round(np.linspace(0, 999, 50))[::-1]
     )
     assert sampling_timesteps(1000, 50, "linspace")[0] == 999
+    # T / n not an integer: rounded, not floored (diffusers' round(arange(T, 0, -T / n)) - 1)
+    np.testing.assert_array_equal(sampling_timesteps(1000, 3, "trailing"), [999, 666, 332])
+    np.testing.assert_array_equal(sampling_timesteps(10, 4, "trailing"), [9, 7, 4, 1])
     ts = dpm_solver_pp_timesteps(1000, 20)
     np.testing.assert_array_equal(ts, np.round(np.linspace(0, 999, 21))[::-1][:-1])
     assert ts[0] == 999 and ts[-1] == 50 and ts.shape == (20,)
@@ -470,6 +473,22 @@ def test_jit_vmap_shard_map_and_pmap_equal_unsharded(sampler_name):
 
 # --------------------------------------------------------------------------------------------
 # Bad input.
+
+
+def test_dpm_solver_pp_last_step_to_sigma_zero_is_first_order():
+    """At t_prev = -1 (sigma = 0) the step returns the data prediction x0_hat, with no
+    multistep correction from x0_hat_last (Lu et al. 2022: lambda -> inf there)."""
+    x = _normal(3, (4, 3))
+    first = dpm_solver_pp_step(_gauss(), SCHEDULE, x, 20, -1)
+    x0_hat = _gauss("x0")(x, jnp.full((4,), 20))
+    np.testing.assert_allclose(first.x0_hat, x0_hat, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(first.x_prev, x0_hat, rtol=RTOL, atol=ATOL)
+    corrected = dpm_solver_pp_step(_gauss(), SCHEDULE, x, 20, -1, x0_hat + 1.0, 60)
+    np.testing.assert_allclose(corrected.x_prev, x0_hat, rtol=RTOL, atol=ATOL)
+    # while a step to sigma > 0 does use it
+    mid = dpm_solver_pp_step(_gauss(), SCHEDULE, x, 20, 10, x0_hat + 1.0, 60)
+    plain = dpm_solver_pp_step(_gauss(), SCHEDULE, x, 20, 10)
+    assert float(jnp.abs(mid.x_prev - plain.x_prev).max()) > 1e-3
 
 
 def _gauss(prediction="eps"):
