@@ -80,8 +80,8 @@ def pytest_collection_modifyitems(config, items):
 
     Tests marked `xdist_group` share a module-scoped trained run and must run on one worker;
     pytest-xdist marks them by suffixing the node id with `@<group>`, which pytest 9.2 ignores
-    (pytest-dev/pytest-xdist#1386). The suite then still passes, trains those runs once per
-    worker and takes minutes longer.
+    (pytest-dev/pytest-xdist#1386). Those runs are then trained once per worker (minutes
+    longer), and a test that expects its group's run to exist already can fail by ordering.
     """
     if not getattr(config.option, "loadgroup", False):
         return
