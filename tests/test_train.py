@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import CONFIGS, SUBPROCESS_XLA_FLAGS, leaves
 
-from jax_diffusion import cli, train
+from jax_diffusion import cli, train, train_state
 from jax_diffusion import data as data_lib
 from jax_diffusion.checkpoints import CheckpointManager
 
@@ -221,7 +221,7 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
     assert_trees_equal(new.params, before.params)
     assert_trees_equal(new.opt_state, before.opt_state)
     assert_trees_equal(new.ema_params, before.ema_params)
-    new_params = jax.device_get(new.params)
+    new_params, new_ema = jax.device_get((new.params, new.ema_params))
     newer, metrics = step(new, batch(0.0))
     assert int(metrics["skipped"]) == 0 and int(newer.bad_steps) == 0
     assert int(newer.skipped_steps) == 1
@@ -229,6 +229,55 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
         not np.array_equal(a, b)
         for a, b in zip(leaves(newer.params), leaves(new_params), strict=True)
     )
+    # EMA of step 1, toward the new params: ema + (1 - d)(params - ema), with the warm-up decay
+    # d = min(decay, (1 + step) / (10 + step)) of TensorFlow's ExponentialMovingAverage
+    d = min(config.train.ema_decay, 2 / 11)
+    for e, p, got in zip(
+        leaves(new_ema), leaves(newer.params), leaves(newer.ema_params), strict=True
+    ):
+        want = e.astype(np.float64) + (1 - d) * (p.astype(np.float64) - e)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # skipped_steps counts every skipped step, not the current streak
+    again, _ = step(newer, batch(np.nan))
+    last, _ = step(again, batch(0.0))
+    assert int(last.skipped_steps) == 2 and int(last.bad_steps) == 0 and int(last.step) == 4
+
+
+def test_ema_decay_warm_up_and_update_closed_forms():
+    for s in (0, 1, 10, 1000, 10**6):
+        want = min(0.9999, (1 + s) / (10 + s))
+        assert float(train_state.ema_decay(s, 0.9999)) == pytest.approx(want, rel=1e-6)
+    assert float(train_state.ema_decay(5, 0.9, warmup=False)) == pytest.approx(0.9)
+    ema = train_state.update_ema({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, jnp.float32(0.9))
+    np.testing.assert_allclose(ema["w"], 0.1, rtol=1e-6)  # 0.9 * 0 + 0.1 * 1
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_optimizer_clips_before_adam_and_warms_up_from_lr_over_warmup(schedule):
+    lr, warmup, num_steps = 1.0, 10, 20  # updates of norm up to 10: clipping them would show
+    tx = train_state.make_optimizer(
+        learning_rate=lr,
+        num_steps=num_steps,
+        warmup_steps=warmup,
+        schedule=schedule,
+        grad_clip=1.0,
+    )
+    # a constant gradient: Adam's bias-corrected moments are g and g^2 at every step, so each
+    # update is -lr_k g / (|g| + eps), computed on the gradient clipped to norm 1 first
+    g = np.linspace(-5.0, 5.0, 100)
+    clipped = g / np.linalg.norm(g)
+    params = jnp.zeros(100)
+    state = tx.init(params)
+    for k in range(14):
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        if k < warmup:  # linear from lr / warmup to lr (the docstring's warmup)
+            lr_k = lr / warmup + (lr - lr / warmup) * k / warmup
+        elif schedule == "constant":
+            lr_k = lr
+        else:  # cosine decay to 0 over the remaining steps
+            lr_k = lr * 0.5 * (1 + np.cos(np.pi * (k - warmup) / (num_steps - warmup)))
+        want = -lr_k * clipped / (np.abs(clipped) + 1e-8)
+        np.testing.assert_allclose(updates, want, rtol=1e-4, atol=1e-9, err_msg=f"step {k}")
 
 
 def _cli(*args, env_extra=None):
