@@ -243,6 +243,47 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
     assert int(last.skipped_steps) == 2 and int(last.bad_steps) == 0 and int(last.step) == 4
 
 
+def _stub_state(apply_fn, w):
+    """A TrainState around a one-parameter stub network, for eager train-step tests."""
+    import optax
+
+    params = {"w": jnp.asarray(w, jnp.float32)}
+    return train_state.TrainState.create(
+        apply_fn=apply_fn, params=params, tx=optax.sgd(0.1), rng=jax.random.PRNGKey(0)
+    )
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_too():
+    # output x sqrt(|w|) at w = 0: the loss is finite (output 0), its gradient is not
+    def apply_fn(variables, x, t, y=None, train=False, rngs=None):
+        return x * jnp.sqrt(jnp.abs(variables["params"]["w"]))
+
+    config = smoke()
+    step = train.make_train_step(config, train.get_schedule(config.diffusion))
+    state = _stub_state(apply_fn, 0.0)
+    new, metrics = step(state, {"image": jnp.full((8, 8, 8, 1), 0.5)})
+    assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["skipped"]) == 1 and int(new.skipped_steps) == 1
+    assert float(new.params["w"]) == 0.0 and float(new.ema_params["w"]) == 0.0
+
+
+@pytest.mark.parametrize("class_dropout", [0.0, 1.0])
+def test_label_dropout_in_the_train_step_uses_the_null_label_num_classes(class_dropout):
+    seen = []
+
+    def apply_fn(variables, x, t, y=None, train=False, rngs=None):
+        seen.append(np.asarray(y))  # the step runs eagerly here: y is concrete
+        return variables["params"]["w"] * x
+
+    config = smoke("digits_cond.py", model__class_dropout=class_dropout)
+    num_classes = config.model.num_classes
+    step = train.make_train_step(config, train.get_schedule(config.diffusion))
+    labels = np.arange(8) % num_classes
+    step(_stub_state(apply_fn, 1.0), {"image": jnp.zeros((8, 8, 8, 1)), "label": labels})
+    want = labels if class_dropout == 0 else np.full(8, num_classes)
+    np.testing.assert_array_equal(seen[-1], want)
+
+
 def test_ema_decay_warm_up_and_update_closed_forms():
     for s in (0, 1, 10, 1000, 10**6):
         want = min(0.9999, (1 + s) / (10 + s))
