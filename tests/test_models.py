@@ -490,6 +490,69 @@ def test_attention_block_matches_a_float64_numpy_reference():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
+def _np_conv(x, kernel, bias):
+    """Float64 NHWC convolution, stride 1, 'same' zero padding (kernel [kh, kw, C_in, C_out],
+    kh and kw odd), as a cross-correlation: out[i, j] = sum x[i + di - kh // 2, j + dj - kw // 2]
+    kernel[di, dj] + bias, written as a sum over the kernel taps."""
+    kh, kw = kernel.shape[:2]
+    b, hgt, wid, _ = x.shape
+    xp = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out = np.zeros((b, hgt, wid, kernel.shape[-1]))
+    for di in range(kh):
+        for dj in range(kw):
+            out += xp[:, di : di + hgt, dj : dj + wid, :] @ kernel[di, dj]
+    return out + bias
+
+
+def _np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _np_res_block(x, emb, p, num_groups, use_scale_shift_norm, eps=1e-6):
+    """Float64 NumPy residual block from its formula (DDPM app. B; ADM section 3, "AdaGN"):
+
+    h = conv3x3(SiLU(GroupNorm(x)))
+    h = GroupNorm(h) * (1 + scale) + shift, (scale, shift) = Dense(SiLU(emb))   (ADM)
+        GroupNorm(h + Dense(SiLU(emb)))                                         (DDPM)
+    out = skip(x) + conv3x3(SiLU(h)), skip a 1x1 conv when the channel count changes."""
+    x, emb = np.asarray(x, np.float64), np.asarray(emb, np.float64)
+    g = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in p.items()}
+    h = _np_group_norm(x, g["norm1"]["scale"], g["norm1"]["bias"], num_groups, eps)
+    h = _np_conv(_np_silu(h), g["conv1"]["kernel"], g["conv1"]["bias"])
+    e = _np_silu(emb) @ g["emb_proj"]["kernel"] + g["emb_proj"]["bias"]  # [B, E']
+    e = e[:, None, None, :]
+    c = h.shape[-1]
+    if use_scale_shift_norm:
+        scale, shift = e[..., :c], e[..., c:]
+        h = _np_group_norm(h, g["norm2"]["scale"], g["norm2"]["bias"], num_groups, eps)
+        h = h * (1 + scale) + shift
+    else:
+        h = _np_group_norm(h + e, g["norm2"]["scale"], g["norm2"]["bias"], num_groups, eps)
+    h = _np_conv(_np_silu(h), g["conv2"]["kernel"], g["conv2"]["bias"])
+    skip = _np_conv(x, g["skip"]["kernel"], g["skip"]["bias"]) if "skip" in g else x
+    return skip + h
+
+
+@pytest.mark.parametrize("out_channels", [8, 16])  # 16: the 1x1 skip conv
+@pytest.mark.parametrize("use_scale_shift_norm", [True, False])
+def test_res_block_matches_a_float64_numpy_reference(out_channels, use_scale_shift_norm):
+    from jax_diffusion.models.layers import ResBlock
+
+    block = ResBlock(
+        out_channels=out_channels, num_groups=4, use_scale_shift_norm=use_scale_shift_norm
+    )
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8), jnp.float32) * 2 + 0.5
+    emb = jax.random.normal(jax.random.key(1), (2, 12), jnp.float32)
+    shapes = jax.eval_shape(block.init, jax.random.key(2), x, emb)["params"]
+    assert ("skip" in shapes) == (out_channels != 8)
+    # random values everywhere: conv2 is zero at init, which would hide everything but the skip
+    params = _normal_params(shapes, 3, 0.5)
+    got = jax.jit(block.apply)({"params": params}, x, emb)
+    assert got.shape == (2, 4, 4, out_channels) and got.dtype == jnp.float32
+    want = _np_res_block(x, emb, params, 4, use_scale_shift_norm)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- GroupNorm
 
 

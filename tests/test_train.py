@@ -116,6 +116,61 @@ def test_micro_batches_run_one_after_another():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("num_chunks", [1, 2, 4])
+def test_micro_batch_j_draws_from_its_own_key_fold_in_rng_j(num_chunks):
+    """Chunk j's loss gets fold_in(rng, j) (rng itself for one chunk): chunks sharing one key
+    would drop the same units (dropout) in every micro-batch of a step."""
+    rng = jax.random.PRNGKey(3)
+    x = jnp.linspace(0.5, 2.0, 8)
+    index = jnp.arange(8)  # chunk j holds examples j, j + n, j + 2n, ...: index[0] = j
+
+    def loss_fn(params, x, index, key):
+        u = jax.random.uniform(key)  # the chunk's one random draw
+        # aux: u in the chunk's own slot, so the mean over chunks keeps every chunk's draw
+        return jnp.mean(params["w"] * x) * u, {"u": jax.nn.one_hot(index[0], num_chunks) * u}
+
+    run = jax.jit(
+        lambda params, x, index, rng: train._accumulated_value_and_grad(
+            loss_fn, params, (x, index), rng, num_chunks
+        )
+    )
+    loss, aux, grads = run({"w": jnp.float32(1.5)}, x, index, rng)
+    keys = [rng] if num_chunks == 1 else [jax.random.fold_in(rng, j) for j in range(num_chunks)]
+    u = np.array([float(jax.random.uniform(k)) for k in keys], np.float64)
+    assert len(set(u)) == num_chunks
+    np.testing.assert_allclose(np.asarray(aux["u"]) * num_chunks, u, rtol=1e-6)
+    # mean over chunks of u_j * mean(x of chunk j), and its derivative in w
+    chunk_means = np.asarray(x, np.float64).reshape(-1, num_chunks).mean(axis=0)
+    np.testing.assert_allclose(grads["w"], np.mean(u * chunk_means), rtol=1e-6)
+    np.testing.assert_allclose(loss, 1.5 * np.mean(u * chunk_means), rtol=1e-6)
+
+
+def test_consecutive_train_steps_draw_fresh_t_noise_and_dropout_keys():
+    """Step k's randomness comes from fold_in(state.rng, k): the next step draws new t, noise
+    and dropout key, and the same step from the same state draws the same ones again."""
+    seen = []
+
+    def apply_fn(variables, x, t, y=None, train=False, rngs=None):
+        # the step runs eagerly here: x_t, t and the key are concrete
+        seen.append((np.asarray(x), np.asarray(t), np.asarray(rngs["dropout"])))
+        return variables["params"]["w"] * x
+
+    config = smoke()
+    step = train.make_train_step(config, train.get_schedule(config.diffusion))
+    state = _stub_state(apply_fn, 1.0)
+    batch = {"image": jnp.full((8, 8, 8, 1), 0.5)}
+    new, _ = step(state, batch)
+    assert int(new.step) == 1
+    step(new, batch)
+    step(state, batch)
+    (x0, t0, k0), (x1, t1, k1), (x2, t2, k2) = seen
+    assert not np.array_equal(t0, t1), (t0, t1)  # 8 draws from 50 timesteps
+    assert not np.array_equal(k0, k1)
+    assert np.all(x0 != x1)  # x_t: fresh noise in every entry
+    for a, b in ((x0, x2), (t0, t2), (k0, k2)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_interrupted_run_resumes_bit_identically(tmp_path):
     # the smoke config as it is (2 steps): its train step is the one other tests compile too
     config = smoke()
