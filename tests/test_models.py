@@ -681,3 +681,45 @@ def test_dot_product_attention_bfloat16_inputs():
     assert got.dtype == jnp.bfloat16
     want = np.asarray(_plain_attention(q, k, v))
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=0.05)
+
+
+# --------------------------------------------------------------------------- Upsample
+
+
+@pytest.mark.parametrize("shape, channels", [((2, 3, 5, 4), 6), ((1, 4, 4, 8), 8)])
+def test_upsample_matches_nearest_x2_then_conv3x3_in_float64_numpy(shape, channels):
+    """Upsample is nearest x2 then a 3x3 convolution with zero padding (DDPM / ADM), H != W."""
+    from jax_diffusion.models.layers import Upsample
+
+    module = Upsample(channels)
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    shapes = jax.eval_shape(module.init, jax.random.key(1), x)["params"]
+    assert jax.tree.map(lambda a: a.shape, shapes) == {
+        "conv": {"kernel": (3, 3, shape[-1], channels), "bias": (channels,)}
+    }
+    params = _normal_params(shapes, 2, 0.5)
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)["conv"]
+
+    def np_upsample(x, kernel, bias):
+        up = np.repeat(np.repeat(np.asarray(x, np.float64), 2, axis=1), 2, axis=2)
+        return _np_conv(up, kernel, bias)
+
+    got = jax.jit(module.apply)({"params": params}, x)
+    assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], channels)
+    np.testing.assert_allclose(np.asarray(got), np_upsample(x, **p64), rtol=1e-5, atol=1e-5)
+
+
+def test_downsample_is_a_stride_2_conv3x3_in_float64_numpy():
+    """Downsample: 3x3 convolution, stride 2, zero padding 1 = the stride-1 'same' convolution
+    read at even positions (DDPM / ADM)."""
+    from jax_diffusion.models.layers import Downsample
+
+    module = Downsample(6)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 4, 4), jnp.float32)
+    shapes = jax.eval_shape(module.init, jax.random.key(1), x)["params"]
+    params = _normal_params(shapes, 2, 0.5)
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)["conv"]
+    got = jax.jit(module.apply)({"params": params}, x)
+    want = _np_conv(np.asarray(x, np.float64), **p64)[:, ::2, ::2]
+    assert got.shape == want.shape == (2, 3, 2, 6)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
