@@ -22,15 +22,19 @@ def test_options_only_for_cpu_devices():
 
 
 def test_parameters_initialised_under_the_run_once_options_are_bit_identical():
-    """create_train_state compiles model.init cheaply; the parameters are XLA's default's, bit
-    for bit (level 0 would fail this: it changes the last bit of a few)."""
+    """create_train_state compiles model.init cheaply; the parameters are those of XLA's default
+    optimisation level (3), bit for bit (level 0 would fail this: it changes the last bit of a
+    few). The default is named: the suite's own XLA_FLAGS set another level (conftest)."""
     config = cli.load_config(
         f"{pathlib.Path(__file__).parents[1] / 'experiments/configs/toy_2d.py'}:smoke"
     )
     model = train.create_model(config, channels=2)
     state = train.create_train_state(config, model, jax.random.PRNGKey(3), (2,))
     init_rng, _ = jax.random.split(jax.random.PRNGKey(3))
-    plain = jax.jit(model.init)({"params": init_rng}, jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32))
+    default = {"xla_backend_optimization_level": 3}  # XLA's DebugOptions default
+    plain = jax.jit(model.init, compiler_options=default)(
+        {"params": init_rng}, jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32)
+    )
     leaves = jax.tree.leaves(plain["params"])
     assert len(leaves) == len(jax.tree.leaves(state.params)) > 2
     for a, b in zip(leaves, jax.tree.leaves(state.params), strict=True):
