@@ -5,6 +5,13 @@ iterator's JSON state), so a resumed run continues bit-identically. orbax writes
 temporary directory and renames it when complete, so a process killed mid-save leaves the last
 complete checkpoint as the latest one.
 
+A checkpoint that is complete but unreadable (files truncated or lost after the rename, e.g. by
+a host that crashed before its page cache reached the disk) does not block the run: `restore`
+falls back to the newest checkpoint that restores, logs a warning, and moves the unreadable
+ones aside to `<workdir>/checkpoints_unreadable/<step>` (kept, not deleted), so the resumed run
+saves those steps afresh. Only when no checkpoint restores is an error raised (with each step's
+reason), and nothing is moved.
+
 In a single-process run, an array replicated over several devices (the data-parallel train
 state) is saved as its device-0 copy. orbax would otherwise split each replicated array into one
 slice per device ("replica-parallel" saving, meant for several hosts writing together): one
@@ -16,15 +23,25 @@ with the target's shardings.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from jax_diffusion._checks import check_int
 from jax_diffusion.train_state import TrainState
 
 __all__ = ["CheckpointManager"]
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointManager:
@@ -36,6 +53,10 @@ class CheckpointManager:
       max_to_keep: number of most recent checkpoints kept, an int >= 1, or None for all.
       save_interval_steps: orbax only saves steps that are multiples of this int >= 1 (and
         forced ones).
+
+    Attributes:
+      directory: `<workdir>/checkpoints`.
+      restored_step: the step the last `restore` / `restore_params` read (None before any).
 
     Raises:
       ValueError: max_to_keep or save_interval_steps not as above.
@@ -54,6 +75,7 @@ class CheckpointManager:
         if "://" not in workdir:
             workdir = os.path.abspath(workdir)
         self.directory = os.path.join(workdir, "checkpoints")
+        self.restored_step: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -87,44 +109,140 @@ class CheckpointManager:
 
         Args:
           state: a freshly created TrainState (its arrays give the target shardings).
-          step: the step to restore; the latest when None.
+          step: the step to restore; None: the newest checkpoint that restores (unreadable newer
+            ones are moved aside, see the module docstring).
 
         Returns:
           (restored TrainState, data-iterator state dict).
+
+        Raises:
+          FileNotFoundError: no checkpoint at all.
+          ValueError: no checkpoint restores (each step's error is in the message).
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-            ),
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
         )
-        return state.replace(**restored["state"]), restored["data"]
+
+        def restore_step(s: int) -> tuple[TrainState, dict]:
+            restored = self._manager.restore(s, args=args)
+            return state.replace(**restored["state"]), restored["data"]
+
+        if step is not None:
+            result = restore_step(step)
+            self.restored_step = step
+            return result
+        return self._restore_newest(restore_step, set_aside=True)
 
     def restore_params(self, state_like: dict | None = None, *, ema: bool = True):
-        """The (EMA) params of the latest checkpoint, without building an optimizer.
+        """The (EMA) params of the newest checkpoint that restores, without an optimizer.
+
+        Unreadable newer checkpoints are skipped with a warning and left where they are.
 
         Args:
           state_like: optional target tree as returned by `TrainState.checkpoint_items()`;
             without it the arrays are restored as saved.
           ema: the EMA params (for sampling) or the raw params.
         """
-        step = self.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
         args = (
             ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like))
             if state_like is not None
             else ocp.args.StandardRestore()
         )
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
-        return restored["state"]["ema_params" if ema else "params"]
+
+        def restore_step(s: int):
+            restored = self._manager.restore(s, args=ocp.args.Composite(state=args))
+            return restored["state"]["ema_params" if ema else "params"]
+
+        return self._restore_newest(restore_step, set_aside=False)
+
+    def _restore_newest(self, restore_step: Callable[[int], Any], *, set_aside: bool) -> Any:
+        """restore_step(s) for the newest step s that restores; see the module docstring."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        failed: list[tuple[int, Exception]] = []
+        for s in steps:
+            try:
+                with _quiet_closed_loop_callbacks():
+                    result = restore_step(s)
+            except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
+                failed.append((s, err))
+                continue
+            if failed:
+                bad = [f for f, _ in failed]
+                log.warning(
+                    "checkpoints %s in %s could not be restored (%s); restored step %d%s",
+                    bad,
+                    self.directory,
+                    _reasons(failed),
+                    s,
+                    "; moving them aside" if set_aside else "",
+                )
+                if set_aside:
+                    self._set_aside(bad)
+            self.restored_step = s
+            return result
+        raise ValueError(
+            f"no checkpoint in {self.directory} could be restored: {_reasons(failed)}"
+        ) from failed[0][1]
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable step directories to <workdir>/checkpoints_unreadable/<step>."""
+        root = epath.Path(self.directory)
+        aside = root.parent / "checkpoints_unreadable"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                dest = aside / str(s)
+                if dest.exists():  # set aside before: keep both
+                    dest = aside / f"{s}.{len(list(aside.glob(f'{s}.*'))) + 1}"
+                try:
+                    (root / str(s)).rename(dest)
+                except Exception as err:  # noqa: BLE001 - a store without directory renames
+                    raise ValueError(
+                        f"checkpoint step {s} in {self.directory} is unreadable and could not "
+                        f"be moved aside to {dest} ({type(err).__name__}: {err}); move it "
+                        "out of the checkpoints directory and resume again"
+                    ) from err
+        multihost_utils.sync_global_devices("jax_diffusion_checkpoints_set_aside")
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop_callbacks(grace_seconds: float = 0.5):
+    """Drops the "Event loop is closed" RuntimeErrors of a failed orbax restore.
+
+    When one array read fails, orbax's restore raises and closes its event loop while the other
+    reads are still in flight; each of those then reports a RuntimeError from its completion
+    callback (tensorstore's thread calling `loop.call_soon_threadsafe`) through
+    `sys.unraisablehook`: dozens of tracebacks, harmless, after a restore that has already
+    failed cleanly. While restoring, and for `grace_seconds` after a failure, this hook drops
+    exactly those and passes everything else on to the previous hook.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(grace_seconds)  # the in-flight reads of the failed restore complete
+        raise
+    finally:
+        sys.unraisablehook = previous
+
+
+def _reasons(failed: list[tuple[int, Exception]]) -> str:
+    """'step 4: ValueError: ...; step 2: ...', each message cut to 300 characters."""
+    return "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e in failed)
 
 
 def _single_copy(x):

@@ -404,8 +404,8 @@ def load_run(workdir: str | os.PathLike):
     )
     ckpt = CheckpointManager(os.fspath(workdir))
     try:
-        step = ckpt.latest_step()
         params = ckpt.restore_params(target, ema=True)
+        step = ckpt.restored_step
     finally:
         ckpt.close()
     return config, shape, model, params, int(step)

@@ -82,3 +82,78 @@ def test_bad_keep_and_interval_arguments_are_rejected_before_anything_is_written
         with pytest.raises(ValueError, match=match):
             CheckpointManager(str(tmp_path / "run"), **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def _corrupt(step_dir):
+    """Truncates every array data file of a saved step, as a crash that lost the page cache
+    after the rename would leave it; returns how many files were truncated."""
+    files = [f for f in step_dir.rglob("*") if f.is_file() and f.parent.name == "d"]
+    for f in files:
+        f.write_bytes(b"")
+    return len(files)
+
+
+def _run_with_steps(tmp_path, steps):
+    """Saves a toy state at each step (params scaled by the step, data state {'epoch': step})."""
+    base = _random_state()
+    states = {}
+    ckpt = CheckpointManager(str(tmp_path))
+    for s in steps:
+        states[s] = base.replace(
+            step=jnp.asarray(s, jnp.int32), params=jax.tree.map(lambda p, s=s: p * s, base.params)
+        )
+        assert ckpt.save(states[s], {"epoch": s})
+    ckpt.close()
+    return states
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path, caplog):
+    states = _run_with_steps(tmp_path, [1, 2, 3])
+    assert _corrupt(tmp_path / "checkpoints" / "3") > 0
+    target = jax.tree.map(jnp.zeros_like, states[1])
+
+    ckpt = CheckpointManager(str(tmp_path))
+    with caplog.at_level("WARNING", logger="jax_diffusion.checkpoints"):
+        restored, data = ckpt.restore(target)
+    assert (ckpt.restored_step, int(restored.step), data) == (2, 2, {"epoch": 2})
+    for a, b in zip(leaves(states[2]), leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "checkpoints [3]" in caplog.text and "restored step 2" in caplog.text
+    # kept, not deleted, and out of the way: the resumed run saves step 3 again
+    aside = tmp_path / "checkpoints_unreadable" / "3"
+    assert aside.is_dir() and (aside / "state").is_dir()
+    assert not (tmp_path / "checkpoints" / "3").exists()
+    assert ckpt.latest_step() == 2
+    assert ckpt.save(states[3], {"epoch": 3})
+    assert ckpt.latest_step() == 3
+    restored, data = ckpt.restore(target)
+    assert (ckpt.restored_step, data) == (3, {"epoch": 3})
+    ckpt.close()
+
+
+def test_restore_params_skips_an_unreadable_checkpoint_without_moving_it(tmp_path, caplog):
+    states = _run_with_steps(tmp_path, [1, 2])
+    _corrupt(tmp_path / "checkpoints" / "2")
+    ckpt = CheckpointManager(str(tmp_path))
+    with caplog.at_level("WARNING", logger="jax_diffusion.checkpoints"):
+        ema = ckpt.restore_params(ema=False)
+    assert ckpt.restored_step == 1 and "restored step 1" in caplog.text
+    for a, b in zip(leaves(states[1].params), leaves(ema), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # sampling only reads
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+    ckpt.close()
+
+
+def test_no_readable_checkpoint_is_an_error_naming_each_step_and_moves_nothing(tmp_path):
+    states = _run_with_steps(tmp_path, [1, 2])
+    for s in (1, 2):
+        _corrupt(tmp_path / "checkpoints" / str(s))
+    ckpt = CheckpointManager(str(tmp_path))
+    with pytest.raises(ValueError, match=r"could be restored: step 2: .*; step 1: "):
+        ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+    ckpt.close()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        CheckpointManager(str(tmp_path / "empty")).restore(states[1])
