@@ -1,7 +1,7 @@
 """Where the CPU train step's time goes: network fwd + bwd vs batch, and conv weight gradients.
 
 Run:  python benchmarks/cpu_breakdown.py [--configs cifar] [--batches 8,16,32] [--no-torch]
-                                        [--quick] [--skip-conv]
+                                        [--quick] [--skip-conv] [--upsample]
 
 Table 1, the network alone: seconds of one gradient of mean(output^2) with respect to the
 parameters (our UNet under `jax.jit(jax.grad)` with the library's compile options; diffusers'
@@ -15,6 +15,11 @@ computes it for `jax.vjp` of `lax.conv_general_dilated` (what the library uses; 
 convolution over transposed operands) against two matmul formulations, im2col patches of the
 padded input and one dot over (B, H, W), and nine dots of shifted input views; GFLOP/s of each
 and its largest error relative to XLA's result. Layer shapes are the cifar config's at batch 8.
+
+Table 3 (`--upsample`), a formulation measured and not adopted: the decoder's Upsample (nearest
+x2, then a 3x3 convolution) computed as four 2x2 convolutions of the input, one per output
+phase (4/9 of the multiply-adds, the same function and parameters), fwd + bwd of the block
+alone at the cifar shapes, then one gradient of the whole network (table 1's) with each form.
 """
 
 from __future__ import annotations
@@ -145,6 +150,126 @@ def conv_table(repeats) -> None:
         print(f"| {b}, {hw}x{hw}, {cin} -> {cout} | {gflop:.2f} |{cells} {err:.0e} | {load()} |")
 
 
+UPSAMPLE_SHAPES = [(8, 8, 128), (8, 16, 128), (32, 8, 128), (32, 16, 128)]  # B, H = W, C
+
+
+def upsample_direct(x, w, b):
+    """The library's Upsample: nearest x2, then a 3x3 convolution (padding 1)."""
+    return _conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w) + b
+
+
+def upsample_phases(x, w, b):
+    """The same as four 2x2 convolutions of x: output (2i + p, 2j + q) reads input rows
+    (i - 1, i) for p = 0 with taps (w0, w1 + w2), rows (i, i + 1) for p = 1 with (w0 + w1, w2),
+    and likewise for columns."""
+    rows = [jnp.stack([w[0], w[1] + w[2]]), jnp.stack([w[0] + w[1], w[2]])]
+    k = [
+        [jnp.stack([r[:, 0], r[:, 1] + r[:, 2]], 1), jnp.stack([r[:, 0] + r[:, 1], r[:, 2]], 1)]
+        for r in rows
+    ]
+    dn = ("NHWC", "HWIO", "NHWC")
+    phases = [
+        [
+            lax.conv_general_dilated(
+                x, k[p][q], (1, 1), ((1 - p, p), (1 - q, q)), dimension_numbers=dn
+            )
+            for q in range(2)
+        ]
+        for p in range(2)
+    ]
+    out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2, W, 2, C]
+    bsz, h, wid = x.shape[:3]
+    return out.reshape(bsz, 2 * h, 2 * wid, w.shape[-1]) + b
+
+
+def upsample_table(names, batches, repeats) -> None:
+    import flax.linen as nn
+
+    import jax_diffusion.models.unet as unet_module
+
+    print(
+        "\n| what | B, HxW, C | direct s | four 2x2 phases s | direct / phases | max rel. err "
+        "| load |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    options = compiler_options()
+    forms = {"direct": upsample_direct, "phases": upsample_phases}
+    for b, hw, c in UPSAMPLE_SHAPES:
+        keys = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(keys[0], (b, hw, hw, c))
+        w = jax.random.normal(keys[1], (3, 3, c, c)) / 30
+        bias = jax.random.normal(keys[2], (c,))
+        grads = {
+            n: jax.jit(
+                jax.grad(lambda x, w, b, f=f: jnp.sum(f(x, w, b) ** 2), (0, 1, 2)),
+                compiler_options=options,
+            )
+            for n, f in forms.items()
+        }
+        ref = [np.asarray(g, np.float64) for g in grads["direct"](x, w, bias)]
+        err = max(
+            float(np.abs(np.asarray(g) - r).max() / np.abs(r).max())
+            for g, r in zip(grads["phases"](x, w, bias), ref, strict=True)
+        )
+        calls = {n: functools.partial(g, x, w, bias) for n, g in grads.items()}
+        secs = median_times(calls, repeats)
+        print(
+            f"| Upsample fwd + bwd | {b}, {hw}x{hw}, {c} | {secs['direct']:.4f} | "
+            f"{secs['phases']:.4f} | {secs['direct'] / secs['phases']:.2f} | {err:.0e} | {load()} |"
+        )
+
+    class PhaseConv(nn.Module):  # nn.Conv's parameters, applied as upsample_phases
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            shape = (3, 3, x.shape[-1], self.features)
+            w = self.param("kernel", nn.initializers.lecun_normal(), shape)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            return upsample_phases(x, w, bias)
+
+    class PhaseUpsample(nn.Module):
+        channels: int
+        dtype: object = jnp.float32
+        param_dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return PhaseConv(self.channels, name="conv")(x)
+
+    library_upsample = unet_module.Upsample
+    for name in names:
+        overrides, channels = CONFIGS[name]
+        config = load_config(CONFIG, overrides)
+        size = config.data.image_size
+        model = create_model(config, channels=channels)
+        one = jnp.zeros((1, size, size, channels))
+        params = jax.jit(model.init)(jax.random.key(0), one, jnp.zeros((1,), jnp.int32))["params"]
+        for batch in batches:
+            x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
+            t = jnp.arange(batch) * 7 % config.diffusion.num_timesteps
+            fns = {}
+            for form, cls in (("direct", library_upsample), ("phases", PhaseUpsample)):
+                unet_module.Upsample = cls  # the UNet looks the class up when traced
+                try:
+
+                    def loss(params, x, t, model=model, form=form):
+                        return jnp.mean(model.apply({"params": params}, x, t) ** 2)
+
+                    grad = jax.jit(jax.grad(loss), compiler_options=options)
+                    jax.block_until_ready(grad(params, x, t))  # traced with this form
+                finally:
+                    unet_module.Upsample = library_upsample
+                fns[form] = functools.partial(grad, params, x, t)
+            secs = median_times(fns, repeats)
+            print(
+                f"| {name} network gradient | {batch}, {size}x{size}, {channels} | "
+                f"{secs['direct']:.3f} | {secs['phases']:.3f} | "
+                f"{secs['direct'] / secs['phases']:.2f} | - | {load()} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="cifar", help=", ".join(CONFIGS))
@@ -152,6 +277,7 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip diffusers in table 1")
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--skip-conv", action="store_true", help="table 1 only")
+    parser.add_argument("--upsample", action="store_true", help="table 3 only (Upsample forms)")
     args = parser.parse_args()
     names, batches = parse_configs_batches(parser, args, CONFIGS)
     repeats = 3 if args.quick else 7
@@ -162,6 +288,9 @@ def main() -> None:
 
         print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"# compiler_options={compiler_options()}; median of {repeats} interleaved rounds")
+    if args.upsample:
+        upsample_table(names, batches, repeats)
+        return
     network_table(names, batches, with_torch, repeats)
     if not args.skip_conv:
         conv_table(repeats)

@@ -7,6 +7,9 @@ bookkeeping written out by hand, a binomial bound, and invariants (zero-init out
 equivalence, batch independence).
 """
 
+from typing import Any
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -688,7 +691,8 @@ def test_dot_product_attention_bfloat16_inputs():
 
 @pytest.mark.parametrize("shape, channels", [((2, 3, 5, 4), 6), ((1, 4, 4, 8), 8)])
 def test_upsample_matches_nearest_x2_then_conv3x3_in_float64_numpy(shape, channels):
-    """Upsample is nearest x2 then a 3x3 convolution with zero padding (DDPM / ADM), H != W."""
+    """Upsample (four 2x2 phase convolutions) is nearest x2 then a 3x3 convolution with zero
+    padding (DDPM / ADM), edges included (H != W)."""
     from jax_diffusion.models.layers import Upsample
 
     module = Upsample(channels)
@@ -707,6 +711,40 @@ def test_upsample_matches_nearest_x2_then_conv3x3_in_float64_numpy(shape, channe
     got = jax.jit(module.apply)({"params": params}, x)
     assert got.shape == (shape[0], 2 * shape[1], 2 * shape[2], channels)
     np.testing.assert_allclose(np.asarray(got), np_upsample(x, **p64), rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_has_flax_conv_parameters_init_gradients_and_dtypes():
+    """Same parameter tree and initial values as nn.Conv on the upsampled input (checkpoints of
+    either load in the other), the same gradients, and nn.Conv's compute dtype."""
+    from jax_diffusion.models.layers import Upsample
+
+    class Direct(nn.Module):  # the textbook form: nearest x2, then nn.Conv, named like ours
+        channels: int
+        dtype: Any = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+            return nn.Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv")(x)
+
+    x = jax.random.normal(jax.random.key(0), (2, 4, 3, 8), jnp.float32)
+    ours = Upsample(16).init(jax.random.key(5), x)
+    chex.assert_trees_all_equal(ours, Direct(16).init(jax.random.key(5), x))
+    params = {"params": _normal_params(ours["params"], 6, 0.5)}
+    r = jax.random.normal(jax.random.key(7), (2, 8, 6, 16))
+
+    def grads(module):
+        return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) * r), argnums=(0, 1))(params, x)
+
+    chex.assert_trees_all_close(grads(Upsample(16)), grads(Direct(16)), rtol=1e-5, atol=1e-5)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        got = Upsample(16, dtype=dtype).apply(params, x)
+        want = Direct(16, dtype=dtype).apply(params, x)
+        assert got.dtype == want.dtype == dtype
+        tol = 1e-5 if dtype == jnp.float32 else 0.1
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+        )
 
 
 def test_downsample_is_a_stride_2_conv3x3_in_float64_numpy():

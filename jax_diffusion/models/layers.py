@@ -39,6 +39,7 @@ __all__ = [
     "drop_labels",
     "group_norm",
     "timestep_embedding",
+    "upsample_conv",
 ]
 
 _zeros = nn.initializers.zeros
@@ -435,8 +436,92 @@ class Downsample(nn.Module):
         )(x)
 
 
+def _upsample_phase_kernels(kernel: jax.Array) -> list[list[jax.Array]]:
+    """The 2x2 kernels of a nearest x2 upsampling followed by a 3x3 convolution.
+
+    Output pixel (2i + p, 2j + q) of conv3x3(upsample(x)) reads upsampled rows 2i + p - 1 ..
+    2i + p + 1, i.e. input rows (i - 1, i, i) for p = 0 and (i, i, i + 1) for p = 1; merging the
+    taps that read the same input row (and likewise for columns) leaves a 2x2 kernel per phase:
+    rows (w[0], w[1] + w[2]) at offsets (-1, 0) for p = 0, (w[0] + w[1], w[2]) at (0, +1) for
+    p = 1.
+
+    Args:
+      kernel: [3, 3, C_in, C_out] kernel of the convolution.
+
+    Returns:
+      k[p][q]: [2, 2, C_in, C_out] kernel of output phase (p, q).
+    """
+    w = kernel
+    rows = [jnp.stack([w[0], w[1] + w[2]]), jnp.stack([w[0] + w[1], w[2]])]  # [2, 3, Ci, Co]
+    return [
+        [
+            jnp.stack([r[:, 0], r[:, 1] + r[:, 2]], axis=1),
+            jnp.stack([r[:, 0] + r[:, 1], r[:, 2]], axis=1),
+        ]
+        for r in rows
+    ]
+
+
+def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """conv3x3(nearest_x2(x)) + bias (zero padding 1), computed without upsampling x.
+
+    Each of the four output phases (2i + p, 2j + q) is a 2x2 convolution of x itself with the
+    merged taps of `_upsample_phase_kernels`, zero-padded on the side where that phase reads
+    past the edge: 4 x 4 instead of 4 x 9 multiply-adds per input pixel and channel pair. Equal
+    to the direct form up to float rounding (merged taps are summed first), with the same
+    parameters. Fwd + bwd on a 2-core AMD EPYC (`benchmarks/cpu_breakdown.py --upsample`):
+    [8, 16, 16, 128] 59 -> 27 ms, [32, 16, 16, 128] 395 -> 180 ms; one gradient of the whole
+    cifar UNet 0.94 -> 0.90 s at batch 8, 3.27 -> 3.17 s at batch 32.
+
+    Args:
+      x: [B, H, W, C_in] features.
+      kernel: [3, 3, C_in, C_out] kernel (cross-correlation, as flax.linen.Conv).
+      bias: [C_out] bias.
+
+    Returns:
+      [B, 2H, 2W, C_out] in the promoted dtype of x, kernel and bias.
+    """
+    b, hgt, wid, _ = x.shape
+    k = _upsample_phase_kernels(kernel)
+    dn = ("NHWC", "HWIO", "NHWC")
+    phases = [
+        [
+            lax.conv_general_dilated(
+                x, k[p][q], (1, 1), ((1 - p, p), (1 - q, q)), dimension_numbers=dn
+            )
+            for q in range(2)
+        ]
+        for p in range(2)
+    ]
+    # [B, H, 2 (p), W, 2 (q), C_out] -> [B, 2H, 2W, C_out]
+    out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+    return out.reshape(b, 2 * hgt, 2 * wid, kernel.shape[-1]) + bias
+
+
+class _UpsampleConv(nn.Module):
+    """The 3x3 convolution of `Upsample`: flax.linen.Conv's parameters (names, shapes and
+    initialisers, so checkpoints and initial values are those of `nn.Conv`), applied by
+    `upsample_conv`."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.linear.default_kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", _zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return upsample_conv(x, kernel, bias)
+
+
 class Upsample(nn.Module):
     """Doubles H and W: nearest-neighbour x2 followed by a 3x3 convolution (DDPM / ADM).
+
+    Computed as four 2x2 convolutions of the input, one per output phase (`upsample_conv`): the
+    same function and parameters ('conv' / 'kernel' [3, 3, C_in, channels], 'bias') as nn.Conv
+    applied to the upsampled features, with 4/9 of the multiply-adds.
 
     Attributes:
       channels: output channels.
@@ -451,12 +536,6 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps [B, H, W, C] to [B, 2H, 2W, channels]."""
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return nn.Conv(
-            self.channels,
-            (3, 3),
-            padding=1,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
+        return _UpsampleConv(
+            self.channels, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
         )(x)
