@@ -16,10 +16,11 @@ convolution over transposed operands) against two matmul formulations, im2col pa
 padded input and one dot over (B, H, W), and nine dots of shifted input views; GFLOP/s of each
 and its largest error relative to XLA's result. Layer shapes are the cifar config's at batch 8.
 
-Table 3 (`--upsample`), a formulation measured and not adopted: the decoder's Upsample (nearest
-x2, then a 3x3 convolution) computed as four 2x2 convolutions of the input, one per output
-phase (4/9 of the multiply-adds, the same function and parameters), fwd + bwd of the block
-alone at the cifar shapes, then one gradient of the whole network (table 1's) with each form.
+Table 3 (`--upsample`): the decoder's Upsample (nearest x2, then a 3x3 convolution) in its
+direct form against the library's, four 2x2 convolutions of the input, one per output phase
+(`models.layers.upsample_conv`: the same function and parameters, 4/9 of the multiply-adds);
+fwd + bwd of the block alone at the cifar shapes, then one gradient of the whole network (table
+1's) traced with each form.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from train_throughput import CONFIG, CONFIGS, TheirsStep, _torch_available
 
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.cli import load_config
+from jax_diffusion.models.layers import upsample_conv
 from jax_diffusion.train import create_model
 
 # (batch, height = width, in channels, out channels): cifar's 3x3 convolutions at batch 8.
@@ -154,32 +156,9 @@ UPSAMPLE_SHAPES = [(8, 8, 128), (8, 16, 128), (32, 8, 128), (32, 16, 128)]  # B,
 
 
 def upsample_direct(x, w, b):
-    """The library's Upsample: nearest x2, then a 3x3 convolution (padding 1)."""
+    """The textbook Upsample: nearest x2, then a 3x3 convolution (padding 1). The library's
+    (`upsample_conv`) computes the same as four 2x2 convolutions of x, one per output phase."""
     return _conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w) + b
-
-
-def upsample_phases(x, w, b):
-    """The same as four 2x2 convolutions of x: output (2i + p, 2j + q) reads input rows
-    (i - 1, i) for p = 0 with taps (w0, w1 + w2), rows (i, i + 1) for p = 1 with (w0 + w1, w2),
-    and likewise for columns."""
-    rows = [jnp.stack([w[0], w[1] + w[2]]), jnp.stack([w[0] + w[1], w[2]])]
-    k = [
-        [jnp.stack([r[:, 0], r[:, 1] + r[:, 2]], 1), jnp.stack([r[:, 0] + r[:, 1], r[:, 2]], 1)]
-        for r in rows
-    ]
-    dn = ("NHWC", "HWIO", "NHWC")
-    phases = [
-        [
-            lax.conv_general_dilated(
-                x, k[p][q], (1, 1), ((1 - p, p), (1 - q, q)), dimension_numbers=dn
-            )
-            for q in range(2)
-        ]
-        for p in range(2)
-    ]
-    out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2, W, 2, C]
-    bsz, h, wid = x.shape[:3]
-    return out.reshape(bsz, 2 * h, 2 * wid, w.shape[-1]) + b
 
 
 def upsample_table(names, batches, repeats) -> None:
@@ -193,7 +172,7 @@ def upsample_table(names, batches, repeats) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     options = compiler_options()
-    forms = {"direct": upsample_direct, "phases": upsample_phases}
+    forms = {"direct": upsample_direct, "phases": upsample_conv}
     for b, hw, c in UPSAMPLE_SHAPES:
         keys = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(keys[0], (b, hw, hw, c))
@@ -218,24 +197,15 @@ def upsample_table(names, batches, repeats) -> None:
             f"{secs['phases']:.4f} | {secs['direct'] / secs['phases']:.2f} | {err:.0e} | {load()} |"
         )
 
-    class PhaseConv(nn.Module):  # nn.Conv's parameters, applied as upsample_phases
-        features: int
-
-        @nn.compact
-        def __call__(self, x):
-            shape = (3, 3, x.shape[-1], self.features)
-            w = self.param("kernel", nn.initializers.lecun_normal(), shape)
-            bias = self.param("bias", nn.initializers.zeros, (self.features,))
-            return upsample_phases(x, w, bias)
-
-    class PhaseUpsample(nn.Module):
+    class DirectUpsample(nn.Module):  # the library's Upsample before 2026-12-01
         channels: int
         dtype: object = jnp.float32
         param_dtype: object = jnp.float32
 
         @nn.compact
         def __call__(self, x):
-            return PhaseConv(self.channels, name="conv")(x)
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+            return nn.Conv(self.channels, (3, 3), padding=1, name="conv")(x)
 
     library_upsample = unet_module.Upsample
     for name in names:
@@ -249,7 +219,7 @@ def upsample_table(names, batches, repeats) -> None:
             x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
             t = jnp.arange(batch) * 7 % config.diffusion.num_timesteps
             fns = {}
-            for form, cls in (("direct", library_upsample), ("phases", PhaseUpsample)):
+            for form, cls in (("direct", DirectUpsample), ("phases", library_upsample)):
                 unet_module.Upsample = cls  # the UNet looks the class up when traced
                 try:
 
