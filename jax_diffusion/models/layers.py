@@ -462,7 +462,9 @@ def _upsample_phase_kernels(kernel: jax.Array) -> list[list[jax.Array]]:
     ]
 
 
-def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def upsample_conv(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, *, dtype: Dtype | None = None
+) -> jax.Array:
     """conv3x3(nearest_x2(x)) + bias (zero padding 1), computed without upsampling x.
 
     Each of the four output phases (2i + p, 2j + q) is a 2x2 convolution of x itself with the
@@ -477,12 +479,16 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
       x: [B, H, W, C_in] features.
       kernel: [3, 3, C_in, C_out] kernel (cross-correlation, as flax.linen.Conv).
       bias: [C_out] bias.
+      dtype: compute dtype; default the promoted dtype of x, kernel and bias. The merged taps
+        are summed in the kernel's own dtype (e.g. float32 parameters) and then cast.
 
     Returns:
-      [B, 2H, 2W, C_out] in the promoted dtype of x, kernel and bias.
+      [B, 2H, 2W, C_out] in `dtype`.
     """
+    dtype = jnp.result_type(x, kernel, bias) if dtype is None else dtype
     b, hgt, wid, _ = x.shape
-    k = _upsample_phase_kernels(kernel)
+    k = [[kq.astype(dtype) for kq in kp] for kp in _upsample_phase_kernels(kernel)]
+    x = x.astype(dtype)
     dn = ("NHWC", "HWIO", "NHWC")
     phases = [
         [
@@ -495,7 +501,7 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
     ]
     # [B, H, 2 (p), W, 2 (q), C_out] -> [B, 2H, 2W, C_out]
     out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
-    return out.reshape(b, 2 * hgt, 2 * wid, kernel.shape[-1]) + bias
+    return out.reshape(b, 2 * hgt, 2 * wid, kernel.shape[-1]) + bias.astype(dtype)
 
 
 class _UpsampleConv(nn.Module):
@@ -512,8 +518,9 @@ class _UpsampleConv(nn.Module):
         shape = (3, 3, x.shape[-1], self.features)
         kernel = self.param("kernel", nn.linear.default_kernel_init, shape, self.param_dtype)
         bias = self.param("bias", _zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return upsample_conv(x, kernel, bias)
+        # nn.Conv's compute dtype; the taps are merged in the parameters' dtype first
+        dtype = nn.dtypes.canonicalize_dtype(x, kernel, bias, dtype=self.dtype)
+        return upsample_conv(x, kernel, bias, dtype=dtype)
 
 
 class Upsample(nn.Module):
