@@ -10,7 +10,10 @@ a host that crashed before its page cache reached the disk) does not block the r
 falls back to the newest checkpoint that restores, logs a warning, and moves the unreadable
 ones aside to `<workdir>/checkpoints_unreadable/<step>` (kept, not deleted), so the resumed run
 saves those steps afresh. Only when no checkpoint restores is an error raised (with each step's
-reason), and nothing is moved.
+reason), and nothing is moved. With several processes, each restores and falls back on its own
+and process 0 moves the directories (the others wait for it): they must all see the same
+checkpoint directory, as orbax requires anyway. A step readable by some processes and not by
+others is not handled: they would restore different steps (or wait on each other).
 
 In a single-process run, an array replicated over several devices (the data-parallel train
 state) is saved as its device-0 copy. orbax would otherwise split each replicated array into one
