@@ -491,6 +491,32 @@ def test_dpm_solver_pp_last_step_to_sigma_zero_is_first_order():
     assert float(jnp.abs(mid.x_prev - plain.x_prev).max()) > 1e-3
 
 
+def test_dpm_solver_pp_2m_step_matches_lu_et_al_on_an_uneven_grid(x64):
+    """One DPM-Solver++(2M) step with h_last != h, against Lu et al. 2022 (Algorithm 2) in float64
+    NumPy: r = h_last / h, D = (1 + 1 / (2r)) x0_hat - x0_hat_last / (2r), x_prev =
+    (sigma_prev / sigma) x - alpha_prev (exp(-h) - 1) D. The samplers' grids are uniform or
+    smooth in lambda, where r -> 1 and inverting r leaves the method second order."""
+    schedule = Schedule.from_betas(BETAS, jnp.float64)
+    abar = np.cumprod(1.0 - np.asarray(BETAS, np.float64))
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    lam = np.log(alpha / sigma)
+    t_last, t, t_prev = 700, 400, 30  # h_last / h = 0.61 here
+    x = np.asarray(_normal(5, (4, 3), jnp.float64))
+    x0_last = np.asarray(_normal(6, (4, 3), jnp.float64))
+    model = gaussian_denoiser(schedule, DATA_MEAN, DATA_STD, "eps")
+    out = dpm_solver_pp_step(model, schedule, x, t, t_prev, x0_last, t_last)
+    # the exact denoiser of N(m, s^2) data: E[x0 | x_t] = m + a s^2 (x - a m) / (a^2 s^2 + sigma^2)
+    a, m, s2 = alpha[t], DATA_MEAN, DATA_STD**2
+    x0_hat = m + a * s2 * (x - a * m) / (a * a * s2 + sigma[t] ** 2)
+    np.testing.assert_allclose(out.x0_hat, x0_hat, rtol=1e-10, atol=1e-12)
+    h, h_last = lam[t_prev] - lam[t], lam[t] - lam[t_last]
+    r = h_last / h
+    assert abs(r - 1) > 0.3
+    d = (1 + 1 / (2 * r)) * x0_hat - x0_last / (2 * r)
+    want = sigma[t_prev] / sigma[t] * x - alpha[t_prev] * (np.exp(-h) - 1) * d
+    np.testing.assert_allclose(out.x_prev, want, rtol=1e-10, atol=1e-12)
+
+
 def _gauss(prediction="eps"):
     return gaussian_denoiser(SCHEDULE, 0.0, 1.0, prediction)
 
