@@ -9,11 +9,14 @@ A checkpoint that is complete but unreadable (files truncated or lost after the 
 a host that crashed before its page cache reached the disk) does not block the run: `restore`
 falls back to the newest checkpoint that restores, logs a warning, and moves the unreadable
 ones aside to `<workdir>/checkpoints_unreadable/<step>` (kept, not deleted), so the resumed run
-saves those steps afresh. Only when no checkpoint restores is an error raised (with each step's
-reason), and nothing is moved. With several processes, each restores and falls back on its own
-and process 0 moves the directories (the others wait for it): they must all see the same
-checkpoint directory, as orbax requires anyway. A step readable by some processes and not by
-others is not handled: they would restore different steps (or wait on each other).
+saves those steps afresh. A step counts as unreadable only if it fails a second read too (made
+after an older step has restored), so a transient storage error costs no checkpoint. Where the
+store cannot rename a directory (an object store without TensorFlow's gfile may not), the error
+names the step to move by hand. Only when no checkpoint restores is an error raised (with each
+step's reason), and nothing is moved. With several processes, each restores and falls back on
+its own and process 0 moves the directories (the others wait for it): they must all see the
+same checkpoint directory, as orbax requires anyway. A step readable by some processes and not
+by others is not handled: they would restore different steps (or wait on each other).
 
 In a single-process run, an array replicated over several devices (the data-parallel train
 state) is saved as its device-0 copy. orbax would otherwise split each replicated array into one
@@ -30,6 +33,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -160,22 +164,31 @@ class CheckpointManager:
         return self._restore_newest(restore_step, set_aside=False)
 
     def _restore_newest(self, restore_step: Callable[[int], Any], *, set_aside: bool) -> Any:
-        """restore_step(s) for the newest step s that restores; see the module docstring."""
+        """restore_step(s) for the newest step s that restores; see the module docstring.
+
+        A step that fails is read once more after an older one has restored, newest first, and
+        only a step that fails both times counts as unreadable: a transient error (a storage
+        hiccup, too many open files) must not cost a good checkpoint.
+        """
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         failed: list[tuple[int, Exception]] = []
         for s in steps:
-            try:
-                with _quiet_closed_loop_callbacks():
-                    result = restore_step(s)
-            except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
-                failed.append((s, err))
+            ok, result = _attempt(restore_step, s)
+            if not ok:
+                failed.append((s, result))
                 continue
+            for i, (f, _) in enumerate(failed):  # the second read, newest first
+                again, retried = _attempt(restore_step, f)
+                if again:
+                    log.warning("checkpoint step %d restored on a second read", f)
+                    s, result, failed = f, retried, failed[:i]
+                    break
             if failed:
                 bad = [f for f, _ in failed]
                 log.warning(
-                    "checkpoints %s in %s could not be restored (%s); restored step %d%s",
+                    "checkpoints %s in %s could not be restored, twice (%s); restored step %d%s",
                     bad,
                     self.directory,
                     _reasons(failed),
@@ -197,9 +210,10 @@ class CheckpointManager:
         if jax.process_index() == 0:
             aside.mkdir(parents=True, exist_ok=True)
             for s in steps:
-                dest = aside / str(s)
-                if dest.exists():  # set aside before: keep both
-                    dest = aside / f"{s}.{len(list(aside.glob(f'{s}.*'))) + 1}"
+                dest, n = aside / str(s), 0
+                while dest.exists():  # set aside before: keep both
+                    n += 1
+                    dest = aside / f"{s}.{n}"
                 try:
                     (root / str(s)).rename(dest)
                 except Exception as err:  # noqa: BLE001 - a store without directory renames
@@ -215,6 +229,18 @@ class CheckpointManager:
         self._manager.close()
 
 
+def _attempt(restore_step: Callable[[int], Any], step: int) -> tuple[bool, Any]:
+    """(True, restore_step(step)), or (False, the exception) if it raised."""
+    try:
+        with _quiet_closed_loop_callbacks():
+            return True, restore_step(step)
+    except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
+        return False, err
+
+
+_HOOK_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_closed_loop_callbacks(grace_seconds: float = 0.5):
     """Drops the "Event loop is closed" RuntimeErrors of a failed orbax restore.
@@ -224,23 +250,25 @@ def _quiet_closed_loop_callbacks(grace_seconds: float = 0.5):
     callback (tensorstore's thread calling `loop.call_soon_threadsafe`) through
     `sys.unraisablehook`: dozens of tracebacks, harmless, after a restore that has already
     failed cleanly. While restoring, and for `grace_seconds` after a failure, this hook drops
-    exactly those and passes everything else on to the previous hook.
+    exactly those and passes everything else on to the previous hook. Restores in several
+    threads take turns (a lock), so each puts back the hook it found.
     """
-    previous = sys.unraisablehook
+    with _HOOK_LOCK:
+        previous = sys.unraisablehook
 
-    def hook(unraisable):
-        err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
-            previous(unraisable)
+        def hook(unraisable):
+            err = unraisable.exc_value
+            if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+                previous(unraisable)
 
-    sys.unraisablehook = hook
-    try:
-        yield
-    except BaseException:
-        time.sleep(grace_seconds)  # the in-flight reads of the failed restore complete
-        raise
-    finally:
-        sys.unraisablehook = previous
+        sys.unraisablehook = hook
+        try:
+            yield
+        except BaseException:
+            time.sleep(grace_seconds)  # the in-flight reads of the failed restore complete
+            raise
+        finally:
+            sys.unraisablehook = previous
 
 
 def _reasons(failed: list[tuple[int, Exception]]) -> str:

@@ -157,3 +157,28 @@ def test_no_readable_checkpoint_is_an_error_naming_each_step_and_moves_nothing(t
     ckpt.close()
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         CheckpointManager(str(tmp_path / "empty")).restore(states[1])
+
+
+def test_a_transient_read_error_costs_no_checkpoint(tmp_path, caplog):
+    """A step whose first read fails and second read works is restored and stays in place."""
+    states = _run_with_steps(tmp_path, [1, 2, 3])
+    ckpt = CheckpointManager(str(tmp_path))
+    real_restore, calls = ckpt._manager.restore, []
+
+    def flaky_restore(step, *args, **kwargs):
+        calls.append(step)
+        if calls.count(3) == 1 and step == 3:
+            raise OSError("Too many open files")  # once
+        return real_restore(step, *args, **kwargs)
+
+    ckpt._manager.restore = flaky_restore
+    with caplog.at_level("WARNING", logger="jax_diffusion.checkpoints"):
+        restored, data = ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
+    assert calls == [3, 2, 3]  # step 2 shows the store works, then step 3 again
+    assert (ckpt.restored_step, data) == (3, {"epoch": 3})
+    for a, b in zip(leaves(states[3]), leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "step 3 restored on a second read" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+    ckpt.close()
