@@ -128,6 +128,10 @@ def test_an_unreadable_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path,
     assert ckpt.latest_step() == 3
     restored, data = ckpt.restore(target)
     assert (ckpt.restored_step, data) == (3, {"epoch": 3})
+    # unreadable again: set aside next to the first one, which is kept
+    _corrupt(tmp_path / "checkpoints" / "3")
+    assert ckpt.restore(target)[1] == {"epoch": 2}
+    assert sorted(p.name for p in aside.parent.iterdir()) == ["3", "3.1"]
     ckpt.close()
 
 
