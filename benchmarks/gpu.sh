@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md in one device run (the `device` tool's `run`; ~5-8 min on an
 # H200): the train step's MFU with the bfloat16 compute dtype (and float32 for comparison),
-# sampling images/s, and the scan-vs-loop sampler table. Each table also goes to $OUT (or
-# /tmp) as a text file; a failing benchmark does not stop the others.
+# sampling images/s, the scan-vs-loop sampler table, and the Upsample forms (direct vs four
+# 2x2 phase convolutions, float32: the library's choice was measured on CPU only). Each table
+# also goes to $OUT (or /tmp) as a text file; a failing benchmark does not stop the others.
 #
 # The device image has jax (CUDA), flax, optax and orbax but not ml_collections: carry its
 # wheel in the ignored folder .whl (see BENCHMARKS.md, "GPU").
@@ -28,3 +29,4 @@ run gpu_train_f32 benchmarks/train_throughput.py --no-torch --quick --configs ci
 run gpu_sampling_bf16 benchmarks/sampling_throughput.py --quick --dtype bfloat16 \
   --configs cifar,digits16 --batches 256,1024
 run gpu_sampler_speed benchmarks/sampler_speed.py --quick
+run gpu_upsample benchmarks/cpu_breakdown.py --upsample --quick --configs cifar --batches 32,128
