@@ -136,7 +136,8 @@ class CheckpointManager:
             return state.replace(**restored["state"]), restored["data"]
 
         if step is not None:
-            result = restore_step(step)
+            with _quiet_closed_loop_callbacks():
+                result = restore_step(step)
             self.restored_step = step
             return result
         return self._restore_newest(restore_step, set_aside=True)

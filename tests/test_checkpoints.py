@@ -156,6 +156,8 @@ def test_no_readable_checkpoint_is_an_error_naming_each_step_and_moves_nothing(t
     ckpt = CheckpointManager(str(tmp_path))
     with pytest.raises(ValueError, match=r"could be restored: step 2: .*; step 1: "):
         ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
+    with pytest.raises(Exception, match="reading"):  # an explicit step: no fallback
+        ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]), step=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
     assert not (tmp_path / "checkpoints_unreadable").exists()
     ckpt.close()
