@@ -369,7 +369,7 @@ class _PlannedIterator:
     def set_state(self, state: Mapping[str, int]) -> None:
         """Continues from a `get_state()` result; the following batches are bit-identical."""
         if not isinstance(state, Mapping) or set(state) != {"epoch", "position"}:
-            keys = sorted(state) if isinstance(state, Mapping) else state
+            keys = sorted(state, key=repr) if isinstance(state, Mapping) else state
             raise ValueError(f"state must have keys 'epoch', 'position'; got {keys!r}")
         self._seek(self._plan.step(state["epoch"], state["position"]))
 

@@ -79,6 +79,17 @@ def test_digits_train_and_test_partition_all(image_size):
     np.testing.assert_array_equal(np.concatenate([train_labels, test_labels]), all_labels)
 
 
+def test_digits_returned_arrays_may_be_modified_without_changing_later_calls():
+    raw = sklearn_load_digits()
+    for split in ("train", "test", "all"):
+        images, labels = data.load_digits(8, split)
+        images[:] = 0
+        labels[:] = -1
+    images, labels = data.load_digits(8, "all")
+    np.testing.assert_array_equal(images[..., 0], raw.images / 8.0 - 1.0)
+    np.testing.assert_array_equal(labels, raw.target)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -137,6 +148,28 @@ def test_swiss_roll_lies_on_the_spiral():
     assert t.min() >= 1.5 * np.pi - 1e-4 and t.max() <= 4.5 * np.pi + 1e-4
     np.testing.assert_allclose(p, np.stack([t * np.cos(t), t * np.sin(t)], 1), atol=1e-4)
     np.testing.assert_array_equal(labels, 0)
+
+
+@pytest.mark.parametrize(
+    "name, noise", [("swiss_roll", 0.02), ("two_moons", 0.05), ("eight_gaussians", 0.1)]
+)
+def test_toy_2d_default_noise_is_the_documented_one(name, noise):
+    x, labels = data.toy_2d(name, 500, seed=6)
+    x_given, labels_given = data.toy_2d(name, 500, seed=6, noise=noise)
+    np.testing.assert_array_equal(x, x_given)
+    np.testing.assert_array_equal(labels, labels_given)
+    assert not np.array_equal(x, data.toy_2d(name, 500, seed=6, noise=2 * noise)[0])
+
+
+def test_two_moons_noise_is_measured_before_the_scaling():
+    # Undoing x -> (x - (0.5, 0.25)) / 1.5, a point's distance to its moon's unit circle minus 1
+    # is the radial part of N(0, noise^2 I): std noise (up to O(noise^2)), for the default 0.05.
+    n, sigma = 20000, 0.05
+    x, labels = data.toy_2d("two_moons", n, seed=4)
+    z = x.astype(np.float64) * 1.5 + np.array([0.5, 0.25])
+    centre = np.where(labels[:, None] == 0, [0.0, 0.0], [1.0, 0.5])
+    radial = np.linalg.norm(z - centre, axis=1) - 1.0
+    assert abs(radial.std() - sigma) < 0.05 * sigma  # ~10 standard errors of the estimate
 
 
 def test_toy_2d_errors():
@@ -250,6 +283,10 @@ def test_array_iterator_process_slices_concatenate_to_global_batch(process_count
         (dict(global_batch_size=12), r"<= the number of examples \(10\); got 12$"),
         (dict(global_batch_size=2, drop_remainder="false"), "drop_remainder must be True or"),
         (dict(global_batch_size=2, drop_remainder=None), "drop_remainder must be True or"),
+        (
+            dict(global_batch_size=2, drop_remainder=1),
+            "drop_remainder must be True or False; got 1",
+        ),
         (dict(global_batch_size=0), "global_batch_size must be an int >= 1; got 0"),
         (dict(global_batch_size=2, process_index=2, process_count=2), "process_index must"),
         (dict(global_batch_size=2, seed=-1), "seed must be an int >= 0; got -1"),
@@ -277,6 +314,58 @@ def test_array_iterator_ragged_arrays_and_bad_states():
         it.set_state({"epoch": 0, "position": -4})
 
 
+def test_array_iterator_needs_at_least_one_array_with_a_leading_axis():
+    for arrays in ({}, {"image": np.zeros(())}, {"image": np.zeros((4, 2)), "label": 3}):
+        with pytest.raises(ValueError, match="arrays must share a leading size"):
+            data.ArrayIterator(arrays, global_batch_size=2, seed=0)
+
+
+def _documented_batch(n, batch, seed, epoch, position):
+    """Labels of the global batch starting at (epoch, position) of the concatenated orders."""
+    flat = epoch * n + position + np.arange(batch)
+    perms = {e: np.random.default_rng((seed, e)).permutation(n) for e in set(flat // n)}
+    return np.array([perms[f // n][f % n] for f in flat])
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+@pytest.mark.parametrize("n", [20, 22])
+def test_set_state_accepts_exactly_the_batch_boundaries(drop_remainder, n):
+    g, seed = 4, 9
+    it = data.ArrayIterator(
+        _indexed(n), global_batch_size=g, seed=seed, drop_remainder=drop_remainder
+    )
+    for epoch in range(3):
+        for position in range(n + g + 1):
+            if drop_remainder:  # the first n // g batches of each epoch
+                boundary = position % g == 0 and position + g <= n
+            else:  # every g-th entry of the concatenated epochs, as a position < n
+                boundary = position < n and (epoch * n + position) % g == 0
+            state = {"epoch": epoch, "position": position}
+            if not boundary:
+                with pytest.raises(ValueError, match="not a batch boundary"):
+                    it.set_state(state)
+                continue
+            it.set_state(state)
+            assert it.get_state() == state
+            want = _documented_batch(n, g, seed, epoch, position)
+            np.testing.assert_array_equal(next(it)["label"], want)
+
+
+def test_set_state_rejects_other_keys_and_epochs():
+    it = data.ArrayIterator(_indexed(10), global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="keys 'epoch', 'position'"):
+        it.set_state({"epoch": 0, "position": 0, "step": 0})
+    with pytest.raises(ValueError, match="keys 'epoch', 'position'"):
+        it.set_state({"epoch": 0})
+    with pytest.raises(ValueError, match=r"keys 'epoch', 'position'; got \['epoch', 0\]"):
+        it.set_state({0: 1, "epoch": 0})  # keys that do not sort together
+    for epoch in (-1, 1.0, True, "1"):
+        with pytest.raises(
+            ValueError, match=rf"state\['epoch'\] must be an int >= 0; got {epoch!r}"
+        ):
+            it.set_state({"epoch": epoch, "position": 0})
+
+
 # ----------------------------------------------------------------------------- checks, dispatch
 
 
@@ -297,6 +386,30 @@ def test_uint8_to_float_endpoints_grayscale_and_errors():
             data.uint8_to_float(image, size)
 
 
+@pytest.mark.parametrize("shape, size", [((10, 6, 3), 4), ((6, 10, 3), 4), ((9, 5), 2)])
+def test_uint8_to_float_crops_the_centred_square_and_resizes_each_channel_with_pil(shape, size):
+    import PIL.Image
+
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    h, w = shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image.reshape(h, w, -1)[top : top + side, left : left + side]
+    # the reference: PIL's (antialiased) bilinear filter on each uint8 channel, as documented
+    resized = np.stack(
+        [
+            np.asarray(
+                PIL.Image.fromarray(square[:, :, c]).resize((size, size), PIL.Image.BILINEAR)
+            )
+            for c in range(square.shape[2])
+        ],
+        axis=-1,
+    )
+    np.testing.assert_array_equal(data.uint8_to_float(image, size), resized / np.float32(127.5) - 1)
+    # no resize when the square already has the size: exactly the centred crop
+    np.testing.assert_array_equal(data.uint8_to_float(image, side), square / np.float32(127.5) - 1)
+
+
 def test_check_images_errors():
     good = np.zeros((2, 4, 4, 1), np.float32)
     assert data.check_images(good) is good
@@ -308,6 +421,15 @@ def test_check_images_errors():
         data.check_images(good + np.float32(2) * (np.arange(2) == 1)[:, None, None, None])
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         data.check_images(np.full_like(good, np.nan))
+
+
+def test_check_images_accepts_an_empty_batch_and_only_rank_4():
+    empty = np.zeros((0, 4, 4, 1), np.float32)
+    assert data.check_images(empty) is empty
+    assert data.check_data(np.zeros((0, 2), np.float32)).shape == (0, 2)
+    for shape in [(4, 4, 1), (1, 2, 4, 4, 1)]:
+        with pytest.raises(ValueError, match=r"NHWC \[N, H, W, C\]; got shape"):
+            data.check_images(np.zeros(shape, np.float32))
 
 
 @pytest.mark.parametrize("as_dict", [True, False])
@@ -330,6 +452,35 @@ def test_get_dataset_toy_and_process_slices():
         config, global_batch_size=8, seed=1, process_index=1, process_count=2
     )
     np.testing.assert_array_equal(next(half)["image"], next(full)["image"][4:])
+
+
+@pytest.mark.parametrize(
+    "kind, num_classes", [("swiss_roll", 0), ("two_moons", 2), ("eight_gaussians", 8)]
+)
+def test_get_dataset_toy_draws_num_samples_with_the_seed(kind, num_classes):
+    config = {"name": f"toy_2d:{kind}", "num_samples": 64}
+    it, info = data.get_dataset(config, global_batch_size=64, seed=3)
+    assert info == data.DatasetInfo(f"toy_2d:{kind}", (2,), num_classes, 64)
+    batch = next(it)  # one batch of 64: all the samples, shuffled
+    x, labels = data.toy_2d(kind, 64, seed=3)
+    order, want = np.lexsort(batch["image"].T), np.lexsort(x.T)
+    np.testing.assert_array_equal(batch["image"][order], x[want])
+    np.testing.assert_array_equal(batch["label"][order], labels[want])
+    _, default_info = data.get_dataset({"name": f"toy_2d:{kind}"}, global_batch_size=8, seed=0)
+    assert default_info.num_examples == 10000
+
+
+def test_get_dataset_defaults_only_the_process_argument_not_given():
+    # jax.process_index() == 0 and jax.process_count() == 1 here
+    config = {"name": "digits"}
+    want = next(data.get_dataset(config, global_batch_size=8, seed=2)[0])
+    for kwargs in (dict(process_index=0), dict(process_count=1)):
+        it, _ = data.get_dataset(config, global_batch_size=8, seed=2, **kwargs)
+        got = next(it)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    with pytest.raises(ValueError, match=r"process_index must lie in \[0, 1\); got 1"):
+        data.get_dataset(config, global_batch_size=8, seed=2, process_index=1)
 
 
 @pytest.mark.parametrize(
@@ -566,6 +717,49 @@ def test_tfds_get_dataset(tfds_data):
     assert next(it)["image"].shape == (6, 4, 4, 1)
 
 
+@pytest.mark.parametrize("as_dict", [True, False])
+def test_tfds_get_dataset_unlabeled_and_image_key(tfds_data, as_dict):
+    data_dir, generated = tfds_data
+    fields = {
+        "name": f"tfds:{_NAME}",
+        "data_dir": data_dir,
+        "split": "test",
+        "image_key": "wide",
+        "image_size": 6,
+        "label_key": None,  # None: unlabeled (unlike a missing field)
+    }
+    config = fields if as_dict else ml_collections.ConfigDict(fields)
+    it, info = data.get_dataset(config, global_batch_size=_NUM_TEST, seed=0)
+    assert info == data.DatasetInfo(f"tfds:{_NAME}", (6, 6, 3), 0, _NUM_TEST)
+    batch = next(it)
+    np.testing.assert_array_equal(batch["label"], 0)
+    u = _as_uint8(batch["image"])  # the centred 6x6 square of "wide" is its level
+    assert sorted(u[:, 0, 0, 0].tolist()) == sorted(generated["test"][2].tolist())
+    assert np.all(u == u[:, :1, :1, :1])
+
+
+def test_tfds_drops_the_epoch_remainder_by_default(tfds_data):
+    import tensorflow_datasets as tfds
+
+    data_dir, _ = tfds_data
+    source = tfds.data_source(_NAME, split="train", data_dir=data_dir, download=False)
+    labels_and_images = [(source[i]["label"], source[i]["image"]) for i in range(len(source))]
+    g, seed = 16, 5  # 40 examples: 2 batches per epoch, the last 8 entries skipped
+    it = data.tfds_iterator(
+        _NAME, data_dir=data_dir, global_batch_size=g, seed=seed, process_index=0, process_count=1
+    )
+    for epoch in range(2):
+        perm = np.random.default_rng((seed, epoch)).permutation(_NUM_TRAIN)
+        for k in range(2):
+            assert it.get_state() == {"epoch": epoch, "position": k * g}
+            batch = next(it)
+            idx = perm[k * g : (k + 1) * g]
+            want_images = np.stack([labels_and_images[i][1] for i in idx])
+            np.testing.assert_array_equal(_as_uint8(batch["image"]), want_images)
+            np.testing.assert_array_equal(batch["label"], [labels_and_images[i][0] for i in idx])
+    assert it.get_state() == {"epoch": 2, "position": 0}
+
+
 def test_tfds_errors(tfds_data, tmp_path):
     data_dir, _ = tfds_data
     with pytest.raises(ValueError, match="unknown tfds dataset name 'no_such_dataset_jd'"):
@@ -592,6 +786,9 @@ def test_tfds_errors(tfds_data, tmp_path):
         (dict(seed=-1), "seed must be an int >= 0; got -1"),
         (dict(process_index=5, process_count=2), r"process_index must lie in \[0, 2\); got 5"),
         (dict(drop_remainder="yes"), "drop_remainder must be True or False; got 'yes'"),
+        (dict(num_workers=-1), "num_workers must be an int >= 0; got -1"),
+        (dict(num_workers=2.0), "num_workers must be an int >= 0; got 2.0"),
+        (dict(image_size=0), "image_size must be an int >= 1; got 0"),
     ]:
         with pytest.raises(ValueError, match=match):
             data.tfds_iterator("mnist", data_dir=str(tmp_path), **{**_TFDS_ARGS, **kwargs})
