@@ -58,8 +58,9 @@ class CheckpointManager:
       workdir: run directory (local path or a bucket path orbax understands, e.g. gs://...),
         as a str or a path-like such as `etils.epath.Path`.
       max_to_keep: number of most recent checkpoints kept, an int >= 1, or None for all.
-      save_interval_steps: orbax only saves steps that are multiples of this int >= 1 (and
-        forced ones).
+      save_interval_steps: orbax saves a step when it is a multiple of this int >= 1, when
+        the directory holds no checkpoint yet, or when forced (`save(..., force=True)`, as
+        train.py always does).
 
     Attributes:
       directory: `<workdir>/checkpoints`.

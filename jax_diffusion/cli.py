@@ -263,16 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     A bad argument or config value (the library's ValueError, raised before any work) and a
     missing file end the program as argparse's own errors do: `jax-diffusion <command>:
     error: <message>` on stderr and exit status 2, without a traceback unless the environment
-    sets JAX_DIFFUSION_TRACEBACK=1. A diverged training run exits with status 1.
+    sets JAX_DIFFUSION_TRACEBACK=1. A diverged training run, and samples that are not finite
+    (`sample`, `evaluate`: a diverged model; nothing is written), exit with status 1 and a
+    one-line message.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    traceback = os.environ.get("JAX_DIFFUSION_TRACEBACK", "") not in ("", "0")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("JAX_DIFFUSION_TRACEBACK", "") not in ("", "0"):
+        if traceback:
             raise
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
+    except FloatingPointError as err:  # train.check_finite_samples
+        if traceback:
+            raise
+        print(f"{parser.prog} {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

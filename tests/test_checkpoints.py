@@ -1,14 +1,22 @@
 """Checkpoints: a data-parallel (replicated) train state round-trips onto any target sharding."""
 
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import CONFIGS, leaves
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jax_diffusion import cli, train
-from jax_diffusion.checkpoints import CheckpointManager, _single_copy
+from jax_diffusion import checkpoints, cli, train
+from jax_diffusion.checkpoints import (
+    CheckpointManager,
+    _quiet_closed_loop_callbacks,
+    _single_copy,
+)
 
 
 def _random_state():
@@ -93,11 +101,12 @@ def _corrupt(step_dir):
     return len(files)
 
 
-def _run_with_steps(tmp_path, steps):
-    """Saves a toy state at each step (params scaled by the step, data state {'epoch': step})."""
+def _run_with_steps(tmp_path, steps, **kwargs):
+    """Saves a toy state at each step (params scaled by the step, data state {'epoch': step});
+    kwargs go to the CheckpointManager."""
     base = _random_state()
     states = {}
-    ckpt = CheckpointManager(str(tmp_path))
+    ckpt = CheckpointManager(str(tmp_path), **kwargs)
     for s in steps:
         states[s] = base.replace(
             step=jnp.asarray(s, jnp.int32), params=jax.tree.map(lambda p, s=s: p * s, base.params)
@@ -188,3 +197,167 @@ def test_a_transient_read_error_costs_no_checkpoint(tmp_path, caplog):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
     assert not (tmp_path / "checkpoints_unreadable").exists()
     ckpt.close()
+
+
+def _failing_reads(ckpt, failures):
+    """Makes step s's next failures[s] reads fail (-1: every read); returns the list of the steps
+    read, in order."""
+    real_restore, calls, left = ckpt._manager.restore, [], dict(failures)
+
+    def restore(step, *args, **kwargs):
+        calls.append(step)
+        if left.get(step, 0) != 0:
+            left[step] -= 1
+            raise OSError(f"injected read error at step {step}")
+        return real_restore(step, *args, **kwargs)
+
+    ckpt._manager.restore = restore
+    return calls
+
+
+def test_the_newest_step_that_restores_on_a_second_read_wins_and_only_twice_failed_ones_move(
+    tmp_path,
+):
+    states = _run_with_steps(tmp_path, [1, 2, 3, 4], max_to_keep=None)
+    ckpt = CheckpointManager(str(tmp_path), max_to_keep=None)
+    # 4 never reads, 3 and 2 fail once: 1 restores, then 4 fails again and 3 reads
+    calls = _failing_reads(ckpt, {4: -1, 3: 1, 2: 1})
+    restored, data = ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
+    assert calls == [4, 3, 2, 1, 4, 3]  # second reads newest first, stopping at the first good
+    assert (ckpt.restored_step, int(restored.step), data) == (3, 3, {"epoch": 3})
+    for a, b in zip(leaves(states[3]), leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # only 4 failed twice; 2 failed once and is older than the step restored: both kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints_unreadable").iterdir()) == ["4"]
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+
+
+def test_a_step_set_aside_a_third_time_takes_the_next_free_suffix(tmp_path):
+    states = _run_with_steps(tmp_path, [1, 2])
+    aside = tmp_path / "checkpoints_unreadable"
+    for name in ("2", "2.1"):  # set aside by two earlier resumes
+        (aside / name).mkdir(parents=True)
+        (aside / name / "earlier").write_text(name)
+    _corrupt(tmp_path / "checkpoints" / "2")
+    ckpt = CheckpointManager(str(tmp_path))
+    assert ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))[1] == {"epoch": 1}
+    assert sorted(p.name for p in aside.iterdir()) == ["2", "2.1", "2.2"]
+    assert (aside / "2.2" / "state").is_dir()
+    for name in ("2", "2.1"):  # the earlier ones as they were
+        assert [p.name for p in (aside / name).iterdir()] == ["earlier"]
+        assert (aside / name / "earlier").read_text() == name
+    ckpt.close()
+
+
+def test_a_directory_that_cannot_be_moved_aside_is_an_error_naming_the_step(tmp_path, monkeypatch):
+    states = _run_with_steps(tmp_path, [1, 2])
+    _corrupt(tmp_path / "checkpoints" / "2")
+    ckpt = CheckpointManager(str(tmp_path))
+
+    def no_rename(self, target):
+        raise OSError("directory renames not supported")
+
+    monkeypatch.setattr(type(epath.Path(str(tmp_path))), "rename", no_rename)
+    with pytest.raises(ValueError, match="checkpoint step 2 in .* could not be moved aside") as e:
+        ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
+    assert "renames not supported" in str(e.value) and "move it out" in str(e.value)
+    assert (tmp_path / "checkpoints" / "2" / "state").is_dir()
+    ckpt.close()
+
+
+def test_an_explicit_step_restores_that_step_or_raises_without_falling_back(tmp_path):
+    states = _run_with_steps(tmp_path, [0, 1, 2])
+    target = jax.tree.map(jnp.zeros_like, states[0])
+    ckpt = CheckpointManager(str(tmp_path))
+    for s in (1, 0):  # older than the latest, and step 0 (falsy) too
+        restored, data = ckpt.restore(target, step=s)
+        assert (ckpt.restored_step, int(restored.step), data) == (s, s, {"epoch": s})
+        for a, b in zip(leaves(states[s]), leaves(restored), strict=True):
+            np.testing.assert_array_equal(a, b)
+    _failing_reads(ckpt, {2: -1})
+    with pytest.raises(OSError, match="injected read error at step 2"):
+        ckpt.restore(target, step=2)
+    assert ckpt.restored_step == 0  # still the last step read
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0", "1", "2"]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+    ckpt.close()
+
+
+def test_restore_params_gives_the_ema_params_by_default(tmp_path):
+    states = _run_with_steps(tmp_path, [1, 2])
+    ckpt = CheckpointManager(str(tmp_path))
+    params = ckpt.restore_params()
+    assert ckpt.restored_step == 2
+    for a, b in zip(leaves(states[2].ema_params), leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    ckpt.close()
+
+
+def test_only_the_last_max_to_keep_and_interval_multiples_or_forced_steps_are_saved(tmp_path):
+    state = _random_state()
+    ckpt = CheckpointManager(str(tmp_path), max_to_keep=2, save_interval_steps=2)
+    saved = {}
+    for s in range(2, 7):  # from a multiple: orbax saves the first step of a run in any case
+        saved[s] = ckpt.save(state.replace(step=jnp.asarray(s, jnp.int32)), {"epoch": s})
+    assert saved == {2: True, 3: False, 4: True, 5: False, 6: True}
+    assert ckpt.save(state.replace(step=jnp.asarray(7, jnp.int32)), {}, force=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6", "7"]
+    ckpt.close()
+
+
+def test_a_relative_workdir_is_resolved_when_the_manager_is_made(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    ckpt = CheckpointManager("run")
+    assert ckpt.directory == str(tmp_path / "run" / "checkpoints")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert ckpt.save(_random_state().replace(step=jnp.asarray(0, jnp.int32)), {"epoch": 0})
+    assert (tmp_path / "run" / "checkpoints" / "0").is_dir()
+    assert not (tmp_path / "elsewhere" / "run").exists()
+    ckpt.close()
+
+
+class _Unraisable:
+    def __init__(self, err):
+        self.exc_type, self.exc_value, self.exc_traceback = type(err), err, None
+        self.err_msg, self.object = None, None
+
+
+def test_the_restore_hook_drops_only_closed_loop_errors_and_is_put_back(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    installed = sys.unraisablehook
+    closed = RuntimeError("Event loop is closed")
+    others = [RuntimeError("Event loop is closed!"), RuntimeError("boom"), ValueError("x")]
+    with _quiet_closed_loop_callbacks():
+        for err in [closed, *others]:
+            sys.unraisablehook(_Unraisable(err))
+    assert seen == others and sys.unraisablehook is installed
+    with pytest.raises(OSError, match="read failed"):
+        with _quiet_closed_loop_callbacks(grace_seconds=0.0):
+            raise OSError("read failed")
+    assert sys.unraisablehook is installed  # after a failure too
+    sys.unraisablehook(_Unraisable(closed))  # outside the scope: passed on
+    assert seen == [*others, closed]
+
+
+def test_closed_loop_errors_of_a_failed_restore_are_dropped_during_the_grace_period(
+    monkeypatch,
+):
+    seen, slept = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+
+    def sleep(seconds):  # the failed restore's in-flight reads complete while it waits
+        slept.append(seconds)
+        sys.unraisablehook(_Unraisable(RuntimeError("Event loop is closed")))
+
+    monkeypatch.setattr(checkpoints, "time", types.SimpleNamespace(sleep=sleep))
+    with pytest.raises(OSError, match="read failed"):
+        with _quiet_closed_loop_callbacks(grace_seconds=0.75):
+            raise OSError("read failed")
+    assert slept == [0.75] and seen == []
+    with _quiet_closed_loop_callbacks(grace_seconds=0.75):
+        pass
+    assert slept == [0.75]  # no wait after a restore that succeeded

@@ -1,6 +1,8 @@
 """The `jax-diffusion` command line, end to end."""
 
 import json
+import sys
+import types
 
 import pytest
 from conftest import CONFIGS
@@ -75,3 +77,229 @@ def test_a_diverged_run_ends_with_its_message_and_status_1(tmp_path, capsys, mon
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert err == "jax-diffusion train: 3 consecutive steps had a non-finite loss\n"
+
+
+def _argparse_error(capsys, argv):
+    """argparse's one-line error for argv (status 2), from the subcommand's parser."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2, argv
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_int_and_float_arguments_accept_their_whole_documented_range(capsys):
+    parse = cli.build_parser().parse_args
+    w = ["--workdir", "run"]
+    args = parse(["sample", *w, "--num", "1", "--steps", "1", "--seed", "0", "--guidance", "-2"])
+    assert (args.num, args.steps, args.seed, args.guidance) == (1, 1, 0, -2.0)
+    assert parse(["sample", *w, "--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    assert parse(["sample", *w, "--sampler", "dpm++"]).sampler == "dpm++"
+    assert parse(["sample", *w, "--out", "grid.PNG"]).out == "grid.PNG"
+    assert parse(["sample", *w, "--out", "out/grid.jpg"]).out == "out/grid.jpg"
+    args = parse(["evaluate", *w, "--num", "4", "--bpd-examples", "297", "--seed", "0"])
+    assert (args.num, args.bpd_examples, args.seed) == (4, 297, 0)
+    assert parse(["evaluate", *w, "--bpd-examples", "0", "--sampler", "dpm++"]).bpd_examples == 0
+    assert parse(["demo", "--seed", "0", "--num-timesteps", "1", "--batch", "1"]).seed == 0
+
+
+def test_out_of_range_arguments_are_argparse_errors_naming_the_argument(capsys):
+    w = ["--workdir", "run"]
+    for argv, named in [
+        (
+            ["sample", *w, "--seed", str(2**32)],
+            "argument --seed: must be an int in [0, 4294967295]",
+        ),
+        (["sample", *w, "--num", "1.5"], "argument --num: must be an int >= 1; got '1.5'"),
+        (["sample", *w, "--steps", "0"], "argument --steps: must be an int >= 1; got '0'"),
+        (["sample", *w, "--guidance", "inf"], "argument --guidance: must be a finite number"),
+        (["sample", *w, "--guidance=-inf"], "argument --guidance: must be a finite number"),
+        (["sample", *w, "--guidance", "x"], "argument --guidance: must be a finite number"),
+        (["sample", *w, "--out", "grid.txt"], "argument --out: must end in an image extension"),
+        (["evaluate", *w, "--bpd-examples", "298"], "argument --bpd-examples: must be an int in"),
+        (["evaluate", *w, "--bpd-examples", "-1"], "argument --bpd-examples: must be an int in"),
+        (["demo", "--seed", "-1"], "argument --seed: must be an int in [0, 4294967295]"),
+    ]:
+        err = _argparse_error(capsys, argv)
+        assert err.startswith(f"jax-diffusion {argv[0]}: error: "), err
+        assert named in err, err
+    assert "the following arguments are required: command" in _argparse_error(capsys, [])
+
+
+def test_every_set_override_is_applied_with_literal_or_bare_string_values(
+    tmp_path, capsys, monkeypatch
+):
+    from jax_diffusion import train
+
+    got = {}
+
+    def fake_train(config, workdir):
+        got.update(config=config, workdir=workdir)
+        return {"final_step": config.train.num_steps, "state": object()}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    argv = ["train", "--config", f"{CONFIGS / 'default.py'}:smoke", "--workdir", str(tmp_path)]
+    sets = [
+        "train.num_steps=7",
+        "train.learning_rate=0.5",
+        "data.name=toy_2d:two_moons",  # not a Python literal: the bare string
+        "sample.sampler='ddim'",
+        "train.grad_clip=None",
+    ]
+    assert cli.main([*argv, *(a for s in sets for a in ("--set", s))]) == 0
+    config = got["config"]
+    assert got["workdir"] == str(tmp_path)
+    assert (config.train.num_steps, config.train.learning_rate) == (7, 0.5)
+    assert (config.data.name, config.sample.sampler) == ("toy_2d:two_moons", "ddim")
+    assert config.train.grad_clip is None
+    assert json.loads(capsys.readouterr().out) == {"final_step": 7}  # the state left out
+
+
+def test_a_set_value_is_everything_after_the_first_equals_sign():
+    config = cli.load_config(f"{CONFIGS / 'default.py'}:smoke", ["data.name='a=b'"])
+    assert config.data.name == "a=b"
+    with pytest.raises(ValueError, match=r"--set takes key=value; got 'train.num_steps'"):
+        cli.load_config(f"{CONFIGS / 'default.py'}:smoke", ["train.num_steps"])
+
+
+def test_a_config_without_a_variant_gets_none_and_non_py_files_are_rejected(tmp_path):
+    text = (
+        "import ml_collections\n\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict({'variant': 'none' if arg is None else arg})\n"
+    )
+    (tmp_path / "conf.py").write_text(text)
+    assert cli.load_config(str(tmp_path / "conf.py")).variant == "none"
+    assert cli.load_config(f"{tmp_path / 'conf.py'}:small").variant == "small"
+    (tmp_path / "conf.txt").write_text(text)
+    with pytest.raises(ValueError, match="--config must name an existing .py file; got"):
+        cli.load_config(str(tmp_path / "conf.txt"))
+
+
+def test_an_error_is_printed_as_its_plain_message_even_with_traceback_0(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("JAX_DIFFUSION_TRACEBACK", "0")  # 0: off, as when unset
+    argv = ["train", "--config", f"{CONFIGS / 'default.py'}:smoke", "--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--set", "model.nope=1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "jax-diffusion train: error: --set model.nope=1: unknown config key 'model.nope'\n"
+    )
+
+
+def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, monkeypatch):
+    import jax
+    import numpy as np
+
+    from jax_diffusion import train
+
+    got = {}
+
+    config = types.SimpleNamespace(diffusion="diffusion config")
+
+    def fake_load_run(workdir):  # (config, shape, model, ema_params, step)
+        got["workdir"] = workdir
+        return config, (8, 8, 1), "model", "ema", 5
+
+    monkeypatch.setattr(train, "load_run", fake_load_run)
+    monkeypatch.setattr(train, "get_schedule", lambda diffusion: ("schedule of", diffusion))
+
+    def fake_sample(config, model, params, schedule, rng, **kwargs):
+        got.update(args=(config, model, params, schedule), rng=rng, **kwargs)
+        return np.zeros((kwargs["num"], *kwargs["shape"]), np.float32)
+
+    monkeypatch.setattr(train, "sample", fake_sample)
+    out = str(tmp_path / "grid.png")
+    argv = ["sample", "--workdir", "w", "--sampler", "ddim", "--steps", "3", "--num", "2"]
+    assert cli.main([*argv, "--guidance", "1.5", "--seed", "9", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": out, "num": 2, "step": 5}
+    assert got["workdir"] == "w"
+    assert got["args"] == (config, "model", "ema", ("schedule of", "diffusion config"))
+    assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == ("ddim", 3, 2, 1.5)
+    assert got["shape"] == (8, 8, 1)
+    np.testing.assert_array_equal(
+        jax.random.key_data(got["rng"]), jax.random.key_data(jax.random.PRNGKey(9))
+    )
+    assert (tmp_path / "grid.png").read_bytes().startswith(b"\x89PNG")
+    # without them: None, so that the config's sampler, steps and guidance apply
+    assert cli.main(["sample", "--workdir", "w", "--out", out]) == 0
+    assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == (None, None, 64, None)
+
+
+def test_samples_that_are_not_finite_end_sample_with_one_line_and_status_1(
+    tmp_path, capsys, monkeypatch
+):
+    import numpy as np
+
+    from jax_diffusion import train
+
+    config = types.SimpleNamespace(diffusion=None)
+    monkeypatch.setattr(train, "load_run", lambda workdir: (config, (4, 4, 1), "m", "p", 5))
+    monkeypatch.setattr(train, "get_schedule", lambda diffusion: None)
+
+    def diverged_sample(*args, num, shape, **kwargs):
+        images = np.zeros((num, *shape), np.float32)
+        images[1, 0, 0, 0] = np.nan
+        images[3] = np.inf
+        return images
+
+    monkeypatch.setattr(train, "sample", diverged_sample)
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--workdir", "w", "--num", "4", "--out", str(out)]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "jax-diffusion sample: 2 of 4 samples are not finite\n"
+    assert captured.out == "" and not out.exists()
+    monkeypatch.setenv("JAX_DIFFUSION_TRACEBACK", "1")
+    with pytest.raises(FloatingPointError, match="2 of 4 samples are not finite"):
+        cli.main(argv)
+
+
+def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directories(
+    tmp_path, capsys, monkeypatch
+):
+    from jax_diffusion import evaluation
+
+    got = {}
+
+    def fake_evaluate(workdir, **kwargs):
+        got.update(workdir=workdir, **kwargs)
+        return {"fd_test": 1.25}
+
+    monkeypatch.setattr(evaluation, "evaluate_workdir", fake_evaluate)
+    out = tmp_path / "new" / "dir" / "metrics.json"
+    argv = ["evaluate", "--workdir", "w", "--num", "16", "--sampler", "ddim", "--steps", "4"]
+    argv += ["--guidance", "0.5", "--seed", "3", "--bpd-examples", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert got == dict(
+        workdir="w",
+        num_samples=16,
+        sampler="ddim",
+        num_steps=4,
+        guidance=0.5,
+        seed=3,
+        bpd_examples=2,
+    )
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == {"fd_test": 1.25}
+    assert out.read_text() == printed
+
+
+def test_a_config_in_a_package_off_sys_path_can_import_its_siblings(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_config adds the package's root
+    package = tmp_path / "root" / "jd_test_configs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "base.py").write_text("LR = 0.25\n")
+    (package / "conf.py").write_text(
+        "import ml_collections\n\n"
+        "from jd_test_configs import base\n\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict({'lr': base.LR})\n"
+    )
+    try:
+        assert cli.load_config(str(package / "conf.py")).lr == 0.25
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "jd_test_configs"]:
+            del sys.modules[name]
