@@ -200,11 +200,12 @@ def test_unet_shape_dtype_and_zero_output_at_init(conditional, uncond, cond):
     assert np.all(np.isfinite(out)) and np.abs(out).max() > 1e-3
 
 
-def test_unet_out_channels_override():
-    model = UNet(**TINY, out_channels=2 * C)
+@pytest.mark.parametrize("out_channels", [2 * C, 1, 5])
+def test_unet_out_channels_override(out_channels):
+    model = UNet(**TINY, out_channels=out_channels)
     x, t, _ = _inputs()
     out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, t)[0])
-    assert out.shape == (B, H, W, 2 * C) and out.dtype == jnp.float32
+    assert out.shape == (B, H, W, out_channels) and out.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("conditional", [False, True])
@@ -324,6 +325,28 @@ def test_unet_dropout(uncond):
             False,
             r"attention_resolutions must name feature-map sizes of this UNet, \[4, 8\]",
         ),
+        # one level deeper than the UNet goes (8 -> 4 only) is not a size it reaches either
+        (
+            {"attention_resolutions": (2,)},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"attention_resolutions must name feature-map sizes of this UNet, \[4, 8\]",
+        ),
+        ({"channel_mults": ()}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
+        ({"channel_mults": (True, 2)}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
+        ({"base_channels": 9}, (B, H, W, C), (B,), False, "base_channels must be a positive even"),
+        ({"dropout": 1.0}, (B, H, W, C), (B,), False, r"dropout must be in \[0, 1\); got 1.0"),
+        ({"out_channels": 0}, (B, H, W, C), (B,), False, "out_channels must be an int >= 1"),
+        ({"num_classes": 0}, (B, H, W, C), (B,), True, "num_classes must be an int >= 1"),
+        # the middle block always has attention (16 channels here), even with none listed
+        (
+            {"num_heads": 3, "attention_resolutions": ()},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"num_heads must divide the channel count of every attention layer \[16\]",
+        ),
     ],
 )
 def test_unet_value_errors(kwargs, shape, t_shape, with_y, match):
@@ -404,6 +427,8 @@ def test_mlp_denoiser_value_errors():
         (dict(out_dim=0), "out_dim must be an int >= 1; got 0"),
         (dict(time_embed_dim=7), "time_embed_dim must be a positive even int"),
         (dict(hidden_dim=16.0), "hidden_dim must be an int >= 1; got 16.0"),
+        (dict(num_layers=-1), "num_layers must be an int >= 0; got -1"),
+        (dict(num_classes=0), "num_classes must be an int >= 1; got 0"),
     ]:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(MLPDenoiser(**kwargs).init, jax.random.key(0), x, t)
@@ -761,3 +786,199 @@ def test_downsample_is_a_stride_2_conv3x3_in_float64_numpy():
     want = _np_conv(np.asarray(x, np.float64), **p64)[:, ::2, ::2]
     assert got.shape == want.shape == (2, 3, 2, 6)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- UNet wiring
+
+
+def _np_unet(model, params, x, t, y=None):
+    """Float64 NumPy UNet from the documented layout (module docstring; DDPM app. B / ADM),
+    built from the NumPy blocks above and the module's parameters looked up by name:
+
+      emb = Dense(SiLU(Dense(PE(t)))) [+ label_embed[y]]
+      encoder: conv_in, then per level num_res_blocks x (ResBlock [+ Attention]) and a
+               stride-2 conv (all levels but the last); every output is pushed
+      middle:  ResBlock, Attention, ResBlock
+      decoder: per level (num_res_blocks + 1) x (concat(h, pop()) -> ResBlock [+ Attention]),
+               then nearest x2 + conv3x3 (all levels but the first)
+      out:     conv3x3(SiLU(GroupNorm(h)))
+
+    Returns the output and the set of parameter names it read."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    used = set()
+
+    def get(name):
+        used.add(name)
+        return p[name]
+
+    def dense(v, name):
+        return v @ get(name)["kernel"] + get(name)["bias"]
+
+    groups, heads, ssn = model.num_groups, model.num_heads, model.use_scale_shift_norm
+    emb = _np_timestep_embedding(np.asarray(t), model.base_channels)
+    emb = dense(_np_silu(dense(emb, "time_dense0")), "time_dense1")
+    if model.num_classes is not None:
+        emb = emb + get("label_embed")["embedding"][np.asarray(y)]
+
+    def block(h, level_name, i):
+        h = _np_res_block(h, emb, get(f"{level_name}_res_{i}"), groups, ssn)
+        if h.shape[1] in model.attention_resolutions:
+            h = _np_attention(h, get(f"{level_name}_attn_{i}"), heads, groups)
+        return h
+
+    last = len(model.channel_mults) - 1
+    h = _np_conv(np.asarray(x, np.float64), **get("conv_in"))
+    hs = [h]
+    for level in range(last + 1):
+        for i in range(model.num_res_blocks):
+            h = block(h, f"down_{level}", i)
+            hs.append(h)
+        if level != last:
+            h = _np_conv(h, **get(f"down_{level}_downsample")["conv"])[:, ::2, ::2]
+            hs.append(h)
+    h = _np_res_block(h, emb, get("mid_res_0"), groups, ssn)
+    h = _np_attention(h, get("mid_attn"), heads, groups)
+    h = _np_res_block(h, emb, get("mid_res_1"), groups, ssn)
+    for level in reversed(range(last + 1)):
+        for i in range(model.num_res_blocks + 1):
+            h = block(np.concatenate([h, hs.pop()], axis=-1), f"up_{level}", i)
+        if level != 0:
+            up = np.repeat(np.repeat(h, 2, axis=1), 2, axis=2)
+            h = _np_conv(up, **get(f"up_{level}_upsample")["conv"])
+    assert not hs  # every pushed activation is consumed exactly once
+    norm = get("norm_out")
+    h = _np_silu(_np_group_norm(h, norm["scale"], norm["bias"], groups))
+    return _np_conv(h, **get("conv_out")), used
+
+
+@ON_THE_TINY_UNETS
+def test_unet_matches_a_float64_numpy_transcription_of_the_adm_layout(cond):
+    """Skip order and concatenation order, where attention sits, the middle block, where the
+    time and class embedding enter (null label included) and the output head, all at once."""
+    x, t, _ = _inputs()
+    # random values everywhere: the zero-init convs would hide all but the skip paths
+    params = _normal_params(cond.params, 5, 0.3)
+    for y in (jnp.array([0, 2], jnp.int32), jnp.array([NUM_CLASSES, 1], jnp.int32)):
+        got = np.asarray(cond(params, x, t, y))
+        want, used = _np_unet(cond.model, params, x, t, y)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert used == set(params)  # no parameter is left out of the computation
+
+
+def test_unet_with_two_blocks_per_level_and_additive_norm_matches_the_numpy_transcription():
+    """num_res_blocks = 2 (skips of equal width within a level), attention at the top level,
+    DDPM's additive embedding, and a learned-variance head (out_channels = 2C)."""
+    model = UNet(
+        **{**TINY, "num_res_blocks": 2, "attention_resolutions": (H,)},
+        use_scale_shift_norm=False,
+        out_channels=2 * C,
+    )
+    x, t, _ = _inputs(1)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    params = _normal_params(shapes, 6, 0.3)
+    got = np.asarray(jax.jit(model.apply)({"params": params}, x, t))
+    assert got.shape == (B, H, W, 2 * C)
+    want, used = _np_unet(model, params, x, t)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert used == set(params)
+
+
+@ON_THE_TINY_UNETS
+def test_unet_only_the_documented_layers_start_at_zero(cond):
+    """Zero at init: every bias, the GroupNorm shifts, and the kernels of the last conv of each
+    ResBlock, of each attention output projection and of conv_out (so eps_hat = 0 at init);
+    every other kernel (conv_in included), the label table and the GroupNorm scales are not."""
+    zero, nonzero = set(), set()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cond.params):
+        keys = tuple(k.key for k in path)
+        (zero if not np.any(np.asarray(leaf)) else nonzero).add(keys)
+    names = set(cond.params)
+    want_zero = {k for k in zero | nonzero if k[-1] == "bias"}
+    want_zero |= {(n, "conv2", "kernel") for n in names if "_res_" in n}
+    want_zero |= {(n, "proj_out", "kernel") for n in names if "attn" in n}
+    want_zero |= {("conv_out", "kernel")}
+    assert ("conv_in", "kernel") in nonzero and ("label_embed", "embedding") in nonzero
+    assert zero == want_zero
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (jit, remat, custom_jvp) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _all_eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _all_eqns(sub)
+
+
+@pytest.mark.parametrize("net", ["unet", "mlp"])
+def test_every_matmul_and_conv_runs_in_the_compute_dtype(net):
+    """dtype=bfloat16 is the compute dtype of every layer (stem, blocks, attention, Downsample,
+    Upsample, head); param_dtype=bfloat16 stores every parameter in bfloat16."""
+    x, t, y = _inputs()
+    if net == "unet":
+        make = lambda **kw: UNet(**TINY, num_classes=NUM_CLASSES, **kw)  # noqa: E731
+    else:
+        x = x[:, 0, 0, :2]
+        make = lambda **kw: MLPDenoiser(  # noqa: E731
+            hidden_dim=16, num_layers=2, time_embed_dim=8, num_classes=NUM_CLASSES, **kw
+        )
+    params = jax.eval_shape(make(param_dtype=jnp.bfloat16).init, jax.random.key(0), x, t, y)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    params = jax.eval_shape(make().init, jax.random.key(0), x, t, y)
+    jaxpr = jax.make_jaxpr(make(dtype=jnp.bfloat16).apply)(params, x, t, y).jaxpr
+    dtypes = [
+        tuple(v.aval.dtype for v in eqn.invars)
+        for eqn in _all_eqns(jaxpr)
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated")
+    ]
+    assert len(dtypes) >= 10  # the MLP: 2 time Dense, dense_in, 3 per block, dense_out
+    assert set(dtypes) == {(jnp.dtype(jnp.bfloat16),) * 2}
+
+
+def test_unet_remat_checkpoints_every_res_block_and_attention():
+    cfg = {**TINY, "channel_mults": (1,), "attention_resolutions": (H,)}
+    x, t, _ = _inputs()
+    params = jax.eval_shape(UNet(**cfg).init, jax.random.key(0), x, t)
+    jaxpr = jax.make_jaxpr(UNet(**cfg, remat=True).apply)(params, x, t).jaxpr
+    names = [eqn.primitive.name for eqn in _all_eqns(jaxpr)]
+    # encoder ResBlock + attention, middle ResBlock, attention, ResBlock, and the decoder's
+    # two ResBlock + attention pairs: one checkpointed call each
+    assert sum("remat" in n or "checkpoint" in n for n in names) == 2 + 3 + 4
+
+
+def _np_mlp_denoiser(model, params, x, t, y=None):
+    """Float64 NumPy MLPDenoiser from its documented formula (mlp.py docstring):
+    emb = Dense(SiLU(Dense(PE(t)))) [+ label_embed[y]], h = Dense(x),
+    h = h + Dense(SiLU(Dense(SiLU(h)) + Dense(emb))) per block, out = Dense(SiLU(h))."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def dense(v, name):
+        return v @ p[name]["kernel"] + p[name]["bias"]
+
+    emb = _np_timestep_embedding(np.asarray(t), model.time_embed_dim)
+    emb = dense(_np_silu(dense(emb, "time_dense0")), "time_dense1")
+    if model.num_classes is not None:
+        emb = emb + p["label_embed"]["embedding"][np.asarray(y)]
+    h = dense(np.asarray(x, np.float64), "dense_in")
+    for i in range(model.num_layers):
+        r = dense(_np_silu(h), f"block_{i}_dense0") + dense(emb, f"block_{i}_emb")
+        h = h + dense(_np_silu(r), f"block_{i}_dense1")
+    return dense(_np_silu(h), "dense_out")
+
+
+def test_mlp_denoiser_matches_a_float64_numpy_transcription():
+    model = MLPDenoiser(
+        out_dim=3, hidden_dim=16, num_layers=2, time_embed_dim=8, num_classes=NUM_CLASSES
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    t = jnp.array([0, 10, 100, 999])
+    y = jnp.array([0, 1, 2, NUM_CLASSES])  # the null label too
+    shapes = jax.eval_shape(model.init, jax.random.key(1), x, t, y)["params"]
+    params = _normal_params(shapes, 7, 0.5)
+    got = np.asarray(jax.jit(model.apply)({"params": params}, x, t, y))
+    assert got.shape == (4, 3)
+    want = _np_mlp_denoiser(model, params, x, t, y)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
