@@ -1,7 +1,7 @@
 """Where the CPU train step's time goes: network fwd + bwd vs batch, and conv weight gradients.
 
 Run:  python benchmarks/cpu_breakdown.py [--configs cifar] [--batches 8,16,32] [--no-torch]
-                                        [--quick] [--skip-conv] [--upsample]
+                                        [--quick] [--skip-conv] [--upsample] [--attention]
 
 Table 1, the network alone: seconds of one gradient of mean(output^2) with respect to the
 parameters (our UNet under `jax.jit(jax.grad)` with the library's compile options; diffusers'
@@ -21,6 +21,11 @@ direct form against the library's, four 2x2 convolutions of the input, one per o
 (`models.layers.upsample_conv`: the same function and parameters, 4/9 of the multiply-adds);
 fwd + bwd of the block alone at the cifar shapes, then one gradient of the whole network (table
 1's) traced with each form.
+
+Table 4 (`--attention`): the attention core, softmax(q k^T / sqrt(d)) v at the cifar config's
+attention layers ([B, 4 heads, 16 x 16 positions, 32]), fwd + bwd of the library's
+`dot_product_attention` against PyTorch's fused `scaled_dot_product_attention` and the same
+formula in plain PyTorch ops (matmul, softmax, matmul), per batch size (`--batches`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from train_throughput import CONFIG, CONFIGS, TheirsStep, _torch_available
 
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.cli import load_config
-from jax_diffusion.models.layers import upsample_conv
+from jax_diffusion.models.layers import dot_product_attention, upsample_conv
 from jax_diffusion.train import create_model
 
 # (batch, height = width, in channels, out channels): cifar's 3x3 convolutions at batch 8.
@@ -240,6 +245,55 @@ def upsample_table(names, batches, repeats) -> None:
             )
 
 
+def attention_table(batches, with_torch, repeats, heads=4, positions=256, head_dim=32) -> None:
+    header = "| B, heads, N, d | ours ms |"
+    if with_torch:
+        header += " torch SDPA ms | torch matmul + softmax ms | ours/SDPA (speed) | max rel. err |"
+    print("\n" + header + " load |")
+    print("|" + "|".join("---" for _ in range(header.count("|"))) + "|")
+
+    def loss(q, k, v, g):
+        return jnp.sum(dot_product_attention(q, k, v) * g)
+
+    grad = jax.jit(jax.grad(loss, (0, 1, 2)), compiler_options=compiler_options())
+    for batch in batches:
+        shape = (batch, heads, positions, head_dim)
+        keys = jax.random.split(jax.random.key(0), 4)
+        q, k, v, g = (jax.random.normal(key, shape) for key in keys)
+        fns = {"ours": functools.partial(grad, q, k, v, g)}
+        row = f"| {batch}, {heads}, {positions}, {head_dim} |"
+        if with_torch:
+            import torch
+
+            tq, tk, tv = (torch.tensor(np.asarray(a), requires_grad=True) for a in (q, k, v))
+            tg = torch.tensor(np.asarray(g))
+
+            def torch_grad(attend, tq=tq, tk=tk, tv=tv, tg=tg):
+                for a in (tq, tk, tv):
+                    a.grad = None
+                (attend(tq, tk, tv) * tg).sum().backward()
+                return tq.grad, tk.grad, tv.grad
+
+            def plain(q, k, v):
+                return torch.softmax(q @ k.transpose(-1, -2) / np.sqrt(head_dim), -1) @ v
+
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            fns["sdpa"] = functools.partial(torch_grad, sdpa)
+            fns["plain"] = functools.partial(torch_grad, plain)
+            err = max(
+                float(np.abs(np.asarray(a) - b.numpy()).max() / np.abs(b.numpy()).max())
+                for a, b in zip(fns["ours"](), fns["sdpa"](), strict=True)
+            )
+        secs = median_times(fns, repeats)
+        row += f" {1e3 * secs['ours']:.2f} |"
+        if with_torch:
+            row += (
+                f" {1e3 * secs['sdpa']:.2f} | {1e3 * secs['plain']:.2f} "
+                f"| {secs['sdpa'] / secs['ours']:.2f} | {err:.0e} |"
+            )
+        print(row + f" {load()} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="cifar", help=", ".join(CONFIGS))
@@ -248,6 +302,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--skip-conv", action="store_true", help="table 1 only")
     parser.add_argument("--upsample", action="store_true", help="table 3 only (Upsample forms)")
+    parser.add_argument("--attention", action="store_true", help="table 4 only (attention core)")
     args = parser.parse_args()
     names, batches = parse_configs_batches(parser, args, CONFIGS)
     repeats = 3 if args.quick else 7
@@ -260,6 +315,9 @@ def main() -> None:
     print(f"# compiler_options={compiler_options()}; median of {repeats} interleaved rounds")
     if args.upsample:
         upsample_table(names, batches, repeats)
+        return
+    if args.attention:
+        attention_table(batches, with_torch, repeats)
         return
     network_table(names, batches, with_torch, repeats)
     if not args.skip_conv:
