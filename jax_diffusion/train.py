@@ -569,13 +569,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.dropout must lie in [0, 1); got {m.dropout!r}")
     if not 0.0 <= m.get("class_dropout", 0.0) <= 1.0:
         raise ValueError(f"model.class_dropout must lie in [0, 1]; got {m.class_dropout!r}")
-    num_classes = m.get("num_classes", None)
-    if num_classes is not None and not num_classes >= 1:
-        raise ValueError(f"model.num_classes must be >= 1 or None; got {num_classes!r}")
-    num_timesteps = config.diffusion.num_timesteps
+    check_int("model.num_classes", m.get("num_classes", None), 1, none_ok=True)
+    num_timesteps = check_int("diffusion.num_timesteps", config.diffusion.num_timesteps, 1)
     # dpm++ takes n + 1 distinct grid points in [0, T - 1]
     most = num_timesteps - 1 if s.sampler == "dpm++" else num_timesteps
-    if s.sampler != "ddpm" and num_timesteps >= 1 and not 1 <= s.num_steps <= most:
+    if s.sampler != "ddpm" and not 1 <= s.num_steps <= most:
         bound = "diffusion.num_timesteps - 1" if s.sampler == "dpm++" else "diffusion.num_timesteps"
         raise ValueError(
             f"sample.num_steps must lie in [1, {bound}={most}] for "

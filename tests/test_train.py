@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import CONFIGS, SUBPROCESS_XLA_FLAGS, leaves
@@ -616,3 +617,236 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
         kwargs = {"num": 4, **kwargs}
         with pytest.raises(ValueError, match=match):  # before the network is ever called
             train.sample(config, model, None, schedule, key, shape=(2,), **kwargs)
+
+
+def test_create_model_passes_every_unet_field_of_the_config_and_doubles_out_for_learned_range():
+    config = smoke(
+        "digits_cond.py",
+        model__base_channels=12,
+        model__channel_mults=(1, 3),
+        model__num_res_blocks=3,
+        model__attention_resolutions=(4,),
+        model__num_heads=3,
+        model__num_groups=3,
+        model__dropout=0.25,
+        model__use_scale_shift_norm=False,
+        model__dtype="bfloat16",
+        model__remat=True,
+        model__num_classes=7,
+        diffusion__variance="learned_range",
+    )
+    m = config.model
+    model = train.create_model(config, channels=3)
+    assert type(model).__name__ == "UNet"
+    assert model.base_channels == 12 and tuple(model.channel_mults) == (1, 3)
+    assert model.num_res_blocks == 3 and tuple(model.attention_resolutions) == (4,)
+    assert model.num_heads == 3 and model.num_groups == 3 and model.dropout == m.dropout
+    assert model.use_scale_shift_norm is False and model.remat is True
+    assert jnp.dtype(model.dtype) == jnp.bfloat16 and model.num_classes == 7
+    assert model.out_channels == 2 * 3  # learned_range: mean and variance channels
+    # an unconditional fixed-variance model: out_channels is the data's channel count
+    plain = train.create_model(smoke(diffusion__variance="fixed_large"), channels=3)
+    assert plain.num_classes is None and plain.out_channels in (None, 3)
+    assert jnp.dtype(plain.dtype) == jnp.float32 and plain.remat is False
+
+
+def test_create_model_passes_every_mlp_field_of_the_config():
+    config = smoke(
+        "toy_2d.py",
+        model__hidden_dim=24,
+        model__num_layers=5,
+        model__dropout=0.125,
+        model__dtype="float16",
+        model__num_classes=4,
+        diffusion__variance="learned_range",
+    )
+    model = train.create_model(config, channels=2)
+    assert type(model).__name__ == "MLPDenoiser"
+    assert model.hidden_dim == 24 and model.num_layers == 5 and model.dropout == 0.125
+    assert jnp.dtype(model.dtype) == jnp.float16 and model.num_classes == 4
+    assert model.out_dim == 4  # learned_range doubles the 2 data dimensions
+    plain = train.create_model(smoke("toy_2d.py"), channels=2)
+    assert plain.out_dim in (None, 2) and plain.num_classes is None
+
+
+def test_the_conditional_train_state_has_a_label_table_with_a_null_row_and_learned_range_output():
+    # shapes only (jax.eval_shape): no compile
+    config = smoke("digits_cond.py", diffusion__variance="learned_range")
+    num_classes = config.model.num_classes
+    model = train.create_model(config, channels=1)
+    state = jax.eval_shape(
+        lambda: train.create_train_state(config, model, jax.random.PRNGKey(0), (8, 8, 1))
+    )
+    rows = {x.shape[0] for x in jax.tree.leaves(state.params) if x.ndim == 2}
+    assert num_classes + 1 in rows  # the class embedding, row num_classes the null label
+    x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
+    out = jax.eval_shape(lambda p: model.apply({"params": p}, x, t, y), state.params)
+    assert out.shape == (2, 8, 8, 2)
+    assert jax.tree.map(lambda a: a.shape, state.ema_params) == jax.tree.map(
+        lambda a: a.shape, state.params
+    )
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear"])
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_get_schedule_builds_the_named_betas_over_num_timesteps(name, zero_terminal_snr):
+    import jax_diffusion as jd
+
+    config = smoke(
+        diffusion__schedule=name,
+        diffusion__num_timesteps=37,
+        diffusion__zero_terminal_snr=zero_terminal_snr,
+    )
+    schedule = train.get_schedule(config.diffusion)
+    betas = {"linear": jd.linear_betas, "cosine": jd.cosine_betas}.get(
+        name, jd.scaled_linear_betas
+    )(37)
+    if zero_terminal_snr:
+        betas = jd.rescale_zero_terminal_snr(betas)
+    assert schedule.betas.shape == (37,)
+    np.testing.assert_allclose(schedule.betas, betas, rtol=1e-6)
+    abar = np.cumprod(1.0 - np.asarray(betas, np.float64))
+    np.testing.assert_allclose(schedule.alphas_cumprod, abar, rtol=1e-5, atol=1e-7)
+    assert (float(schedule.alphas_cumprod[-1]) == 0.0) == zero_terminal_snr
+
+
+def _adamw_reference(grads, p, *, lr_at, weight_decay, clip, b1=0.9, b2=0.999, eps=1e-8):
+    """Updates of AdamW (decoupled decay, Loshchilov & Hutter) after global-norm clipping."""
+    m = v = np.zeros_like(p)
+    out = []
+    for k, g in enumerate(grads):
+        norm = np.linalg.norm(g)
+        if clip is not None and norm > clip:
+            g = g * clip / norm
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** (k + 1)), v / (1 - b2 ** (k + 1))
+        u = -lr_at(k) * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p)
+        out.append(u)
+        p = p + u
+    return out
+
+
+@pytest.mark.parametrize("lr_schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("grad_clip", [0.5, None])
+def test_create_train_state_builds_adamw_from_config_lr_warmup_schedule_decay_and_clip(
+    lr_schedule, grad_clip
+):
+    lr, warmup, num_steps, wd = 0.3, 4, 10, 0.05
+    config = smoke(
+        "toy_2d.py",
+        train__learning_rate=lr,
+        train__warmup_steps=warmup,
+        train__num_steps=num_steps,
+        train__lr_schedule=lr_schedule,
+        train__weight_decay=wd,
+        train__grad_clip=grad_clip,
+    )
+    model = train.create_model(config, channels=2)
+    state = jax.eval_shape(
+        lambda: train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
+    )
+
+    def lr_at(k):
+        if k < warmup:  # linear from lr / warmup to lr
+            return lr / warmup + (lr - lr / warmup) * k / warmup
+        if lr_schedule == "constant":
+            return lr
+        return lr * 0.5 * (1 + np.cos(np.pi * (k - warmup) / (num_steps - warmup)))
+
+    rng = np.random.default_rng(0)
+    # large gradients (norm ~ 30, clipped to 0.5) alternating with small ones (norm < 0.5):
+    # clipping changes Adam's moment ratios, so it shows in the updates
+    grads = [rng.standard_normal(16) * (3.0 if k % 2 == 0 else 0.05) for k in range(num_steps)]
+    p0 = np.linspace(-2.0, 2.0, 16)
+    want = _adamw_reference(grads, p0, lr_at=lr_at, weight_decay=wd, clip=grad_clip)
+    tx, params = state.tx, jnp.asarray(p0, jnp.float32)
+    opt_state = tx.init(params)
+    for k, g in enumerate(grads):
+        updates, opt_state = tx.update(jnp.asarray(g, jnp.float32), opt_state, params)
+        np.testing.assert_allclose(updates, want[k], rtol=2e-4, atol=1e-7, err_msg=f"step {k}")
+        params = params + updates
+
+
+def test_check_config_rejects_each_bad_value_naming_its_field():
+    cases = [
+        ("train__batch_size", 0, "train.batch_size must be >= 1; got 0"),
+        ("train__log_every", 0, "train.log_every must be >= 1; got 0"),
+        ("train__checkpoint_every", 0, "train.checkpoint_every must be >= 1; got 0"),
+        ("train__max_bad_steps", 0, "train.max_bad_steps must be >= 1; got 0"),
+        ("train__warmup_steps", -1, r"train.warmup_steps must lie in \[0, .*got -1"),
+        ("train__ema_decay", -0.5, r"train.ema_decay must lie in \[0, 1\]; got -0.5"),
+        ("train__sample_every", -1, "train.sample_every must be >= 0"),
+        ("train__learning_rate", 0.0, "train.learning_rate must be > 0; got 0.0"),
+        ("train__grad_clip", 0.0, r"train.grad_clip must be > 0 or None \(off\); got 0.0"),
+        ("model__dropout", -0.1, r"model.dropout must lie in \[0, 1\); got -0.1"),
+        ("model__dropout", 1.0, r"model.dropout must lie in \[0, 1\); got 1.0"),
+        ("model__class_dropout", -0.1, r"model.class_dropout must lie in \[0, 1\]"),
+        ("model__num_classes", 0, "model.num_classes must be an int >= 1 or None; got 0"),
+        ("model__num_classes", True, "model.num_classes must be an int >= 1 or None; got True"),
+        ("diffusion__num_timesteps", 0, "diffusion.num_timesteps must be an int >= 1; got 0"),
+        ("diffusion__num_timesteps", 8.0, "diffusion.num_timesteps must be an int >= 1; got 8.0"),
+        ("diffusion__loss_type", "huber", "diffusion.loss_type must be one of"),
+        ("diffusion__variance", "wide", "variance"),
+        ("diffusion__vlb_weight", -1.0, "diffusion.vlb_weight must be >= 0; got -1.0"),
+        ("sample__eta", -0.5, "sample.eta must be >= 0; got -0.5"),
+        ("sample__clip_denoised", 1, "sample.clip_denoised must be True or False; got 1"),
+        ("sample__num_steps", 0, r"sample.num_steps must lie in \[1, "),
+        ("train__learning_rate", float("nan"), "train.learning_rate must be a finite number"),
+        ("train__grad_clip", float("inf"), "train.grad_clip must be a finite number or None"),
+        ("train__warmup_steps", True, "train.warmup_steps must be a finite number; got True"),
+    ]
+    for key, value, match in cases:
+        config = smoke().to_dict()  # a plain copy: takes values of any type
+        section, name = key.split("__")
+        config[section][name] = value
+        with pytest.raises(ValueError, match=match):
+            train.check_config(ml_collections.ConfigDict(config, type_safe=False))
+    # the edges that are allowed
+    for overrides in [
+        dict(train__grad_clip=None, train__weight_decay=0.0, train__warmup_steps=0),
+        dict(train__warmup_steps=2, train__ema_decay=1.0, train__keep_checkpoints=None),
+        dict(train__ema_decay=0.0, model__class_dropout=1.0, sample__num_steps=50),
+        dict(sample__sampler="ddpm", sample__num_steps=0, diffusion__vlb_weight=0.0),
+        dict(diffusion__zero_terminal_snr=True, diffusion__prediction="v", model__num_classes=1),
+    ]:
+        train.check_config(smoke(**overrides))
+    for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py"):
+        train.check_config(cli.load_config(str(CONFIGS / name)))
+
+
+def test_check_num_classes_accepts_none_or_the_data_count_and_names_the_field_otherwise():
+    train.check_num_classes(smoke("digits_cond.py"), 10)
+    train.check_num_classes(smoke(), 10)  # unconditional on labelled data
+    train.check_num_classes(smoke("toy_2d.py"), 0)
+    for value, count, match in [
+        (10, 0, "model.num_classes=10 but data.name='digits' has no labels"),
+        (9, 10, "model.num_classes=9 does not match data.name='digits', which has 10 classes"),
+        (10, 12, "model.num_classes=10 does not match .*set model.num_classes=12"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train.check_num_classes(smoke("digits_cond.py", model__num_classes=value), count)
+
+
+def test_load_run_rebuilds_the_model_from_config_json_and_restores_the_ema_params(tmp_path):
+    config = smoke("toy_2d.py", model__hidden_dim=24, model__num_layers=2)
+    model = train.create_model(config, channels=2)
+    abstract = jax.eval_shape(
+        lambda: train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
+    )
+    rng = np.random.default_rng(1)
+
+    def fill(x):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.asarray(rng.integers(0, 100, x.shape), x.dtype)
+        return jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+
+    state = jax.tree.map(fill, abstract).replace(step=jnp.asarray(7, jnp.int32))
+    (tmp_path / "config.json").write_text(config.to_json(indent=2))
+    (tmp_path / "data_info.json").write_text(json.dumps({"shape": [2], "num_classes": 0}))
+    ckpt = CheckpointManager(str(tmp_path))
+    ckpt.save(state, {}, force=True)
+    ckpt.close()
+    loaded, shape, got_model, params, step = train.load_run(str(tmp_path))
+    assert loaded.to_json() == config.to_json() and shape == (2,) and step == 7
+    assert got_model.hidden_dim == 24 and got_model.num_layers == 2
+    assert_trees_equal(params, state.ema_params)
