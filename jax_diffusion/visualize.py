@@ -9,6 +9,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from jax_diffusion._checks import check_int
+
 __all__ = ["image_grid", "save_image_grid"]
 
 
@@ -19,10 +21,11 @@ def image_grid(
 
     Args:
       images: [N, H, W, C] with C in {1, 3}, values in [-1, 1] (clipped).
-      ncol: images per row (default: ceil(sqrt(N))).
-      padding: pixels of border between images (after scaling).
+      ncol: images per row, >= 1 (None: ceil(sqrt(N))).
+      padding: pixels of border between images (after scaling), >= 0.
       scale: integer nearest-neighbour upscaling of each image (small digits are easier to see).
-      pad_value: uint8 grey level of the border (mid-grey separates black-background images).
+      pad_value: grey level of the border in [0, 255] (mid-grey separates black-background
+        images).
     """
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -31,6 +34,11 @@ def image_grid(
         raise ValueError(f"images must hold at least one image; got shape {images.shape}")
     if scale < 1:
         raise ValueError(f"scale must be a positive int; got {scale}")
+    # checked here, or ncol = 0 would silently mean the default and a negative padding or a
+    # pad_value outside uint8 would fail later with a message naming no argument
+    ncol = check_int("ncol", ncol, 1, none_ok=True)
+    padding = check_int("padding", padding, 0)
+    pad_value = check_int("pad_value", pad_value, 0, 255)
     n, h, w, c = images.shape
     images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
     h, w = h * scale, w * scale

@@ -4,8 +4,10 @@ import json
 import math
 import os
 import pathlib
+import types
 import warnings
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -331,6 +333,81 @@ def test_digits_features_shapes_padding_and_16x16_path():
         digits_features(np.zeros((2, 28, 28, 1)))
 
 
+def test_to_digits_resolution_is_the_2x2_block_mean():
+    # reference: the mean of each 2x2 block, with explicit loops in float64
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 1))
+    want = np.zeros((3, 8, 8, 1))
+    for i in range(8):
+        for j in range(8):
+            want[:, i, j] = x[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(axis=(1, 2))
+    got = evaluation.to_digits_resolution(x)
+    assert got.dtype == np.float32 and got.shape == (3, 8, 8, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # 8x8 images pass through, as float32
+    small = evaluation.to_digits_resolution(x[:, :8, :8])
+    assert small.dtype == np.float32
+    np.testing.assert_array_equal(small, x[:, :8, :8].astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((0, 8, 8, 1)), r"images must be \[N, 8, 8, 1\] or .*; got \(0, 8, 8, 1\)"),
+        (np.zeros((2, 16, 16, 3)), r"images must be \[N, 8, 8, 1\] or .*; got \(2, 16, 16, 3\)"),
+        (np.zeros((2, 8, 8, 1), np.int32), "images must be floating data in .*; got dtype int32"),
+    ],
+)
+def test_to_digits_resolution_rejects_bad_images(images, match):
+    with pytest.raises(ValueError, match=match):
+        evaluation.to_digits_resolution(images)
+
+
+def fake_classifier(monkeypatch):
+    """Replaces the shipped classifier by one whose features are the 64 pixels and whose logits
+    are the first 10; returns the list of the batch shapes it is called with."""
+    shapes = []
+
+    def apply_fn(params, x):
+        shapes.append(x.shape)
+        flat = np.asarray(x).reshape(len(x), 64)
+        return flat[:, :10], flat
+
+    monkeypatch.setattr(evaluation, "load_digits_classifier", lambda: (apply_fn, None))
+    return shapes
+
+
+def test_digits_features_runs_equal_chunks_of_min_batch_size_n(monkeypatch):
+    # every call has the same shape [min(batch_size, N), 8, 8, 1] (one compile), as few calls as
+    # that allows, and the zero-padding of the last one is cut off
+    shapes = fake_classifier(monkeypatch)
+    images = np.random.default_rng(0).uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
+    for batch_size, calls in [(4, 3), (5, 2), (10, 1), (64, 1)]:
+        shapes.clear()
+        np.testing.assert_array_equal(
+            digits_features(images, batch_size=batch_size), images.reshape(10, 64)
+        )
+        assert shapes == [(min(batch_size, 10), 8, 8, 1)] * calls, batch_size
+    shapes.clear()
+    np.testing.assert_array_equal(
+        digits_logits(images, batch_size=3), images.reshape(10, 64)[:, :10]
+    )
+    assert shapes == [(3, 8, 8, 1)] * 4
+    for fn in (digits_features, digits_logits):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1; got 0"):
+            fn(images, batch_size=0)
+
+
+def test_load_digits_classifier_rejects_other_parameter_shapes(tmp_path):
+    # a checkpoint of another architecture (32 features instead of 64) must not load
+    model = evaluation.DigitsClassifier(feature_dim=32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    path = tmp_path / "other.msgpack"
+    path.write_bytes(flax.serialization.to_bytes(params))
+    with pytest.raises(ValueError, match="other.msgpack does not hold DigitsClassifier params"):
+        evaluation.load_digits_classifier(str(path))
+
+
 def test_frechet_distance_of_digits_features_separates_digits_from_noise():
     stats = {}
     noise = np.random.default_rng(0).uniform(-1, 1, (297, 8, 8, 1)).astype(np.float32)
@@ -491,6 +568,53 @@ def test_bits_per_dim_of_half_precision_images_is_computed_in_float32():
     assert bits_per_dim(schedule, fn, half, key, **kw)["total_bpd"] == want
 
 
+def test_bits_per_dim_of_one_batch_is_the_mean_of_nll_bpd_and_the_prior_its_closed_form():
+    # One batch (batch_size >= N): each term is the mean of `losses.nll_bpd` with the key
+    # fold_in(rng, 0) and the same prediction / variance / clip_denoised; the prior term is
+    # also checked against KL(q(x_T | x_0) || N(0, I)) / (D ln 2) in float64 NumPy.
+    from jax_diffusion.losses import nll_bpd
+
+    betas = np.linspace(0.02, 0.3, 10)  # alpha_bar_T = 0.17: a prior term well above 0
+    schedule = jd.Schedule.from_betas(betas)
+    x0 = gaussian_grid_data(5, 0.1, 0.6)
+
+    def model_fn(x, t):  # a poor eps model whose x0_hat leaves [-1, 1] at large t
+        calls.append(x.shape)
+        return 2.5 * x
+
+    key = jax.random.key(3)
+    calls = []
+    kw = dict(prediction="eps", variance="fixed_large", clip_denoised=True)
+    r = bits_per_dim(schedule, model_fn, x0, key, batch_size=64, progress=False, **kw)
+    assert calls == [(5, 4, 4, 1)]  # batches of min(batch_size, N)
+
+    @jax.jit
+    def reference(x, key):  # the same options, then each of the two options changed
+        options = [kw, kw | dict(variance="fixed_small"), kw | dict(clip_denoised=False)]
+        return [nll_bpd(schedule, model_fn, x, key, **o) for o in options]
+
+    want, *others = reference(x0, jax.random.fold_in(key, 0))
+    for name in ("total", "prior", "kl", "decoder"):
+        got, ref = r[f"{name}_bpd"], float(np.mean(getattr(want, f"{name}_bpd")))
+        np.testing.assert_allclose(got, ref, rtol=1e-6, err_msg=name)
+    # both options matter here, so the comparison above pins that they are passed on
+    for other in others:
+        assert abs(float(np.mean(other.total_bpd)) - r["total_bpd"]) > 1e-3 * r["total_bpd"]
+    abar_t = np.prod(1.0 - np.asarray(betas, np.float64))
+    x = x0.astype(np.float64)
+    kl = 0.5 * (abar_t * x**2 + (1 - abar_t) - 1 - np.log(1 - abar_t))
+    np.testing.assert_allclose(r["prior_bpd"], kl.mean() / np.log(2), rtol=1e-4)
+
+
+def test_bits_per_dim_of_a_single_example_has_no_stderr():
+    schedule = jd.Schedule.from_betas(jd.cosine_betas(10))
+    fn = gaussian_denoiser(schedule, 0.0, 0.5)
+    x = gaussian_grid_data(1, 0.0, 0.5)
+    r = bits_per_dim(schedule, fn, x, jax.random.key(0), prediction="eps", variance="fixed_small")
+    assert r["num_examples"] == 1 and r["total_bpd_stderr"] is None
+    assert math.isfinite(r["total_bpd"])
+
+
 # ---------------------------------------------------------------------------- evaluate_workdir
 
 EXPECTED_KEYS = {
@@ -613,3 +737,177 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
     assert metrics["guidance"] == config.sample.guidance
     assert metrics["class_accuracy"] >= 0.9
     assert metrics["precision"] == 1.0  # every "sample" is a test digit
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(seed=2**32), r"seed must be an int in \[0, 4294967295\]; got 4294967296"),
+        (dict(seed=-1), r"seed must be an int in \[0, 4294967295\]; got -1"),
+        (dict(bpd_examples=298), r"bpd_examples must be an int in \[0, 297\]; got 298"),
+        (dict(bpd_examples=-1), r"bpd_examples must be an int in \[0, 297\]; got -1"),
+        (dict(batch_size=0), "batch_size must be an int >= 1; got 0"),
+        (dict(num_samples=3), "num_samples must be an int >= 4; got 3"),
+        (
+            dict(sampler="DDIM"),
+            r"sampler must be one of 'ddpm', 'ddim', 'dpm\+\+' or None; got 'DDIM'",
+        ),
+    ],
+)
+def test_evaluate_workdir_checks_its_arguments_before_loading_the_run(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate_workdir(str(tmp_path / "missing"), progress=False, **kwargs)
+
+
+def test_evaluate_workdir_accepts_the_boundary_values(tmp_path):
+    # the largest seed and bpd_examples and the smallest num_samples / batch_size pass the
+    # checks: the call gets as far as the (missing) run
+    with pytest.raises(FileNotFoundError, match="no training run"):
+        evaluate_workdir(
+            str(tmp_path / "missing"),
+            num_samples=4,
+            batch_size=1,
+            seed=2**32 - 1,
+            bpd_examples=297,
+            num_steps=1,
+            progress=False,
+        )
+
+
+class RecordingModel:
+    """Stands in for the UNet in the model_fn of bits/dim: records the labels it gets."""
+
+    def __init__(self):
+        self.labels = []
+
+    def apply(self, variables, x, t, y):
+        self.labels.append(np.asarray(y))
+        return jnp.zeros_like(x)
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """A class-conditional digits "run" with no checkpoint and no network, all instant.
+
+    `_restore_ema_params` gives the digits_cond smoke config (its variance set to 'fixed_large'),
+    step 7 and a RecordingModel. The "sampler" returns 1.5 x real test digits of the requested
+    labels (so partly outside [-1, 1]; sample `nan_first` NaN when set) and records its static
+    arguments once per trace and its key and labels once per call. `bits_per_dim` is replaced
+    by a recorder returning distinct made-up values.
+    """
+    config = cli.load_config(f"{ROOT / 'experiments' / 'configs' / 'digits_cond.py'}:smoke")
+    config.diffusion.variance = "fixed_large"
+    model = RecordingModel()
+    params = {"w": jnp.zeros(())}
+    monkeypatch.setattr(
+        evaluation, "_restore_ema_params", lambda workdir: (config, (8, 8, 1), model, params, 7)
+    )
+    images, labels = load_digits(8, "test")
+    per_class = min(np.bincount(labels))
+    table = np.stack([images[labels == c][:per_class] for c in range(10)])
+    rec = types.SimpleNamespace(
+        config=config, model=model, table=table, per_class=per_class, nan_first=False
+    )
+    rec.static, rec.keys, rec.labels, rec.bpd = [], [], [], []
+
+    def record(key, y):
+        rec.keys.append(np.asarray(key))
+        rec.labels.append(np.asarray(y))
+
+    def fake_sample(config, model, params, schedule, rng, *, shape, num, labels, **kwargs):
+        rec.static.append(dict(shape=shape, num=num, **kwargs))
+        jax.debug.callback(record, rng, labels, ordered=True)
+        x = 1.5 * jnp.asarray(table)[labels, jnp.arange(num) % per_class]
+        return x.at[0].set(jnp.nan) if rec.nan_first else x
+
+    def fake_bits_per_dim(schedule, model_fn, images, rng, **kwargs):
+        model_fn(jnp.zeros((2, 8, 8, 1)), jnp.zeros((2,), jnp.int32))
+        rec.bpd.append(dict(images=np.asarray(images), rng=np.asarray(rng), **kwargs))
+        parts = dict(total_bpd=1.5, prior_bpd=0.25, kl_bpd=0.75, decoder_bpd=0.5)
+        stderr = 0.125 if len(images) > 1 else None  # as bits_per_dim's
+        return parts | dict(total_bpd_stderr=stderr, num_examples=len(images))
+
+    monkeypatch.setattr(train, "sample", fake_sample)
+    monkeypatch.setattr(evaluation, "bits_per_dim", fake_bits_per_dim)
+    return rec
+
+
+def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = evaluate_workdir(
+        "run",
+        num_samples=10,
+        sampler="dpm++",
+        num_steps=5,
+        guidance=0.5,
+        seed=123,
+        batch_size=4,
+        bpd_examples=3,
+        progress=False,
+    )
+    # one trace; 3 batches of 4, batch i with fold_in(PRNGKey(seed), i), labels arange(12) % 10
+    want = dict(shape=(8, 8, 1), num=4, sampler="dpm++", num_steps=5, guidance=0.5)
+    assert fake_run.static == [want]
+    root = jax.random.PRNGKey(123)
+    want_keys = [jax.random.fold_in(root, i) for i in range(3)]
+    np.testing.assert_array_equal(np.stack(fake_run.keys), np.stack(want_keys))
+    np.testing.assert_array_equal(np.concatenate(fake_run.labels), np.arange(12) % 10)
+    # bits/dim of the first 3 test digits with its own key fold_in(PRNGKey(seed), 2**31 - 1),
+    # the batch size, the run's parameterization, and the null label num_classes
+    (bpd,) = fake_run.bpd
+    np.testing.assert_array_equal(bpd["images"], load_digits(8, "test")[0][:3])
+    np.testing.assert_array_equal(bpd["rng"], jax.random.fold_in(root, 2**31 - 1))
+    assert (bpd["batch_size"], bpd["prediction"], bpd["variance"]) == (4, "eps", "fixed_large")
+    np.testing.assert_array_equal(fake_run.model.labels[-1], [10, 10])
+    # what is reported
+    assert m["workdir"] == str(tmp_path / "run") and m["step"] == 7 and m["seed"] == 123
+    assert (m["sampler"], m["num_steps"], m["guidance"]) == ("dpm++", 5, 0.5)
+    assert m["num_samples"] == 10 and m["image_size"] == 8
+    assert {k: m[k] for k in BPD_KEYS} == dict(
+        bpd=1.5, bpd_prior=0.25, bpd_kl=0.75, bpd_decoder=0.5, bpd_stderr=0.125, bpd_examples=3
+    )
+
+
+def test_evaluate_workdir_metrics_of_the_clipped_samples_match_references(fake_run):
+    # References: NumPy moments and the scipy Frechet formula (scipy_fd), the brute-force
+    # precision / recall and a scipy softmax for the scores, on digits_features / digits_logits
+    # of the samples the fake sampler returns, clipped to [-1, 1].
+    m = evaluate_workdir(
+        "run", num_samples=12, sampler="ddpm", seed=5, bpd_examples=1, progress=False
+    )
+    # one batch of min(batch_size, num_samples); ddpm has no num_steps; the config's guidance
+    assert fake_run.static == [
+        dict(shape=(8, 8, 1), num=12, sampler="ddpm", num_steps=None, guidance=3.0)
+    ]
+    assert m["num_steps"] is None and m["guidance"] == 3.0
+    assert m["bpd_examples"] == 1 and m["bpd_stderr"] is None  # JSON null, not a number
+    labels = np.arange(12) % 10
+    samples = np.clip(1.5 * fake_run.table[labels, np.arange(12) % fake_run.per_class], -1, 1)
+    test, train_ = load_digits(8, "test")[0], load_digits(8, "train")[0]
+    fake_f, test_f, train_f = (
+        digits_features(x).astype(np.float64) for x in (samples, test, train_)
+    )
+
+    def fd(a, b):
+        return scipy_fd(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+    np.testing.assert_allclose(m["fd_test"], fd(fake_f, test_f), rtol=1e-6)
+    np.testing.assert_allclose(m["fd_train"], fd(fake_f, train_f), rtol=1e-6)
+    np.testing.assert_allclose(m["fd_train_vs_test"], fd(train_f, test_f), rtol=1e-6)
+    precision, recall = brute_force_precision_recall(test_f, fake_f, k=3)
+    assert (m["precision"], m["recall"]) == (pytest.approx(precision), pytest.approx(recall))
+
+    def score(logits):
+        p = scipy.special.softmax(logits.astype(np.float64), axis=1)
+        return math.exp(scipy.special.rel_entr(p, p.mean(0)).sum(1).mean())
+
+    fake_logits = digits_logits(samples)
+    assert m["inception_score"] == pytest.approx(score(fake_logits), rel=1e-9)
+    assert m["inception_score_test"] == pytest.approx(score(digits_logits(test)), rel=1e-9)
+    assert m["class_accuracy"] == np.mean(fake_logits.argmax(1) == labels)
+
+
+def test_evaluate_workdir_raises_on_non_finite_samples(fake_run):
+    fake_run.nan_first = True
+    with pytest.raises(FloatingPointError, match="1 of 4 samples are not finite"):
+        evaluate_workdir("run", num_samples=4, progress=False)

@@ -44,7 +44,20 @@ def test_save_round_trips_through_png(tmp_path):
         (np.zeros((0, 4, 4, 1)), {}, "at least one image"),
         (np.zeros((2, 4, 4)), {}, r"shape \[N, H, W, 1 or 3\]"),
         (np.zeros((2, 4, 4, 2)), {}, r"shape \[N, H, W, 1 or 3\]"),
+        (np.zeros((2, 4, 4, 4)), {}, r"shape \[N, H, W, 1 or 3\]; got \(2, 4, 4, 4\)"),
         (np.zeros((2, 4, 4, 1)), {"scale": 0}, "scale must be a positive int"),
+        (np.zeros((2, 4, 4, 1)), {"ncol": 0}, "ncol must be an int >= 1 or None; got 0"),
+        (np.zeros((2, 4, 4, 1)), {"padding": -1}, "padding must be an int >= 0; got -1"),
+        (
+            np.zeros((2, 4, 4, 1)),
+            {"pad_value": 256},
+            r"pad_value must be an int in \[0, 255\]; got 256",
+        ),
+        (
+            np.zeros((2, 4, 4, 1)),
+            {"pad_value": -1},
+            r"pad_value must be an int in \[0, 255\]; got -1",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(images, kwargs, match):
@@ -56,3 +69,23 @@ def test_unknown_extension_raises_before_writing(tmp_path):
     with pytest.raises(ValueError, match="image extension"):
         save_image_grid(np.zeros((1, 2, 2, 1)), tmp_path / "grid.xyz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_border_is_one_mid_grey_pixel():
+    # the documented defaults: padding 1, pad_value 128 (mid-grey), scale 1
+    grid = image_grid(-np.ones((2, 2, 3, 1)), ncol=2)
+    assert grid.shape == (2 + 2, 2 * (3 + 1) + 1, 1)
+    border = np.ones(grid.shape, bool)
+    border[1:3, 1:4] = border[1:3, 5:8] = False
+    assert np.all(grid[border] == 128) and np.all(grid[~border] == 0)
+
+
+def test_save_grayscale_as_a_one_channel_image_with_any_case_extension(tmp_path):
+    # a 1-channel grid is written as a greyscale ("L") image, not RGB(A); the extension is
+    # matched like PIL's own registry, case-insensitively; the path comes back as given
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 4, 4, 1))
+    path = tmp_path / "GRID.PNG"
+    assert save_image_grid(images, path, pad_value=255) is path
+    with Image.open(path) as saved:
+        assert saved.format == "PNG" and saved.mode == "L"
+        np.testing.assert_array_equal(np.asarray(saved), image_grid(images, pad_value=255)[..., 0])
