@@ -53,7 +53,8 @@ def classifier_free_guidance(
       guidance_scale: w, a scalar or [B] (may be traced). 0 gives the unconditional model,
         1 the conditional one, > 1 amplifies guidance.
       null_label: the "no condition" label, broadcast to each leaf of y (e.g. num_classes
-        for integer labels, or a null embedding [..] for embeddings).
+        for integer labels, or a null embedding [..] for embeddings), or a pytree with y's
+        structure holding one null label per leaf.
       y: the labels, an array [B, ...] or a pytree of them, batch-aligned with x.
       variance: model-output layout: 'learned_range' means the last axis holds
         [prediction, variance values].
@@ -77,8 +78,14 @@ def classifier_free_guidance(
                 "y must be an array [B, ...] or a pytree of them (a Python list is a pytree of "
                 f"scalars: pass jnp.asarray(labels)); got a leaf of shape {jnp.shape(leaf)}"
             )
-    if jnp.ndim(null_label) == 0:  # one null label for every leaf of y
+    null_tree = jax.tree.structure(null_label)
+    if null_tree == jax.tree.structure(0):  # one null label (a scalar or an array) for every leaf
         null_label = jax.tree.map(lambda _: null_label, y)
+    elif null_tree != jax.tree.structure(y):
+        raise ValueError(
+            "null_label must be one label (broadcast to each leaf of y) or a pytree with y's "
+            f"structure {jax.tree.structure(y)}; got {null_tree}"
+        )
 
     def stack_null(leaf, null):
         leaf = jnp.asarray(leaf)

@@ -119,6 +119,75 @@ def test_cfg_scale_one_sampler_equals_conditional_sampler():
     np.testing.assert_allclose(guided, plain, rtol=RTOL, atol=ATOL)
 
 
+def test_cfg_pytree_labels_with_one_scalar_null_label():
+    # y may be a pytree: a scalar null_label stands for every leaf (here a class index and a
+    # float embedding); reference: the two branches called separately, eq. 6.
+    def model(x, t, y):
+        return 0.1 * x + jnp.asarray(EMBED)[y["cls"]] + y["emb"]
+
+    x, t = _normal(19, (3, DIM)), jnp.array([1, 2, 3])
+    y = {"cls": jnp.array([0, 2, 4]), "emb": _normal(20, (3, DIM))}
+    null = {"cls": jnp.full((3,), NUM_CLASSES), "emb": jnp.full((3, DIM), float(NUM_CLASSES))}
+    out = classifier_free_guidance(model, 2.0, NUM_CLASSES, y=y)(x, t)
+    cond, uncond = model(x, t, y), model(x, t, null)
+    np.testing.assert_allclose(out, uncond + 2.0 * (cond - uncond), rtol=RTOL, atol=ATOL)
+
+
+def test_cfg_pytree_null_label_per_leaf():
+    # A null_label with y's tree structure gives each leaf its own null (a class index for the
+    # labels, a zero vector for the embeddings); reference: the branches called separately.
+    def model(x, t, y):
+        return 0.1 * x + jnp.asarray(EMBED)[y["cls"]] + y["emb"]
+
+    x, t = _normal(21, (3, DIM)), jnp.array([1, 2, 3])
+    y = {"cls": jnp.array([0, 2, 4]), "emb": _normal(22, (3, DIM))}
+    null_label = {"cls": NUM_CLASSES, "emb": jnp.zeros(DIM)}
+    out = classifier_free_guidance(model, 3.0, null_label, y=y)(x, t)
+    null = {"cls": jnp.full((3,), NUM_CLASSES), "emb": jnp.zeros((3, DIM))}
+    cond, uncond = model(x, t, y), model(x, t, null)
+    np.testing.assert_allclose(out, uncond + 3.0 * (cond - uncond), rtol=RTOL, atol=ATOL)
+
+
+def test_cfg_bfloat16_output_is_combined_in_float32():
+    # The combination uncond + w (cond - uncond) is formed in float32 and rounded once to the
+    # model's dtype: with uncond = -100, cond = 100, w = 0.5013 it is 0.26 (float64), while a
+    # bfloat16 w (0.5) or bfloat16 arithmetic gives 0.
+    def model(x, t, y):
+        return jnp.where(y[:, None] == NUM_CLASSES, -100.0, 100.0).astype(x.dtype) * jnp.ones_like(
+            x
+        )
+
+    x = jnp.zeros((2, DIM), jnp.bfloat16)
+    out = classifier_free_guidance(model, 0.5013, NUM_CLASSES, y=jnp.array([0, 1]))(x, 3)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), -100.0 + 200.0 * 0.5013, atol=2e-3)
+
+
+def test_dynamic_threshold_keeps_bfloat16():
+    # bfloat16 in, bfloat16 out; values against the float64 NumPy reference at bfloat16 precision.
+    x = np.linspace(-3.0, 3.0, 24).reshape(2, 12)
+    out = dynamic_threshold(jnp.asarray(x, jnp.bfloat16), 0.9)
+    assert out.dtype == jnp.bfloat16
+    xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+    s = np.maximum(np.quantile(np.abs(xb), 0.9, axis=1), 1.0)[:, None]
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.clip(xb, -s, s) / s, rtol=1e-2)
+
+
+def test_cfg_null_label_takes_the_dtype_of_y():
+    # [y; null] is one array in y's dtype: a float32 null embedding joins bfloat16 embeddings
+    # as bfloat16, so the model sees the labels' dtype.
+    seen = []
+
+    def model(x, t, y):
+        seen.append(y.dtype)
+        return x
+
+    y = jnp.ones((2, DIM), jnp.bfloat16)
+    guided = classifier_free_guidance(model, 2.0, jnp.zeros(DIM, jnp.float32), y=y)
+    guided(jnp.zeros((2, DIM)), 0)
+    assert seen == [jnp.bfloat16]
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input.
 
@@ -154,6 +223,20 @@ BAD_INPUTS = {
         r"null_label must broadcast to each leaf of y; got shape \(3,\) for a leaf of shape",
     ),
     "threshold_rank": (lambda: dynamic_threshold(jnp.float32(2.0)), r"x0 must be a floating"),
+    "cfg_labels_none": (
+        lambda: classifier_free_guidance(lambda x, t, y: x, 2.0, 9, y=None),
+        r"y must be an array \[B, \.\.\.\] or a pytree of them; got None",
+    ),
+    "cfg_null_label_tree": (  # a pytree null_label must have y's structure
+        lambda: classifier_free_guidance(lambda x, t, y: x, 2.0, {"a": 9}, y=jnp.zeros(2)),
+        r"null_label must be one label \(broadcast to each leaf of y\) or a pytree with y's "
+        r"structure PyTreeDef\(\*\); got PyTreeDef\(\{'a': \*\}\)",
+    ),
+    "threshold_int": (
+        lambda: dynamic_threshold(jnp.ones((2, 3), jnp.int32)),
+        r"x0 must be a floating array \[B, \.\.\.\] with a leading batch axis; got shape "
+        r"\(2, 3\) and dtype int32",
+    ),
     "threshold_quantile_rank": (
         lambda: dynamic_threshold(X, jnp.array([0.9, 0.99])),
         r"quantile must be a scalar",

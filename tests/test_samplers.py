@@ -472,6 +472,197 @@ def test_jit_vmap_shard_map_and_pmap_equal_unsharded(sampler_name):
 
 
 # --------------------------------------------------------------------------------------------
+# Option plumbing: step counts, noise and keys, trajectories, model_t, rank and dtype.
+
+
+def _exact_x0_hat(x, t):
+    """x0_hat of the exact N(DATA_MEAN, DATA_STD^2) denoiser at step t, float64."""
+    c, e = _affine_denoiser(ABAR[t])
+    return c * np.asarray(x, np.float64) + e
+
+
+@pytest.mark.parametrize(
+    "sampler_name, kw, t_first",
+    [
+        ("ddim", dict(spacing="leading"), 0),  # (n - 1) (T // n) = 0
+        ("ddim", dict(spacing="linspace"), 0),  # round(linspace(0, T - 1, 1)) = [0]
+        ("ddim", dict(spacing="trailing"), T - 1),
+        ("ddim", dict(spacing="trailing", eta=1.0), T - 1),  # no noise on the step to t = -1
+        ("dpm_solver_pp", dict(), T - 1),
+    ],
+)
+def test_one_step_returns_the_denoised_estimate_at_the_first_step(sampler_name, kw, t_first):
+    # num_steps = 1 is a single jump from the only step to the clean end, which returns x0_hat
+    # there (Song et al. 2021 eq. 12 with abar_prev = 1; Lu et al. 2022 with sigma_prev = 0).
+    # An x0 model: eps would divide float32 roundoff by alpha = 0.006 at t = 999.
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "x0")
+    x_T = _normal(30, (2, 3))
+    sampler = ddim_sample if sampler_name == "ddim" else dpm_solver_pp_sample
+    if sampler_name == "ddim":
+        kw = dict(kw, rng=jax.random.key(31))
+    x0, traj = sampler(
+        model, SCHEDULE, x_T, num_steps=1, prediction="x0", return_trajectory=True, **kw
+    )
+    np.testing.assert_allclose(x0, _exact_x0_hat(x_T, t_first), rtol=RTOL, atol=ATOL)
+    assert traj.shape == (2, 2, 3)
+    np.testing.assert_array_equal(traj[0], x_T)
+    np.testing.assert_array_equal(traj[1], x0)
+
+
+def test_ddpm_step_adds_noise_except_at_t_0():
+    # Ho et al. 2020, Algorithm 2: x_{t-1} = mu(x_t, t) + sigma_t z with z = 0 at t = 0 and
+    # sigma_t^2 = beta_tilde_t (fixed_small). Reference: the posterior mean (eq. 7) of the exact
+    # denoiser's x0_hat, float64; per example t = [0, 1, 500].
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    t = np.array([0, 1, 500])
+    x = _normal(32, (3, 8192))
+    abar_prev = np.append(1.0, ABAR[:-1])
+    for seed in (33, 34):
+        x_prev = np.asarray(ddpm_step(model, SCHEDULE, x, jnp.asarray(t), jax.random.key(seed))[0])
+        for i, ti in enumerate(t):
+            x_i = np.asarray(x[i], np.float64)
+            coef1 = BETAS[ti] * np.sqrt(abar_prev[ti]) / (1.0 - ABAR[ti])
+            coef2 = (1.0 - abar_prev[ti]) * np.sqrt(1.0 - BETAS[ti]) / (1.0 - ABAR[ti])
+            residual = x_prev[i] - (coef1 * _exact_x0_hat(x_i, ti) + coef2 * x_i)
+            if ti == 0:
+                np.testing.assert_allclose(residual, 0.0, atol=1e-5)
+            else:
+                std = np.sqrt(BETAS[ti] * (1.0 - abar_prev[ti]) / (1.0 - ABAR[ti]))
+                _assert_moments_within_4_sigma(residual, 0.0, std)
+
+
+def test_ddpm_step_calls_the_model_at_model_t_on_a_respaced_schedule():
+    # ddpm_step indexes the respaced schedule with t and calls the model with the original step
+    # model_t: an x0 model's output is x0_hat at model_t = sorted(timesteps)[t].
+    timesteps = sampling_timesteps(T, 10)  # 900, 800, ..., 0
+    respaced = SCHEDULE.respace(timesteps)
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "x0")
+    x = _normal(35, (2, 3))
+    out = ddpm_step(model, respaced, x, 7, KEY, prediction="x0", model_t=700)
+    np.testing.assert_allclose(out.x0_hat, _exact_x0_hat(x, 700), rtol=RTOL, atol=ATOL)
+
+
+def test_ddpm_respaced_short_chain_matches_propagated_marginal():
+    # Five respaced steps with large betas: a key reused across steps (correlated noise) or the
+    # model called at the wrong original steps moves the std by far more than 4 sigma.
+    timesteps = np.array([999, 750, 500, 250, 0])
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    x0 = ddpm_sample(
+        model, SCHEDULE, _normal(36, MC_SHAPE), jax.random.key(37), timesteps=timesteps
+    )
+    mean, std = _ddpm_marginal(ABAR[np.sort(timesteps)], "fixed_small")
+    _assert_moments_within_4_sigma(x0, mean, std)
+
+
+def test_ddim_eta1_five_steps_matches_propagated_marginal():
+    # As above for DDIM: one independent noise draw per step (Song et al. 2021, eq. 12).
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    x_T, rng = _normal(38, MC_SHAPE), jax.random.key(39)
+    x0 = ddim_sample(model, SCHEDULE, x_T, rng, num_steps=5, eta=1.0, spacing="trailing")
+    mean, std = _ddim_marginal(sampling_timesteps(T, 5, "trailing"), 1.0)
+    _assert_moments_within_4_sigma(x0, mean, std)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_dpm_solver_pp_three_steps_match_lu_et_al(order, x64):
+    # Three model calls on round(linspace(0, 999, 4)) reversed: first order, then (order 2) one
+    # 2M step using the first call's x0_hat, then the first-order jump to sigma = 0 (Lu et al.
+    # 2022, Algorithm 2), in float64 NumPy with the exact denoiser; the trajectory too.
+    schedule = Schedule.from_betas(BETAS, jnp.float64)
+    alpha, sigma = np.sqrt(ABAR), np.sqrt(1.0 - ABAR)
+    lam = np.log(alpha / sigma)
+    x_T = np.asarray(_normal(40, (4, 3), jnp.float64))
+    states, x, x0_last, t_last = [x_T], x_T, None, None
+    for t, t_prev in [(999, 666), (666, 333), (333, -1)]:
+        x0_hat = _exact_x0_hat(x, t)
+        if t_prev == -1:
+            x = x0_hat
+        else:
+            h = lam[t_prev] - lam[t]
+            d = x0_hat
+            if order == 2 and x0_last is not None:
+                r = (lam[t] - lam[t_last]) / h
+                d = (1.0 + 1.0 / (2.0 * r)) * x0_hat - x0_last / (2.0 * r)
+            x = sigma[t_prev] / sigma[t] * x - alpha[t_prev] * (np.exp(-h) - 1.0) * d
+        x0_last, t_last = x0_hat, t
+        states.append(x)
+    model = gaussian_denoiser(schedule, DATA_MEAN, DATA_STD, "eps")
+    x0, traj = dpm_solver_pp_sample(
+        model, schedule, x_T, num_steps=3, order=order, return_trajectory=True
+    )
+    np.testing.assert_allclose(traj, np.stack(states), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(x0, states[-1], rtol=1e-10, atol=1e-12)
+
+
+def test_trajectory_stride_numpy_int_and_above_num_steps():
+    # A NumPy int stride works like the Python int; a stride above num_steps keeps x_T only
+    # (num_steps // k + 1 = 1 slot) while x0 is still returned.
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    x_T = _normal(41, (2, 3))
+    x0, full = ddim_sample(model, SCHEDULE, x_T, num_steps=4, return_trajectory=True)
+    x0_2, traj_2 = ddim_sample(model, SCHEDULE, x_T, num_steps=4, return_trajectory=np.int64(2))
+    np.testing.assert_allclose(traj_2, full[::2], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(x0_2, x0, rtol=RTOL, atol=ATOL)
+    x0_7, traj_7 = ddim_sample(model, SCHEDULE, x_T, num_steps=4, return_trajectory=7)
+    assert traj_7.shape == (1, 2, 3)
+    np.testing.assert_array_equal(traj_7[0], x_T)
+    np.testing.assert_allclose(x0_7, x0, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("sampler_name", ["ddpm", "ddim"])
+def test_raw_uint32_key_samples_like_the_typed_key(sampler_name):
+    # rng may be a raw jax.random.PRNGKey: the same draws as the typed key wrapping its data.
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    x_T, raw = _normal(42, (2, 3)), jax.random.PRNGKey(43)
+    typed = jax.random.wrap_key_data(raw)
+    np.testing.assert_array_equal(
+        _run(sampler_name, model, x_T, raw), _run(sampler_name, model, x_T, typed)
+    )
+
+
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_rank_one_x_T_is_a_batch_of_scalars(sampler_name):
+    # x_T [B]: only the batch axis is required. Single-point data: every sampler returns mu.
+    model = gaussian_denoiser(SCHEDULE, -0.4, 0.0, "eps")
+    x0 = _run(sampler_name, model, _normal(44, (5,)), jax.random.key(45))
+    assert x0.shape == (5,)
+    np.testing.assert_allclose(x0, -0.4, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("t, t_prev", [(100, 50), (20, 10)])
+def test_dpm_solver_pp_step_computes_in_float32_for_bfloat16_x(t, t_prev):
+    # A bfloat16 x is promoted to float32 inside the step and rounded once at the end: with an
+    # x0 model (0.3 in bfloat16, exact) the first-order step equals the float64 formula of Lu et
+    # al. 2022 rounded to bfloat16, which bfloat16 arithmetic misses on ~40% of the elements.
+    x = _normal(46, (2, 4096), jnp.bfloat16)
+    model = lambda x, t: jnp.full_like(x, 0.3)  # noqa: E731
+    out = dpm_solver_pp_step(model, SCHEDULE, x, t, t_prev, prediction="x0").x_prev
+    assert out.dtype == jnp.bfloat16
+    alpha, sigma = np.sqrt(ABAR), np.sqrt(1.0 - ABAR)
+    ratio = sigma[t_prev] / sigma[t]
+    x0 = float(jnp.bfloat16(0.3))
+    want = ratio * np.asarray(x, np.float64) + (alpha[t_prev] - ratio * alpha[t]) * x0
+    want = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64)
+    mismatch = np.mean(np.asarray(out, np.float64) != want)
+    assert mismatch < 1e-3, mismatch
+
+
+def test_ddim_traced_eta_is_not_treated_as_zero():
+    # eta may be traced (e.g. a jit argument): it must then be used, not read as the static 0
+    # of deterministic DDIM. Reference: the same sampler with eta concrete (an invariant of
+    # jit), and eta = 0 differs.
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    x_T, rng = _normal(47, (2, 3)), jax.random.key(48)
+
+    def sample(eta):
+        return ddim_sample(model, SCHEDULE, x_T, rng, num_steps=5, eta=eta, spacing="trailing")
+
+    traced = jax.jit(sample)(1.0)
+    np.testing.assert_allclose(traced, sample(1.0), rtol=RTOL, atol=ATOL)
+    assert float(jnp.abs(traced - sample(0.0)).max()) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
 # Bad input.
 
 
@@ -618,16 +809,83 @@ BAD_INPUTS = {
         lambda: ddim_sample(_gauss(), ZERO_SNR, X, spacing="trailing", num_steps=10),
         r"prediction='eps' cannot sample from step 999, where alphas_cumprod is 0",
     ),
+    # ddpm_sample and dpm_solver_pp_sample start at T - 1 as well
+    "ddpm_eps_at_zero_terminal_snr": (
+        lambda: ddpm_sample(_gauss(), ZERO_SNR, X, KEY),
+        r"prediction='eps' cannot sample from step 999, where alphas_cumprod is 0",
+    ),
+    "dpm_eps_at_zero_terminal_snr": (
+        lambda: dpm_solver_pp_sample(_gauss(), ZERO_SNR, X, num_steps=10),
+        r"prediction='eps' cannot sample from step 999, where alphas_cumprod is 0",
+    ),
+    "x_T_int_message": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, jnp.zeros((2, 3), jnp.int32)),
+        r"x_T must be a floating array \[B, \.\.\.\] with a leading batch axis; got shape "
+        r"\(2, 3\) and dtype int32",
+    ),
+    "step_x_int": (  # the step functions name their argument x, not x_T
+        lambda: ddim_step(_gauss(), SCHEDULE, jnp.zeros((2, 3), jnp.int32), 5, 0),
+        r"^x must be a floating array \[B, \.\.\.\]",
+    ),
+    # a bool is not a number here: eta=True is rejected, not read as 1
+    "eta_bool": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, KEY, eta=True),
+        r"eta must be a finite scalar >= 0; got True",
+    ),
+    "eta_nan": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, KEY, eta=float("nan")),
+        r"eta must be a finite scalar >= 0; got nan",
+    ),
+    "step_eta_without_rng": (
+        lambda: ddim_step(_gauss(), SCHEDULE, X, 5, 0, eta=0.5),
+        r"rng must be a PRNG key \(jax.random.key\(seed\)\) when eta is not 0; got None",
+    ),
+    "trajectory_float_stride": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, return_trajectory=2.0),
+        r"return_trajectory must be a bool or a positive int stride k; got 2.0",
+    ),
+    "dpm_order_bool": (
+        lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=True),
+        r"order must be 1 or 2; got True",
+    ),
+    # the edges of the step ranges: t in [0, T - 1], t_prev in [-1, t - 1]
+    "step_t_at_T": (
+        lambda: ddim_step(_gauss(), SCHEDULE, X, T, 0),
+        r"t must lie in \[0, 999\]; got 1000",
+    ),
+    "step_t_negative": (
+        lambda: ddim_step(_gauss(), SCHEDULE, X, -1, -1),
+        r"t must lie in \[0, 999\]; got -1",
+    ),
+    "step_t_prev_minus_two": (
+        lambda: ddim_step(_gauss(), SCHEDULE, X, 5, -2),
+        r"t_prev must lie in \[-1, t - 1\] \(t = 5\); got -2",
+    ),
+    "step_t_prev_equal_t": (
+        lambda: dpm_solver_pp_step(_gauss(), SCHEDULE, X, 5, 5),
+        r"t_prev must lie in \[-1, t - 1\] \(t = 5\); got 5",
+    ),
+    "step_t_float": (
+        lambda: ddim_step(_gauss(), SCHEDULE, X, 5.0, 0),
+        r"t must be an int scalar or int \[B\]; got float32\[\]",
+    ),
+    "step_t_rank": (
+        lambda: ddpm_step(_gauss(), SCHEDULE, X, jnp.full((2, 1), 5), KEY),
+        r"t must be an int scalar or int \[B\]; got int32\[2, 1\]",
+    ),
 }
 ZERO_SNR = Schedule.from_betas(rescale_zero_terminal_snr(BETAS), jnp.float32)
 
 
 def test_zero_terminal_snr_samples_with_v_and_from_below_the_last_step_with_eps():
     v_model = gaussian_denoiser(ZERO_SNR, 0.0, 1.0, "v")
+    x0_model = gaussian_denoiser(ZERO_SNR, 0.0, 1.0, "x0")
     for sample in (
         lambda: ddim_sample(v_model, ZERO_SNR, X, prediction="v", spacing="trailing"),
         lambda: dpm_solver_pp_sample(v_model, ZERO_SNR, X, prediction="v"),
         lambda: ddpm_sample(v_model, ZERO_SNR, X, KEY, prediction="v"),
+        # x0 prediction needs no division by alpha: it samples from step T - 1 too
+        lambda: ddim_sample(x0_model, ZERO_SNR, X, prediction="x0", spacing="trailing"),
         # leading spacing never visits step T - 1, where the eps model has no x0
         lambda: ddim_sample(_gauss(), ZERO_SNR, X, num_steps=10),
     ):
