@@ -113,6 +113,10 @@ def test_micro_batches_run_one_after_another():
         results.append(step(params, x))
     activations = 2048 * sum(widths[1:]) * 4  # bytes of the saved tanh outputs, whole batch
     assert temps[0] > activations and temps[1] < temps[0] - activations / 2, temps
+    # about the temporaries of batch / 4 (1.2x measured): chunk j + 1 waits for chunk j's
+    # gradient, not only its loss (waiting for the loss alone let the chunks' backward passes
+    # overlap: 1.8x)
+    assert temps[1] < 1.5 * temps[0] / 4, temps
     for a, b in zip(leaves(results[0]), leaves(results[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -274,6 +278,7 @@ def test_train_step_skips_a_nan_batch_and_counts_it():
 
     new, metrics = step(state, batch(np.nan))
     assert int(metrics["skipped"]) == 1 and int(new.bad_steps) == 1 and int(new.step) == 1
+    assert int(metrics["bad_steps"]) == 1  # the streak with this step: the loop reads it
     assert_trees_equal(new.params, before.params)
     assert_trees_equal(new.opt_state, before.opt_state)
     assert_trees_equal(new.ema_params, before.ema_params)
@@ -850,3 +855,296 @@ def test_load_run_rebuilds_the_model_from_config_json_and_restores_the_ema_param
     assert loaded.to_json() == config.to_json() and shape == (2,) and step == 7
     assert got_model.hidden_dim == 24 and got_model.num_layers == 2
     assert_trees_equal(params, state.ema_params)
+
+
+class _MemoryCheckpoints:
+    """CheckpointManager's interface, in memory: each workdir's saves as (step, items, data)."""
+
+    runs: dict = {}
+
+    def __init__(self, workdir, max_to_keep=None):
+        self.directory = f"{workdir}/checkpoints"
+        self.saves = self.runs.setdefault(str(workdir), [])
+
+    def latest_step(self):
+        return self.saves[-1][0] if self.saves else None
+
+    def save(self, state, data_state, *, force=False):
+        items = jax.device_get(state.checkpoint_items())
+        self.saves.append((int(items["step"]), items, dict(data_state)))
+        return True
+
+    def restore(self, state):
+        _, items, data_state = self.saves[-1]
+        return state.replace(**items), data_state
+
+    def close(self):
+        pass
+
+
+def _scripted_loop(monkeypatch, bad_steps=()):
+    """train_and_evaluate around a scripted train step, in-memory checkpoints and a fake
+    sampler: step k (from 1) logs loss k and mse = the mean of its batch, is non-finite when
+    k is in `bad_steps`, and moves the EMA params by +1 (params stay): the loop, not the math.
+
+    Returns (runs, samples), filled as the loop runs: {workdir: [(step, items, data state) of
+    each save]} and [(grid path, first EMA param given to the sampler, the sampler's key)].
+    """
+    bad = frozenset(bad_steps)
+    made = {}  # one function per length: its compiled program is reused by the next run
+
+    def make_train_step(config, schedule):
+        if config.train.num_steps in made:
+            return made[config.train.num_steps]
+        mask = jnp.asarray([k + 1 in bad for k in range(config.train.num_steps)])
+
+        def step(state, batch):
+            finite = ~mask[state.step]
+            bad_count = jnp.where(finite, 0, state.bad_steps + 1)
+            new = state.replace(
+                step=state.step + 1,
+                ema_params=jax.tree.map(lambda e: e + 1.0, state.ema_params),
+                bad_steps=bad_count,
+                skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1),
+            )
+            metrics = {
+                "loss": (state.step + 1).astype(jnp.float32),
+                "mse": jnp.mean(batch["image"]),
+                "grad_norm": jnp.float32(1.0),
+                "skipped": 1 - finite.astype(jnp.int32),
+                "bad_steps": bad_count,
+            }
+            return new, metrics
+
+        made[config.train.num_steps] = step
+        return step
+
+    samples = []
+
+    def sample(config, model, params, schedule, rng, *, shape, num, **kwargs):
+        samples.append([None, float(jax.tree.leaves(params)[0].ravel()[0]), np.asarray(rng)])
+        return np.zeros((num, *shape), np.float32)
+
+    def save_samples(images, path):
+        samples[-1][0] = str(path)
+
+    _MemoryCheckpoints.runs = {}
+    monkeypatch.setattr(train, "make_train_step", make_train_step)
+    monkeypatch.setattr(train, "CheckpointManager", _MemoryCheckpoints)
+    monkeypatch.setattr(train, "sample", sample)
+    monkeypatch.setattr(train, "_save_samples", save_samples)
+    return _MemoryCheckpoints.runs, samples
+
+
+def _logged(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loop_logs_window_means_checkpoints_and_samples_at_their_intervals(tmp_path, monkeypatch):
+    runs, samples = _scripted_loop(monkeypatch, bad_steps={4})
+    config = smoke(
+        "toy_2d.py",
+        train__num_steps=5,
+        train__log_every=2,
+        train__checkpoint_every=2,
+        train__sample_every=2,
+        train__max_bad_steps=5,
+    )
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    logged = _logged(tmp_path)
+    # every log_every steps and at the last: the mean over the steps since the last line
+    # (losses 1..5), skipped steps summed
+    assert [m["step"] for m in logged] == [2, 4, 5]
+    assert [m["loss"] for m in logged] == [1.5, 3.5, 5.0]
+    assert [m["skipped"] for m in logged] == [0.0, 1.0, 0.0]
+    assert summary["final_loss"] == 5.0 and summary["final_step"] == 5
+    assert summary["skipped_steps"] == 1 and summary["start_step"] == 0
+    # every checkpoint_every steps, but not inside a non-finite streak (step 4); the last
+    assert [s for s, _, _ in runs[str(tmp_path)]] == [2, 5]
+    # every sample_every steps and the last, from the EMA params after that step's update
+    paths = [str(tmp_path / "samples" / f"step_{k:07d}.png") for k in (2, 4, 5)]
+    assert [p for p, _, _ in samples] == paths and summary["samples"] == paths[-1]
+    last_ema = float(jax.tree.leaves(summary["state"].ema_params)[0].ravel()[0])  # after 5
+    np.testing.assert_allclose([e for _, e, _ in samples], [last_ema - 5 + k for k in (2, 4, 5)])
+    keys = {bytes(k) for _, _, k in samples}
+    assert len(keys) == 3  # a fresh key for every grid
+
+
+def test_loop_stops_after_max_bad_steps_without_checkpointing_the_streak(tmp_path, monkeypatch):
+    runs, _ = _scripted_loop(monkeypatch, bad_steps={3, 4, 5, 6, 7, 8})
+    config = smoke("toy_2d.py", train__num_steps=8, train__checkpoint_every=1)
+    config.train.max_bad_steps = 2
+    with pytest.raises(train.TrainingDiverged, match=r"^2 consecutive steps .* at step 4;"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert [s for s, _, _ in runs[str(tmp_path)]] == [1, 2]
+    assert [m["step"] for m in _logged(tmp_path)] == [1, 2, 3, 4]
+    # a streak that reaches max_bad_steps in the last steps ends the run the same way, and
+    # the last step, non-finite, is not saved
+    runs, _ = _scripted_loop(monkeypatch, bad_steps={3, 4})
+    config = smoke("toy_2d.py", train__num_steps=4, train__checkpoint_every=1)
+    config.train.max_bad_steps = 2
+    with pytest.raises(train.TrainingDiverged, match="2 consecutive non-finite steps at the end"):
+        train.train_and_evaluate(config, str(tmp_path / "end"))
+    assert [s for s, _, _ in runs[str(tmp_path / "end")]] == [1, 2]
+
+
+def test_a_resumed_loop_logs_and_samples_what_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    runs, samples = _scripted_loop(monkeypatch)
+    config = smoke("toy_2d.py", train__num_steps=4, train__checkpoint_every=100)
+    config.train.sample_every = 1
+    train.train_and_evaluate(config, str(tmp_path / "full"))
+    full_samples = list(samples)
+    samples.clear()
+    config.train.stop_after = 2
+    assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["final_step"] == 2
+    summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert summary["start_step"] == 2 and summary["final_step"] == 4
+    assert [s for s, _, _ in runs[str(tmp_path / "resumed")]] == [2, 4]
+    # the same lines (the batches' means included: the data resumes where it stopped)
+    full, resumed = _logged(tmp_path / "full"), _logged(tmp_path / "resumed")
+    for m in full + resumed:
+        m.pop("steps_per_sec"), m.pop("images_per_sec")
+    assert resumed == full and [m["step"] for m in full] == [1, 2, 3, 4]
+    # and the same sample keys and EMA params
+    for (_, ema_a, key_a), (_, ema_b, key_b) in zip(full_samples, samples, strict=True):
+        assert ema_a == ema_b
+        np.testing.assert_array_equal(key_a, key_b)
+
+
+def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guidance(monkeypatch):
+    from jax_diffusion import samplers
+
+    config = smoke(
+        "toy_2d.py",
+        model__num_classes=3,
+        sample__guidance=1.5,
+        sample__eta=0.25,
+        sample__num_steps=7,
+    )
+    traced, seen = [], []
+
+    def guidance(cond_fn, w, num_classes, *, y, variance):
+        traced.append((num_classes, variance))
+
+        def model_fn(x, t):
+            jax.debug.callback(lambda y, w: seen.append((np.asarray(y), float(w))), y, w)
+            return x
+
+        return model_fn
+
+    def sampler(name):
+        def run(model_fn, schedule, x, *args, **kwargs):
+            traced.append((name, x.shape, kwargs))
+            return model_fn(x, jnp.zeros(x.shape[:1], jnp.int32))
+
+        return run
+
+    monkeypatch.setattr(samplers, "classifier_free_guidance", guidance)
+    for name, attr in [
+        ("ddpm", "ddpm_sample"),
+        ("ddim", "ddim_sample"),
+        ("dpm++", "dpm_solver_pp_sample"),
+    ]:
+        monkeypatch.setattr(samplers, attr, sampler(name))
+    schedule = train.get_schedule(config.diffusion)
+    key = jax.random.PRNGKey(0)
+    common = dict(prediction="eps", variance="fixed_small", clip_denoised=False)
+    # the config's sampler, steps, eta and guidance; labels 0, 1, 2, 0, 1 (arange % classes)
+    out = train.sample(config, None, {}, schedule, key, shape=(2,), num=5)
+    jax.effects_barrier()
+    assert out.shape == (5, 2)
+    assert traced[-2:] == [
+        (3, "fixed_small"),
+        ("ddim", (5, 2), dict(num_steps=7, eta=0.25, **common)),
+    ]
+    np.testing.assert_array_equal(seen[-1][0], [0, 1, 2, 0, 1])
+    assert seen[-1][1] == 1.5
+    # the arguments over the config's values
+    labels = jnp.full((5,), 2, jnp.int32)
+    train.sample(
+        config,
+        None,
+        {},
+        schedule,
+        key,
+        shape=(2,),
+        num=5,
+        sampler="dpm++",
+        num_steps=4,
+        guidance=3.0,
+        labels=labels,
+    )
+    jax.effects_barrier()
+    assert traced[-1] == ("dpm++", (5, 2), dict(num_steps=4, **common))
+    np.testing.assert_array_equal(seen[-1][0], labels)
+    assert seen[-1][1] == 3.0
+    train.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="ddpm")
+    assert traced[-1] == ("ddpm", (5, 2), common)
+
+
+def test_the_toy_density_image_has_y_up_and_x_right(tmp_path):
+    from PIL import Image
+
+    # a cloud in the top-right corner of the [-2, 2]^2 plot and a fainter one bottom-right
+    rng = np.random.default_rng(0)
+    points = np.concatenate(
+        [rng.normal([1.5, 1.5], 0.1, (300, 2)), rng.normal([1.5, -1.5], 0.1, (30, 2))]
+    )
+    train._save_samples(points, tmp_path / "grid.png")
+    img = np.asarray(Image.open(tmp_path / "grid.png"), np.float64)
+    h, w = img.shape
+    quadrant = {
+        (r, c): img[r * h // 2 : (r + 1) * h // 2, c * w // 2 : (c + 1) * w // 2].mean()
+        for r in (0, 1)
+        for c in (0, 1)
+    }
+    # dark where the points are: the denser top-right, the empty left half white
+    assert quadrant[0, 1] < quadrant[1, 1] < quadrant[0, 0] == quadrant[1, 0] == 255
+
+
+def test_jit_train_step_splits_the_batch_over_the_devices_and_donates_the_state():
+    mesh = train.make_mesh()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put({"w": jnp.arange(4.0), "step": jnp.zeros((), jnp.int32)}, replicated)
+
+    def step(state, batch):
+        new = {"w": state["w"] + jnp.sum(batch), "step": state["step"] + 1}
+        return new, {"loss": jnp.mean(batch)}
+
+    run, batch_sharding = train._jit_train_step(step, mesh, state)
+    batch = jax.device_put(jnp.arange(32.0).reshape(16, 2), batch_sharding)
+    # data parallel: each of the 8 devices holds 2 of the 16 examples
+    assert sorted(s.index[0].start for s in batch.addressable_shards) == list(range(0, 16, 2))
+    assert {s.data.shape for s in batch.addressable_shards} == {(2, 2)}
+    new, metrics = run(state, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state))  # donated: no second copy
+    np.testing.assert_allclose(new["w"], np.arange(4.0) + np.arange(32.0).sum())
+    assert float(metrics["loss"]) == np.arange(32.0).mean()
+    assert new["w"].sharding.is_fully_replicated and len(new["w"].sharding.device_set) == 8
+
+
+def test_the_train_step_draws_t_noise_dropout_and_label_dropout_from_separate_keys():
+    """No key feeds two of the step's random draws (a reused key correlates them): the dropout
+    key is not the one t and noise were drawn with, nor the one the labels were dropped with."""
+    import jax_diffusion as jd
+    from jax_diffusion.models import drop_labels
+
+    seen = []
+
+    def apply_fn(variables, x, t, y=None, train=False, rngs=None):
+        seen.append((np.asarray(x), np.asarray(t), np.asarray(y), rngs["dropout"]))
+        return variables["params"]["w"] * x
+
+    config = smoke("digits_cond.py", model__class_dropout=0.5)
+    schedule = train.get_schedule(config.diffusion)
+    step = train.make_train_step(config, schedule)
+    x0 = jnp.full((8, 8, 8, 1), 0.5)
+    labels = np.arange(8) % config.model.num_classes
+    step(_stub_state(apply_fn, 1.0), {"image": x0, "label": labels})
+    ((x_t, t, y, key),) = seen
+    null = config.model.num_classes
+    assert 0 < np.sum(y == null) < 8  # p = 0.5: some labels dropped, some kept
+    t_if_reused, noise_if_reused = jd.training_draws(schedule, x0, key)
+    assert not np.array_equal(t_if_reused, t)
+    assert not np.allclose(jd.q_sample(schedule, x0=x0, t=t, noise=noise_if_reused), x_t)
+    assert not np.array_equal(drop_labels(key, jnp.asarray(labels), 0.5, null), y)

@@ -125,3 +125,56 @@ def test_config_json_can_not_represent_fails_before_the_workdir_is_created(tmp_p
     with pytest.raises(TypeError, match="not JSON serializable"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_writer_keeps_the_lines_up_to_the_resumed_step_and_appends(tmp_path):
+    lines = ['{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 2.0}', '{"step": 3, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    writer = train._Writer(tmp_path, start=2)
+    writer.write(3, {"loss": 3.5})
+    writer.close()
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3]
+    # a last line a kill cut after its closing brace gets its newline back before the append
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2]))
+    writer = train._Writer(tmp_path, start=2)
+    writer.write(3, {"loss": 3.5})
+    writer.close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[1:] == [
+        lines[1],
+        '{"step": 3, "loss": 3.5}',
+    ]
+
+
+def _tensorboard_events(directory):
+    """The Event protos of the TFRecord files in `directory` (length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(directory.glob("events*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
+def test_writer_purges_the_tensorboard_steps_after_the_resumed_one(tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    writer = train._Writer(tmp_path, start=2)
+    writer.write(3, {"loss": 3.5})
+    writer.close()
+    events = _tensorboard_events(tmp_path / "tensorboard")
+    # TensorBoard drops the earlier events at steps >= a SessionLog.START's step: those a
+    # killed run wrote after step 2, not step 2's own
+    starts = [e.step for e in events if e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [3]
+    assert [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value] == [
+        (3, "loss", 3.5)
+    ]
