@@ -6,6 +6,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jax_diffusion import backend, cli, train
 
@@ -19,6 +20,43 @@ def test_options_only_for_cpu_devices():
     assert backend.compiler_options([]) is None
     assert backend.compiler_options(run_once=True) == backend.CPU_RUN_ONCE_OPTIONS
     assert backend.compiler_options([gpu], run_once=True) is None
+    # any platform but CPU (TPU, or one this module has never heard of) keeps XLA's defaults
+    for platform in ("tpu", "METAL", "neuron"):
+        other = types.SimpleNamespace(platform=platform)
+        assert backend.compiler_options([other]) is None
+        assert backend.compiler_options([jax.devices()[0], other], run_once=True) is None
+
+
+def test_options_take_any_iterable_of_devices():
+    """`devices` is an iterable (e.g. `mesh.devices.flat`), read once; an empty one is no CPU."""
+    cpus = jax.devices()[:2]
+    assert backend.compiler_options(iter([])) is None
+    assert backend.compiler_options(d for d in cpus) == backend.CPU_COMPILER_OPTIONS
+    mesh = jax.sharding.Mesh(np.array(cpus), ("data",))
+    assert backend.compiler_options(mesh.devices.flat) == backend.CPU_COMPILER_OPTIONS
+
+
+def test_options_are_a_fresh_dict_per_call():
+    before = dict(backend.CPU_COMPILER_OPTIONS)
+    options = backend.compiler_options()
+    options["xla_backend_optimization_level"] = 0  # a caller's edit stays with that caller
+    assert backend.compiler_options() == backend.CPU_COMPILER_OPTIONS == before
+
+
+@pytest.mark.parametrize("name", ["CPU_COMPILER_OPTIONS", "CPU_RUN_ONCE_OPTIONS"])
+def test_options_xla_cpu_rejects_fall_back_to_xla_defaults_with_a_warning(monkeypatch, name):
+    """A jaxlib whose CPU compiler does not know one of the options (either set) gets None,
+    XLA's defaults, for both kinds of program, and one RuntimeWarning saying so."""
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(backend, name, {"xla_cpu_no_such_option_anywhere": 1})
+            backend._cpu_options_supported.cache_clear()
+            with pytest.warns(RuntimeWarning, match="XLA:CPU rejected"):
+                assert backend.compiler_options() is None
+            assert backend.compiler_options(run_once=True) is None
+    finally:
+        backend._cpu_options_supported.cache_clear()
+    assert backend.compiler_options() == backend.CPU_COMPILER_OPTIONS
 
 
 def test_parameters_initialised_under_the_run_once_options_are_bit_identical():

@@ -148,6 +148,84 @@ def test_timestep_embedding_rejects_bad_t_rank():
         timestep_embedding(jnp.arange(3), 4, max_period=0.0)  # used to give NaN columns
 
 
+def test_timestep_embedding_max_period_sets_the_base():
+    """PE(t, 2i) = sin(t / P^(2i/d)), PE(t, 2i+1) = cos(...) for another base P (float64)."""
+    t = np.array([0, 3, 40], np.int32)
+    got = np.asarray(timestep_embedding(jnp.asarray(t), 6, max_period=100.0), np.float64)
+    freqs = 100.0 ** (-np.arange(3) * 2 / 6)
+    want = np.stack([np.sin(t[:, None] * freqs), np.cos(t[:, None] * freqs)], -1).reshape(3, 6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_timestep_embedding_rejects_a_scalar_t():
+    with pytest.raises(ValueError, match=r"t must have shape \[B\] \(rank 1\); got shape \(\)"):
+        timestep_embedding(jnp.asarray(5), 8)
+
+
+@pytest.mark.parametrize("dim", [8.0, True, np.float32(8)])
+def test_timestep_embedding_rejects_a_dim_that_is_not_an_int(dim):
+    with pytest.raises(ValueError, match="dim must be a positive even integer"):
+        timestep_embedding(jnp.arange(3), dim)
+
+
+@pytest.mark.parametrize("max_period", [np.inf, -10.0, True, np.nan])
+def test_timestep_embedding_rejects_a_max_period_that_is_not_finite_and_positive(max_period):
+    with pytest.raises(ValueError, match="max_period must be a finite number > 0"):
+        timestep_embedding(jnp.arange(3), 4, max_period=max_period)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, np.float16, "float64"])
+def test_check_field_dtype_accepts_floating_dtypes(dtype):
+    from jax_diffusion.models.layers import check_field_dtype
+
+    check_field_dtype("dtype", dtype)  # no error
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64, jnp.bool_, "not a dtype", 3.5])
+def test_check_field_dtype_rejects_other_dtypes(dtype):
+    from jax_diffusion.models.layers import check_field_dtype
+
+    with pytest.raises(ValueError, match="param_dtype must be a floating dtype such as float32"):
+        check_field_dtype("param_dtype", dtype)
+
+
+@pytest.mark.parametrize(
+    "x_shape, t_shape, y, num_classes, match",
+    [
+        ((2, 3), (2,), None, None, r"x must have rank 4 \(\[B, H, W, C\]\); got shape \(2, 3\)"),
+        ((2, 4, 4, 3), (2, 1), None, None, r"t must have shape \[B\] = \(2,\)"),
+        ((2, 4, 4, 3), (2,), np.zeros((2, 1), np.int32), 3, r"y must have shape \[B\] = \(2,\)"),
+        ((2, 4, 4, 3), (2,), np.zeros(3, np.int32), 3, r"y must have shape \[B\] = \(2,\)"),
+        ((2, 4, 4, 3), (2,), np.zeros(2, np.float32), 3, "y must be an integer array; got dtype"),
+        ((2, 4, 4, 3), (2,), np.zeros(2, np.int32), None, "y must be None"),
+        ((2, 4, 4, 3), (2,), None, 3, r"y is required when num_classes=3"),
+        # one past the null label, alone
+        ((2, 4, 4, 3), (2,), np.array([3, 4], np.int32), 3, r"y must lie in \[0, 3\].*max 4"),
+        ((2, 4, 4, 3), (2,), np.array([-1, 0], np.int32), 3, r"y must lie.*got min -1, max 0"),
+    ],
+)
+def test_check_denoiser_inputs_rejects(x_shape, t_shape, y, num_classes, match):
+    from jax_diffusion.models.layers import check_denoiser_inputs
+
+    x, t = jnp.zeros(x_shape), jnp.zeros(t_shape, jnp.int32)
+    y = None if y is None else jnp.asarray(y)
+    with pytest.raises(ValueError, match=match):
+        check_denoiser_inputs(x, t, y, num_classes, data_rank=4, data_desc="[B, H, W, C]")
+
+
+def test_check_denoiser_inputs_accepts_the_null_label_and_an_empty_batch():
+    from jax_diffusion.models.layers import check_denoiser_inputs
+
+    kw = dict(data_rank=2, data_desc="[B, D]")
+    y = jnp.array([0, 3, 2], jnp.int8)  # 3 = num_classes is the null label
+    check_denoiser_inputs(jnp.zeros((3, 2)), jnp.zeros(3), y, 3, **kw)
+    empty = jnp.zeros((0,), jnp.int32)
+    check_denoiser_inputs(jnp.zeros((0, 2)), empty, empty, 3, **kw)  # nothing to range-check
+
+
 # --------------------------------------------------------------------------- UNet structure
 
 
@@ -420,6 +498,15 @@ def test_drop_labels_edge_cases():
         drop_labels(rng, y, jnp.float32(1.5), 4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int32])
+@pytest.mark.parametrize("null_label", [3, np.int64(3)])  # e.g. num_classes read from NumPy
+def test_drop_labels_keeps_the_label_dtype(dtype, null_label):
+    y = jnp.array([0, 1, 2, 1], dtype)
+    out = drop_labels(jax.random.key(1), y, 1.0, null_label)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, np.full(4, 3))
+
+
 def test_mlp_denoiser_value_errors():
     x, t = jnp.zeros((5, 2)), jnp.zeros((5,), jnp.int32)
     for kwargs, match in [
@@ -654,6 +741,53 @@ def test_group_norm_rejects_groups_that_do_not_divide_the_channels(groups):
         group_norm(x, jnp.ones(8), jnp.zeros(8), groups)
 
 
+def test_group_norm_epsilon_defaults_and_module_defaults_match_flax():
+    """epsilon 1e-6 (flax.linen.GroupNorm's default) in the function and the module, 32 groups
+    by default in the module; the input's variance (~1e-6) is of the order of epsilon, so
+    another epsilon would show (float64 reference, Wu & He 2018 eqs. 1-3)."""
+    from jax_diffusion.models import GroupNorm, group_norm
+
+    rng = np.random.default_rng(4)
+    x = (1e-3 * rng.normal(size=(2, 2, 2, 64))).astype(np.float32)
+    scale, bias = rng.normal(size=(2, 64)).astype(np.float32)
+    want = _np_group_norm(x, scale, bias, 32, eps=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(group_norm(x, scale, bias, 32)), want, rtol=1e-4, atol=1e-4
+    )
+    got = GroupNorm().apply({"params": {"scale": scale, "bias": bias}}, x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    got = GroupNorm(num_groups=4, epsilon=1e-3).apply({"params": {"scale": scale, "bias": bias}}, x)
+    want = _np_group_norm(x, scale, bias, 4, eps=1e-3)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_of_constant_groups_with_a_large_offset_is_finite():
+    """var = E[x^2] - E[x]^2 cancels in float32 (x^2 ~ 1e6 has an ulp of 0.06), to a negative
+    number for some of these channels, and is clipped at 0: each constant group maps to its
+    bias (float64: exactly; here up to the float32 rounding of the mean, ~6e-5 / sqrt(eps))."""
+    from jax_diffusion.models import group_norm
+
+    x = np.broadcast_to((1000 + 0.1 * np.arange(8)).astype(np.float32), (2, 3, 3, 8))
+    bias = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+    got = np.asarray(group_norm(x, np.ones(8, np.float32), bias, 8))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, np.broadcast_to(bias, x.shape), atol=0.25)
+
+
+def test_group_norm_statistics_and_output_are_float32_for_bfloat16_inputs():
+    """Statistics in float32 at least: bfloat16 x, scale and bias give a float32 result with
+    float32 accuracy (the bfloat16 values are exact in the float64 reference)."""
+    from jax_diffusion.models import group_norm
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(3.0, 0.5, (2, 4, 4, 8)), jnp.bfloat16)
+    scale, bias = (jnp.asarray(a, jnp.bfloat16) for a in rng.normal(size=(2, 8)))
+    got = group_norm(x, scale, bias, 2)
+    assert got.dtype == jnp.float32
+    want = _np_group_norm(*(np.asarray(a, np.float64) for a in (x, scale, bias)), 2)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- attention core
 
 
@@ -709,6 +843,59 @@ def test_dot_product_attention_bfloat16_inputs():
     assert got.dtype == jnp.bfloat16
     want = np.asarray(_plain_attention(q, k, v))
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=0.05)
+
+
+def test_dot_product_attention_large_logits():
+    """Logits in the thousands: the softmax subtracts the row maximum, so exp does not overflow
+    (float64 reference, which does the same)."""
+    from jax_diffusion.models import dot_product_attention
+
+    q, k, v = _qkv(5)
+    q = q * 300.0
+    logits = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k) / 2.0
+    assert np.abs(logits).max() > 1000
+    want = np.einsum("bhqk,bhkd->bhqd", _np_softmax(logits), v)
+    got = np.asarray(jax.jit(dot_product_attention)(q, k, v))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dot_product_attention_softmax_runs_in_float32_for_bfloat16_inputs():
+    """The exp / max / sum of the softmax see float32 operands whatever the input dtype."""
+    from jax_diffusion.models import dot_product_attention
+
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _qkv(4))
+    jaxpr = jax.make_jaxpr(dot_product_attention)(q, k, v).jaxpr
+    ops = [e for e in _all_eqns(jaxpr) if e.primitive.name in ("exp", "reduce_max", "reduce_sum")]
+    assert {e.primitive.name for e in ops} == {"exp", "reduce_max", "reduce_sum"}
+    assert {v.aval.dtype for e in ops for v in e.invars} == {jnp.dtype(jnp.float32)}
+
+
+def test_dot_product_attention_second_derivatives_match_autodiff_of_the_formula():
+    """The JVP rule is itself differentiable: a Hessian-vector product (forward over reverse)
+    agrees with JAX's autodiff of the plain formula."""
+    from jax_diffusion.models import dot_product_attention
+
+    q, k, v = _qkv(6, n=3, m=4, d=2)
+    ct = np.random.default_rng(7).normal(size=q.shape).astype(np.float32)
+    dq = np.random.default_rng(8).normal(size=q.shape).astype(np.float32)
+
+    def hvp(f):
+        grad = jax.grad(lambda q: jnp.sum(f(q, k, v) * ct))
+        return np.asarray(jax.jit(lambda q, dq: jax.jvp(grad, (q,), (dq,))[1])(q, dq))
+
+    np.testing.assert_allclose(
+        hvp(dot_product_attention), hvp(_plain_attention), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_attention_block_rejects_heads_that_do_not_divide_the_channels():
+    from jax_diffusion.models import AttentionBlock
+
+    x = jnp.zeros((2, 4, 4, 16))
+    with pytest.raises(
+        ValueError, match="num_heads must divide the channel count 16.*got num_heads=3"
+    ):
+        jax.eval_shape(AttentionBlock(num_heads=3, num_groups=4).init, jax.random.key(0), x)
 
 
 # --------------------------------------------------------------------------- Upsample
@@ -770,6 +957,27 @@ def test_upsample_has_flax_conv_parameters_init_gradients_and_dtypes():
         np.testing.assert_allclose(
             np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
         )
+
+
+def test_upsample_conv_dtype_and_taps_merged_in_the_kernel_dtype():
+    """upsample_conv's default dtype is the promoted dtype of x, kernel and bias; in bfloat16
+    the merged taps are summed in the kernel's float32 first. On a 1x1 input of 1, each output
+    of the direct form (nearest x2, conv3x3, zero padding) is w[0] + w[1] or w[1] + w[2] of the
+    kernel's column 1: 2^-8 + (1 + 2^-8) = 1 + 2^-7, exact in bfloat16, while 1 + 2^-8 alone
+    rounds to 1 there (a tie to even)."""
+    from jax_diffusion.models.layers import upsample_conv
+
+    x = jnp.ones((1, 1, 1, 1), jnp.bfloat16)
+    kernel = np.zeros((3, 3, 1, 1), np.float32)
+    kernel[:, 1, 0, 0] = [2**-8, 1 + 2**-8, 2**-8]
+    bias = np.zeros(1, np.float32)
+    assert float(jnp.asarray(1 + 2**-8, jnp.bfloat16)) == 1.0
+    assert jax.eval_shape(upsample_conv, x, kernel, bias).dtype == jnp.float32
+    got = jax.jit(upsample_conv, static_argnames="dtype")(x, kernel, bias, dtype=jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    want = _np_conv(np.ones((1, 2, 2, 1)), kernel.astype(np.float64), bias)
+    np.testing.assert_array_equal(want, np.full((1, 2, 2, 1), 1 + 2**-7))
+    np.testing.assert_array_equal(np.asarray(got, np.float64), want)
 
 
 def test_downsample_is_a_stride_2_conv3x3_in_float64_numpy():

@@ -1,0 +1,37 @@
+"""Tests of jax_diffusion._checks: the shared int argument check."""
+
+import numpy as np
+import pytest
+
+from jax_diffusion._checks import check_int
+
+
+@pytest.mark.parametrize(
+    "value, low, high, want", [(3, 1, None, 3), (np.int64(5), 0, 5, 5), (0, 0, 0, 0)]
+)
+def test_check_int_returns_a_python_int(value, low, high, want):
+    got = check_int("n", value, low, high)
+    assert got == want and type(got) is int
+
+
+@pytest.mark.parametrize(
+    "value, low, high, match",
+    [
+        (True, 0, None, "n must be an int >= 0; got True"),
+        (np.bool_(True), 0, None, "n must be an int >= 0; got"),
+        (2.0, 0, None, "n must be an int >= 0; got 2.0"),
+        ("2", 0, None, "n must be an int >= 0; got '2'"),
+        (None, 0, None, "n must be an int >= 0; got None"),
+        (0, 1, None, "n must be an int >= 1; got 0"),
+        (6, 1, 5, r"n must be an int in \[1, 5\]; got 6"),
+    ],
+)
+def test_check_int_rejects(value, low, high, match):
+    with pytest.raises(ValueError, match=match):
+        check_int("n", value, low, high)
+
+
+def test_check_int_none_ok():
+    assert check_int("n", None, 1, none_ok=True) is None
+    with pytest.raises(ValueError, match=r"n must be an int >= 1 or None; got 0"):
+        check_int("n", 0, 1, none_ok=True)
