@@ -156,6 +156,11 @@ def test_clip_denoised_and_denoised_fn_keep_eps_consistent():
         sched, model_output=x0, xt=xt, t=t, prediction="x0", denoised_fn=lambda x: 0.5 * x
     )
     np.testing.assert_allclose(q.x0_hat, 1.5)
+    abar = np_schedule(jd.linear_betas(T))["alphas_cumprod"][np.asarray(t), None]
+    xt64 = np.asarray(xt, np.float64)
+    np.testing.assert_allclose(
+        q.eps_hat, (xt64 - np.sqrt(abar) * 1.5) / np.sqrt(1 - abar), rtol=1e-5
+    )
     mean, _, _ = jd.q_posterior_mean_variance(sched, x0=q.x0_hat, xt=xt, t=t)
     np.testing.assert_allclose(q.mean, mean, rtol=1e-6)
     # the lower bound too, values inside [-1, 1] untouched
@@ -263,6 +268,10 @@ def test_bfloat16_stays_bfloat16_and_float64_stays_float64():
     assert jd.x0_from_v(sched, xt=x, t=t, v=x).dtype == jnp.bfloat16
     p = jd.p_mean_variance(sched, model_output=x, xt=x, t=t, prediction="v")
     assert all(a.dtype == jnp.bfloat16 for a in p)
+    assert all(a.dtype == jnp.bfloat16 for a in jd.q_mean_variance(sched, x0=x, t=t))
+    doubled = jnp.concatenate([x, x], -1)
+    p = jd.p_mean_variance(sched, model_output=doubled, xt=x, t=t, variance="learned_range")
+    assert all(a.dtype == jnp.bfloat16 for a in p)
     with jax.enable_x64(True):
         s64 = jd.Schedule.from_betas(jd.linear_betas(T), dtype=jnp.float64)
         x64 = jnp.ones((2, 3), jnp.float64)
@@ -335,6 +344,34 @@ def test_jit_vmap_grad_and_trace_count():
             lambda s, x: jd.p_mean_variance(s, model_output=x[:, :1], xt=x, t=jnp.zeros(2, int)),
             r"model_output must have the shape of xt \(2, 3\)",
         ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x, t=jnp.zeros((2, 1), int), noise=x),
+            r"t must have shape \[B\] or \[\]; got shape \(2, 1\)",
+        ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x[0, 0], t=jnp.zeros(2, int), noise=x[0, 0]),
+            r"t has batch size 2 but x0 has shape \(\)",
+        ),
+        (
+            lambda s, x: jd.x0_from_eps(s, xt=x, t=jnp.zeros(2, int), eps=x[:, :1]),
+            r"same shape; got xt \(2, 3\), eps \(2, 1\)",
+        ),
+        (
+            lambda s, x: jd.q_posterior_mean_variance(s, x0=x[:, :1], xt=x, t=jnp.zeros(2, int)),
+            r"same shape; got x0 \(2, 1\), xt \(2, 3\)",
+        ),
+        (
+            lambda s, x: jd.p_mean_variance(
+                s, model_output=x, xt=x, t=jnp.zeros(2, int), clip_denoised=1
+            ),
+            "clip_denoised must be True or False; got 1",
+        ),
+        (
+            lambda s, x: jd.p_mean_variance(
+                s, model_output=x, xt=x, t=jnp.zeros(2, int), denoised_fn="clip"
+            ),
+            "denoised_fn must be a callable x0_hat -> x0_hat or None; got 'clip'",
+        ),
     ],
 )
 def test_bad_input_raises_before_work(call, match):
@@ -349,3 +386,37 @@ def test_range_check_is_skipped_only_when_traced():
     # traced t cannot be range-checked eagerly; the call still compiles and runs
     out = jax.jit(lambda t: jd.q_sample(sched, x0=x, t=t, noise=x))(jnp.array([0, 9]))
     assert out.shape == (2, 3)
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    """bf16 in, bf16 out, but one rounding of the exact value: Ho eq. 4 and Salimans & Ho's
+    x0 = alpha x_t - sigma v in float64 from the bf16 inputs, rounded once to bf16."""
+    sched = _sched32("linear")
+    rng = np.random.default_rng(7)
+    a, b = (jnp.asarray(rng.standard_normal((4, 16)), jnp.bfloat16) for _ in range(2))
+    t = jnp.asarray(T_VALUES)
+    abar = np_schedule(jd.linear_betas(T))["alphas_cumprod"][T_VALUES][:, None]
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    xt = jd.q_sample(sched, x0=a, t=t, noise=b)
+    np.testing.assert_array_equal(xt, jnp.asarray(alpha * a64 + sigma * b64, jnp.bfloat16))
+    x0 = jd.x0_from_v(sched, xt=a, t=t, v=b)
+    np.testing.assert_array_equal(x0, jnp.asarray(alpha * a64 - sigma * b64, jnp.bfloat16))
+
+
+def test_single_step_schedule_reverse_variances():
+    """T = 1: sigma^2 = beta_1 for fixed_large (Ho et al. sec. 3.2), finite for both choices."""
+    sched = jd.Schedule.from_betas([0.02])
+    x = jnp.ones((2, 3))
+    t = jnp.zeros(2, int)
+    large = jd.p_mean_variance(sched, model_output=x, xt=x, t=t, variance="fixed_large")
+    np.testing.assert_allclose(large.variance.reshape(-1), 0.02, rtol=1e-6)
+    np.testing.assert_allclose(large.log_variance.reshape(-1), np.log(0.02), rtol=1e-6)
+    small = jd.p_mean_variance(sched, model_output=x, xt=x, t=t, variance="fixed_small")
+    assert np.all(np.isfinite(small.log_variance))
+
+
+def test_empty_batch_is_valid():
+    sched = jd.Schedule.from_betas(jd.linear_betas(10))
+    x = jnp.ones((0, 3))
+    assert jd.q_sample(sched, x0=x, t=jnp.zeros(0, int), noise=x).shape == (0, 3)

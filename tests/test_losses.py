@@ -351,6 +351,11 @@ def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
         (dict(weighting="min_snr", min_snr_gamma=0.0), "min_snr_gamma must be > 0; got 0.0"),
         # a negative hybrid weight rewards a worse variational bound
         (dict(variance="learned_range", vlb_weight=-1.0), "vlb_weight must be a number >= 0"),
+        (dict(variance="learned_range", vlb_weight=True), "vlb_weight must be .*got True"),
+        (
+            dict(draws=(jnp.zeros((2,), jnp.int32), jnp.zeros((2, 2)))),
+            r"with x0's shape \(2, 3\); got t \(2,\) and noise \(2, 2\)",
+        ),
         (
             dict(draws=(jnp.zeros((3,), jnp.int32), jnp.zeros((2, 3)))),
             r"draws must be \(t \[B\], noise \[B, ...\]\) with x0's shape \(2, 3\); got t \(3,\)",
@@ -392,3 +397,93 @@ def test_discretized_loglik_gradients_finite_everywhere():
     for log_scale in (-7.0, -3.0, 0.0):
         gm, gs = jax.grad(total, argnums=(0, 1))(means, jnp.full(x.shape, log_scale))
         assert np.all(np.isfinite(gm)) and np.all(np.isfinite(gs)), log_scale
+
+
+def _np_targets(x0, noise, t, prediction):
+    """x_t (Ho eq. 4), the regression target (Salimans & Ho sec. 4 for v) and SNR, float64."""
+    abar = np_schedule(jd.linear_betas(T))["alphas_cumprod"][t][:, None]
+    xt = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+    v = np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0
+    target = {"eps": noise, "x0": x0, "v": v}[prediction]
+    return xt, target, (abar / (1 - abar))[:, 0]
+
+
+@pytest.mark.parametrize("loss_type", ["l2", "l1"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_loss_matches_float64_reference(linear, prediction, loss_type):
+    """Per-example loss = w(t) * mean |pred - target|^p with the Min-SNR-gamma weight of a
+    non-default gamma (Hang et al. 2023), min(SNR, gamma) converted to the prediction's space."""
+    gamma = 0.5
+    rng = np.random.default_rng(14)
+    x0, noise = (rng.standard_normal((4, 6)).astype(np.float32) for _ in range(2))
+    t = np.array([0, 10, 500, 999])
+    xt, target, snr = _np_targets(x0.astype(float), noise.astype(float), t, prediction)
+    err = 0.9 * xt - target
+    per = np.mean(err**2 if loss_type == "l2" else np.abs(err), axis=1)
+    to_space = {"eps": snr, "x0": np.ones_like(snr), "v": snr + 1}[prediction]
+    want = np.minimum(snr, gamma) / to_space * per
+    loss, metrics = jd.diffusion_loss(
+        linear,
+        lambda x, t: 0.9 * x,
+        jnp.asarray(x0),
+        None,
+        prediction=prediction,
+        loss_type=loss_type,
+        weighting="min_snr",
+        min_snr_gamma=gamma,
+        draws=(jnp.asarray(t), jnp.asarray(noise)),
+    )
+    np.testing.assert_allclose(metrics["per_example_loss"], want, rtol=1e-4)
+    np.testing.assert_allclose(loss, want.mean(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["mse"], np.mean(err**2), rtol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_hybrid_vlb_reads_the_mean_in_the_prediction_space(linear, prediction):
+    """The exact x0 / v prediction with v_var = -1 (sigma^2 = beta_tilde) makes p equal to the
+    posterior q(x_{t-1} | x_t, x0): every VLB term for t > 0 is KL(q || q) = 0."""
+    rng = np.random.default_rng(15)
+    x0, noise = (rng.standard_normal((4, 6)) for _ in range(2))
+    t = np.array([1, 10, 500, 999])
+    _, target, _ = _np_targets(x0, noise, t, prediction)
+    out = jnp.asarray(np.concatenate([target, -np.ones_like(target)], -1), jnp.float32)
+    loss, metrics = jd.diffusion_loss(
+        linear,
+        lambda x, t: out,
+        jnp.asarray(x0, jnp.float32),
+        None,
+        prediction=prediction,
+        variance="learned_range",
+        draws=(jnp.asarray(t), jnp.asarray(noise, jnp.float32)),
+    )
+    assert abs(float(metrics["vlb_bpd"])) < 1e-6 and abs(float(loss)) < 1e-6
+
+
+def test_bfloat16_loss_and_prior_are_computed_in_float32():
+    x0 = jnp.asarray(np.random.default_rng(16).uniform(-1, 1, (4, 32)), jnp.bfloat16)
+    t, noise = jd.training_draws(jd.Schedule.from_betas(jd.linear_betas(T)), x0, jax.random.key(1))
+    assert t.dtype == jnp.int32 and noise.dtype == jnp.bfloat16
+    # prior: KL(N(alpha_T x0, 1 - abar_T) || N(0, 1)) of a short schedule, where it is O(1)
+    betas = jd.linear_betas(10)
+    abar = np.prod(1 - betas)
+    x64 = np.asarray(x0, np.float64)
+    kl = np_normal_kl(np.sqrt(abar) * x64, np.log(1 - abar), 0.0, 0.0)
+    got = jd.prior_bpd(jd.Schedule.from_betas(betas), x0=x0)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, kl.mean(1) / math.log(2), rtol=1e-5)
+    # loss: the model returns x_t itself; the squared error is taken in float32
+    sched = jd.Schedule.from_betas(betas)
+    noise = jnp.asarray(np.random.default_rng(17).standard_normal(x0.shape), jnp.bfloat16)
+    t = jnp.array([0, 3, 6, 9])
+    xt = jd.q_sample(sched, x0=x0, t=t, noise=noise)
+    loss, metrics = jd.diffusion_loss(
+        sched, lambda x, t: x, x0, None, prediction="x0", draws=(t, noise)
+    )
+    want = np.mean((np.asarray(xt, np.float64) - x64) ** 2, axis=1)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(metrics["per_example_loss"], want, rtol=1e-5)
+
+
+def test_loss_weight_checks_prediction(linear):
+    with pytest.raises(ValueError, match="prediction must be one of .*got 'score'"):
+        jd.loss_weight(linear, jnp.zeros(2, jnp.int32), prediction="score", weighting="snr")

@@ -164,3 +164,78 @@ def test_respace_of_a_float32_schedule_keeps_float32_precision():
     np.testing.assert_allclose(
         full.posterior_variance[1:], np_schedule(betas)["posterior_variance"][1:], rtol=2e-6
     )
+
+
+@pytest.mark.parametrize("make", [jd.linear_betas, jd.scaled_linear_betas, jd.cosine_betas])
+def test_num_timesteps_edges(make):
+    """T = 1 and NumPy ints are valid step counts; a bool is not an int here (True == 1)."""
+    one = make(1)
+    assert one.shape == (1,) and 0 < one[0] <= 1
+    np.testing.assert_array_equal(make(np.int64(7)), make(7))
+    with pytest.raises(ValueError, match="num_timesteps must be a positive int; got True"):
+        make(True)
+
+
+def test_single_step_schedule_is_finite():
+    """T = 1: beta_tilde_0 = 0 has no t = 1 entry to borrow, so the clipped log is log beta_0."""
+    sched = Schedule.from_betas([0.02])
+    assert sched.num_timesteps == 1
+    np.testing.assert_allclose(sched.posterior_log_variance_clipped, [math.log(0.02)], rtol=1e-6)
+    np.testing.assert_allclose(sched.alphas_cumprod, [0.98], rtol=1e-7)
+
+
+@pytest.mark.parametrize("make", [jd.linear_betas, jd.scaled_linear_betas])
+def test_beta_endpoints_must_lie_strictly_below_one(make):
+    np.testing.assert_allclose(make(3, beta_start=0.5, beta_end=0.999)[-1], 0.999, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"beta_end must lie in \(0, 1\); got 1.0"):
+        make(3, beta_end=1.0)
+
+
+def test_cosine_betas_offset_and_clip_arguments():
+    """Nichol & Dhariwal eq. 17 with s = 0 (allowed) and a user max_beta, including 1."""
+    T = 20
+
+    def want(s, max_beta):
+        f = [math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 for t in range(T + 1)]
+        return [min(1 - f[t + 1] / f[t], max_beta) for t in range(T)]
+
+    for s, max_beta in [(0.0, 0.999), (0.1, 0.3), (0.0, 1.0)]:
+        got = jd.cosine_betas(T, s=s, max_beta=max_beta)
+        np.testing.assert_allclose(got, want(s, max_beta), rtol=1e-12)
+    assert jd.cosine_betas(T, max_beta=0.3)[-1] == 0.3
+    with pytest.raises(ValueError, match="s must be >= 0; got -0.1"):
+        jd.cosine_betas(T, s=-0.1)
+
+
+def test_from_betas_casts_every_table_to_dtype():
+    dtype = jnp.bfloat16
+    betas = jd.linear_betas(100)
+    ref = np_schedule(betas)
+    sched = Schedule.from_betas(betas, dtype=dtype)
+    assert all(leaf.dtype == dtype for leaf in jax.tree_util.tree_leaves(sched))
+    rtol = float(jnp.finfo(dtype).eps)  # one rounding of the float64 value
+    for name, want in ref.items():
+        np.testing.assert_allclose(
+            np.asarray(getattr(sched, name), np.float64), want, rtol=rtol, err_msg=name
+        )
+    assert sched.respace([0, 50, 99]).betas.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: Schedule.from_betas([]), r"non-empty 1-D array; got shape \(0,\)"),
+        (lambda: Schedule.from_betas([0.1], dtype=jnp.complex64), "floating dtype"),
+        (
+            lambda: Schedule.from_betas(jd.linear_betas(10)).respace([-1, 3]),
+            r"distinct ints in \[0, 9\]; got \[-1  3\]",
+        ),
+        (
+            lambda: Schedule.from_betas(jd.linear_betas(10)).respace([0.0, 3.0]),
+            "non-empty 1-D int array",
+        ),
+    ],
+)
+def test_bad_schedule_edges_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
