@@ -434,7 +434,7 @@ def _finite(obj) -> bool:
         return all(_finite(v) for v in obj.values())
     if isinstance(obj, list | tuple):
         return all(_finite(v) for v in obj)
-    if isinstance(obj, float):
+    if isinstance(obj, float | np.floating):  # numpy scalars too (json.dump's default=float)
         return math.isfinite(obj)
     return True
 
