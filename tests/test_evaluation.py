@@ -703,6 +703,13 @@ def test_evaluate_workdir_rejects_bad_arguments(smoke_workdir, kwargs, match):
         evaluate_workdir(smoke_workdir, num_samples=8, progress=False, **kwargs)
 
 
+def digits_by_class():
+    """[10, n, 8, 8, 1]: the first n test digits of each class, n the smallest class size."""
+    images, labels = load_digits(8, "test")
+    per_class = min(np.bincount(labels))
+    return np.stack([images[labels == c][:per_class] for c in range(10)]), per_class
+
+
 def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, monkeypatch):
     # A class-conditional run whose "sampler" returns real test digits of the requested labels:
     # the accuracy must be the classifier's, which only holds if the labels it is scored
@@ -723,9 +730,8 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
     ckpt.save(state, {}, force=True)
     ckpt.close()
 
-    images, labels = load_digits(8, "test")
-    per_class = min(np.bincount(labels))
-    table = jnp.asarray(np.stack([images[labels == c][:per_class] for c in range(10)]))
+    table, per_class = digits_by_class()
+    table = jnp.asarray(table)
 
     def fake_sample(config, model, params, schedule, rng, *, shape, num, labels=None, **kwargs):
         labels = jnp.arange(num) % 10 if labels is None else labels  # train.sample's default
@@ -802,9 +808,7 @@ def fake_run(monkeypatch):
     monkeypatch.setattr(
         evaluation, "_restore_ema_params", lambda workdir: (config, (8, 8, 1), model, params, 7)
     )
-    images, labels = load_digits(8, "test")
-    per_class = min(np.bincount(labels))
-    table = np.stack([images[labels == c][:per_class] for c in range(10)])
+    table, per_class = digits_by_class()
     rec = types.SimpleNamespace(
         config=config, model=model, table=table, per_class=per_class, nan_first=False
     )
