@@ -448,6 +448,7 @@ class _Writer:
         """start: the step training resumes from; what a killed run logged after it is dropped
         (metrics.jsonl rewritten, TensorBoard's events purged), so no step appears twice."""
         self.enabled = jax.process_index() == 0
+        self.last: dict | None = None  # the last line kept, if any
         if not self.enabled:
             return
         path = workdir / "metrics.jsonl"
@@ -456,6 +457,8 @@ class _Writer:
             kept = [ln.rstrip("\n") + "\n" for ln in lines if 0 <= _logged_step(ln) <= start]
             if kept != lines:  # rewritten only where a killed run left lines behind
                 path.write_text("".join(kept))
+            if kept:
+                self.last = json.loads(kept[-1])
         self._jsonl = path.open("a")
         from tensorboardX import SummaryWriter
 
@@ -464,7 +467,9 @@ class _Writer:
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        # strict JSON: a non-finite mean (a window of skipped steps) is written as null
+        finite = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         self._jsonl.flush()
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, step)
@@ -623,6 +628,14 @@ def check_num_classes(config: ml_collections.ConfigDict, data_num_classes: int) 
     )
 
 
+def _last_good(ckpt: CheckpointManager) -> str:
+    """The TrainingDiverged message's last sentence: where the last good checkpoint is."""
+    step = ckpt.latest_step()
+    if step is None:
+        return f"No checkpoint had been written to {ckpt.directory} yet."
+    return f"The last good checkpoint in {ckpt.directory} is intact (step {step})."
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike
 ) -> dict[str, Any]:
@@ -639,6 +652,10 @@ def train_and_evaluate(
     by process 0, only once the state is known to match them (after a resume's restore), so
     resuming with more steps records the new config, while a resume with an incompatible model
     fails in the restore and leaves them as they were.
+
+    metrics.jsonl holds one strict-JSON line per log interval (window means; a mean made
+    non-finite by skipped steps is null). Rerunning a finished run writes its final sample grid
+    again (the same images), so a run killed after its last checkpoint still gets one.
 
     Args:
       config: the full config (sections data, model, diffusion, train, sample).
@@ -733,8 +750,8 @@ def train_and_evaluate(
             if prev_bad is not None and int(prev_bad) >= tc.max_bad_steps:
                 raise TrainingDiverged(
                     f"{int(prev_bad)} consecutive steps had a non-finite loss or gradient "
-                    f"(train.max_bad_steps={tc.max_bad_steps}) at step {step}; stopping. The last "
-                    f"good checkpoint in {ckpt.directory} is intact (step {ckpt.latest_step()})."
+                    f"(train.max_bad_steps={tc.max_bad_steps}) at step {step}; stopping. "
+                    + _last_good(ckpt)
                 )
             prev_bad = metrics.pop("bad_steps")  # not donated, unlike the state's own counter
             window.append(metrics)
@@ -770,10 +787,17 @@ def train_and_evaluate(
                 last_sample = write_samples(done)
             if stop_now:
                 break
+        if start >= tc.num_steps:
+            # a rerun of a finished run: the final grid is written again (the same images: the
+            # same EMA params and key), as a run killed between its last checkpoint and its
+            # grid would otherwise never have one
+            last_sample = write_samples(start)
+            if writer.last is not None and writer.last["step"] == start:
+                summary["final_loss"] = writer.last["loss"]
         if prev_bad is not None and int(prev_bad) >= tc.max_bad_steps:
             raise TrainingDiverged(
-                f"{int(prev_bad)} consecutive non-finite steps at the end of training; the last "
-                f"good checkpoint in {ckpt.directory} is intact (step {ckpt.latest_step()})."
+                f"{int(prev_bad)} consecutive non-finite steps at the end of training. "
+                + _last_good(ckpt)
             )
     finally:
         bar.close()

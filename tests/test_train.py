@@ -908,7 +908,7 @@ def _scripted_loop(monkeypatch, bad_steps=()):
                 skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1),
             )
             metrics = {
-                "loss": (state.step + 1).astype(jnp.float32),
+                "loss": jnp.where(finite, state.step + 1.0, jnp.nan),  # as a real bad step
                 "mse": jnp.mean(batch["image"]),
                 "grad_norm": jnp.float32(1.0),
                 "skipped": 1 - finite.astype(jnp.int32),
@@ -937,7 +937,11 @@ def _scripted_loop(monkeypatch, bad_steps=()):
 
 
 def _logged(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    def reject(constant):  # strict JSON, as jq or a browser read it: no NaN or Infinity
+        raise ValueError(f"metrics.jsonl holds {constant}")
+
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=reject) for line in lines]
 
 
 def test_loop_logs_window_means_checkpoints_and_samples_at_their_intervals(tmp_path, monkeypatch):
@@ -953,9 +957,9 @@ def test_loop_logs_window_means_checkpoints_and_samples_at_their_intervals(tmp_p
     summary = train.train_and_evaluate(config, str(tmp_path))
     logged = _logged(tmp_path)
     # every log_every steps and at the last: the mean over the steps since the last line
-    # (losses 1..5), skipped steps summed
+    # (losses 1, 2, 3, NaN, 5), skipped steps summed; a NaN mean is written as null
     assert [m["step"] for m in logged] == [2, 4, 5]
-    assert [m["loss"] for m in logged] == [1.5, 3.5, 5.0]
+    assert [m["loss"] for m in logged] == [1.5, None, 5.0]
     assert [m["skipped"] for m in logged] == [0.0, 1.0, 0.0]
     assert summary["final_loss"] == 5.0 and summary["final_step"] == 5
     assert summary["skipped_steps"] == 1 and summary["start_step"] == 0
@@ -986,6 +990,31 @@ def test_loop_stops_after_max_bad_steps_without_checkpointing_the_streak(tmp_pat
     with pytest.raises(train.TrainingDiverged, match="2 consecutive non-finite steps at the end"):
         train.train_and_evaluate(config, str(tmp_path / "end"))
     assert [s for s, _, _ in runs[str(tmp_path / "end")]] == [1, 2]
+
+
+def test_a_divergence_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    runs, _ = _scripted_loop(monkeypatch, bad_steps={1, 2, 3})
+    config = smoke("toy_2d.py", train__num_steps=3, train__checkpoint_every=100)
+    config.train.max_bad_steps = 2
+    with pytest.raises(train.TrainingDiverged, match="No checkpoint had been written to .* yet"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert runs[str(tmp_path)] == []
+
+
+def test_rerunning_a_finished_run_writes_its_final_grid_again(tmp_path, monkeypatch):
+    # a run killed after its last checkpoint, before its last grid, gets the grid on a rerun
+    _, samples = _scripted_loop(monkeypatch)
+    config = smoke("toy_2d.py", train__num_steps=3, train__log_every=2)
+    first = train.train_and_evaluate(config, str(tmp_path))
+    grid, ema, key = samples[-1]
+    num_grids = len(samples)
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert len(samples) == num_grids + 1 and samples[-1][0] == grid == again["samples"]
+    assert samples[-1][1] == ema  # the same EMA params and key: the same images
+    np.testing.assert_array_equal(samples[-1][2], key)
+    assert again["start_step"] == again["final_step"] == 3
+    assert again["final_loss"] == first["final_loss"] == 3.0  # the last logged line, step 3
+    assert [m["step"] for m in _logged(tmp_path)] == [2, 3]  # nothing logged twice
 
 
 def test_a_resumed_loop_logs_and_samples_what_an_uninterrupted_one_does(tmp_path, monkeypatch):
