@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_diffusion.diffusion import (
+    _is_concrete,
     check_prediction,
     check_variance,
     p_mean_variance,
@@ -251,6 +252,23 @@ def nll_bpd(
     return NLLBpd(prior + kl + decoder, prior, kl, decoder, terms)
 
 
+def _check_nonnegative(name: str, value, *, zero_ok: bool) -> None:
+    """`value` must be a real scalar (Python, NumPy or JAX; traced allowed), finite and > 0
+    (>= 0 where `zero_ok`) where it is concrete; else ValueError naming `name` and the value."""
+    allowed = f"a finite real scalar {'>= 0' if zero_ok else '> 0'}"
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+        ok = real and jnp.ndim(value) == 0
+    if ok and _is_concrete(value):
+        x = float(value)
+        ok = math.isfinite(x) and (x >= 0 if zero_ok else x > 0)
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
 def loss_weight(
     schedule: Schedule, t, *, prediction: str, weighting: str, min_snr_gamma: float = 5.0
 ) -> jax.Array:
@@ -273,8 +291,7 @@ def loss_weight(
         raise ValueError(
             f"weighting must be one of 'none', 'snr', 'min_snr', 'truncated_snr'; got {weighting!r}"
         )
-    if not min_snr_gamma > 0:
-        raise ValueError(f"min_snr_gamma must be > 0; got {min_snr_gamma!r}")
+    _check_nonnegative("min_snr_gamma", min_snr_gamma, zero_ok=False)
     snr = schedule.snr(t)
     if weighting == "none":
         return jnp.ones_like(snr)
@@ -367,10 +384,7 @@ def diffusion_loss(
         weighting=weighting,
         min_snr_gamma=min_snr_gamma,
     )  # validates weighting and gamma before any work
-    if isinstance(vlb_weight, bool) or (
-        isinstance(vlb_weight, int | float) and not vlb_weight >= 0
-    ):
-        raise ValueError(f"vlb_weight must be a number >= 0; got {vlb_weight!r}")
+    _check_nonnegative("vlb_weight", vlb_weight, zero_ok=True)
     if draws is None:
         t, noise = training_draws(schedule, x0, rng)
     else:

@@ -348,10 +348,16 @@ def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
         (dict(weighting="p2"), "weighting must be one of .*got 'p2'"),
         (dict(prediction="score"), "prediction must be one of 'eps', 'x0', 'v'; got 'score'"),
         (dict(variance="learned"), "variance must be one of .*got 'learned'"),
-        (dict(weighting="min_snr", min_snr_gamma=0.0), "min_snr_gamma must be > 0; got 0.0"),
+        (dict(min_snr_gamma=0.0), "min_snr_gamma must be a finite real scalar > 0; got 0.0"),
+        (dict(min_snr_gamma=math.inf), "min_snr_gamma must be .*; got inf"),
+        (dict(min_snr_gamma="5"), "min_snr_gamma must be .*; got '5'"),
+        (dict(min_snr_gamma=jnp.ones(2)), "min_snr_gamma must be a finite real scalar"),
         # a negative hybrid weight rewards a worse variational bound
-        (dict(variance="learned_range", vlb_weight=-1.0), "vlb_weight must be a number >= 0"),
+        (dict(variance="learned_range", vlb_weight=-1.0), "vlb_weight must be .* >= 0; got -1.0"),
+        (dict(variance="learned_range", vlb_weight=np.float32(-1)), "vlb_weight must be .*-1"),
+        (dict(variance="learned_range", vlb_weight=jnp.float32(-1)), "vlb_weight must be .*-1"),
         (dict(variance="learned_range", vlb_weight=True), "vlb_weight must be .*got True"),
+        (dict(variance="learned_range", vlb_weight="0.1"), "vlb_weight must be .*got '0.1'"),
         (
             dict(draws=(jnp.zeros((2,), jnp.int32), jnp.zeros((2, 2)))),
             r"with x0's shape \(2, 3\); got t \(2,\) and noise \(2, 2\)",
@@ -436,6 +442,32 @@ def test_min_snr_loss_matches_float64_reference(linear, prediction, loss_type):
     np.testing.assert_allclose(metrics["per_example_loss"], want, rtol=1e-4)
     np.testing.assert_allclose(loss, want.mean(), rtol=1e-4)
     np.testing.assert_allclose(metrics["mse"], np.mean(err**2), rtol=1e-4)
+
+
+def test_min_snr_gamma_and_vlb_weight_may_be_traced(linear):
+    """Under jit and vmap (a sweep over gamma and the hybrid weight in one program) the loss
+    equals the one computed with each pair as Python floats."""
+    x0 = jax.random.normal(jax.random.key(3), (4, 6))
+    draws = (jnp.array([0, 10, 500, 999]), jax.random.normal(jax.random.key(4), (4, 6)))
+
+    def loss(gamma, vlb_weight):
+        return jd.diffusion_loss(
+            linear,
+            lambda x, t: jnp.concatenate([0.9 * x, jnp.zeros_like(x)], -1),
+            x0,
+            None,
+            weighting="min_snr",
+            min_snr_gamma=gamma,
+            variance="learned_range",
+            vlb_weight=vlb_weight,
+            draws=draws,
+        )[0]
+
+    gammas, weights = [0.5, 5.0], [0.0, 0.1]
+    swept = jax.jit(jax.vmap(loss))(jnp.array(gammas), jnp.array(weights))
+    eager = [loss(g, w) for g, w in zip(gammas, weights, strict=True)]
+    np.testing.assert_allclose(swept, eager, rtol=1e-6)
+    assert eager[0] != eager[1]
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v"])
