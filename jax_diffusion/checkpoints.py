@@ -91,7 +91,12 @@ class CheckpointManager:
             enable_async_checkpointing=False,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory,
+            options=options,
+            item_handlers={  # the handlers also read a step's metadata (`_check_shapes`)
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -125,9 +130,12 @@ class CheckpointManager:
 
         Raises:
           FileNotFoundError: no checkpoint at all.
-          ValueError: no checkpoint restores (each step's error is in the message).
+          ValueError: the newest checkpoint holds other arrays or shapes than `state` (another
+            model or optimizer config), or no checkpoint restores (each step's error is in the
+            message).
         """
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.checkpoint_items())
+        self._check_shapes(target, step)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
         )
@@ -153,17 +161,49 @@ class CheckpointManager:
             without it the arrays are restored as saved.
           ema: the EMA params (for sampling) or the raw params.
         """
-        args = (
-            ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like))
-            if state_like is not None
-            else ocp.args.StandardRestore()
-        )
+        if state_like is not None:
+            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+            self._check_shapes(target)
+            args = ocp.args.StandardRestore(target)
+        else:
+            args = ocp.args.StandardRestore()
 
         def restore_step(s: int):
             restored = self._manager.restore(s, args=ocp.args.Composite(state=args))
             return restored["state"]["ema_params" if ema else "params"]
 
         return self._restore_newest(restore_step, set_aside=False)
+
+    def _check_shapes(self, target: Any, step: int | None = None) -> None:
+        """ValueError when checkpoint `step` (None: the newest) holds other arrays or shapes
+        than `target`: a resume with another model config would otherwise fail in orbax for
+        every step, with a long error per array. A step whose metadata cannot be read is left
+        to the restore (and its fallback to older steps)."""
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            return
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+            saved = {_path_name(p): tuple(m.shape) for p, m in _with_paths(saved)}
+        except Exception:  # noqa: BLE001 - unreadable: the restore reports or skips it
+            return
+        wanted = {_path_name(p): tuple(a.shape) for p, a in _with_paths(target)}
+
+        def describe(k: str) -> str:
+            if k not in saved:
+                return f"{k} {wanted[k]} is not in the checkpoint"
+            if k not in wanted:
+                return f"{k} {saved[k]} is only in the checkpoint"
+            return f"{k} has shape {saved[k]} there, {wanted[k]} here"
+
+        keys = sorted(saved.keys() | wanted.keys())
+        diffs = [describe(k) for k in keys if saved.get(k) != wanted.get(k)]
+        if diffs:
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} holds another model or optimizer "
+                f"than this config builds: {diffs[0]} ({len(diffs)} arrays differ). Resume with "
+                "the config the run was trained with (its config.json), or use a new workdir."
+            )
 
     def _restore_newest(self, restore_step: Callable[[int], Any], *, set_aside: bool) -> Any:
         """restore_step(s) for the newest step s that restores; see the module docstring.
@@ -271,6 +311,17 @@ def _quiet_closed_loop_callbacks(grace_seconds: float = 0.5):
             raise
         finally:
             sys.unraisablehook = previous
+
+
+def _with_paths(tree: Any) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _path_name(path: tuple) -> str:
+    """'opt_state/1/count' for a key path: the checkpoint's metadata holds the optimizer's
+    named tuples as dicts, so attribute and dict keys must read the same."""
+    names = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    return "/".join(str(n) for n in names)
 
 
 def _reasons(failed: list[tuple[int, Exception]]) -> str:

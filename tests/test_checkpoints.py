@@ -19,9 +19,11 @@ from jax_diffusion.checkpoints import (
 )
 
 
-def _random_state():
-    """A toy_2d smoke TrainState with random values in every array (no init compile)."""
+def _random_state(**model_fields):
+    """A toy_2d smoke TrainState with random values in every array (no init compile);
+    model_fields override the config's model section."""
     config = cli.load_config(f"{CONFIGS / 'toy_2d.py'}:smoke")
+    config.model.update(model_fields)
     model = train.create_model(config, channels=2)
     abstract = jax.eval_shape(
         lambda: train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
@@ -273,6 +275,25 @@ def test_an_explicit_step_restores_that_step_or_raises_without_falling_back(tmp_
         ckpt.restore(target, step=2)
     assert ckpt.restored_step == 0  # still the last step read
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0", "1", "2"]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+    ckpt.close()
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_error_and_moves_nothing(tmp_path):
+    _run_with_steps(tmp_path, [1, 2])
+    hidden = _random_state().params["dense_in"]["kernel"].shape[1]
+    ckpt = CheckpointManager(str(tmp_path))
+    wider = _random_state(hidden_dim=2 * hidden)
+    # the first differing array in sorted order, a bias of the first block
+    shape = rf"ema_params/block_0_dense0/bias has shape \({hidden},\) there, \({2 * hidden},\) here"
+    with pytest.raises(ValueError, match=r"^checkpoint step 2 in .* another model .*" + shape):
+        ckpt.restore(wider)
+    with pytest.raises(ValueError, match=shape):
+        ckpt.restore_params(wider.checkpoint_items())
+    deeper = _random_state(num_layers=4)  # the smoke config has 3
+    with pytest.raises(ValueError, match=r"is not in the checkpoint \(\d+ arrays differ\)"):
+        ckpt.restore(deeper, step=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
     assert not (tmp_path / "checkpoints_unreadable").exists()
     ckpt.close()
 
