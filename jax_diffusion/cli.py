@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status.
 
-    A bad argument or config value (the library's ValueError, raised before any work) and a
-    missing file end the program as argparse's own errors do: `jax-diffusion <command>:
+    A bad argument or config value (the library's ValueError, raised before any work), a
+    missing file and a missing optional dependency (e.g. the data extra for a tfds dataset)
+    end the program as argparse's own errors do: `jax-diffusion <command>:
     error: <message>` on stderr and exit status 2, without a traceback unless the environment
     sets JAX_DIFFUSION_TRACEBACK=1. A diverged training run, and samples that are not finite
     (`sample`, `evaluate`: a diverged model; nothing is written), exit with status 1 and a
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     traceback = os.environ.get("JAX_DIFFUSION_TRACEBACK", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         if traceback:
             raise
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")

@@ -575,6 +575,7 @@ def tfds_iterator(
     """
     try:
         import grain
+        import tensorflow_datasets  # noqa: F401 - imported by _tfds_builder
     except ImportError as e:
         raise ImportError(
             f"tfds_iterator needs the data extra: pip install 'jax_diffusion[data]' ({e})"

@@ -522,6 +522,8 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Validates the choices of a config before any data is read or any model is built."""
     _check_numbers(config)
+    # PRNGKey keeps the low 32 bits (2**32 would be seed 0 again); the data order takes >= 0
+    check_int("seed", config.seed, 0, 2**32 - 1)
     d = config.diffusion
     jd.diffusion.check_prediction(d.prediction)
     jd.diffusion.check_variance(d.variance)
@@ -685,14 +687,14 @@ def train_and_evaluate(
     )
     check_num_classes(config, info.num_classes)
     schedule = get_schedule(config.diffusion)  # validates the diffusion section
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     example_shape = tuple(info.shape)
     model = create_model(config, channels=example_shape[-1])
     rng = jax.random.PRNGKey(config.seed)
-    state = create_train_state(config, model, rng, example_shape)
+    state = create_train_state(config, model, rng, example_shape)  # the model's own checks
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = CheckpointManager(os.fspath(workdir), max_to_keep=tc.keep_checkpoints)
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(state)

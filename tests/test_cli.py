@@ -44,12 +44,19 @@ def test_readme_example_runs():
 
 
 def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, monkeypatch):
-    """A library ValueError / FileNotFoundError: a one-line message and status 2, before work."""
+    """A library ValueError / FileNotFoundError / missing extra: a one-line message and status
+    2, before work."""
     workdir = tmp_path / "run"
     train = ["train", "--config", f"{CONFIGS / 'default.py'}:smoke", "--workdir", str(workdir)]
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # the data extra missing
     cases = [
         ([*train, "--set", "train.grad_clip=-1"], "train.grad_clip"),
         ([*train, "--set", "model.nope=1"], "unknown config key 'model.nope'"),
+        # 2**32 was PRNGKey(0) again; 2**64 an OverflowError
+        ([*train, "--set", "seed=4294967296"], r"seed must be an int in [0, 4294967295]"),
+        ([*train, "--set", "seed=18446744073709551616"], "seed must be an int in"),
+        ([*train, "--set", "model.attention_resolutions=(3,)"], "got (3,), with [3] never"),
+        ([*train, "--set", "data.name='tfds:mnist'"], "pip install 'jax_diffusion[data]'"),
         (["sample", "--workdir", str(workdir), "--out", "g.png"], "no training run"),
         (["evaluate", "--workdir", str(workdir)], "no training run"),
     ]
