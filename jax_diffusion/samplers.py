@@ -169,8 +169,9 @@ def _check_t_order(schedule, t, t_prev, t_last=None) -> None:
 
 def _check_zero_snr(schedule, prediction: str, t_first: int) -> None:
     """eps prediction cannot give x0 where alphas_cumprod is 0 (a zero-terminal-SNR schedule's
-    last step): x0 = (x_t - sigma eps) / alpha divides by 0, and every sample would be NaN."""
-    table = schedule.alphas_cumprod
+    last step): x0 = (x_t - sigma eps) / alpha divides by 0, and every sample would be NaN.
+    Read from alpha itself: a float16 alphas_cumprod underflows to 0 long before its sqrt."""
+    table = schedule.sqrt_alphas_cumprod
     if prediction == "eps" and _is_concrete(table) and np.asarray(table)[t_first] == 0.0:
         raise ValueError(
             f"prediction='eps' cannot sample from step {t_first}, where alphas_cumprod is 0 "

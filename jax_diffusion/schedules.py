@@ -245,12 +245,30 @@ class Schedule:
             raise ValueError(
                 f"timesteps must be distinct ints in [0, {self.num_timesteps - 1}]; got {ts}"
             )
-        # alphas_cumprod is rebuilt in float64 from the betas: re-deriving betas from the
-        # float32-cast alphas_cumprod would lose ~1e-4 relative precision near t = 0.
-        abar = np.cumprod(1.0 - np.asarray(self.betas, dtype=np.float64))[ts]
+        abar = np.exp(self._log_alphas_cumprod())[ts]
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         betas = np.minimum(1.0 - abar / abar_prev, 1.0)
         return Schedule.from_betas(betas, dtype=self.betas.dtype)
+
+    def _log_alphas_cumprod(self) -> np.ndarray:
+        """log alpha_bar_t in float64, from whichever of this schedule's tables holds it best.
+
+        The cast alphas_cumprod table loses the precision of 1 - alpha_bar near t = 0 (~1e-4
+        relative in float32); the betas lose that of 1 - beta_t where beta_t nears 1 (a cosine
+        schedule's 0.999, a respaced schedule's last steps: a respace of a respace read
+        alpha_bar 100% off); the log-SNR table holds log alpha_bar = -log(1 + exp(-logsnr)) to
+        (1 - alpha_bar) |logsnr| rounding units. The cumulative sum of log(1 - beta_s) holds it
+        to the root sum of squares of beta_s / (1 - beta_s) units (independent roundings). Each
+        step takes the table of the smaller bound.
+        """
+        betas = np.asarray(self.betas, dtype=np.float64)
+        logsnr = np.asarray(self.logsnr_table, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            from_betas = np.cumsum(np.log1p(-betas))  # -inf from a beta of exactly 1
+            err_betas = np.sqrt(np.cumsum((betas / (1.0 - betas)) ** 2))
+            from_logsnr = -np.logaddexp(0.0, -logsnr)  # -inf where logsnr is -inf (SNR 0)
+            err_logsnr = np.where(np.isneginf(logsnr), 0.0, np.abs(logsnr) / (1 + np.exp(logsnr)))
+        return np.where(err_logsnr < err_betas, from_logsnr, from_betas)
 
 
 jax.tree_util.register_dataclass(

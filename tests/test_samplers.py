@@ -27,7 +27,7 @@ from jax_diffusion.samplers import (
     dpm_solver_pp_timesteps,
     sampling_timesteps,
 )
-from jax_diffusion.schedules import Schedule, linear_betas, rescale_zero_terminal_snr
+from jax_diffusion.schedules import Schedule, cosine_betas, linear_betas, rescale_zero_terminal_snr
 from jax_diffusion.testing import gaussian_denoiser
 
 T = 1000
@@ -890,6 +890,19 @@ def test_zero_terminal_snr_samples_with_v_and_from_below_the_last_step_with_eps(
         lambda: ddim_sample(_gauss(), ZERO_SNR, X, num_steps=10),
     ):
         assert np.isfinite(np.asarray(sample())).all()
+
+
+def test_eps_samples_from_the_last_step_of_a_float16_schedule_whose_alphas_cumprod_underflows():
+    # the cosine schedule's last alpha_bar, 2.4e-9, is 0 in float16, its sqrt 4.9e-5 is not:
+    # x0 = (x_t - sigma eps) / alpha is defined, and this is no zero-terminal-SNR schedule
+    cosine16 = Schedule.from_betas(cosine_betas(T), jnp.float16)
+    assert float(cosine16.alphas_cumprod[-1]) == 0.0 < float(cosine16.sqrt_alphas_cumprod[-1])
+
+    def model(x, t):
+        return jnp.zeros_like(x)
+
+    out = ddim_sample(model, cosine16, X.astype(jnp.float16), spacing="trailing", num_steps=5)
+    assert np.isfinite(np.asarray(out)).all()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -166,6 +166,30 @@ def test_respace_of_a_float32_schedule_keeps_float32_precision():
     )
 
 
+@pytest.mark.parametrize(
+    "betas",
+    [
+        jd.cosine_betas(1000),  # beta 0.999 at the end: 1 - beta has 4 digits in float32
+        jd.rescale_zero_terminal_snr(jd.linear_betas(1000)),  # alpha_bar 0 at the end
+        jd.linear_betas(1000),
+    ],
+)
+def test_respacing_a_float32_schedule_twice_keeps_alphas_cumprod_at_the_kept_steps(betas):
+    # a respaced schedule's last betas near 1 (0.99999 and more): read back as 1 - beta in
+    # float32, its alphas_cumprod came out up to 100% off
+    abar = np.cumprod(1.0 - betas)
+    once = np.array([0, 1, 2, 100, 250, 500, 998, 999])
+    twice = np.array([0, 2, 5, 6, 7])
+    for keep, sched in [
+        (once, Schedule.from_betas(betas).respace(once)),
+        (once[twice], Schedule.from_betas(betas).respace(once).respace(twice)),
+        (np.array([0, 500, 999]), Schedule.from_betas(betas).respace([0, 500, 999])),
+    ]:
+        got = np.asarray(sched.alphas_cumprod, np.float64)
+        np.testing.assert_allclose(got, abar[keep], rtol=5e-7, atol=0, err_msg=str(keep))
+        assert (got[-1] == 0.0) == (abar[-1] == 0.0)
+
+
 @pytest.mark.parametrize("make", [jd.linear_betas, jd.scaled_linear_betas, jd.cosine_betas])
 def test_num_timesteps_edges(make):
     """T = 1 and NumPy ints are valid step counts; a bool is not an int here (True == 1)."""
