@@ -84,6 +84,15 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _is_real(x) -> bool:
+    """A real number: a Python int or float (not a bool), or a NumPy / JAX array or tracer of
+    an integer or floating dtype (any shape). Not None, a string or a list."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+
+
 def check_t(schedule: Schedule, t, x=None, *, name: str = "x") -> jax.Array:
     """Validates timesteps: integer dtype, shape [] or [B] matching `x`, in range when concrete.
 

@@ -8,13 +8,15 @@ sampler's `denoised_fn`. Like the samplers they import only jax and numpy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jax_diffusion.diffusion import _is_concrete, check_variance
+from jax_diffusion.diffusion import _is_concrete, _is_real, check_variance
 
 __all__ = ["classifier_free_guidance", "dynamic_threshold"]
 
@@ -50,7 +52,8 @@ def classifier_free_guidance(
 
     Args:
       model_fn: conditional denoiser `model_fn(x [N, ...], t int32 [N], y) -> [N, ...]`.
-      guidance_scale: w, a scalar or [B] (may be traced). 0 gives the unconditional model,
+      guidance_scale: w, a real scalar or [B] (a list, a NumPy or JAX array; may be traced),
+        finite where concrete. 0 gives the unconditional model,
         1 the conditional one, > 1 amplifies guidance.
       null_label: the "no condition" label, broadcast to each leaf of y (e.g. num_classes
         for integer labels, or a null embedding [..] for embeddings), or a pytree with y's
@@ -65,10 +68,15 @@ def classifier_free_guidance(
     check_variance(variance)
     if not callable(model_fn):
         raise ValueError(f"model_fn must be a callable model_fn(x, t, y); got {model_fn!r}")
-    if jnp.ndim(guidance_scale) > 1:
+    if isinstance(guidance_scale, list | tuple):
+        guidance_scale = jnp.asarray(guidance_scale)
+    if not _is_real(guidance_scale) or jnp.ndim(guidance_scale) > 1:
+        shape = f"shape {jnp.shape(guidance_scale)}" if _is_real(guidance_scale) else ""
         raise ValueError(
-            f"guidance_scale must be a scalar or [B]; got shape {jnp.shape(guidance_scale)}"
+            f"guidance_scale must be a scalar or [B]; got {shape or repr(guidance_scale)}"
         )
+    if _is_concrete(guidance_scale) and not np.isfinite(np.asarray(guidance_scale)).all():
+        raise ValueError(f"guidance_scale must be finite; got {guidance_scale!r}")
     leaves = jax.tree.leaves(y)
     if not leaves:
         raise ValueError(f"y must be an array [B, ...] or a pytree of them; got {y!r}")
@@ -160,15 +168,16 @@ def dynamic_threshold(x0: jax.Array, quantile=0.995) -> jax.Array:
             "x0 must be a floating array [B, ...] with a leading batch axis; "
             f"got shape {x0.shape} and dtype {x0.dtype}"
         )
-    if jnp.ndim(quantile) != 0:
-        raise ValueError(f"quantile must be a scalar in (0, 1]; got shape {jnp.shape(quantile)}")
+    if not _is_real(quantile) or jnp.ndim(quantile) != 0:
+        got = f"shape {jnp.shape(quantile)}" if _is_real(quantile) else repr(quantile)
+        raise ValueError(f"quantile must be a scalar in (0, 1]; got {got}")
     if _is_concrete(quantile) and not 0.0 < float(quantile) <= 1.0:
         raise ValueError(
             "quantile must lie in (0, 1] (a quantile such as 0.995, not a percent); "
             f"got {quantile!r}"
         )
     dtype = jnp.promote_types(x0.dtype, jnp.float32)
-    flat = jnp.abs(x0.astype(dtype)).reshape(x0.shape[0], -1)
+    flat = jnp.abs(x0.astype(dtype)).reshape(x0.shape[0], math.prod(x0.shape[1:]))
     s = jnp.maximum(jnp.quantile(flat, jnp.asarray(quantile, dtype), axis=1), 1.0)
     s = _per_example(s, x0)
     return (jnp.clip(x0.astype(dtype), -s, s) / s).astype(x0.dtype)

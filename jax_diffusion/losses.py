@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jax_diffusion.diffusion import (
     _is_concrete,
+    _is_real,
     check_prediction,
     check_variance,
     p_mean_variance,
@@ -256,12 +257,7 @@ def _check_nonnegative(name: str, value, *, zero_ok: bool) -> None:
     """`value` must be a real scalar (Python, NumPy or JAX; traced allowed), finite and > 0
     (>= 0 where `zero_ok`) where it is concrete; else ValueError naming `name` and the value."""
     allowed = f"a finite real scalar {'>= 0' if zero_ok else '> 0'}"
-    dtype = getattr(value, "dtype", None)
-    if dtype is None:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-        ok = real and jnp.ndim(value) == 0
+    ok = _is_real(value) and jnp.ndim(value) == 0
     if ok and _is_concrete(value):
         x = float(value)
         ok = math.isfinite(x) and (x >= 0 if zero_ok else x > 0)

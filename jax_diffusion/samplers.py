@@ -241,7 +241,7 @@ def dpm_solver_pp_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     Returns:
       [num_steps] int32 NumPy array, strictly descending, in [1, T - 1].
     """
-    num_timesteps = _check_int("num_timesteps", num_timesteps, 1)
+    num_timesteps = _check_int("num_timesteps", num_timesteps, 2)  # n + 1 distinct points
     num_steps = _check_int("num_steps", num_steps, 1, num_timesteps - 1)
     ts = np.round(np.linspace(0, num_timesteps - 1, num_steps + 1)).astype(np.int64)[::-1]
     return ts[:-1].astype(np.int32)

@@ -241,7 +241,36 @@ BAD_INPUTS = {
         lambda: dynamic_threshold(X, jnp.array([0.9, 0.99])),
         r"quantile must be a scalar",
     ),
+    "threshold_quantile_str": (
+        lambda: dynamic_threshold(X, "0.99"),
+        r"quantile must be a scalar in \(0, 1\]; got '0.99'",
+    ),
+    # these failed only when the guided model was called, with errors not naming the scale
+    "cfg_scale_none": (
+        lambda: classifier_free_guidance(lambda x, t, y: x, None, 9, y=jnp.zeros(2)),
+        r"guidance_scale must be a scalar or \[B\]; got None",
+    ),
+    "cfg_scale_str": (
+        lambda: classifier_free_guidance(lambda x, t, y: x, "3", 9, y=jnp.zeros(2)),
+        r"guidance_scale must be a scalar or \[B\]; got '3'",
+    ),
+    "cfg_scale_nan": (  # a grid of NaN samples
+        lambda: classifier_free_guidance(lambda x, t, y: x, [1.0, np.nan], 9, y=jnp.zeros(2)),
+        r"guidance_scale must be finite",
+    ),
 }
+
+
+def test_guidance_scale_as_a_list_and_thresholding_an_empty_batch():
+    def model(x, t, y):
+        return x * (1.0 + y[:, None])
+
+    x = jnp.arange(1.0, 7.0).reshape(2, 3)
+    per_example = classifier_free_guidance(model, [0.5, 2.0], 0, y=jnp.array([1.0, 3.0]))(x, 0)
+    # uncond + w (cond - uncond) with uncond = x, cond = x (1 + y): x (1 + w y)
+    np.testing.assert_allclose(per_example, x * np.array([[1.5], [7.0]]), rtol=1e-6)
+    empty = jnp.zeros((0, 4, 4, 1))
+    assert dynamic_threshold(empty).shape == (0, 4, 4, 1)  # was a ZeroDivisionError
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -740,6 +740,10 @@ BAD_INPUTS = {
     ),
     "timesteps_spacing": (lambda: sampling_timesteps(T, 10, "log"), r"spacing.*'log'"),
     "dpm_order": (lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=3), r"order.*3"),
+    "dpm_one_step_schedule": (  # said "num_steps must be an int in [1, 0]"
+        lambda: dpm_solver_pp_timesteps(1, 1),
+        r"num_timesteps must be an int >= 2; got 1",
+    ),
     "model_rank": (
         lambda: ddim_sample(lambda x, t: _gauss()(x, t)[..., 0], SCHEDULE, X),
         r"model_fn\(x, t\) must return shape \(2, 3\).*got \(2,\)",
