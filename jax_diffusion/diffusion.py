@@ -156,7 +156,8 @@ def q_sample(schedule: Schedule, *, x0, t, noise) -> jax.Array:
       noise: [B, ...] standard normal eps, same shape as x0.
 
     Returns:
-      x_t = alpha_t x0 + sigma_t eps, [B, ...] in the dtype of x0.
+      x_t = alpha_t x0 + sigma_t eps, [B, ...] in `jnp.result_type(x0, noise)` (x0's dtype
+      when noise has it too; computed in at least float32).
     """
     _check_same_shape(x0=x0, noise=noise)
     t = check_t(schedule, t, x0, name="x0")

@@ -357,7 +357,10 @@ def diffusion_loss(
       rng: PRNG key.
       prediction: 'eps' | 'x0' | 'v'.
       variance: 'fixed_small' | 'fixed_large' | 'learned_range'.
-      loss_type: 'l2' (squared error) or 'l1' (absolute error).
+      loss_type: 'l2' (squared error) or 'l1' (absolute error). The weights of `loss_weight`
+        convert squared errors between spaces; an absolute error converts with their square
+        roots, so with 'l1' a weighting other than 'none' means a different x0-space
+        weighting for each parameterization.
       weighting: 'none' | 'snr' | 'min_snr' | 'truncated_snr' (see `loss_weight`).
       min_snr_gamma: gamma of 'min_snr'.
       vlb_weight: lambda of the hybrid loss.
