@@ -28,6 +28,7 @@ __all__ = [
     "PMeanVariance",
     "check_denoising",
     "check_prediction",
+    "check_schedule",
     "check_t",
     "check_variance",
     "denoised_estimates",
@@ -93,11 +94,30 @@ def _is_real(x) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
 
 
+def _check_rng(rng, name: str = "rng", why: str = "") -> None:
+    """A typed key (jax.random.key) or a raw uint32 one (jax.random.PRNGKey)."""
+    dtype = getattr(rng, "dtype", None)
+    if dtype is None or not (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
+    ):
+        raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)){why}; got {rng!r}")
+
+
+def check_schedule(schedule) -> None:
+    """ValueError unless `schedule` is a `Schedule` (a common slip: passing the betas)."""
+    if not isinstance(schedule, Schedule):
+        raise ValueError(
+            "schedule must be a jax_diffusion Schedule (e.g. Schedule.from_betas(betas)); got "
+            f"{type(schedule).__name__}"
+        )
+
+
 def check_t(schedule: Schedule, t, x=None, *, name: str = "x") -> jax.Array:
     """Validates timesteps: integer dtype, shape [] or [B] matching `x`, in range when concrete.
 
     Shape and dtype are checked at trace time; the range only where `t` is a concrete value.
     """
+    check_schedule(schedule)
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"t must be an integer array; got dtype {t.dtype}")

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from jax_diffusion.diffusion import (
+    _check_rng,
     _is_concrete,
     _is_real,
     check_prediction,
+    check_schedule,
     check_variance,
     p_mean_variance,
     q_posterior_mean_variance,
@@ -128,6 +130,7 @@ def prior_bpd(schedule: Schedule, *, x0) -> jax.Array:
     Returns:
       [B] bits per dimension.
     """
+    check_schedule(schedule)
     dtype = jnp.promote_types(jnp.result_type(x0), jnp.float32)
     last = schedule.num_timesteps - 1
     alpha = schedule.sqrt_alphas_cumprod[last].astype(dtype)
@@ -225,8 +228,11 @@ def nll_bpd(
     Returns:
       NLLBpd of [B] arrays (and terms_bpd [B, T]).
     """
+    check_schedule(schedule)
     check_prediction(prediction)
     check_variance(variance)
+    _check_floating_x0(x0)
+    _check_rng(rng, why=" for nll_bpd's noise")
     batch = jnp.shape(x0)[0]
 
     def body(_, t_scalar):
@@ -282,6 +288,7 @@ def loss_weight(
     whose weight 1 / SNR is genuinely unbounded as SNR -> 0 (eps prediction carries no
     information about x0 there) and is capped at 1 / eps of the dtype (8.4e6 in float32).
     """
+    check_schedule(schedule)
     check_prediction(prediction)
     if weighting not in WEIGHTINGS:
         raise ValueError(
@@ -307,6 +314,15 @@ def loss_weight(
     return 1.0 / jnp.maximum(jnp.minimum(snr, 1.0), jnp.finfo(snr.dtype).eps)
 
 
+def _check_floating_x0(x0) -> None:
+    dtype = getattr(x0, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.ndim(x0) < 1:
+        raise ValueError(
+            "x0 must be a floating array [B, ...] (e.g. images scaled to [-1, 1]); got "
+            + (f"dtype {dtype} and shape {jnp.shape(x0)}" if dtype is not None else repr(x0))
+        )
+
+
 def training_draws(schedule: Schedule, x0, rng) -> tuple[jax.Array, jax.Array]:
     """The randomness of one `diffusion_loss` call: t ~ U{0, ..., T-1} [B] and eps ~ N(0, I).
 
@@ -320,6 +336,9 @@ def training_draws(schedule: Schedule, x0, rng) -> tuple[jax.Array, jax.Array]:
       draws, so a batch can be split after drawing (gradient accumulation) without changing
       the loss.
     """
+    check_schedule(schedule)
+    _check_floating_x0(x0)
+    _check_rng(rng, why=" (or pass draws=(t, noise) to diffusion_loss)")
     batch = jnp.shape(x0)[0]
     t_rng, noise_rng = jax.random.split(rng)
     t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps, dtype=jnp.int32)
@@ -384,6 +403,7 @@ def diffusion_loss(
         min_snr_gamma=min_snr_gamma,
     )  # validates weighting and gamma before any work
     _check_nonnegative("vlb_weight", vlb_weight, zero_ok=True)
+    _check_floating_x0(x0)
     if draws is None:
         t, noise = training_draws(schedule, x0, rng)
     else:

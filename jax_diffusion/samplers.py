@@ -40,9 +40,11 @@ import numpy as np
 
 from jax_diffusion._checks import check_int as _check_int
 from jax_diffusion.diffusion import (
+    _check_rng,
     _is_concrete,
     check_denoising,
     check_prediction,
+    check_schedule,
     check_variance,
     denoised_estimates,
     p_mean_variance,
@@ -105,15 +107,6 @@ def _check_x(x, name: str = "x_T") -> jax.Array:
     return x
 
 
-def _check_rng(rng, name: str = "rng", why: str = "") -> None:
-    """A typed key (jax.random.key) or a raw uint32 one (jax.random.PRNGKey)."""
-    dtype = getattr(rng, "dtype", None)
-    if dtype is None or not (
-        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
-    ):
-        raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)){why}; got {rng!r}")
-
-
 def _check_eta(eta) -> bool:
     """Validates eta >= 0; returns True when eta is statically zero (deterministic DDIM)."""
     if isinstance(eta, bool) or jnp.ndim(eta) != 0:
@@ -142,11 +135,7 @@ def _check_stride(return_trajectory) -> int | None:
 def _check_model_and_schedule(model_fn, schedule) -> None:
     if not callable(model_fn):
         raise ValueError(f"model_fn must be a callable model_fn(x, t); got {model_fn!r}")
-    if not isinstance(schedule, Schedule):
-        raise ValueError(
-            "schedule must be a jax_diffusion Schedule (e.g. Schedule.from_betas(betas)); got "
-            f"{type(schedule).__name__}"
-        )
+    check_schedule(schedule)
 
 
 def _check_t_order(schedule, t, t_prev, t_last=None) -> None:

@@ -372,6 +372,15 @@ def test_jit_vmap_grad_and_trace_count():
             ),
             "denoised_fn must be a callable x0_hat -> x0_hat or None; got 'clip'",
         ),
+        (  # the betas instead of the Schedule built from them: was an AttributeError
+            lambda s, x: jd.q_sample(s.betas, x0=x, t=jnp.zeros(2, int), noise=x),
+            r"schedule must be a jax_diffusion Schedule \(e.g. Schedule.from_betas\(betas\)\); "
+            "got ArrayImpl",
+        ),
+        (
+            lambda s, x: jd.p_mean_variance(None, model_output=x, xt=x, t=jnp.zeros(2, int)),
+            "schedule must be a jax_diffusion Schedule .*got NoneType",
+        ),
     ],
 )
 def test_bad_input_raises_before_work(call, match):

@@ -380,6 +380,34 @@ def test_bad_loss_arguments_raise_before_the_model_runs(linear, kwargs, match):
     assert not calls
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda s, f, x, k: jd.diffusion_loss(s, f, x, None), r"rng must be a PRNG key .*None"),
+        (lambda s, f, x, k: jd.nll_bpd(s, f, x, None), r"rng must be a PRNG key .*nll_bpd"),
+        (
+            lambda s, f, x, k: jd.diffusion_loss(s, f, x.astype(jnp.int32), k),
+            r"x0 must be a floating array \[B, ...\] .*got dtype int32 and shape \(2, 3\)",
+        ),
+        (lambda s, f, x, k: jd.nll_bpd(s, f, x.astype(jnp.uint8), k), "x0 must be a floating"),
+        (lambda s, f, x, k: jd.diffusion_loss(s.betas, f, x, k), "schedule must be a jax_diff"),
+        (lambda s, f, x, k: jd.nll_bpd(s.betas, f, x, k), "schedule must be a jax_diffusion"),
+        (lambda s, f, x, k: jd.prior_bpd(s.betas, x0=x), "schedule must be a jax_diffusion"),
+        (lambda s, f, x, k: jd.training_draws(s, x, None), "rng must be a PRNG key"),
+    ],
+)
+def test_loss_functions_name_a_wrong_schedule_x0_or_rng_before_the_model_runs(linear, call, match):
+    calls = []
+
+    def model_fn(x, t):
+        calls.append(1)
+        return x
+
+    with pytest.raises(ValueError, match=match):
+        call(linear, model_fn, jnp.ones((2, 3)), jax.random.key(0))
+    assert not calls
+
+
 def test_loss_is_traced_once_per_shape(linear):
     @jax.jit
     @chex.assert_max_traces(n=1)
