@@ -1,22 +1,29 @@
-"""Argument checks shared by the modules (NumPy only: the math modules import it too)."""
+"""Argument checks shared by the modules (standard library only: the math modules import it too)."""
 
 from __future__ import annotations
 
-import numpy as np
+import operator
 
 
 def check_int(
     name: str, value, low: int, high: int | None = None, *, none_ok: bool = False
 ) -> int | None:
-    """`value` as an int after checking it is one (not a bool or a float such as 8.0) in
+    """`value` as an int after checking it is one (a Python or NumPy int, or a concrete
+    integer scalar array such as jnp.int32(5); not a bool or a float such as 8.0) in
     [low, high] (high None: no upper bound), or None where `none_ok`; else ValueError naming
     `name` and the value."""
     if value is None and none_ok:
         return None
-    ok = not isinstance(value, bool) and isinstance(value, int | np.integer)
+    dtype = getattr(value, "dtype", None)
+    ok = not isinstance(value, bool) and (dtype is None or getattr(dtype, "kind", "") in ("i", "u"))
     if ok:
-        ok = value >= low and (high is None or value <= high)
+        try:  # ints and integer scalar arrays; not floats, bigger arrays or traced values
+            number = operator.index(value)
+        except TypeError:
+            ok = False
+    if ok:
+        ok = number >= low and (high is None or number <= high)
     if not ok:
         allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
         raise ValueError(f"{name} must be {allowed}{' or None' if none_ok else ''}; got {value!r}")
-    return int(value)
+    return number

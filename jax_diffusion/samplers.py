@@ -121,10 +121,8 @@ def _check_eta(eta) -> bool:
 
 def _check_stride(return_trajectory) -> int | None:
     """False/None -> None; True -> 1; a positive int k -> k."""
-    if return_trajectory is None or return_trajectory is False:
-        return None
-    if return_trajectory is True:
-        return 1
+    if return_trajectory is None or isinstance(return_trajectory, bool | np.bool_):
+        return 1 if return_trajectory else None
     if isinstance(return_trajectory, int | np.integer) and return_trajectory >= 1:
         return int(return_trajectory)
     raise ValueError(

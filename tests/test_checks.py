@@ -1,5 +1,7 @@
 """Tests of jax_diffusion._checks: the shared int argument check."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -7,7 +9,14 @@ from jax_diffusion._checks import check_int
 
 
 @pytest.mark.parametrize(
-    "value, low, high, want", [(3, 1, None, 3), (np.int64(5), 0, 5, 5), (0, 0, 0, 0)]
+    "value, low, high, want",
+    [
+        (3, 1, None, 3),
+        (np.int64(5), 0, 5, 5),
+        (0, 0, 0, 0),
+        (jnp.int32(5), 1, None, 5),  # a concrete JAX scalar, e.g. from a config array
+        (np.array(7, np.uint8), 1, None, 7),
+    ],
 )
 def test_check_int_returns_a_python_int(value, low, high, want):
     got = check_int("n", value, low, high)
@@ -24,11 +33,24 @@ def test_check_int_returns_a_python_int(value, low, high, want):
         (None, 0, None, "n must be an int >= 0; got None"),
         (0, 1, None, "n must be an int >= 1; got 0"),
         (6, 1, 5, r"n must be an int in \[1, 5\]; got 6"),
+        (jnp.bool_(True), 0, None, "n must be an int >= 0; got Array"),
+        (jnp.float32(2), 0, None, "n must be an int >= 0; got Array"),
+        (jnp.array([2]), 0, None, "n must be an int >= 0; got Array"),
     ],
 )
 def test_check_int_rejects(value, low, high, match):
     with pytest.raises(ValueError, match=match):
         check_int("n", value, low, high)
+
+
+def test_check_int_rejects_a_traced_value():
+    @jax.jit
+    def f(n):
+        with pytest.raises(ValueError, match="n must be an int >= 1; got .*Tracer"):
+            check_int("n", n, 1)
+        return n
+
+    f(3)
 
 
 def test_check_int_none_ok():

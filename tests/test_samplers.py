@@ -596,10 +596,17 @@ def test_dpm_solver_pp_three_steps_match_lu_et_al(order, x64):
 
 def test_trajectory_stride_numpy_int_and_above_num_steps():
     # A NumPy int stride works like the Python int; a stride above num_steps keeps x_T only
-    # (num_steps // k + 1 = 1 slot) while x0 is still returned.
+    # (num_steps // k + 1 = 1 slot) while x0 is still returned. NumPy / JAX bools and ints
+    # work as Python's.
     model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
     x_T = _normal(41, (2, 3))
     x0, full = ddim_sample(model, SCHEDULE, x_T, num_steps=4, return_trajectory=True)
+    x0_np, full_np = ddim_sample(
+        model, SCHEDULE, x_T, num_steps=jnp.int32(4), return_trajectory=np.bool_(True)
+    )
+    np.testing.assert_array_equal(full_np, full)
+    no_trajectory = ddim_sample(model, SCHEDULE, x_T, num_steps=4, return_trajectory=np.bool_(0))
+    np.testing.assert_array_equal(no_trajectory, x0_np)
     x0_2, traj_2 = ddim_sample(model, SCHEDULE, x_T, num_steps=4, return_trajectory=np.int64(2))
     np.testing.assert_allclose(traj_2, full[::2], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(x0_2, x0, rtol=RTOL, atol=ATOL)
