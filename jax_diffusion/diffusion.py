@@ -112,6 +112,19 @@ def check_schedule(schedule) -> None:
         )
 
 
+def _check_zero_snr(schedule, prediction: str, t_first: int, doing: str = "sample from") -> None:
+    """eps prediction cannot give x0 where alphas_cumprod is 0 (a zero-terminal-SNR schedule's
+    last step): x0 = (x_t - sigma eps) / alpha divides by 0, and every result would be NaN.
+    Read from alpha itself: a float16 alphas_cumprod underflows to 0 long before its sqrt."""
+    table = schedule.sqrt_alphas_cumprod
+    if prediction == "eps" and _is_concrete(table) and np.asarray(table)[t_first] == 0.0:
+        raise ValueError(
+            f"prediction='eps' cannot {doing} step {t_first}, where alphas_cumprod is 0 "
+            "(a zero-terminal-SNR schedule): x0 = (x_t - sigma eps) / alpha is undefined; "
+            "train with prediction='v' or 'x0' (Lin et al. 2024)"
+        )
+
+
 def check_t(schedule: Schedule, t, x=None, *, name: str = "x") -> jax.Array:
     """Validates timesteps: integer dtype, shape [] or [B] matching `x`, in range when concrete.
 

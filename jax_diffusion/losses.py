@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jax_diffusion.diffusion import (
     _check_rng,
+    _check_zero_snr,
     _is_concrete,
     _is_real,
     check_prediction,
@@ -233,6 +234,7 @@ def nll_bpd(
     check_variance(variance)
     _check_floating_x0(x0)
     _check_rng(rng, why=" for nll_bpd's noise")
+    _check_zero_snr(schedule, prediction, schedule.num_timesteps - 1, "evaluate the bound at")
     batch = jnp.shape(x0)[0]
 
     def body(_, t_scalar):
@@ -404,6 +406,9 @@ def diffusion_loss(
     )  # validates weighting and gamma before any work
     _check_nonnegative("vlb_weight", vlb_weight, zero_ok=True)
     _check_floating_x0(x0)
+    if variance == "learned_range":
+        last = schedule.num_timesteps - 1
+        _check_zero_snr(schedule, prediction, last, "take the hybrid loss's bound term at")
     if draws is None:
         t, noise = training_draws(schedule, x0, rng)
     else:

@@ -41,6 +41,7 @@ import numpy as np
 from jax_diffusion._checks import check_int as _check_int
 from jax_diffusion.diffusion import (
     _check_rng,
+    _check_zero_snr,
     _is_concrete,
     check_denoising,
     check_prediction,
@@ -152,19 +153,6 @@ def _check_t_order(schedule, t, t_prev, t_last=None) -> None:
             raise ValueError(
                 f"t_last must be -1 (no history) or > t (t = {t_.tolist()}); got {last.tolist()}"
             )
-
-
-def _check_zero_snr(schedule, prediction: str, t_first: int) -> None:
-    """eps prediction cannot give x0 where alphas_cumprod is 0 (a zero-terminal-SNR schedule's
-    last step): x0 = (x_t - sigma eps) / alpha divides by 0, and every sample would be NaN.
-    Read from alpha itself: a float16 alphas_cumprod underflows to 0 long before its sqrt."""
-    table = schedule.sqrt_alphas_cumprod
-    if prediction == "eps" and _is_concrete(table) and np.asarray(table)[t_first] == 0.0:
-        raise ValueError(
-            f"prediction='eps' cannot sample from step {t_first}, where alphas_cumprod is 0 "
-            "(a zero-terminal-SNR schedule): x0 = (x_t - sigma eps) / alpha is undefined; "
-            "train with prediction='v' or 'x0' (Lin et al. 2024)"
-        )
 
 
 def _check_common(

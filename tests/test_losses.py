@@ -380,6 +380,10 @@ def test_bad_loss_arguments_raise_before_the_model_runs(linear, kwargs, match):
     assert not calls
 
 
+def _zero_snr():
+    return jd.Schedule.from_betas(jd.rescale_zero_terminal_snr(jd.linear_betas(T)))
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -394,6 +398,15 @@ def test_bad_loss_arguments_raise_before_the_model_runs(linear, kwargs, match):
         (lambda s, f, x, k: jd.nll_bpd(s.betas, f, x, k), "schedule must be a jax_diffusion"),
         (lambda s, f, x, k: jd.prior_bpd(s.betas, x0=x), "schedule must be a jax_diffusion"),
         (lambda s, f, x, k: jd.training_draws(s, x, None), "rng must be a PRNG key"),
+        # eps has no x0 where alphas_cumprod is 0: the bound and the hybrid loss were NaN
+        (
+            lambda s, f, x, k: jd.nll_bpd(_zero_snr(), f, x, k),
+            r"prediction='eps' cannot evaluate the bound at step 999, where alphas_cumprod is 0",
+        ),
+        (
+            lambda s, f, x, k: jd.diffusion_loss(_zero_snr(), f, x, k, variance="learned_range"),
+            r"prediction='eps' cannot take the hybrid loss's bound term at step 999",
+        ),
     ],
 )
 def test_loss_functions_name_a_wrong_schedule_x0_or_rng_before_the_model_runs(linear, call, match):
