@@ -347,8 +347,9 @@ def sample(
         if sampler == "ddpm":
             return samplers.ddpm_sample(model_fn, schedule, x, k, **common)
         if sampler == "ddim":
+            spacing = s.get("spacing", "leading")
             return samplers.ddim_sample(
-                model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, **common
+                model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
             )
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
@@ -591,6 +592,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "diffusion.zero_terminal_snr=True needs diffusion.prediction 'v' or 'x0': an eps "
             "model cannot give x0 at the last step, where alphas_cumprod is 0 (Lin et al. 2024)"
         )
+    if s.get("spacing", "leading") not in samplers.SPACINGS:
+        raise ValueError(f"sample.spacing must be one of {samplers.SPACINGS}; got {s.spacing!r}")
     if not s.num_samples >= 1:
         raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
     if not s.get("eta", 0.0) >= 0:

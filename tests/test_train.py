@@ -794,6 +794,7 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         ("diffusion__variance", "wide", "variance"),
         ("diffusion__vlb_weight", -1.0, "diffusion.vlb_weight must be >= 0; got -1.0"),
         ("sample__eta", -0.5, "sample.eta must be >= 0; got -0.5"),
+        ("sample__spacing", "uniform", "sample.spacing must be one of .*; got 'uniform'"),
         ("sample__clip_denoised", 1, "sample.clip_denoised must be True or False; got 1"),
         ("sample__num_steps", 0, r"sample.num_steps must lie in \[1, "),
         ("train__learning_rate", float("nan"), "train.learning_rate must be a finite number"),
@@ -1049,6 +1050,7 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
         sample__guidance=1.5,
         sample__eta=0.25,
         sample__num_steps=7,
+        sample__spacing="trailing",
     )
     traced, seen = [], []
 
@@ -1084,7 +1086,7 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
     assert out.shape == (5, 2)
     assert traced[-2:] == [
         (3, "fixed_small"),
-        ("ddim", (5, 2), dict(num_steps=7, eta=0.25, **common)),
+        ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="trailing", **common)),
     ]
     np.testing.assert_array_equal(seen[-1][0], [0, 1, 2, 0, 1])
     assert seen[-1][1] == 1.5
