@@ -693,7 +693,13 @@ def train_and_evaluate(
     example_shape = tuple(info.shape)
     model = create_model(config, channels=example_shape[-1])
     rng = jax.random.PRNGKey(config.seed)
-    state = create_train_state(config, model, rng, example_shape)  # the model's own checks
+    try:
+        state = create_train_state(config, model, rng, example_shape)  # the model's own checks
+    except ValueError as err:
+        # the network names its field ('num_heads must ...'); the config knows it as model.*
+        if str(err).split(" ", 1)[0] in config.model:
+            raise ValueError(f"model.{err}") from err
+        raise
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     workdir = epath.Path(workdir)

@@ -55,7 +55,8 @@ def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, mo
         # 2**32 was PRNGKey(0) again; 2**64 an OverflowError
         ([*train, "--set", "seed=4294967296"], r"seed must be an int in [0, 4294967295]"),
         ([*train, "--set", "seed=18446744073709551616"], "seed must be an int in"),
-        ([*train, "--set", "model.attention_resolutions=(3,)"], "got (3,), with [3] never"),
+        ([*train, "--set", "model.attention_resolutions=(3,)"], "model.attention_resolutions"),
+        ([*train, "--set", "model.num_heads=3"], "error: model.num_heads must divide"),
         ([*train, "--set", "data.name='tfds:mnist'"], "pip install 'jax_diffusion[data]'"),
         (["sample", "--workdir", str(workdir), "--out", "g.png"], "no training run"),
         (["evaluate", "--workdir", str(workdir)], "no training run"),
