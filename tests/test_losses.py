@@ -576,3 +576,64 @@ def test_vlb_kl_of_bfloat16_inputs_is_taken_in_float32(linear):
     f64 = [np.asarray(a, np.float64) for a in (q_mean, q_logvar, p.mean, p.log_variance)]
     want = np_normal_kl(*f64).mean(axis=1) / math.log(2)
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def _np_gaussian_conditional(abar, m, s, xt, prediction):
+    """E[target | x_t] and Var(target | x_t) for data x0 ~ N(m, s^2), in float64 NumPy.
+
+    Written as the conditioning of a jointly Gaussian pair (Schur complement), not from the
+    module's simplified formulas: target = a x0 + b eps with eps ~ N(0, 1) independent of x0,
+    x_t = alpha x0 + sigma eps (Ho et al. 2020 eq. 4), and v = alpha eps - sigma x0 (Salimans &
+    Ho 2022), so Cov(target, x_t) = a alpha s^2 + b sigma, Var(x_t) = alpha^2 s^2 + sigma^2,
+    Var(target) = a^2 s^2 + b^2.
+    """
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    a, b = {"eps": (0.0, 1.0), "x0": (1.0, 0.0), "v": (-sigma, alpha)}[prediction]
+    cov = a * alpha * s**2 + b * sigma
+    var_xt = alpha**2 * s**2 + sigma**2
+    mean = a * m + cov / var_xt * (xt - alpha * m)
+    return mean, a**2 * s**2 + b**2 - cov**2 / var_xt
+
+
+STEPS = np.array([0, 1, 2, 10, 250, 500, 998, 999])
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_gaussian_denoiser_and_residual_variance_match_float64_gaussian_conditioning(
+    linear, prediction
+):
+    """Deterministic, at every kind of step: the loss test above only sees the per-step
+    variance through a noisy mean, which a slightly wrong (e.g. one step off) table passes."""
+    m, s = 0.3, 0.5
+    abar = np_schedule(jd.linear_betas(T))["alphas_cumprod"][STEPS][:, None]
+    xt = np.random.default_rng(19).standard_normal((len(STEPS), 64)).astype(np.float32)
+    want_mean, want_var = _np_gaussian_conditional(abar, m, s, xt.astype(np.float64), prediction)
+    got = gaussian_denoiser(linear, m, s, prediction)(jnp.asarray(xt), jnp.asarray(STEPS))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want_mean, rtol=1e-5, atol=1e-6)
+    var = gaussian_residual_variance(linear, jnp.asarray(STEPS), s, prediction)
+    assert var.shape == STEPS.shape
+    # float32 alphas_cumprod near 1 leaves 1 - abar (1e-4 at t = 0) only ~3e-4 relative accuracy
+    np.testing.assert_allclose(var, want_var[:, 0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_gaussian_denoiser_of_bfloat16_inputs_rounds_a_float32_result_once(linear, prediction):
+    """bf16 x_t: the output is bf16, and within half a bf16 ulp (2**-8 relative) of the float64
+    answer for those bf16 inputs, as when the moments are taken in float32 and rounded once;
+    coefficients, mean or arithmetic in bf16 are off by several ulps on some elements."""
+    m, s = 0.3, 0.5
+    abar = np_schedule(jd.linear_betas(T))["alphas_cumprod"][STEPS][:, None]
+    xt = jnp.asarray(np.random.default_rng(20).standard_normal((len(STEPS), 512)), jnp.bfloat16)
+    want, _ = _np_gaussian_conditional(abar, m, s, np.asarray(xt, np.float64), prediction)
+    got = gaussian_denoiser(linear, m, s, prediction)(xt, jnp.asarray(STEPS))
+    assert got.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(err <= 2.0**-8 * np.abs(want) + 1e-6), err.max()
+
+
+def test_gaussian_testing_helpers_reject_an_unknown_prediction(linear):
+    with pytest.raises(ValueError, match="prediction must be one of .*got 'score'"):
+        gaussian_denoiser(linear, 0.0, 1.0, prediction="score")
+    with pytest.raises(ValueError, match="prediction must be one of .*got 'score'"):
+        gaussian_residual_variance(linear, jnp.zeros(2, jnp.int32), 1.0, prediction="score")

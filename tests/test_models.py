@@ -286,6 +286,49 @@ def test_unet_out_channels_override(out_channels):
     assert out.shape == (B, H, W, out_channels) and out.dtype == jnp.float32
 
 
+@pytest.mark.parametrize(
+    "hw, attention_resolutions, want_attn",
+    [
+        # non-square: attention_resolutions name feature-map heights (8 -> 4 here, widths 4 -> 2)
+        ((8, 4), (4,), {"down_1_attn_0", "mid_attn", "up_1_attn_0", "up_1_attn_1"}),
+        ((8, 4), (8,), {"down_0_attn_0", "mid_attn", "up_0_attn_0", "up_0_attn_1"}),
+        # sides need only be divisible by 2 ** (len(channel_mults) - 1) = 2: 6 -> 3, 10 -> 5
+        ((6, 10), (3,), {"down_1_attn_0", "mid_attn", "up_1_attn_0", "up_1_attn_1"}),
+    ],
+)
+def test_unet_accepts_non_square_sides_divisible_by_its_downsampling(
+    hw, attention_resolutions, want_attn
+):
+    model = UNet(**{**TINY, "attention_resolutions": attention_resolutions})
+    x = jnp.zeros((B, *hw, C))
+    t = jnp.zeros((B,), jnp.int32)
+    out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x, t)
+    assert out.shape == (B, *hw, C) and out.dtype == jnp.float32
+    assert {k for k in variables["params"] if "attn" in k} == want_attn
+
+
+def test_unet_embeds_fractional_timesteps_as_they_are():
+    """A float t (e.g. from a continuous-time sampler) reaches the time MLP as PE(t), unrounded.
+
+    Stops the forward pass at time_dense0, so nothing past the embedding runs or needs params."""
+    x, _, _ = _inputs()
+    t = jnp.array([3.5, 100.25], jnp.float32)
+    seen = []
+
+    class _Stop(Exception):
+        pass
+
+    def stop_at_the_time_mlp(next_fun, args, kwargs, context):
+        if context.module.name == "time_dense0":
+            seen.append(np.asarray(args[0], np.float64))
+            raise _Stop
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(stop_at_the_time_mlp), pytest.raises(_Stop):
+        UNet(**TINY).apply({"params": {}}, x, t)
+    np.testing.assert_allclose(seen[0], _np_timestep_embedding(t, 8), atol=1e-5)
+
+
 @pytest.mark.parametrize("conditional", [False, True])
 @ON_THE_TINY_UNETS
 def test_unet_time_embedding_influences_output(conditional, uncond, cond):
@@ -417,6 +460,28 @@ def test_unet_dropout(uncond):
         ({"dropout": 1.0}, (B, H, W, C), (B,), False, r"dropout must be in \[0, 1\); got 1.0"),
         ({"out_channels": 0}, (B, H, W, C), (B,), False, "out_channels must be an int >= 1"),
         ({"num_classes": 0}, (B, H, W, C), (B,), True, "num_classes must be an int >= 1"),
+        # a zero multiplier is a level with no channels; zeros used to fail (if at all) deep inside
+        ({"channel_mults": (1, 0)}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
+        ({"num_res_blocks": 0}, (B, H, W, C), (B,), False, "num_res_blocks must be an int >= 1"),
+        ({"num_heads": 0}, (B, H, W, C), (B,), False, "num_heads must be an int >= 1; got 0"),
+        ({"num_groups": 0}, (B, H, W, C), (B,), False, "num_groups must be an int >= 1; got 0"),
+        ({"param_dtype": jnp.int32}, (B, H, W, C), (B,), False, "param_dtype must be a floating"),
+        # non-square: attention_resolutions are heights, so 8 is level 0 (8 channels) ...
+        (
+            {"num_heads": 16, "attention_resolutions": (8,)},
+            (B, H, 4, C),
+            (B,),
+            False,
+            r"num_heads must divide the channel count of every attention layer \[8, 16\]",
+        ),
+        # ... and a width (6 here) is not a feature-map size of this UNet
+        (
+            {"attention_resolutions": (6,)},
+            (B, H, 6, C),
+            (B,),
+            False,
+            r"attention_resolutions must name feature-map sizes of this UNet, \[4, 8\]",
+        ),
         # the middle block always has attention (16 channels here), even with none listed
         (
             {"num_heads": 3, "attention_resolutions": ()},
@@ -451,6 +516,20 @@ def test_mlp_denoiser_shapes_and_time_dependence():
     assert np.abs(out[0] - out[3]).max() > 1e-4
     wide = MLPDenoiser(out_dim=4, hidden_dim=16, num_layers=1, time_embed_dim=8)
     assert jax.eval_shape(wide.init_with_output, jax.random.key(0), x, t)[0].shape == (4, 4)
+
+
+def test_mlp_denoiser_bfloat16_compute_returns_float32_close_to_float32_compute():
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    t = jnp.array([0, 10, 100, 999])
+    kw = dict(hidden_dim=16, num_layers=2, time_embed_dim=8)
+    shapes = jax.eval_shape(MLPDenoiser(**kw).init, jax.random.key(1), x, t)["params"]
+    params = _normal_params(shapes, 8, 0.5)
+    out32 = np.asarray(MLPDenoiser(**kw).apply({"params": params}, x, t))
+    out16 = MLPDenoiser(**kw, dtype=jnp.bfloat16).apply({"params": params}, x, t)
+    assert out16.dtype == jnp.float32 and out16.shape == (4, 2)
+    # bfloat16 keeps 8 significant bits (eps = 2**-7); a few layers compound that.
+    err = np.abs(np.asarray(out16) - out32).max()
+    assert 0 < err <= 0.05 * np.abs(out32).max(), err
 
 
 def test_mlp_denoiser_class_conditioning():
@@ -516,6 +595,10 @@ def test_mlp_denoiser_value_errors():
         (dict(hidden_dim=16.0), "hidden_dim must be an int >= 1; got 16.0"),
         (dict(num_layers=-1), "num_layers must be an int >= 0; got -1"),
         (dict(num_classes=0), "num_classes must be an int >= 1; got 0"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\); got 1.0"),
+        (dict(time_embed_dim=0), "time_embed_dim must be an int >= 2; got 0"),
+        (dict(dtype=jnp.int32), "dtype must be a floating dtype"),
+        (dict(param_dtype=jnp.int32), "param_dtype must be a floating dtype"),
     ]:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(MLPDenoiser(**kwargs).init, jax.random.key(0), x, t)
@@ -560,6 +643,21 @@ def test_make_model_fn_passes_train_and_rngs():
     np.testing.assert_array_equal(got, want)
     eval_out = make_model_fn(model, params)(x, t)
     assert np.abs(np.asarray(got) - np.asarray(eval_out)).max() > 1e-4
+
+
+def test_make_conditional_model_fn_runs_the_model_in_eval_mode():
+    model = MLPDenoiser(
+        hidden_dim=16, num_layers=1, time_embed_dim=8, num_classes=NUM_CLASSES, dropout=0.5
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    t = jnp.array([0, 10, 100, 999])
+    y = jnp.array([0, 1, 2, NUM_CLASSES])
+    params = model.init(jax.random.key(1), x, t, y)["params"]
+    got = make_conditional_model_fn(model, params)(x, t, y)
+    np.testing.assert_array_equal(got, model.apply({"params": params}, x, t, y, train=False))
+    rngs = {"dropout": jax.random.key(2)}
+    train = model.apply({"params": params}, x, t, y, train=True, rngs=rngs)
+    assert np.abs(np.asarray(got) - np.asarray(train)).max() > 1e-4  # dropout does act in train
 
 
 def test_models_are_linen_modules():
