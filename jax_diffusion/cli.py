@@ -139,6 +139,7 @@ def _sample(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         num_steps=args.steps,
         guidance=args.guidance,
+        spacing=args.spacing,
     )
     images = np.asarray(images)
     train.check_finite_samples(images)  # before anything is written
@@ -156,6 +157,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         num_steps=args.steps,
         guidance=args.guidance,
+        spacing=args.spacing,
         seed=args.seed,
         bpd_examples=args.bpd_examples,
     )
@@ -186,6 +188,7 @@ def _int_in(low: int, high: int | None = None, what: str = ""):
 
 
 _positive_int = _int_in(1)
+_SPACINGS = ("leading", "trailing", "linspace")  # samplers.SPACINGS, without importing jax
 _seed = _int_in(0, 2**32 - 1, " (a PRNGKey keeps 32 bits)")
 
 
@@ -234,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--workdir", required=True)
     sa.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
     sa.add_argument("--steps", type=_positive_int, default=None, help="ddim and dpm++ only")
+    sa.add_argument(
+        "--spacing", choices=_SPACINGS, default=None, help="ddim's steps (default: the config's)"
+    )
     sa.add_argument("--num", type=_positive_int, default=64)
     sa.add_argument("--guidance", type=_finite_float, default=None)
     sa.add_argument("--seed", type=_seed, default=0)
@@ -246,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
     ev.add_argument("--steps", type=_positive_int, default=None, help="ddim and dpm++ only")
+    ev.add_argument(
+        "--spacing", choices=_SPACINGS, default=None, help="ddim's steps (default: the config's)"
+    )
     ev.add_argument("--num", type=_int_in(4, what=" (recall's 3-NN radii need 4)"), default=1000)
     ev.add_argument("--guidance", type=_finite_float, default=None)
     ev.add_argument("--seed", type=_seed, default=0)

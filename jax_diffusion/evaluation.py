@@ -42,6 +42,7 @@ from jax_diffusion.backend import compiler_options
 from jax_diffusion.data import check_data
 from jax_diffusion.diffusion import check_prediction, check_variance
 from jax_diffusion.losses import nll_bpd
+from jax_diffusion.samplers import SPACINGS
 from jax_diffusion.schedules import Schedule
 
 __all__ = [
@@ -543,6 +544,7 @@ def evaluate_workdir(
     sampler: str | None = None,
     num_steps: int | None = None,
     guidance: float | None = None,
+    spacing: str | None = None,
     seed: int = 0,
     batch_size: int = 250,
     bpd_examples: int = 0,
@@ -569,6 +571,7 @@ def evaluate_workdir(
       num_steps: sampling steps (ddim, dpm++; an error with ddpm, which runs all T steps);
         None for config.sample.num_steps.
       guidance: classifier-free guidance scale w (conditional models); None for the config's.
+      spacing: ddim's steps, 'leading' | 'trailing' | 'linspace'; None for the config's.
       seed: sampling seed in [0, 2**32) (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1)).
       batch_size: images per sampling (and bits/dim) call.
       bpd_examples: if > 0, also the bits/dim of the first `bpd_examples` test digits, at most
@@ -577,8 +580,9 @@ def evaluate_workdir(
 
     Returns:
       A JSON-able dict: run info ("workdir", "step", "num_samples", "sampler", "num_steps",
-      "guidance", "seed", "image_size"); "fd_test" / "fd_train": Frechet distance of the samples'
-      features to those of the digits test (297) / train (1500) split; "fd_train_vs_test": the
+      "spacing" (ddim's, else None), "guidance", "seed", "image_size"); "fd_test" /
+      "fd_train": Frechet distance of the samples' features to those of the digits test (297)
+      / train (1500) split; "fd_train_vs_test": the
       same between the two real splits, a floor set by finite sample sizes; "precision",
       "recall" (k = 3) against the test split; "inception_score" of the samples and
       "inception_score_test" of the test digits (about 10); "class_accuracy" for conditional
@@ -600,6 +604,8 @@ def evaluate_workdir(
         raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++' or None; got {sampler!r}")
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, 1)
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS} or None; got {spacing!r}")
     config, shape, model, params, step = _restore_ema_params(workdir)
     num_classes = config.model.get("num_classes", None)
     if guidance is not None and not num_classes:
@@ -610,12 +616,16 @@ def evaluate_workdir(
     schedule = train.get_schedule(config.diffusion)
     s = config.sample
     sampler = s.sampler if sampler is None else sampler
+    if spacing is not None and sampler != "ddim":
+        raise ValueError(f"spacing applies to sampler 'ddim' only; got sampler {sampler!r}")
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
 
     bs = min(batch_size, num_samples)
     num_batches = -(-num_samples // bs)
     # num_steps as given: train.sample takes None as the config's and rejects it with ddpm
     kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=num_steps, guidance=guidance)
+    if spacing is not None:  # train.sample rejects it with a sampler other than ddim
+        kwargs["spacing"] = spacing
     sample_batch = jax.jit(
         lambda p, key, y: train.sample(config, model, p, schedule, key, labels=y, **kwargs),
         compiler_options=compiler_options(),
@@ -639,12 +649,14 @@ def evaluate_workdir(
     fake, test, trn = (FeatureStats.from_features(x) for x in (fake_feats, test_feats, train_feats))
     pr = precision_recall(test_feats, fake_feats, k=3)
     steps_used = int(s.num_steps if num_steps is None else num_steps)
+    spacing_used = s.get("spacing", "leading") if spacing is None else spacing
     metrics: dict[str, Any] = {
         "workdir": os.path.abspath(workdir),
         "step": step,
         "num_samples": num_samples,
         "sampler": sampler,
         "num_steps": None if sampler == "ddpm" else steps_used,
+        "spacing": spacing_used if sampler == "ddim" else None,
         "guidance": None if guidance is None else float(guidance),
         "seed": seed,
         "image_size": shape[0],

@@ -296,11 +296,14 @@ def sample(
     num_steps: int | None = None,
     guidance: float | None = None,
     labels: jax.Array | None = None,
+    spacing: str | None = None,
 ) -> jax.Array:
     """Draws `num` samples [num, *shape] with the given params (use the EMA params).
 
     sampler: 'ddpm' | 'ddim' | 'dpm++' (default config.sample.sampler); num_steps for ddim and
-    dpm++ (default config.sample.num_steps; ddpm uses all T steps and rejects num_steps). For
+    dpm++ (default config.sample.num_steps; ddpm uses all T steps and rejects num_steps);
+    spacing of ddim's steps, 'leading' | 'trailing' | 'linspace' (default config.sample.spacing,
+    'leading' where the config has none; the other samplers reject it). For
     a class-conditional model, labels default to arange(num) % num_classes and guidance
     (default config.sample.guidance) is the classifier-free guidance scale w (1 = plain
     conditional).
@@ -317,6 +320,12 @@ def sample(
             f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
             f"{config.diffusion.num_timesteps} steps (got num_steps={explicit_steps!r})"
         )
+    if spacing is not None and (sampler != "ddim" or spacing not in samplers.SPACINGS):
+        raise ValueError(
+            f"spacing must be one of {samplers.SPACINGS} (or None: the config's), with sampler "
+            f"'ddim' only; got spacing={spacing!r} with sampler {sampler!r}"
+        )
+    spacing = s.get("spacing", "leading") if spacing is None else spacing
     check_int("num", num, 1)
     if num_classes is None and (labels is not None or guidance is not None):
         raise ValueError(
@@ -347,7 +356,6 @@ def sample(
         if sampler == "ddpm":
             return samplers.ddpm_sample(model_fn, schedule, x, k, **common)
         if sampler == "ddim":
-            spacing = s.get("spacing", "leading")
             return samplers.ddim_sample(
                 model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
             )

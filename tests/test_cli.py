@@ -220,12 +220,13 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     monkeypatch.setattr(train, "sample", fake_sample)
     out = str(tmp_path / "grid.png")
     argv = ["sample", "--workdir", "w", "--sampler", "ddim", "--steps", "3", "--num", "2"]
+    argv += ["--spacing", "trailing"]
     assert cli.main([*argv, "--guidance", "1.5", "--seed", "9", "--out", out]) == 0
     assert json.loads(capsys.readouterr().out) == {"out": out, "num": 2, "step": 5}
     assert got["workdir"] == "w"
     assert got["args"] == (config, "model", "ema", ("schedule of", "diffusion config"))
     assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == ("ddim", 3, 2, 1.5)
-    assert got["shape"] == (8, 8, 1)
+    assert got["shape"] == (8, 8, 1) and got["spacing"] == "trailing"
     np.testing.assert_array_equal(
         jax.random.key_data(got["rng"]), jax.random.key_data(jax.random.PRNGKey(9))
     )
@@ -233,6 +234,7 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     # without them: None, so that the config's sampler, steps and guidance apply
     assert cli.main(["sample", "--workdir", "w", "--out", out]) == 0
     assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == (None, None, 64, None)
+    assert got["spacing"] is None
 
 
 def test_samples_that_are_not_finite_end_sample_with_one_line_and_status_1(
@@ -279,13 +281,14 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
     out = tmp_path / "new" / "dir" / "metrics.json"
     argv = ["evaluate", "--workdir", "w", "--num", "16", "--sampler", "ddim", "--steps", "4"]
     argv += ["--guidance", "0.5", "--seed", "3", "--bpd-examples", "2", "--out", str(out)]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--spacing", "linspace"]) == 0
     assert got == dict(
         workdir="w",
         num_samples=16,
         sampler="ddim",
         num_steps=4,
         guidance=0.5,
+        spacing="linspace",
         seed=3,
         bpd_examples=2,
     )

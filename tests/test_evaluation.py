@@ -623,6 +623,7 @@ EXPECTED_KEYS = {
     "num_samples",
     "sampler",
     "num_steps",
+    "spacing",
     "guidance",
     "seed",
     "image_size",
@@ -658,6 +659,7 @@ def test_evaluate_workdir_on_a_smoke_run(smoke_workdir):
     json.dumps(metrics)  # JSON-able as returned
     assert metrics["step"] == 2 and metrics["num_samples"] == 16
     assert metrics["sampler"] == "ddim" and metrics["num_steps"] == 3
+    assert metrics["spacing"] == "leading"  # the smoke config's
     assert metrics["guidance"] is None and metrics["bpd_examples"] == 5
     for key in EXPECTED_KEYS | BPD_KEYS:
         if isinstance(metrics[key], float):
@@ -758,6 +760,7 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
             dict(sampler="DDIM"),
             r"sampler must be one of 'ddpm', 'ddim', 'dpm\+\+' or None; got 'DDIM'",
         ),
+        (dict(spacing="cosine"), r"spacing must be one of \('leading', .*; got 'cosine'"),
     ],
 )
 def test_evaluate_workdir_checks_its_arguments_before_loading_the_run(tmp_path, kwargs, match):
@@ -870,6 +873,15 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     assert {k: m[k] for k in BPD_KEYS} == dict(
         bpd=1.5, bpd_prior=0.25, bpd_kl=0.75, bpd_decoder=0.5, bpd_stderr=0.125, bpd_examples=3
     )
+    assert m["spacing"] is None  # dpm++ has its own grid
+    # ddim: the spacing given, or the config's
+    kw = dict(num_samples=4, sampler="ddim", num_steps=2, progress=False)
+    assert evaluate_workdir("run", spacing="trailing", **kw)["spacing"] == "trailing"
+    assert fake_run.static[-1]["spacing"] == "trailing"
+    assert evaluate_workdir("run", **kw)["spacing"] == fake_run.config.sample.spacing
+    assert "spacing" not in fake_run.static[-1]
+    with pytest.raises(ValueError, match="spacing applies to sampler 'ddim' only; got .*'ddpm'"):
+        evaluate_workdir("run", spacing="trailing", **{**kw, "sampler": "ddpm", "num_steps": None})
 
 
 def test_evaluate_workdir_metrics_of_the_clipped_samples_match_references(fake_run):

@@ -1111,6 +1111,15 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
     assert seen[-1][1] == 3.0
     train.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="ddpm")
     assert traced[-1] == ("ddpm", (5, 2), common)
+    train.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="linspace")
+    assert traced[-1] == ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="linspace", **common))
+    ddim_only = r"with sampler 'ddim' only; got spacing='x' with sampler 'dpm\+\+'"
+    with pytest.raises(ValueError, match=ddim_only):
+        train.sample(
+            config, None, {}, schedule, key, shape=(2,), num=5, sampler="dpm++", spacing="x"
+        )
+    with pytest.raises(ValueError, match="spacing must be one of .*got spacing='uniform'"):
+        train.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="uniform")
 
 
 def test_the_toy_density_image_has_y_up_and_x_right(tmp_path):
