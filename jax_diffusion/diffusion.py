@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion.schedules import Schedule
+from jax_diffusion.schedules import Schedule, _check_timesteps
 
 __all__ = [
     "PREDICTIONS",
@@ -95,11 +95,11 @@ def _is_real(x) -> bool:
 
 
 def _check_rng(rng, name: str = "rng", why: str = "") -> None:
-    """A typed key (jax.random.key) or a raw uint32 one (jax.random.PRNGKey)."""
+    """A typed key (jax.random.key) or a raw uint32 one (jax.random.PRNGKey: [..., 2], or
+    [..., 4] for the rbg implementations)."""
     dtype = getattr(rng, "dtype", None)
-    if dtype is None or not (
-        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32
-    ):
+    raw = dtype == jnp.uint32 and jnp.ndim(rng) >= 1 and jnp.shape(rng)[-1] in (2, 4)
+    if dtype is None or not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or raw):
         raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)){why}; got {rng!r}")
 
 
@@ -131,9 +131,7 @@ def check_t(schedule: Schedule, t, x=None, *, name: str = "x") -> jax.Array:
     Shape and dtype are checked at trace time; the range only where `t` is a concrete value.
     """
     check_schedule(schedule)
-    t = jnp.asarray(t)
-    if not jnp.issubdtype(t.dtype, jnp.integer):
-        raise ValueError(f"t must be an integer array; got dtype {t.dtype}")
+    t = _check_timesteps(t, schedule.num_timesteps)
     if t.ndim > 1:
         raise ValueError(f"t must have shape [B] or []; got shape {t.shape}")
     if x is not None and t.ndim == 1:
@@ -143,18 +141,18 @@ def check_t(schedule: Schedule, t, x=None, *, name: str = "x") -> jax.Array:
                 f"t has batch size {t.shape[0]} but {name} has shape {x_shape}; "
                 "t must have shape [B] matching the leading axis"
             )
-    if _is_concrete(t):
-        tc = np.asarray(t)
-        if tc.size and (tc.min() < 0 or tc.max() >= schedule.num_timesteps):
-            raise ValueError(
-                f"t must lie in [0, {schedule.num_timesteps - 1}]; "
-                f"got values in [{tc.min()}, {tc.max()}]"
-            )
     return t
 
 
-def _compute_dtype(*xs):
-    return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+def _compute_dtype(**arrays):
+    """At least float32, from the named floating arrays; ValueError naming one that is not a
+    floating array (an integer x0 would otherwise give silently truncated integer results)."""
+    for name, x in arrays.items():
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            got = f"dtype {dtype}" if dtype is not None else type(x).__name__
+            raise ValueError(f"{name} must be a floating array (float32, bfloat16, ...); got {got}")
+    return jnp.promote_types(jnp.result_type(*arrays.values()), jnp.float32)
 
 
 def _coef(table: jax.Array, t: jax.Array, x: jax.Array, dtype) -> jax.Array:
@@ -193,8 +191,8 @@ def q_sample(schedule: Schedule, *, x0, t, noise) -> jax.Array:
       when noise has it too; computed in at least float32).
     """
     _check_same_shape(x0=x0, noise=noise)
+    dtype = _compute_dtype(x0=x0, noise=noise)
     t = check_t(schedule, t, x0, name="x0")
-    dtype = _compute_dtype(x0, noise)
     alpha, sigma = _alpha_sigma(schedule, t, x0, dtype)
     out = alpha * x0.astype(dtype) + sigma * noise.astype(dtype)
     return out.astype(jnp.result_type(x0, noise))
@@ -206,8 +204,8 @@ def q_mean_variance(schedule: Schedule, *, x0, t):
     Returns:
       (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]); variance = 1 - alpha_bar_t.
     """
+    dtype = _compute_dtype(x0=x0)
     t = check_t(schedule, t, x0, name="x0")
-    dtype = _compute_dtype(x0)
     alpha, sigma = _alpha_sigma(schedule, t, x0, dtype)
     variance = sigma**2
     out_dtype = jnp.result_type(x0)
@@ -235,8 +233,8 @@ def q_posterior_mean_variance(schedule: Schedule, *, x0, xt, t):
       variance is 0 and its log is clipped to that of t = 1 (improved-diffusion).
     """
     _check_same_shape(x0=x0, xt=xt)
+    dtype = _compute_dtype(x0=x0, xt=xt)
     t = check_t(schedule, t, xt, name="xt")
-    dtype = _compute_dtype(x0, xt)
     out_dtype = jnp.result_type(x0, xt)
     c1 = _coef(schedule.posterior_mean_coef1, t, xt, dtype)
     c2 = _coef(schedule.posterior_mean_coef2, t, xt, dtype)
@@ -249,8 +247,8 @@ def q_posterior_mean_variance(schedule: Schedule, *, x0, xt, t):
 def _affine(schedule, t, a_table_fn, x, y, *, x_name, y_name):
     """Shared body of the conversions: a(t) * x + b(t) * y with per-example coefficients."""
     _check_same_shape(**{x_name: x, y_name: y})
+    dtype = _compute_dtype(**{x_name: x, y_name: y})
     t = check_t(schedule, t, x, name=x_name)
-    dtype = _compute_dtype(x, y)
     a, b = a_table_fn(schedule, t, x, dtype)
     return (a * x.astype(dtype) + b * y.astype(dtype)).astype(jnp.result_type(x, y))
 
@@ -464,7 +462,7 @@ def p_mean_variance(
         denoised_fn=denoised_fn,
     )
     mean, post_var, post_logvar = q_posterior_mean_variance(schedule, x0=x0_hat, xt=xt, t=t)
-    dtype = _compute_dtype(xt)
+    dtype = _compute_dtype(xt=xt)
     out_dtype = mean.dtype
     if variance == "fixed_small":
         var, logvar = post_var, post_logvar

@@ -129,6 +129,11 @@ def classifier_free_guidance(
                 f"model_fn must return a batch of {2 * batch} (conditional + null branches); "
                 f"got shape {jnp.shape(out)}"
             )
+        if variance == "learned_range" and (jnp.ndim(out) < 2 or jnp.shape(out)[-1] % 2):
+            raise ValueError(
+                "model_fn must return [prediction, variance values] on the last axis (an even "
+                f"number of channels) with variance='learned_range'; got shape {jnp.shape(out)}"
+            )
         cond, uncond = out[:batch], out[batch:]
         if variance == "learned_range":
             cond, cond_var = jnp.split(cond, 2, axis=-1)

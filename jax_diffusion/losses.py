@@ -297,7 +297,7 @@ def loss_weight(
             f"weighting must be one of 'none', 'snr', 'min_snr', 'truncated_snr'; got {weighting!r}"
         )
     _check_nonnegative("min_snr_gamma", min_snr_gamma, zero_ok=False)
-    snr = schedule.snr(t)
+    snr = schedule.snr(t)  # checks t; in at least float32
     if weighting == "none":
         return jnp.ones_like(snr)
     gamma = jnp.asarray(min_snr_gamma, snr.dtype)

@@ -43,6 +43,7 @@ from jax_diffusion.diffusion import (
     _check_rng,
     _check_zero_snr,
     _is_concrete,
+    _is_real,
     check_denoising,
     check_prediction,
     check_schedule,
@@ -110,7 +111,7 @@ def _check_x(x, name: str = "x_T") -> jax.Array:
 
 def _check_eta(eta) -> bool:
     """Validates eta >= 0; returns True when eta is statically zero (deterministic DDIM)."""
-    if isinstance(eta, bool) or jnp.ndim(eta) != 0:
+    if not _is_real(eta) or jnp.ndim(eta) != 0:
         raise ValueError(f"eta must be a finite scalar >= 0; got {eta!r}")
     if _is_concrete(eta):
         value = float(eta)
@@ -452,6 +453,11 @@ def ddpm_sample(
                 "timesteps needs a concrete schedule to respace; got a traced schedule "
                 "(close over the schedule instead of passing it as a jit argument)"
             )
+        if not _is_concrete(timesteps):
+            raise ValueError(
+                "timesteps must be concrete ints (they set the chain's length); got a traced "
+                "array (close over them instead of passing them as a jit argument)"
+            )
         sched = schedule.respace(timesteps)
         index = np.arange(sched.num_timesteps)[::-1]
         model_ts = np.sort(np.asarray(timesteps))[::-1]
@@ -732,8 +738,7 @@ def dpm_solver_pp_sample(
     x_T, stride = _check_common(
         model_fn, schedule, x_T, prediction, variance, clip_denoised, denoised_fn, return_trajectory
     )
-    if order not in (1, 2) or isinstance(order, bool):
-        raise ValueError(f"order must be 1 or 2; got {order!r}")
+    order = _check_int("order", order, 1, 2)  # a Python int: the scan body branches on it
     ts = dpm_solver_pp_timesteps(schedule.num_timesteps, num_steps)
     _check_zero_snr(schedule, prediction, int(ts[0]))
     ts_prev = np.append(ts[1:], -1)

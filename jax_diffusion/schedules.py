@@ -33,8 +33,12 @@ def _check_num_timesteps(num_timesteps) -> int:
     return int(num_timesteps)
 
 
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+
+
 def _check_beta_range(name: str, value: float) -> float:
-    if not 0.0 < value < 1.0:
+    if not _is_number(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must lie in (0, 1); got {value!r}")
     return float(value)
 
@@ -100,9 +104,9 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
       [T] float64 betas.
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
-    if not s >= 0.0:
+    if not _is_number(s) or not s >= 0.0:
         raise ValueError(f"s must be >= 0; got {s!r}")
-    if not 0.0 < max_beta <= 1.0:
+    if not _is_number(max_beta) or not 0.0 < max_beta <= 1.0:
         raise ValueError(f"max_beta must lie in (0, 1]; got {max_beta!r}")
 
     def alpha_bar(u):
@@ -139,6 +143,22 @@ def rescale_zero_terminal_snr(betas) -> np.ndarray:
     out = 1.0 - alphas
     out[-1] = 1.0  # exact, whatever the rounding above
     return out
+
+
+def _check_timesteps(t, num_timesteps: int) -> jax.Array:
+    """`t` as an integer array, in [0, num_timesteps - 1] where it is concrete (a traced t is
+    checked at trace time for its dtype only); else ValueError. JAX indexing would clamp or
+    wrap an out-of-range t without a word."""
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"t must be an integer array; got dtype {t.dtype}")
+    if not isinstance(t, jax.core.Tracer):
+        tc = np.asarray(t)
+        if tc.size and (tc.min() < 0 or tc.max() >= num_timesteps):
+            raise ValueError(
+                f"t must lie in [0, {num_timesteps - 1}]; got values in [{tc.min()}, {tc.max()}]"
+            )
+    return t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,15 +233,18 @@ class Schedule:
 
     def logsnr(self, t: jax.Array) -> jax.Array:
         """log SNR(t) = log(alpha_bar_t / (1 - alpha_bar_t)) at integer `t` [B] (or any shape)."""
-        return self.logsnr_table[t]
+        return self.logsnr_table[_check_timesteps(t, self.num_timesteps)]
 
     def snr(self, t: jax.Array) -> jax.Array:
         """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021) at integer `t`.
 
         Taken from the float64-built log-SNR table, so it keeps full relative precision near
-        t = 0 where 1 - alpha_bar_t cancels in float32; 0 where alpha_bar_t = 0.
+        t = 0 where 1 - alpha_bar_t cancels in float32; 0 where alpha_bar_t = 0. Exponentiated
+        in at least float32: a float16 table's SNR near t = 0 (1e5 for a cosine T = 4000)
+        overflows float16.
         """
-        return jnp.exp(self.logsnr_table[t])
+        logsnr = self.logsnr(t)
+        return jnp.exp(logsnr.astype(jnp.promote_types(logsnr.dtype, jnp.float32)))
 
     def respace(self, timesteps) -> Schedule:
         """The schedule restricted to a subsequence of steps (Nichol & Dhariwal 2021, section 4).

@@ -381,6 +381,23 @@ def test_jit_vmap_grad_and_trace_count():
             lambda s, x: jd.p_mean_variance(None, model_output=x, xt=x, t=jnp.zeros(2, int)),
             "schedule must be a jax_diffusion Schedule .*got NoneType",
         ),
+        # integer data gave silently truncated integer results (a variance of 0, a mean of 0)
+        (
+            lambda s, x: jd.q_mean_variance(s, x0=x.astype(int), t=jnp.ones(2, int)),
+            r"x0 must be a floating array \(float32, bfloat16, ...\); got dtype int32",
+        ),
+        (
+            lambda s, x: jd.q_posterior_mean_variance(s, x0=x, xt=x.astype(int), t=np.ones(2, int)),
+            "xt must be a floating array .*got dtype int32",
+        ),
+        (
+            lambda s, x: jd.x0_from_eps(s, xt=x, t=jnp.ones(2, int), eps=x.astype(jnp.uint8)),
+            "eps must be a floating array .*got dtype uint8",
+        ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x.tolist(), t=jnp.ones(2, int), noise=x),
+            "x0 must be a floating array .*got list",
+        ),
     ],
 )
 def test_bad_input_raises_before_work(call, match):

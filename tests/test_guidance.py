@@ -254,6 +254,12 @@ BAD_INPUTS = {
         lambda: classifier_free_guidance(lambda x, t, y: x, "3", 9, y=jnp.zeros(2)),
         r"guidance_scale must be a scalar or \[B\]; got '3'",
     ),
+    "cfg_learned_range_odd_channels": (  # was jnp.split's "does not result in an equal division"
+        lambda: classifier_free_guidance(
+            lambda x, t, y: x, 2.0, 0, y=jnp.ones(2), variance="learned_range"
+        )(X, 0),
+        r"model_fn must return \[prediction, variance values\] .*got shape \(4, 3\)",
+    ),
     "cfg_scale_nan": (  # a grid of NaN samples
         lambda: classifier_free_guidance(lambda x, t, y: x, [1.0, np.nan], 9, y=jnp.zeros(2)),
         r"guidance_scale must be finite",

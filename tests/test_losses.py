@@ -398,6 +398,8 @@ def _zero_snr():
         (lambda s, f, x, k: jd.nll_bpd(s.betas, f, x, k), "schedule must be a jax_diffusion"),
         (lambda s, f, x, k: jd.prior_bpd(s.betas, x0=x), "schedule must be a jax_diffusion"),
         (lambda s, f, x, k: jd.training_draws(s, x, None), "rng must be a PRNG key"),
+        # uint32 of the wrong length: JAX's own "invalid PRNG key data" from deep inside
+        (lambda s, f, x, k: jd.diffusion_loss(s, f, x, jnp.zeros(3, jnp.uint32)), "rng must be"),
         # eps has no x0 where alphas_cumprod is 0: the bound and the hybrid loss were NaN
         (
             lambda s, f, x, k: jd.nll_bpd(_zero_snr(), f, x, k),
@@ -557,9 +559,32 @@ def test_bfloat16_loss_and_prior_are_computed_in_float32():
     np.testing.assert_allclose(metrics["per_example_loss"], want, rtol=1e-5)
 
 
-def test_loss_weight_checks_prediction(linear):
+def test_loss_weight_checks_prediction_and_t(linear):
     with pytest.raises(ValueError, match="prediction must be one of .*got 'score'"):
         jd.loss_weight(linear, jnp.zeros(2, jnp.int32), prediction="score", weighting="snr")
+    # indexing would clamp t = T to the last step's weight without a word
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]; got values in \[0, 1000\]"):
+        jd.loss_weight(linear, jnp.array([0, T]), prediction="v", weighting="snr")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("weighting", ["snr", "min_snr", "truncated_snr"])
+def test_loss_weights_of_a_float16_schedule_are_finite_where_its_snr_exceeds_float16(
+    prediction, weighting
+):
+    # cosine, T = 4000 (improved-diffusion's): SNR 1.0e5 at t = 0, above float16's 65504;
+    # exp(logsnr) in float16 gave inf, and v's SNR / (SNR + 1) NaN
+    betas = jd.cosine_betas(4000)
+    sched = jd.Schedule.from_betas(betas, dtype=jnp.float16)
+    t = np.array([0, 1, 2000, 3998])
+    w = jd.loss_weight(sched, jnp.asarray(t), prediction=prediction, weighting=weighting)
+    w = np.asarray(w, np.float64)
+    abar = np.cumprod(1 - betas)[t]
+    snr = abar / (1 - abar)
+    lam = {"snr": snr, "min_snr": np.minimum(snr, 5.0), "truncated_snr": np.maximum(snr, 1.0)}
+    to_space = {"eps": snr, "x0": np.ones_like(snr), "v": snr + 1}[prediction]
+    # the float16 log-SNR table holds log SNR to ~3 decimal digits
+    np.testing.assert_allclose(w, lam[weighting] / to_space, rtol=1e-2)
 
 
 def test_vlb_kl_of_bfloat16_inputs_is_taken_in_float32(linear):

@@ -794,6 +794,18 @@ BAD_INPUTS = {
         r"clip_denoised must be True or False; got 'no'",
     ),
     "eta_inf": (lambda: ddim_sample(_gauss(), SCHEDULE, X, KEY, eta=np.inf), r"eta must be a fini"),
+    "eta_none": (lambda: ddim_sample(_gauss(), SCHEDULE, X, KEY, eta=None), r"eta must .*None"),
+    "eta_str": (lambda: ddim_sample(_gauss(), SCHEDULE, X, KEY, eta="1"), r"eta must .*got '1'"),
+    "dpm_order_float": (
+        lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=2.0),
+        r"order must be an int in \[1, 2\]; got 2.0",
+    ),
+    "ddpm_traced_timesteps": (  # was JAX's TracerArrayConversionError from inside respace
+        lambda: jax.jit(lambda ts: ddpm_sample(_gauss(), SCHEDULE, X, KEY, timesteps=ts))(
+            jnp.array([1, 5])
+        ),
+        r"timesteps must be concrete ints",
+    ),
     "rng_int": (lambda: ddpm_sample(_gauss(), SCHEDULE, X, 0), r"rng must be a PRNG key.*got 0"),
     "model_none": (lambda: ddim_sample(None, SCHEDULE, X), r"model_fn must be a callable"),
     "schedule_array": (
@@ -857,7 +869,7 @@ BAD_INPUTS = {
     ),
     "dpm_order_bool": (
         lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=True),
-        r"order must be 1 or 2; got True",
+        r"order must be an int in \[1, 2\]; got True",
     ),
     # the edges of the step ranges: t in [0, T - 1], t_prev in [-1, t - 1]
     "step_t_at_T": (
@@ -914,6 +926,15 @@ def test_eps_samples_from_the_last_step_of_a_float16_schedule_whose_alphas_cumpr
 
     out = ddim_sample(model, cosine16, X.astype(jnp.float16), spacing="trailing", num_steps=5)
     assert np.isfinite(np.asarray(out)).all()
+
+
+def test_dpm_solver_pp_takes_a_numpy_or_jax_int_order():
+    # jnp.int32(2) passed the old `order not in (1, 2)` check, then failed inside the scan
+    x_T = _normal(43, (2, 3))
+    want = dpm_solver_pp_sample(_gauss(), SCHEDULE, x_T, num_steps=4, order=2)
+    for order in (jnp.int32(2), np.int64(2)):
+        got = dpm_solver_pp_sample(_gauss(), SCHEDULE, x_T, num_steps=4, order=order)
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

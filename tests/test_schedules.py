@@ -141,6 +141,17 @@ def test_bad_betas_raise(betas, match):
         (lambda: jd.linear_betas(0), "num_timesteps must be a positive int; got 0"),
         (lambda: jd.linear_betas(10.0), "num_timesteps must be a positive int; got 10.0"),
         (lambda: jd.linear_betas(10, beta_start=0.0), r"beta_start must lie in \(0, 1\); got 0.0"),
+        (lambda: jd.linear_betas(10, None), r"beta_start must lie in \(0, 1\); got None"),
+        (lambda: jd.scaled_linear_betas(10, beta_end="0.1"), r"beta_end must .*; got '0.1'"),
+        (lambda: jd.cosine_betas(10, s="a"), "s must be >= 0; got 'a'"),
+        (lambda: jd.cosine_betas(10, max_beta=None), r"max_beta must lie in \(0, 1\]; got None"),
+        # JAX indexing would clamp or wrap these without a word
+        (lambda: Schedule.from_betas(jd.linear_betas(10)).snr(10), r"t must lie in \[0, 9\]"),
+        (lambda: Schedule.from_betas(jd.linear_betas(10)).logsnr(-1), r"got values in \[-1, -1\]"),
+        (
+            lambda: Schedule.from_betas(jd.linear_betas(10)).snr(jnp.array([1.5])),
+            "t must be an integer array; got dtype float32",
+        ),
         (lambda: jd.scaled_linear_betas(10, beta_end=2.0), r"beta_end must lie in \(0, 1\)"),
         (lambda: jd.cosine_betas(10, max_beta=1.5), r"max_beta must lie in \(0, 1\]; got 1.5"),
         (lambda: jd.rescale_zero_terminal_snr([0.1]), "at least 2 entries"),
