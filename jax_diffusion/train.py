@@ -641,6 +641,40 @@ def check_num_classes(config: ml_collections.ConfigDict, data_num_classes: int) 
     )
 
 
+# what the network's output means: a resume that changes one would go on training (and
+# sampling) the weights as another kind of model
+_MEANING_FIELDS = (
+    "model.name",
+    "diffusion.prediction",
+    "diffusion.variance",
+    "diffusion.schedule",
+    "diffusion.num_timesteps",
+    "diffusion.zero_terminal_snr",
+)
+
+
+def _check_resume_keeps_the_meaning(config: ml_collections.ConfigDict, workdir) -> None:
+    """ValueError naming each field of `_MEANING_FIELDS` whose value differs from the one in
+    the run's config.json (a run without one is not checked)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    diffs = []
+    for key in _MEANING_FIELDS:
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):  # written before the field existed
+            continue
+        was, now = saved[section][name], config[section].get(name)
+        if was != now:
+            diffs.append(f"{key}={now!r} (the run has {was!r})")
+    if diffs:
+        raise ValueError(
+            f"cannot resume the run in {workdir} with {', '.join(diffs)}: these fields set what "
+            "the network predicts; keep the run's values (its config.json) or use a new workdir"
+        )
+
+
 def _last_good(ckpt: CheckpointManager) -> str:
     """The TrainingDiverged message's last sentence: where the last good checkpoint is."""
     step = ckpt.latest_step()
@@ -664,7 +698,10 @@ def train_and_evaluate(
     config.json and data_info.json describe the checkpoints: they are (re)written on every call,
     by process 0, only once the state is known to match them (after a resume's restore), so
     resuming with more steps records the new config, while a resume with an incompatible model
-    fails in the restore and leaves them as they were.
+    (other array shapes, or another model.name, diffusion.prediction, variance, schedule,
+    num_timesteps or zero_terminal_snr than config.json's), another batch size that cannot
+    continue the data order, or a train.num_steps below the checkpoint's step fails and leaves
+    them as they were.
 
     metrics.jsonl holds one strict-JSON line per log interval (window means; a mean made
     non-finite by skipped steps is null). Rerunning a finished run writes its final sample grid
@@ -714,9 +751,23 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = CheckpointManager(os.fspath(workdir), max_to_keep=tc.keep_checkpoints)
     if ckpt.latest_step() is not None:
+        _check_resume_keeps_the_meaning(config, workdir)
         state, data_state = ckpt.restore(state)
-        data_it.set_state(data_state)
-        log.info("resumed from step %d", int(state.step))
+        try:
+            data_it.set_state(data_state)
+        except ValueError as err:
+            raise ValueError(
+                f"train.batch_size={tc.batch_size} cannot continue the data order of the "
+                f"checkpoint in {ckpt.directory} ({err}); resume with the batch size the run "
+                "was trained with (its config.json)"
+            ) from err
+        step = int(jax.device_get(state.step))
+        if step > tc.num_steps:
+            raise ValueError(
+                f"the run in {workdir} is at step {step}, past train.num_steps={tc.num_steps}; "
+                f"pass train.num_steps >= {step} (or a new workdir)"
+            )
+        log.info("resumed from step %d", step)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config_json)
         data_info = {"shape": list(example_shape), "num_classes": info.num_classes}

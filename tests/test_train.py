@@ -1018,6 +1018,36 @@ def test_rerunning_a_finished_run_writes_its_final_grid_again(tmp_path, monkeypa
     assert [m["step"] for m in _logged(tmp_path)] == [2, 3]  # nothing logged twice
 
 
+def test_a_resume_that_changes_what_the_network_predicts_or_goes_back_is_refused(
+    tmp_path, monkeypatch
+):
+    runs, _ = _scripted_loop(monkeypatch)
+    train.train_and_evaluate(smoke("toy_2d.py", train__num_steps=3), str(tmp_path))
+    saved, saves = (tmp_path / "config.json").read_text(), [s for s, _, _ in runs[str(tmp_path)]]
+    for overrides, match in [
+        # eps-trained weights went on as a v model (loss 0.21 -> 0.87), config.json rewritten
+        (
+            dict(diffusion__prediction="v", diffusion__zero_terminal_snr=True),
+            r"with diffusion.prediction='v' \(the run has 'eps'\), diffusion.zero_terminal_snr"
+            r"=True \(the run has False\): these fields set what the network predicts",
+        ),
+        (dict(diffusion__num_timesteps=20), r"diffusion.num_timesteps=20 \(the run has 50\)"),
+        (dict(diffusion__schedule="linear"), r"diffusion.schedule='linear' \(the run has 'cos"),
+        (dict(diffusion__variance="fixed_large"), r"diffusion.variance='fixed_large' \(the"),
+        (dict(train__num_steps=2), r"is at step 3, past train.num_steps=2; pass train.num_st"),
+        # 3 steps of 16 examples: position 48 is no boundary of batches of 32
+        (dict(train__batch_size=32), r"train.batch_size=32 cannot continue the data order"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            config = smoke("toy_2d.py", **{"train__num_steps": 4, **overrides})
+            train.train_and_evaluate(config, str(tmp_path))
+        assert (tmp_path / "config.json").read_text() == saved  # the run's record is kept
+    assert [s for s, _, _ in runs[str(tmp_path)]] == saves  # and no checkpoint is written
+    # a loss setting is the user's to change on a resume
+    resumed = smoke("toy_2d.py", train__num_steps=4, diffusion__weighting="min_snr")
+    assert train.train_and_evaluate(resumed, str(tmp_path))["final_step"] == 4
+
+
 def test_a_resumed_loop_logs_and_samples_what_an_uninterrupted_one_does(tmp_path, monkeypatch):
     runs, samples = _scripted_loop(monkeypatch)
     config = smoke("toy_2d.py", train__num_steps=4, train__checkpoint_every=100)
