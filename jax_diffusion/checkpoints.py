@@ -30,6 +30,7 @@ with the target's shardings.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -271,13 +272,27 @@ class CheckpointManager:
         self._manager.close()
 
 
-def _attempt(restore_step: Callable[[int], Any], step: int) -> tuple[bool, Any]:
-    """(True, restore_step(step)), or (False, the exception) if it raised."""
-    try:
-        with _quiet_closed_loop_callbacks():
+def _attempt(
+    restore_step: Callable[[int], Any], step: int, grace_seconds: float = 0.5
+) -> tuple[bool, Any]:
+    """(True, restore_step(step)), or (False, the exception, without its traceback) if it
+    raised.
+
+    The reads a failed restore abandons stay reachable from the error's traceback (its frames)
+    and reference cycles; each would report its error (hundreds of tracebacks for one truncated
+    checkpoint) whenever the cyclic garbage collector next ran, long after the hook of
+    `_quiet_closed_loop_callbacks` is gone. So the traceback is dropped (the message is what
+    the fallback reports) and they are collected while the hook is still in place.
+    """
+    with _quiet_closed_loop_callbacks():
+        try:
             return True, restore_step(step)
-    except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
-        return False, err
+        except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many types
+            failure = err
+        _drop_tracebacks(failure)  # outside the except block, which holds the traceback too
+        time.sleep(grace_seconds)  # the in-flight reads complete
+        gc.collect()
+    return False, failure
 
 
 _HOOK_LOCK = threading.Lock()
@@ -285,22 +300,23 @@ _HOOK_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _quiet_closed_loop_callbacks(grace_seconds: float = 0.5):
-    """Drops the "Event loop is closed" RuntimeErrors of a failed orbax restore.
+    """Drops the reports of the reads a failed orbax restore abandons.
 
     When one array read fails, orbax's restore raises and closes its event loop while the other
     reads are still in flight; each of those then reports a RuntimeError from its completion
     callback (tensorstore's thread calling `loop.call_soon_threadsafe`) through
-    `sys.unraisablehook`: dozens of tracebacks, harmless, after a restore that has already
-    failed cleanly. While restoring, and for `grace_seconds` after a failure, this hook drops
-    exactly those and passes everything else on to the previous hook. Restores in several
-    threads take turns (a lock), so each puts back the hook it found.
+    `sys.unraisablehook`, and each read coroutine that failed too reports its own error when
+    the garbage collector finalizes it: hundreds of tracebacks (17,000 lines for one truncated
+    checkpoint of the smoke UNet), harmless, after a restore that has already failed cleanly.
+    While restoring, and for `grace_seconds` after a failure (ended by a garbage collection),
+    this hook drops exactly those and passes everything else on to the previous hook. Restores
+    in several threads take turns (a lock), so each puts back the hook it found.
     """
     with _HOOK_LOCK:
         previous = sys.unraisablehook
 
         def hook(unraisable):
-            err = unraisable.exc_value
-            if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            if not _of_a_failed_read(unraisable):
                 previous(unraisable)
 
         sys.unraisablehook = hook
@@ -324,9 +340,33 @@ def _path_name(path: tuple) -> str:
     return "/".join(str(n) for n in names)
 
 
+def _drop_tracebacks(err: BaseException) -> None:
+    """Detaches the traceback (and so the frames) of `err` and of the errors it chains."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+
+
+def _of_a_failed_read(unraisable) -> bool:
+    """An orbax read abandoned by a failed restore: the completion callback's "Event loop is
+    closed", or the read coroutine's own error, never awaited once the restore had raised."""
+    err = unraisable.exc_value
+    if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine object
+    return getattr(code, "co_name", None) == "_read_array_index_and_device_put" and str(
+        err
+    ).startswith("Encountered error while reading array index")
+
+
 def _reasons(failed: list[tuple[int, Exception]]) -> str:
-    """'step 4: ValueError: ...; step 2: ...', each message cut to 300 characters."""
-    return "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e in failed)
+    """'step 4: ValueError: ...; step 2: ...', each message's first line cut to 300
+    characters (tensorstore's go on with a many-line spec)."""
+    return "; ".join(
+        f"step {s}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}" for s, e in failed
+    )
 
 
 def _single_copy(x):
