@@ -162,11 +162,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         bpd_examples=args.bpd_examples,
     )
     text = json.dumps(metrics, indent=2)
+    print(text, flush=True)  # first: the metrics survive a failed write
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(text)
     return 0
 
 
@@ -202,6 +202,26 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _output_file(text: str) -> str:
+    """An argparse type: a file path that can be written, checked before any work (a local
+    path; a URI is left to the writer): not a directory, below a directory, not a file."""
+    if "://" in text:
+        return text
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"must be a file path; {text!r} is a directory")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(
+            f"cannot be written: {parent!r}, on the way to {text!r}, is a file"
+        )
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot be written: no write permission in {parent!r}")
+    return text
+
+
 def _image_path(text: str) -> str:
     from PIL import Image
 
@@ -209,7 +229,7 @@ def _image_path(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"must end in an image extension such as .png; got {text!r}"
         )
-    return text
+    return _output_file(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--bpd-examples", type=_int_in(0, 297), default=0, help="test digits for bits/dim"
     )
-    ev.add_argument("--out", default=None, help="also write the JSON here")
+    ev.add_argument("--out", type=_output_file, default=None, help="also write the JSON here")
     ev.set_defaults(func=_evaluate)
     return parser
 

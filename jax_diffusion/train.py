@@ -722,6 +722,8 @@ def train_and_evaluate(
         written for them: the last good one stays the latest).
     """
     check_config(config)
+    if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+        raise ValueError(f"workdir must be a directory (or a new path); {workdir!r} is a file")
     tc = config.train
     if tc.batch_size % jax.device_count():
         raise ValueError(

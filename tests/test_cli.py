@@ -1,6 +1,7 @@
 """The `jax-diffusion` command line, end to end."""
 
 import json
+import re
 import sys
 import types
 
@@ -72,6 +73,29 @@ def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, mo
     monkeypatch.setenv("JAX_DIFFUSION_TRACEBACK", "1")  # the traceback, for debugging
     with pytest.raises(ValueError, match="train.grad_clip"):
         cli.main(cases[0][0])
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
+    # these failed with an OSError traceback after sampling (evaluate: after hours of it)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    (tmp_path / "dir.png").mkdir()
+    run = ["--workdir", str(tmp_path / "no_run")]
+    for argv, named in [
+        (["sample", *run, "--out", str(tmp_path / "dir.png")], "is a directory"),
+        (["sample", *run, "--out", str(a_file / "x.png")], "on the way to .* is a file"),
+        (["evaluate", *run, "--out", str(tmp_path)], "must be a file path; .* is a directory"),
+        (["evaluate", *run, "--out", str(a_file / "sub" / "m.json")], "is a file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and re.search(named, err), err
+    train = ["train", "--config", f"{CONFIGS / 'default.py'}:smoke", "--workdir", str(a_file)]
+    with pytest.raises(SystemExit):
+        cli.main(train)
+    assert "error: workdir must be a directory (or a new path)" in capsys.readouterr().err
 
 
 def test_a_diverged_run_ends_with_its_message_and_status_1(tmp_path, capsys, monkeypatch):
@@ -295,6 +319,17 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
     printed = capsys.readouterr().out
     assert json.loads(printed) == {"fd_test": 1.25}
     assert out.read_text() == printed
+    # printed before the file is written: a write that fails keeps the metrics on stdout
+    out.unlink()
+
+    def evaluate_then_lose_the_path(workdir, **kwargs):
+        out.mkdir()  # the path taken while sampling, by another process
+        return {"fd_test": 1.25}
+
+    monkeypatch.setattr(evaluation, "evaluate_workdir", evaluate_then_lose_the_path)
+    with pytest.raises(IsADirectoryError):
+        cli.main(argv)
+    assert json.loads(capsys.readouterr().out) == {"fd_test": 1.25}
 
 
 def test_a_config_in_a_package_off_sys_path_can_import_its_siblings(tmp_path, monkeypatch):
