@@ -8,6 +8,7 @@ first; each process then feeds its own shard of the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -619,6 +620,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"diffusion.vlb_weight must be >= 0; got {d.vlb_weight!r}")
 
 
+@contextlib.contextmanager
+def _named_after(section: ml_collections.ConfigDict, prefix: str):
+    """A ValueError whose message starts with a field of `section` ('num_heads must ...', as
+    the network or the data loader name it) gets the config's name for it: 'model.num_heads
+    must ...'."""
+    try:
+        yield
+    except ValueError as err:
+        if str(err).split(" ", 1)[0] in section:
+            raise ValueError(f"{prefix}.{err}") from err
+        raise
+
+
+def check_model_fits_data(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
+    """The UNet takes images [H, W, C], the MLP vectors [D]; ValueError naming model.name and
+    data.name otherwise (the network's own error names only the rank of its input)."""
+    wants = {"unet": (3, "images [H, W, C]", "mlp"), "mlp": (1, "vectors [D]", "unet")}
+    rank, what, other = wants[config.model.name]
+    if len(shape) != rank:
+        raise ValueError(
+            f"model.name={config.model.name!r} takes {what}; data.name={config.data.name!r} "
+            f"gives examples of shape {list(shape)}: use model.name={other!r}"
+        )
+
+
 def check_num_classes(config: ml_collections.ConfigDict, data_num_classes: int) -> None:
     """model.num_classes must be None (unconditional) or the dataset's class count.
 
@@ -732,21 +758,18 @@ def train_and_evaluate(
         )
     config_json = config.to_json(indent=2)  # a config JSON cannot represent fails before any I/O
     mesh = make_mesh()
-    data_it, info = data_lib.get_dataset(
-        config.data, global_batch_size=tc.batch_size, seed=config.seed
-    )
+    with _named_after(config.data, "data"):
+        data_it, info = data_lib.get_dataset(
+            config.data, global_batch_size=tc.batch_size, seed=config.seed
+        )
     check_num_classes(config, info.num_classes)
+    check_model_fits_data(config, tuple(info.shape))
     schedule = get_schedule(config.diffusion)  # validates the diffusion section
     example_shape = tuple(info.shape)
     model = create_model(config, channels=example_shape[-1])
     rng = jax.random.PRNGKey(config.seed)
-    try:
+    with _named_after(config.model, "model"):
         state = create_train_state(config, model, rng, example_shape)  # the model's own checks
-    except ValueError as err:
-        # the network names its field ('num_heads must ...'); the config knows it as model.*
-        if str(err).split(" ", 1)[0] in config.model:
-            raise ValueError(f"model.{err}") from err
-        raise
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     workdir = epath.Path(workdir)

@@ -59,6 +59,9 @@ def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, mo
         ([*train, "--set", "model.attention_resolutions=(3,)"], "model.attention_resolutions"),
         ([*train, "--set", "model.num_heads=3"], "error: model.num_heads must divide"),
         ([*train, "--set", "data.name='tfds:mnist'"], "pip install 'jax_diffusion[data]'"),
+        # the network said only "x must have rank 2 ([B, D])", the loader "image_size must"
+        ([*train, "--set", "model.name='mlp'"], "model.name='mlp' takes vectors [D]; data.name"),
+        ([*train, "--set", "data.image_size=12"], "error: data.image_size must be one of 8, 16"),
         (["sample", "--workdir", str(workdir), "--out", "g.png"], "no training run"),
         (["evaluate", "--workdir", str(workdir)], "no training run"),
     ]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -603,6 +604,32 @@ def test_smoke_training_cifar10_config_on_a_local_tfds_dataset(tmp_path):
 
     grid = np.asarray(Image.open(summary["samples"]))
     assert grid.ndim == 3 and grid.shape[-1] == 3  # RGB samples
+
+
+def test_the_config_s_tfds_fields_reach_the_loader_and_label_key_none_means_unlabeled(
+    monkeypatch,
+):
+    # label_key, image_key and num_workers were not in the configs: an unlabeled tfds dataset
+    # could not be trained from the command line
+    got = {}
+
+    def fake_tfds_iterator(name, **kwargs):
+        got.update(name=name, **kwargs)
+        return types.SimpleNamespace(info="info")
+
+    monkeypatch.setattr(data_lib, "tfds_iterator", fake_tfds_iterator)
+    sets = ["data.name='tfds:x'", "data.label_key=None", "data.image_key='img'"]
+    config = cli.load_config(f"{CONFIGS / 'default.py'}", [*sets, "data.num_workers=3"])
+    data_lib.get_dataset(config.data, global_batch_size=8, seed=0)
+    assert (got["name"], got["label_key"], got["image_key"], got["num_workers"]) == (
+        "x",
+        None,
+        "img",
+        3,
+    )
+    cifar10 = cli.load_config(f"{CONFIGS / 'cifar10.py'}")
+    data_lib.get_dataset(cifar10.data, global_batch_size=8, seed=0)
+    assert (got["name"], got["label_key"], got["image_key"]) == ("cifar10", "label", "image")
 
 
 def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():

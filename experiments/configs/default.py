@@ -21,6 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.split = "train"
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
     config.data.num_samples = 10000  # toy_2d only
+    config.data.image_key = "image"  # tfds only: the image feature
+    config.data.label_key = "label"  # tfds only: the label feature; None: unlabeled data
+    config.data.num_workers = 0  # tfds only: grain worker processes (0: threads)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
