@@ -604,6 +604,11 @@ def evaluate_workdir(
         raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++' or None; got {sampler!r}")
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, 1)
+        if sampler == "ddpm":  # before the run is restored (train.sample says so too, later)
+            raise ValueError(
+                f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all the run's "
+                f"steps (got num_steps={num_steps})"
+            )
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS} or None; got {spacing!r}")
     config, shape, model, params, step = _restore_ema_params(workdir)

@@ -337,6 +337,7 @@ def sample(
     x_T = jax.random.normal(x_rng, (num, *shape))
     if num_classes is not None:
         labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
+        _check_labels(labels, num, num_classes)
     w = s.guidance if guidance is None else guidance
 
     # params, labels and w are arguments of the compiled program, not constants baked into it
@@ -367,6 +368,23 @@ def sample(
         # at top level: compile with the backend's options (a nested jit may not set any)
         run = jax.jit(run, compiler_options=compiler_options())
     return run(*args)
+
+
+def _check_labels(labels: jax.Array, num: int, num_classes: int) -> None:
+    """Labels [num] of ints in [0, num_classes] (num_classes: the null label, unconditional
+    samples) where concrete: the label table would clamp or wrap others (a label of 30 of 10
+    classes gave NaN samples, -1 the null label's)."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != (num,):
+        raise ValueError(
+            f"labels must be ints of shape [num] = ({num},); got {labels.dtype} {labels.shape}"
+        )
+    if not isinstance(labels, jax.core.Tracer):
+        values = np.asarray(labels)
+        if values.min() < 0 or values.max() > num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}] ({num_classes}: the null label, "
+                f"unconditional samples); got values in [{values.min()}, {values.max()}]"
+            )
 
 
 def check_finite_samples(samples: np.ndarray) -> None:

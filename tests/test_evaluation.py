@@ -761,6 +761,7 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
             r"sampler must be one of 'ddpm', 'ddim', 'dpm\+\+' or None; got 'DDIM'",
         ),
         (dict(spacing="cosine"), r"spacing must be one of \('leading', .*; got 'cosine'"),
+        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),
     ],
 )
 def test_evaluate_workdir_checks_its_arguments_before_loading_the_run(tmp_path, kwargs, match):

@@ -649,6 +649,17 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
         kwargs = {"num": 4, **kwargs}
         with pytest.raises(ValueError, match=match):  # before the network is ever called
             train.sample(config, model, None, schedule, key, shape=(2,), **kwargs)
+    # a class-conditional model: labels index its table, which would clamp or wrap them
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = train.create_model(config, channels=2)
+    for labels, match in [
+        ([0, 1, 2, 4], r"labels must lie in \[0, 3\] \(3: the null label.*got values in \[0, 4\]"),
+        ([0, 1, 2, -1], r"got values in \[-1, 2\]"),
+        ([0.0, 1.0, 2.0, 3.0], r"labels must be ints of shape \[num\] = \(4,\); got float32"),
+        ([0, 1], r"labels must be ints of shape \[num\] = \(4,\); got int32 \(2,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train.sample(config, model, None, schedule, key, shape=(2,), num=4, labels=labels)
 
 
 def test_create_model_passes_every_unet_field_of_the_config_and_doubles_out_for_learned_range():
