@@ -756,8 +756,11 @@ def train_and_evaluate(
       workdir: the run directory: a local path or a URI `etils.epath` and orbax understand.
 
     Returns:
-      summary dict: final step, final loss (mean of the last log interval), steps per second,
-      images per second, number of skipped steps and the path of the last sample grid.
+      summary dict: "start_step", "final_step", "final_loss" (the mean loss of the last log
+      interval, of this call or an earlier one; None if nothing was ever logged),
+      "skipped_steps" (of the whole run), "seconds", "steps_per_sec" and "images_per_sec" (of
+      this call, compilation included), "samples" (the path of the last sample grid, or None)
+      and "state" (the final TrainState).
 
     Raises:
       ValueError: on a bad config value (`check_config`) or a model.num_classes that does not
@@ -905,8 +908,8 @@ def train_and_evaluate(
             # same EMA params and key), as a run killed between its last checkpoint and its
             # grid would otherwise never have one
             last_sample = write_samples(start)
-            if writer.last is not None and writer.last["step"] == start:
-                summary["final_loss"] = writer.last["loss"]
+        if "final_loss" not in summary:  # nothing logged in this call
+            summary["final_loss"] = None if writer.last is None else writer.last["loss"]
         if prev_bad is not None and int(prev_bad) >= tc.max_bad_steps:
             raise TrainingDiverged(
                 f"{int(prev_bad)} consecutive non-finite steps at the end of training. "
@@ -922,6 +925,7 @@ def train_and_evaluate(
         skipped_steps=int(jax.device_get(state.skipped_steps)),
         seconds=elapsed,
         steps_per_sec=steps_done / elapsed if elapsed else 0.0,
+        images_per_sec=steps_done * tc.batch_size / elapsed if elapsed else 0.0,
         samples=last_sample,
     )
     summary["state"] = state

@@ -1053,6 +1053,11 @@ def test_rerunning_a_finished_run_writes_its_final_grid_again(tmp_path, monkeypa
     np.testing.assert_array_equal(samples[-1][2], key)
     assert again["start_step"] == again["final_step"] == 3
     assert again["final_loss"] == first["final_loss"] == 3.0  # the last logged line, step 3
+    # a call that logs nothing: final_loss is None (never logged) or the last line's
+    config = smoke("toy_2d.py", train__num_steps=3, train__log_every=2, train__stop_after=1)
+    stopped = train.train_and_evaluate(config, str(tmp_path / "b"))
+    assert stopped["final_step"] == 1 and stopped["final_loss"] is None
+    assert stopped["images_per_sec"] == pytest.approx(16 * stopped["steps_per_sec"])
     assert [m["step"] for m in _logged(tmp_path)] == [2, 3]  # nothing logged twice
 
 
