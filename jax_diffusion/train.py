@@ -490,7 +490,8 @@ class _Writer:
         self._jsonl = path.open("a")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=start + 1)
+        self._tb_dir, self._tb_files = os.fspath(workdir / "tensorboard"), 1
+        self._tb = SummaryWriter(self._tb_dir, purge_step=start + 1)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -502,6 +503,20 @@ class _Writer:
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, step)
         self._tb.flush()
+
+    def sync(self) -> None:
+        """Returns once every event written so far is in its file: called before each
+        checkpoint, so that a kill after it loses no logged step (a resumed run purges the
+        events after the checkpoint, and never writes the earlier ones again). tensorboardX's
+        flush() only flushes what its writer thread has dequeued; closing the writer drains
+        the queue, and the next events go to a new file."""
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._tb.close()
+        self._tb = SummaryWriter(self._tb_dir, filename_suffix=f".{self._tb_files}")
+        self._tb_files += 1
 
     def close(self) -> None:
         if self.enabled:
@@ -898,6 +913,7 @@ def train_and_evaluate(
                 # optimizer state as they were), unless the streak ends the run.
                 bad = int(state.bad_steps)
                 if bad == 0 or (last and bad < tc.max_bad_steps):
+                    writer.sync()
                     ckpt.save(state, data_it.get_state(), force=True)
             if done == tc.num_steps or (tc.sample_every and done % tc.sample_every == 0):
                 last_sample = write_samples(done)

@@ -178,3 +178,22 @@ def test_writer_purges_the_tensorboard_steps_after_the_resumed_one(tmp_path):
     assert [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value] == [
         (3, "loss", 3.5)
     ]
+
+
+def test_writer_sync_puts_every_event_written_so_far_in_its_file(tmp_path):
+    # tensorboardX's flush() left queued events behind: a kill after the checkpoint that
+    # followed lost them for good (the resumed run purges only what comes after it)
+    writer = train._Writer(tmp_path, start=0)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": float(step)})
+    writer.sync()
+    on_disk = _tensorboard_events(tmp_path / "tensorboard")  # read before the writer closes
+    assert [(e.step, v.simple_value) for e in on_disk for v in e.summary.value] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+    ]
+    writer.write(4, {"loss": 4.0})  # into a new file, read after the first
+    writer.close()
+    events = _tensorboard_events(tmp_path / "tensorboard")
+    assert [e.step for e in events for v in e.summary.value] == [1, 2, 3, 4]
