@@ -798,10 +798,10 @@ def train_and_evaluate(
         data_it, info = data_lib.get_dataset(
             config.data, global_batch_size=tc.batch_size, seed=config.seed
         )
-    check_num_classes(config, info.num_classes)
-    check_model_fits_data(config, tuple(info.shape))
-    schedule = get_schedule(config.diffusion)  # validates the diffusion section
     example_shape = tuple(info.shape)
+    check_num_classes(config, info.num_classes)
+    check_model_fits_data(config, example_shape)
+    schedule = get_schedule(config.diffusion)  # validates the diffusion section
     model = create_model(config, channels=example_shape[-1])
     rng = jax.random.PRNGKey(config.seed)
     with _named_after(config.model, "model"):
