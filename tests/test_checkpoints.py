@@ -396,3 +396,74 @@ def test_closed_loop_errors_of_a_failed_restore_are_dropped_during_the_grace_per
     with _quiet_closed_loop_callbacks(grace_seconds=0.75):
         pass
     assert slept == [0.75]  # no wait after a restore that succeeded
+
+
+def test_an_explicit_step_is_checked_against_its_own_shapes_not_the_newest_step_s(tmp_path):
+    # step 1 of one model, step 2 of a wider one: each restores onto its own model's target
+    narrow = _random_state().replace(step=jnp.asarray(1, jnp.int32))
+    hidden = narrow.params["dense_in"]["kernel"].shape[1]
+    wide = _random_state(hidden_dim=2 * hidden).replace(step=jnp.asarray(2, jnp.int32))
+    ckpt = CheckpointManager(str(tmp_path))
+    assert ckpt.save(narrow, {"epoch": 1}) and ckpt.save(wide, {"epoch": 2})
+    restored, data = ckpt.restore(jax.tree.map(jnp.zeros_like, narrow), step=1)
+    assert (int(restored.step), data) == (1, {"epoch": 1})
+    for a, b in zip(leaves(narrow), leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"^checkpoint step 2 in .* another model"):
+        ckpt.restore(jax.tree.map(jnp.zeros_like, narrow))  # the newest step: the wide one
+    ckpt.close()
+
+
+def test_no_readable_checkpoint_names_only_the_first_line_of_each_step_s_error(tmp_path):
+    # tensorstore's read errors go on with a many-line spec; the summary keeps each first line
+    states = _run_with_steps(tmp_path, [1, 2])
+    ckpt = CheckpointManager(str(tmp_path))
+
+    def restore(step, *args, **kwargs):
+        raise OSError(f"read error at step {step}\nspec: {{'driver': 'ocdbt'}}\nmore")
+
+    ckpt._manager.restore = restore
+    with pytest.raises(ValueError) as info:
+        ckpt.restore(jax.tree.map(jnp.zeros_like, states[1]))
+    message = str(info.value)
+    assert "step 2: OSError: read error at step 2; step 1: OSError: read error at step 1" in message
+    assert "spec" not in message and "more" not in message
+    ckpt.close()
+
+
+class _Abandoned:
+    """A read left behind by a failed restore: in a reference cycle (so only the cyclic
+    garbage collector frees it), reporting "Event loop is closed" when finalized."""
+
+    def __init__(self):
+        self.cycle = self
+
+    def __del__(self):
+        raise RuntimeError("Event loop is closed")
+
+
+def test_a_failed_attempt_collects_its_abandoned_reads_while_their_reports_are_dropped(
+    monkeypatch,
+):
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", reports.append)
+
+    def restore_step(step):
+        _Abandoned()  # unreachable at once, but freed only by a collection
+        try:
+            raise KeyError("the error being handled")
+        except KeyError:
+            raise OSError(f"read error at step {step}") from None
+
+    gc.disable()  # no automatic collection during the attempt: only its own
+    try:
+        ok, err = checkpoints._attempt(restore_step, 3, grace_seconds=0.0)
+        assert not ok and isinstance(err, OSError) and str(err) == "read error at step 3"
+        # the traceback of the error and of the one it was raised while handling are
+        # dropped (their frames would keep the abandoned reads alive)
+        assert isinstance(err.__context__, KeyError)
+        assert err.__traceback__ is None and err.__context__.__traceback__ is None
+        gc.collect()  # after the attempt, with the hook gone: nothing left to report
+    finally:
+        gc.enable()
+    assert [str(r.exc_value) for r in reports] == []

@@ -1,6 +1,7 @@
 """The `jax-diffusion` command line, end to end."""
 
 import json
+import os
 import re
 import sys
 import types
@@ -99,6 +100,22 @@ def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_pat
     with pytest.raises(SystemExit):
         cli.main(train)
     assert "error: workdir must be a directory (or a new path)" in capsys.readouterr().err
+
+
+def test_an_output_in_a_directory_without_write_permission_is_refused(
+    tmp_path, capsys, monkeypatch
+):
+    # the permission as the OS reports it (root may write anywhere, so it is stood in for)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(
+        cli.os, "access", lambda path, mode: not (mode == os.W_OK and path == str(locked))
+    )
+    argv = ["evaluate", "--workdir", str(tmp_path / "no_run")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--out", str(locked / "sub" / "m.json")])
+    assert exit_info.value.code == 2
+    assert re.search(r"--out.*no write permission in .*locked", capsys.readouterr().err)
 
 
 def test_a_diverged_run_ends_with_its_message_and_status_1(tmp_path, capsys, monkeypatch):

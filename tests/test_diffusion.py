@@ -398,6 +398,10 @@ def test_jit_vmap_grad_and_trace_count():
             lambda s, x: jd.q_sample(s, x0=x.tolist(), t=jnp.ones(2, int), noise=x),
             "x0 must be a floating array .*got list",
         ),
+        (
+            lambda s, x: jd.q_sample(s, x0=x, t=jnp.ones(2, int), noise=x.astype(int)),
+            r"noise must be a floating array \(float32, bfloat16, ...\); got dtype int32",
+        ),
     ],
 )
 def test_bad_input_raises_before_work(call, match):

@@ -880,6 +880,8 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     assert evaluate_workdir("run", spacing="trailing", **kw)["spacing"] == "trailing"
     assert fake_run.static[-1]["spacing"] == "trailing"
     assert evaluate_workdir("run", **kw)["spacing"] == fake_run.config.sample.spacing
+    fake_run.config.sample.spacing = "linspace"  # not the default: read from the config
+    assert evaluate_workdir("run", **kw)["spacing"] == "linspace"
     assert "spacing" not in fake_run.static[-1]
     with pytest.raises(ValueError, match="spacing applies to sampler 'ddim' only; got .*'ddpm'"):
         evaluate_workdir("run", spacing="trailing", **{**kw, "sampler": "ddpm", "num_steps": None})

@@ -283,6 +283,21 @@ def test_l1_loss_and_snr_weighting_of_x0_equals_eps_loss(linear):
     np.testing.assert_allclose(l1, jnp.mean(jnp.abs(0.9 * xt - noise)), rtol=1e-5)
 
 
+def test_a_raw_rbg_key_of_four_words_draws_as_its_typed_key():
+    # jax.random.PRNGKey under the rbg implementations is uint32 [4], not [2]
+    sched = jd.Schedule.from_betas(jd.linear_betas(5))
+    x0 = jnp.zeros((4, 2))
+    with jax.default_prng_impl("rbg"):
+        raw = jax.random.PRNGKey(7)
+        assert raw.shape == (4,) and raw.dtype == jnp.uint32
+        t, noise = jd.training_draws(sched, x0, raw)
+        t_typed, noise_typed = jd.training_draws(
+            sched, x0, jax.random.wrap_key_data(raw, impl="rbg")
+        )
+    np.testing.assert_array_equal(t, t_typed)
+    np.testing.assert_array_equal(noise, noise_typed)
+
+
 def test_training_draws_are_uniform_over_every_step():
     """t ~ U{0, ..., T-1} (Ho et al. Algorithm 1 with t shifted to [0, T-1]), ends included."""
     sched = jd.Schedule.from_betas(jd.linear_betas(5))
@@ -394,6 +409,18 @@ def _zero_snr():
             r"x0 must be a floating array \[B, ...\] .*got dtype int32 and shape \(2, 3\)",
         ),
         (lambda s, f, x, k: jd.nll_bpd(s, f, x.astype(jnp.uint8), k), "x0 must be a floating"),
+        # a scalar x0 has no batch axis: an IndexError from deep inside
+        (
+            lambda s, f, x, k: jd.training_draws(s, x[0, 0], k),
+            r"x0 must be a floating array \[B, ...\] .*got dtype float32 and shape \(\)",
+        ),
+        # with the draws given no training_draws checks x0
+        (
+            lambda s, f, x, k: jd.diffusion_loss(
+                s, f, x.astype(jnp.int32), None, draws=(jnp.zeros(2, jnp.int32), x)
+            ),
+            r"x0 must be a floating array \[B, ...\] .*got dtype int32 and shape \(2, 3\)",
+        ),
         (lambda s, f, x, k: jd.diffusion_loss(s.betas, f, x, k), "schedule must be a jax_diff"),
         (lambda s, f, x, k: jd.nll_bpd(s.betas, f, x, k), "schedule must be a jax_diffusion"),
         (lambda s, f, x, k: jd.prior_bpd(s.betas, x0=x), "schedule must be a jax_diffusion"),

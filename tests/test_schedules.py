@@ -145,6 +145,9 @@ def test_bad_betas_raise(betas, match):
         (lambda: jd.scaled_linear_betas(10, beta_end="0.1"), r"beta_end must .*; got '0.1'"),
         (lambda: jd.cosine_betas(10, s="a"), "s must be >= 0; got 'a'"),
         (lambda: jd.cosine_betas(10, max_beta=None), r"max_beta must lie in \(0, 1\]; got None"),
+        # a bool is no number: True passed the comparisons as s = 1.0 and max_beta = 1.0
+        (lambda: jd.cosine_betas(10, s=True), "s must be >= 0; got True"),
+        (lambda: jd.cosine_betas(10, max_beta=True), r"max_beta must lie in \(0, 1\]; got True"),
         # JAX indexing would clamp or wrap these without a word
         (lambda: Schedule.from_betas(jd.linear_betas(10)).snr(10), r"t must lie in \[0, 9\]"),
         (lambda: Schedule.from_betas(jd.linear_betas(10)).logsnr(-1), r"got values in \[-1, -1\]"),

@@ -645,6 +645,12 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
         (dict(labels=jnp.zeros(4, jnp.int32)), "labels and guidance need a class-conditional"),
         # ddpm ignored num_steps: `jax-diffusion sample --sampler ddpm --steps 2` ran all T
         (dict(sampler="ddpm", num_steps=5), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
+        # ddpm and dpm++ have no spacing to set: it was silently ignored
+        (
+            dict(sampler="dpm++", spacing="trailing"),
+            r"spacing must be one of .* with sampler 'ddim' only; got spacing='trailing' with "
+            r"sampler 'dpm\+\+'",
+        ),
     ]:
         kwargs = {"num": 4, **kwargs}
         with pytest.raises(ValueError, match=match):  # before the network is ever called
@@ -660,6 +666,42 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
     ]:
         with pytest.raises(ValueError, match=match):
             train.sample(config, model, None, schedule, key, shape=(2,), num=4, labels=labels)
+
+
+def test_sample_takes_the_null_label_num_classes_for_unconditional_samples():
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = train.create_model(config, channels=2)
+    schedule = train.get_schedule(config.diffusion)
+    state = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
+    labels = jnp.asarray([0, 1, 2, 3], jnp.int32)  # 3: the null label, the table's last row
+    x = train.sample(
+        config,
+        model,
+        state.ema_params,
+        schedule,
+        jax.random.PRNGKey(1),
+        shape=(2,),
+        num=4,
+        labels=labels,
+        sampler="ddim",
+        num_steps=2,
+    )
+    assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all()
+
+
+def test_only_a_loader_error_that_names_a_data_field_gets_the_data_prefix(tmp_path, monkeypatch):
+    config = smoke("toy_2d.py")
+    for message, want in [
+        ("name must be one of 'toy_2d', ...", r"^data\.name must be one of 'toy_2d', \.\.\.$"),
+        ("the split holds no examples", r"^the split holds no examples$"),
+    ]:
+
+        def get_dataset(*args, message=message, **kwargs):
+            raise ValueError(message)
+
+        monkeypatch.setattr(train.data_lib, "get_dataset", get_dataset)
+        with pytest.raises(ValueError, match=want):
+            train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_create_model_passes_every_unet_field_of_the_config_and_doubles_out_for_learned_range():
@@ -1089,6 +1131,37 @@ def test_a_resume_that_changes_what_the_network_predicts_or_goes_back_is_refused
     # a loss setting is the user's to change on a resume
     resumed = smoke("toy_2d.py", train__num_steps=4, diffusion__weighting="min_snr")
     assert train.train_and_evaluate(resumed, str(tmp_path))["final_step"] == 4
+
+
+def test_a_run_whose_config_json_predates_a_checked_field_resumes(tmp_path, monkeypatch):
+    # a config.json written before diffusion.zero_terminal_snr existed: nothing to compare
+    _scripted_loop(monkeypatch)
+    train.train_and_evaluate(smoke("toy_2d.py", train__num_steps=3), str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["diffusion"]["zero_terminal_snr"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resumed = smoke("toy_2d.py", train__num_steps=4)
+    assert train.train_and_evaluate(resumed, str(tmp_path))["final_step"] == 4
+
+
+def test_each_checkpoint_comes_after_the_tensorboard_events_logged_before_it(tmp_path, monkeypatch):
+    # a kill after a checkpoint must lose no logged step: the resumed run purges only the
+    # events after it, and never logs the earlier ones again
+    from test_workdir import _tensorboard_events
+
+    _scripted_loop(monkeypatch)
+    real_save, on_disk = _MemoryCheckpoints.save, []
+
+    def save(self, state, data_state, *, force=False):
+        events = _tensorboard_events(tmp_path / "tensorboard")
+        logged = [e.step for e in events for v in e.summary.value if v.tag == "loss"]
+        on_disk.append((int(jax.device_get(state.step)), logged))
+        return real_save(self, state, data_state, force=force)
+
+    monkeypatch.setattr(_MemoryCheckpoints, "save", save)
+    config = smoke("toy_2d.py", train__num_steps=4, train__log_every=1, train__checkpoint_every=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert on_disk == [(2, [1, 2]), (4, [1, 2, 3, 4])]
 
 
 def test_a_resumed_loop_logs_and_samples_what_an_uninterrupted_one_does(tmp_path, monkeypatch):
