@@ -171,7 +171,8 @@ def _alpha_sigma(schedule: Schedule, t, x, dtype):
 
 
 def _check_same_shape(**arrays):
-    shapes = {k: jnp.shape(v) for k, v in arrays.items()}
+    # np.shape: jnp.shape of a list is deprecated; a list is then named by _compute_dtype
+    shapes = {k: np.shape(v) for k, v in arrays.items()}
     if len(set(shapes.values())) > 1:
         desc = ", ".join(f"{k} {s}" for k, s in shapes.items())
         raise ValueError(f"arrays must have the same shape; got {desc}")
