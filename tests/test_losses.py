@@ -384,6 +384,14 @@ def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
     ],
 )
 def test_bad_loss_arguments_raise_before_the_model_runs(linear, kwargs, match):
+    _raises_before_the_model_runs(
+        linear, lambda s, f, x, k: jd.diffusion_loss(s, f, x, k, **kwargs), match
+    )
+
+
+def _raises_before_the_model_runs(schedule, call, match):
+    """call(schedule, model_fn, x0 [2, 3], key) raises a ValueError matching `match` without
+    ever calling model_fn."""
     calls = []
 
     def model_fn(x, t):
@@ -391,7 +399,7 @@ def test_bad_loss_arguments_raise_before_the_model_runs(linear, kwargs, match):
         return x
 
     with pytest.raises(ValueError, match=match):
-        jd.diffusion_loss(linear, model_fn, jnp.ones((2, 3)), jax.random.key(0), **kwargs)
+        call(schedule, model_fn, jnp.ones((2, 3)), jax.random.key(0))
     assert not calls
 
 
@@ -439,15 +447,7 @@ def _zero_snr():
     ],
 )
 def test_loss_functions_name_a_wrong_schedule_x0_or_rng_before_the_model_runs(linear, call, match):
-    calls = []
-
-    def model_fn(x, t):
-        calls.append(1)
-        return x
-
-    with pytest.raises(ValueError, match=match):
-        call(linear, model_fn, jnp.ones((2, 3)), jax.random.key(0))
-    assert not calls
+    _raises_before_the_model_runs(linear, call, match)
 
 
 def test_loss_is_traced_once_per_shape(linear):
