@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -327,6 +328,7 @@ def sample(
             f"'ddim' only; got spacing={spacing!r} with sampler {sampler!r}"
         )
     spacing = s.get("spacing", "leading") if spacing is None else spacing
+    _warn_if_zero_snr_skipped(config, sampler, spacing)
     check_int("num", num, 1)
     if num_classes is None and (labels is not None or guidance is not None):
         raise ValueError(
@@ -636,6 +638,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if s.get("spacing", "leading") not in samplers.SPACINGS:
         raise ValueError(f"sample.spacing must be one of {samplers.SPACINGS}; got {s.spacing!r}")
+    _warn_if_zero_snr_skipped(config, s.sampler, s.get("spacing", "leading"))
     if not s.num_samples >= 1:
         raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
     if not s.get("eta", 0.0) >= 0:
@@ -651,6 +654,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"diffusion.min_snr_gamma must be > 0; got {d.min_snr_gamma!r}")
     if not d.get("vlb_weight", 0.0) >= 0:
         raise ValueError(f"diffusion.vlb_weight must be >= 0; got {d.vlb_weight!r}")
+
+
+def _warn_if_zero_snr_skipped(config: ml_collections.ConfigDict, sampler: str, spacing: str):
+    """Warns where a zero-terminal-SNR model is sampled by ddim with 'leading' spacing, which
+    starts below t = T - 1: x_T ~ N(0, I) is then not what the model saw at the first step, the
+    mismatch zero_terminal_snr exists to remove (Lin et al. 2024, section 3.3). One warning per
+    process (Python's default filter shows a warning once per location, and this is the one)."""
+    zero_snr = config.diffusion.get("zero_terminal_snr", False)
+    if zero_snr and sampler == "ddim" and spacing == "leading":
+        warnings.warn(
+            "diffusion.zero_terminal_snr=True is sampled by ddim with spacing 'leading', which "
+            "starts below t = T - 1 and so never uses the zero-SNR step; use spacing 'trailing' "
+            "(Lin et al. 2024, section 3.3)",
+            UserWarning,
+            stacklevel=1,
+        )
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import CONFIGS, SUBPROCESS_XLA_FLAGS, leaves
 
-from jax_diffusion import cli, train, train_state
+from jax_diffusion import cli, samplers, train, train_state
 from jax_diffusion import data as data_lib
 from jax_diffusion.checkpoints import CheckpointManager
 
@@ -1188,7 +1189,6 @@ def test_a_resumed_loop_logs_and_samples_what_an_uninterrupted_one_does(tmp_path
 
 
 def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guidance(monkeypatch):
-    from jax_diffusion import samplers
 
     config = smoke(
         "toy_2d.py",
@@ -1334,3 +1334,35 @@ def test_the_train_step_draws_t_noise_dropout_and_label_dropout_from_separate_ke
     assert not np.array_equal(t_if_reused, t)
     assert not np.allclose(jd.q_sample(schedule, x0=x0, t=t, noise=noise_if_reused), x_t)
     assert not np.array_equal(drop_labels(key, jnp.asarray(labels), 0.5, null), y)
+
+
+def test_zero_terminal_snr_sampled_by_leading_ddim_warns_at_the_config_and_at_sample(monkeypatch):
+    # 'leading' ddim starts below T - 1, so a zero-terminal-SNR model never sees its SNR-0 step
+    zero = dict(diffusion__zero_terminal_snr=True, diffusion__prediction="v")
+    leading = dict(sample__sampler="ddim", sample__spacing="leading", sample__num_steps=5)
+    warned = r"zero_terminal_snr=True is sampled by ddim with spacing 'leading'.*'trailing'"
+    with pytest.warns(UserWarning, match=warned):
+        train.check_config(smoke("toy_2d.py", **zero, **leading))
+    quiet = [
+        dict(zero, sample__spacing="trailing"),
+        dict(zero, sample__spacing="linspace"),
+        dict(zero, sample__sampler="ddpm"),
+        dict(zero, sample__sampler="dpm++"),
+        {},  # no zero-SNR step to miss
+    ]
+    for overrides in quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            train.check_config(smoke("toy_2d.py", **{**leading, **overrides}))
+    # sample(): the spacing or sampler chosen for the call, not the config's
+    for attr in ("ddim_sample", "ddpm_sample"):
+        monkeypatch.setattr(samplers, attr, lambda fn, sch, x, *a, **k: x)
+    config = smoke("toy_2d.py", **{**zero, **leading, "sample__spacing": "trailing"})
+    schedule = train.get_schedule(config.diffusion)
+    call = dict(shape=(2,), num=2)
+    with pytest.warns(UserWarning, match=warned):
+        train.sample(config, None, {}, schedule, jax.random.PRNGKey(0), spacing="leading", **call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.sample(config, None, {}, schedule, jax.random.PRNGKey(0), **call)
+        train.sample(config, None, {}, schedule, jax.random.PRNGKey(0), sampler="ddpm", **call)
