@@ -317,10 +317,18 @@ def loss_weight(
 
 
 def _check_floating_x0(x0) -> None:
+    """x0 must be floating, with a batch axis and at least one element (a mean over an empty
+    batch or example is NaN)."""
     dtype = getattr(x0, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.ndim(x0) < 1:
+    if (
+        dtype is None
+        or not jnp.issubdtype(dtype, jnp.floating)
+        or not jnp.ndim(x0)
+        or not jnp.size(x0)
+    ):
         raise ValueError(
-            "x0 must be a floating array [B, ...] (e.g. images scaled to [-1, 1]); got "
+            "x0 must be a floating array [B, ...] with B >= 1 and at least one element per "
+            "example (e.g. images scaled to [-1, 1]); got "
             + (f"dtype {dtype} and shape {jnp.shape(x0)}" if dtype is not None else repr(x0))
         )
 

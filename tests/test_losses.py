@@ -422,6 +422,9 @@ def _zero_snr():
             lambda s, f, x, k: jd.training_draws(s, x[0, 0], k),
             r"x0 must be a floating array \[B, ...\] .*got dtype float32 and shape \(\)",
         ),
+        # an empty batch (or example) gave a NaN loss and bound
+        (lambda s, f, x, k: jd.diffusion_loss(s, f, x[:0], k), r"B >= 1.*shape \(0, 3\)"),
+        (lambda s, f, x, k: jd.nll_bpd(s, f, x[:, :0], k), r"B >= 1.*shape \(2, 0\)"),
         # with the draws given no training_draws checks x0
         (
             lambda s, f, x, k: jd.diffusion_loss(
