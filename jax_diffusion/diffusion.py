@@ -398,6 +398,11 @@ def split_learned_range(model_output, xt, variance: str):
     check_variance(variance)
     out_shape, x_shape = jnp.shape(model_output), jnp.shape(xt)
     if variance == "learned_range":
+        if len(x_shape) < 2:  # [B] has no channel axis: the last axis would be the batch
+            raise ValueError(
+                f"variance='learned_range' needs xt with a channel axis, [B, ..., C], for the "
+                f"doubled output channels; got xt of shape {x_shape}"
+            )
         want = x_shape[:-1] + (2 * x_shape[-1],)
         if out_shape != want:
             raise ValueError(

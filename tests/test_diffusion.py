@@ -340,6 +340,17 @@ def test_jit_vmap_grad_and_trace_count():
             ),
             r"twice the channels.*\(2, 6\); got \(2, 3\)",
         ),
+        # 1-D data [B]: the doubled "channels" were the batch axis, split in two
+        (
+            lambda s, x: jd.p_mean_variance(
+                s,
+                model_output=x[:, 0].repeat(2),
+                xt=x[:, 0],
+                t=jnp.zeros(2, int),
+                variance="learned_range",
+            ),
+            r"needs xt with a channel axis, \[B, ..., C\].*got xt of shape \(2,\)",
+        ),
         (
             lambda s, x: jd.p_mean_variance(s, model_output=x[:, :1], xt=x, t=jnp.zeros(2, int)),
             r"model_output must have the shape of xt \(2, 3\)",
