@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -152,16 +152,30 @@ class CheckpointManager:
             return result
         return self._restore_newest(restore_step, set_aside=True)
 
-    def restore_params(self, state_like: dict | None = None, *, ema: bool = True):
+    def restore_params(self, state_like: TrainState | Mapping | None = None, *, ema: bool = True):
         """The (EMA) params of the newest checkpoint that restores, without an optimizer.
 
         Unreadable newer checkpoints are skipped with a warning and left where they are.
 
         Args:
-          state_like: optional target tree as returned by `TrainState.checkpoint_items()`;
-            without it the arrays are restored as saved.
+          state_like: optional target: a TrainState (e.g. a fresh one, or `jax.eval_shape` of
+            one) or the tree its `checkpoint_items()` returns; the restored params get its
+            dtypes and shardings. Without it the arrays are restored as saved.
           ema: the EMA params (for sampling) or the raw params.
+
+        Raises:
+          ValueError: state_like is neither of those (checked before any read).
         """
+        if isinstance(state_like, TrainState):
+            state_like = state_like.checkpoint_items()
+        if state_like is not None and not (
+            isinstance(state_like, Mapping) and {"params", "ema_params"} <= set(state_like)
+        ):
+            raise ValueError(
+                "state_like must be None, a TrainState or its checkpoint_items() dict (with "
+                f"'params' and 'ema_params'); got {type(state_like).__name__}"
+                + (f" with keys {sorted(state_like)}" if isinstance(state_like, Mapping) else "")
+            )
         if state_like is not None:
             target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
             self._check_shapes(target)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +11,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from jax_diffusion._checks import check_int
+from jax_diffusion.diffusion import _is_concrete, _is_real
 
 __all__ = ["TrainState", "ema_decay", "make_optimizer", "update_ema"]
 
@@ -20,7 +25,8 @@ class TrainState:
     Fields:
       step: int32 scalar, the number of train steps taken (skipped non-finite steps included).
       params: model parameters (the 'params' collection).
-      ema_params: exponential moving average of params (used for sampling and evaluation).
+      ema_params: exponential moving average of params (used for sampling and evaluation),
+        kept in at least float32 whatever the params' dtype (see `update_ema`).
       opt_state: optax state of `tx`.
       rng: raw uint32 PRNG key [2]; step k uses fold_in(rng, k), so randomness does not depend
         on the number of devices or on where a run was resumed.
@@ -41,11 +47,12 @@ class TrainState:
 
     @classmethod
     def create(cls, *, apply_fn, params, tx, rng) -> TrainState:
-        """A fresh state at step 0 with ema_params = params."""
+        """A fresh state at step 0 with ema_params = params (floating leaves in at least
+        float32: a bfloat16 average would never move, see `update_ema`)."""
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            ema_params=jax.tree.map(jnp.array, params),
+            ema_params=jax.tree.map(_ema_copy, params),
             opt_state=tx.init(params),
             rng=rng,
             bad_steps=jnp.zeros((), jnp.int32),
@@ -55,16 +62,21 @@ class TrainState:
         )
 
     def checkpoint_items(self) -> dict:
-        """The pytree that is saved: every field but the static apply_fn and tx."""
+        """The pytree that is saved: every field but the static ones (apply_fn, tx), including
+        the fields a subclass adds (e.g. `batch_stats`), by name."""
         return {
-            "step": self.step,
-            "params": self.params,
-            "ema_params": self.ema_params,
-            "opt_state": self.opt_state,
-            "rng": self.rng,
-            "bad_steps": self.bad_steps,
-            "skipped_steps": self.skipped_steps,
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("pytree_node", True)
         }
+
+
+def _check_real(name: str, value, allowed: str, ok: Callable[[float], bool]) -> None:
+    """ValueError naming `name` and `value` unless it is a concrete finite real scalar (Python,
+    NumPy or JAX; not a bool) with ok(value)."""
+    number = _is_real(value) and _is_concrete(value) and jnp.ndim(value) == 0
+    if not (number and math.isfinite(float(value)) and ok(float(value))):
+        raise ValueError(f"{name} must be a finite number {allowed}; got {value!r}")
 
 
 def make_optimizer(
@@ -80,16 +92,35 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW with linear warmup, then cosine decay or a constant rate, after global-norm clipping.
 
+    Args:
+      learning_rate: peak learning rate, a finite number > 0.
+      num_steps: total number of steps (an int >= 0); the cosine schedule reaches 0 there.
+      warmup_steps: an int in [0, num_steps]; the rate rises linearly from
+        learning_rate / warmup_steps to learning_rate over these steps.
+      schedule: 'cosine' or 'constant' after the warmup.
+      weight_decay: AdamW's decoupled weight decay, a finite number >= 0.
+      grad_clip: global-norm clipping threshold, a finite number > 0, or None (off). A value
+        <= 0 is refused: optax scales by grad_clip / norm, so 0 stops training and a negative
+        value flips the gradient (gradient ascent).
+      b1, b2: Adam's moment decays, each in [0, 1).
+
     Returns:
       optax.inject_hyperparams(adamw) chained after clip_by_global_norm, so the current learning
       rate is readable from the optimizer state.
+
+    Raises:
+      ValueError: an argument outside the ranges above, naming it and the value.
     """
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be one of 'cosine', 'constant'; got {schedule!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0; got {learning_rate!r}")
-    if warmup_steps < 0 or warmup_steps > num_steps:
-        raise ValueError(f"warmup_steps must lie in [0, num_steps={num_steps}]; got {warmup_steps}")
+    _check_real("learning_rate", learning_rate, "> 0", lambda v: v > 0)
+    num_steps = check_int("num_steps", num_steps, 0)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0, num_steps)
+    _check_real("weight_decay", weight_decay, ">= 0", lambda v: v >= 0)
+    if grad_clip is not None:
+        _check_real("grad_clip", grad_clip, "> 0 or None (off)", lambda v: v > 0)
+    _check_real("b1", b1, "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_real("b2", b2, "in [0, 1)", lambda v: 0 <= v < 1)
     # warmup starts at learning_rate / warmup_steps, not 0, so that no step is wasted
     warmup = max(warmup_steps, 1)
     init = learning_rate / warmup
@@ -113,12 +144,25 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
 
 
+def _ema_copy(p):
+    """A copy of a parameter leaf for the EMA: floating leaves promoted to at least float32."""
+    p = jnp.asarray(p)
+    if jnp.issubdtype(p.dtype, jnp.floating):
+        return jnp.array(p, dtype=jnp.promote_types(p.dtype, jnp.float32))
+    return jnp.array(p)
+
+
 def ema_decay(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
     """EMA decay at a step: min(decay, (1 + step) / (10 + step)) with warmup, else `decay`.
 
     The warmup form (TensorFlow's ExponentialMovingAverage num_updates) keeps early averages
     from being dominated by the random initialisation.
+
+    Raises:
+      ValueError: a concrete `decay` outside [0, 1].
     """
+    if _is_concrete(decay):  # traced: checked by whoever made it
+        _check_real("decay", decay, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
     decay = jnp.asarray(decay, jnp.float32)
     if not warmup:
         return decay
@@ -126,8 +170,23 @@ def ema_decay(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def update_ema(ema_params, params, decay: jax.Array):
-    """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
+def update_ema(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, leaf by leaf, in the EMA's dtype.
+
+    Args:
+      ema_params: the average, a pytree of arrays. Keep it in float32 (as `TrainState.create`
+        does) even for bfloat16 params: a bfloat16 average loses every update smaller than half
+        its spacing (2^-9 to 2^-8 of |ema|): with decay 0.999 it stops moving as soon as
+        |params - ema| < 1.9 |ema|.
+      params: the new params, a pytree of the same structure (any float dtype).
+      decay: a scalar in [0, 1] (a Python float, or an array, e.g. `ema_decay(step, d)`).
+
+    Returns:
+      The updated average, with the dtypes of `ema_params`.
+    """
+    decay = jnp.asarray(decay)
     return jax.tree.map(
-        lambda e, p: e + (1.0 - decay).astype(e.dtype) * (p - e), ema_params, params
+        lambda e, p: e + (1.0 - decay).astype(e.dtype) * (p.astype(e.dtype) - e),
+        ema_params,
+        params,
     )

@@ -330,6 +330,55 @@ def test_restore_params_gives_the_ema_params_by_default(tmp_path):
     ckpt.close()
 
 
+def test_restore_params_takes_a_train_state_as_its_target(tmp_path):
+    # a TrainState target was read as "no checkpoint could be restored: step 2: TypeError:
+    # 'TrainState' object is not subscriptable", as if every checkpoint were broken
+    states = _run_with_steps(tmp_path, [1, 2])
+    ckpt = CheckpointManager(str(tmp_path))
+    for ema, field in ((True, "ema_params"), (False, "params")):
+        params = ckpt.restore_params(states[1], ema=ema)  # the target's values do not matter
+        assert ckpt.restored_step == 2
+        for a, b in zip(leaves(getattr(states[2], field)), leaves(params), strict=True):
+            np.testing.assert_array_equal(a, b)
+    for bad in ({"params": 1}, [states[1].params]):
+        with pytest.raises(ValueError, match=r"state_like must be None, a TrainState or its"):
+            ckpt.restore_params(bad)
+
+
+def test_a_train_state_subclass_saves_and_restores_its_own_fields(tmp_path):
+    # the Flax pattern of adding a field (batch_stats) to the train state: the field was left
+    # out of checkpoint_items, so a restore silently kept the fresh state's value
+    import flax.struct
+    import optax
+
+    from jax_diffusion.train_state import TrainState
+
+    @flax.struct.dataclass
+    class StateWithStats(TrainState):
+        batch_stats: dict = None
+
+    def make(value, step):
+        state = StateWithStats.create(
+            apply_fn=None,
+            params={"w": jnp.ones(2)},
+            tx=optax.sgd(0.1),
+            rng=jnp.zeros(2, jnp.uint32),
+        )
+        return state.replace(step=jnp.int32(step), batch_stats={"mean": jnp.full(3, value)})
+
+    items = make(7.0, 1).checkpoint_items()
+    assert set(items) == {
+        "step", "params", "ema_params", "opt_state", "rng", "bad_steps", "skipped_steps",
+        "batch_stats",
+    }  # fmt: skip
+    ckpt = CheckpointManager(str(tmp_path))
+    ckpt.save(make(7.0, 1), {"epoch": 1})
+    restored, _ = ckpt.restore(make(0.0, 0))
+    np.testing.assert_array_equal(restored.batch_stats["mean"], np.full(3, 7.0))
+    assert int(restored.step) == 1
+    ckpt.close()
+
+
 def test_only_the_last_max_to_keep_and_interval_multiples_or_forced_steps_are_saved(tmp_path):
     state = _random_state()
     ckpt = CheckpointManager(str(tmp_path), max_to_keep=2, save_interval_steps=2)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from conftest import CONFIGS, SUBPROCESS_XLA_FLAGS, leaves
 
@@ -356,6 +357,32 @@ def test_ema_decay_warm_up_and_update_closed_forms():
     np.testing.assert_allclose(ema["w"], 0.1, rtol=1e-6)  # 0.9 * 0 + 0.1 * 1
 
 
+def test_ema_of_bfloat16_params_follows_the_float64_recurrence():
+    # bfloat16 params (a model with param_dtype=bfloat16): each update 0.001 * (p - ema) is
+    # below half a bfloat16 spacing of ema = 1, so a bfloat16 average would never move
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    state = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=optax.sgd(0.1), rng=jnp.zeros(2, jnp.uint32)
+    )
+    assert state.ema_params["w"].dtype == jnp.float32
+    assert state.params["w"].dtype == jnp.bfloat16  # the params themselves are untouched
+    ema, want = state.ema_params, 1.0
+    target = {"w": jnp.asarray([0.5, 0.75, 0.875], jnp.bfloat16)}  # exact in bfloat16
+    for _ in range(200):
+        ema = train_state.update_ema(ema, target, 0.999)  # a Python float decay
+        want = 0.999 * want + 0.001 * np.array([0.5, 0.75, 0.875])
+    assert ema["w"].dtype == jnp.float32
+    np.testing.assert_allclose(ema["w"], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.5])
+def test_ema_decay_outside_0_1_is_a_value_error_naming_it(decay):
+    with pytest.raises(
+        ValueError, match=rf"decay must be a finite number in \[0, 1\]; got {decay}"
+    ):
+        train_state.ema_decay(0, decay)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_optimizer_clips_before_adam_and_warms_up_from_lr_over_warmup(schedule):
     lr, warmup, num_steps = 1.0, 10, 20  # updates of norm up to 10: clipping them would show
@@ -382,6 +409,40 @@ def test_optimizer_clips_before_adam_and_warms_up_from_lr_over_warmup(schedule):
             lr_k = lr * 0.5 * (1 + np.cos(np.pi * (k - warmup) / (num_steps - warmup)))
         want = -lr_k * clipped / (np.abs(clipped) + 1e-8)
         np.testing.assert_allclose(updates, want, rtol=1e-4, atol=1e-9, err_msg=f"step {k}")
+
+
+def test_optimizer_with_a_negative_clip_would_ascend_so_it_is_refused():
+    # what a negative grad_clip did: optax scales the gradient by clip / norm < 0, so Adam's
+    # update points along +g (ascent); 0 scales it to 0 (no training)
+    g, params = jnp.asarray([3.0, 4.0]), jnp.zeros(2)
+    ok = train_state.make_optimizer(learning_rate=0.1, num_steps=10, grad_clip=1.0)
+    updates, _ = ok.update(g, ok.init(params), params)
+    assert (np.sign(updates) == -np.sign(g)).all()  # descent with a valid clip
+    # NumPy and JAX scalars are numbers too
+    train_state.make_optimizer(
+        learning_rate=jnp.float32(0.1), num_steps=np.int64(10), grad_clip=np.float32(1.0)
+    )
+    for clip in (-1.0, 0.0, float("nan"), True, "1.0"):
+        with pytest.raises(ValueError, match=r"grad_clip must be a finite number > 0 or None"):
+            train_state.make_optimizer(learning_rate=0.1, num_steps=10, grad_clip=clip)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=float("inf")), r"learning_rate must be a finite number > 0; got inf"),
+        (dict(learning_rate=0.0), r"learning_rate must be a finite number > 0; got 0.0"),
+        (dict(num_steps=10.5), r"num_steps must be an int >= 0; got 10.5"),
+        (dict(num_steps=-5), r"num_steps must be an int >= 0; got -5"),
+        (dict(warmup_steps=11), r"warmup_steps must be an int in \[0, 10\]; got 11"),
+        (dict(weight_decay=-1e-4), r"weight_decay must be a finite number >= 0; got -0.0001"),
+        (dict(b1=1.5), r"b1 must be a finite number in \[0, 1\); got 1.5"),
+        (dict(b2=-0.1), r"b2 must be a finite number in \[0, 1\); got -0.1"),
+    ],
+)
+def test_optimizer_rejects_each_bad_argument_naming_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train_state.make_optimizer(**{"learning_rate": 1e-3, "num_steps": 10, **kwargs})
 
 
 def _cli(*args, env_extra=None):
