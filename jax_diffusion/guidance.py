@@ -53,8 +53,8 @@ def classifier_free_guidance(
     Args:
       model_fn: conditional denoiser `model_fn(x [N, ...], t int32 [N], y) -> [N, ...]`.
       guidance_scale: w, a real scalar or [B] (a list, a NumPy or JAX array; may be traced),
-        finite where concrete. 0 gives the unconditional model,
-        1 the conditional one, > 1 amplifies guidance.
+        finite where concrete. 0 gives the unconditional model and 1 the conditional one
+        (both exactly), > 1 amplifies guidance.
       null_label: the "no condition" label, broadcast to each leaf of y (e.g. num_classes
         for integer labels, or a null embedding [..] for embeddings), or a pytree with y's
         structure holding one null label per leaf.
@@ -140,7 +140,12 @@ def classifier_free_guidance(
             uncond, _ = jnp.split(uncond, 2, axis=-1)
         w = jnp.asarray(guidance_scale, jnp.promote_types(out.dtype, jnp.float32))
         w = _per_example(w, out)
-        guided_pred = (uncond + w * (cond - uncond)).astype(out.dtype)
+        # anchored at the nearer branch (as C++'s std::lerp): w = 0 gives uncond and w = 1 cond
+        # bit for bit, where uncond + 1 * (cond - uncond) is off by a rounding of uncond; both
+        # forms have the derivative cond - uncond in w
+        diff = cond - uncond
+        guided_pred = jnp.where(w < 0.5, uncond + w * diff, cond + (w - 1) * diff)
+        guided_pred = guided_pred.astype(out.dtype)
         if variance == "learned_range":
             return jnp.concatenate([guided_pred, cond_var], axis=-1)
         return guided_pred

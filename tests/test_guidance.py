@@ -94,6 +94,40 @@ def test_cfg_combines_conditional_and_null_in_one_batched_call(w):
         np.testing.assert_allclose(out, cond, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_cfg_scales_0_and_1_give_the_null_and_conditional_outputs_exactly(variance):
+    # a null branch 1e4 times larger than the conditional one: uncond + 1 * (cond - uncond)
+    # rounds cond to the float32 spacing of 1e4 (~1e-3); the docstring promises the branches
+    big = np.array(_normal(19, (NUM_CLASSES + 1, 2 * DIM)))
+    big[NUM_CLASSES] *= 1e4
+
+    def model(x, t, y):
+        out = jnp.tile(x, 2) + jnp.asarray(big)[y]
+        return out if variance == "learned_range" else out[:, :DIM]
+
+    x, t, y = _normal(20, (4, DIM)), jnp.array([0, 10, 500, 999]), jnp.array([0, 1, 4, 2])
+    cond, uncond = model(x, t, y), model(x, t, jnp.full_like(y, NUM_CLASSES))
+    pred = slice(0, DIM)  # with learned_range the variance half is always the conditional one
+    for w, want in ((0.0, uncond), (1.0, cond)):
+        out = jax.jit(classifier_free_guidance(model, w, NUM_CLASSES, y=y, variance=variance))
+        np.testing.assert_array_equal(out(x, t)[:, pred], want[:, pred])
+    per_example = jnp.array([1.0, 0.0, 1.0, 2.0])
+    out = classifier_free_guidance(model, per_example, NUM_CLASSES, y=y, variance=variance)(x, t)
+    np.testing.assert_array_equal(out[0, pred], cond[0, pred])
+    np.testing.assert_array_equal(out[1, pred], uncond[1, pred])
+    np.testing.assert_allclose(
+        out[3, pred], 2.0 * cond[3, pred] - uncond[3, pred], rtol=RTOL, atol=2e-3
+    )
+
+    def total(w):  # d/dw of the guided output is cond - uncond at every w, 0 and 1 included
+        return classifier_free_guidance(model, w, NUM_CLASSES, y=y, variance=variance)(x, t)[
+            :, pred
+        ].sum()
+
+    for w in (0.0, 1.0, 3.0):
+        np.testing.assert_allclose(jax.grad(total)(w), (cond - uncond)[:, pred].sum(), rtol=RTOL)
+
+
 def test_cfg_learned_range_guides_only_the_prediction_and_per_example_scale():
     def model(x, t, y):
         pred = 0.1 * x + jnp.asarray(EMBED)[y]
