@@ -423,6 +423,23 @@ def test_check_images_errors():
         data.check_images(np.full_like(good, np.nan))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_check_images_accepts_every_floating_dtype_and_still_checks_the_range(dtype):
+    # samples of a bfloat16 model are floating data: they were refused as "must be floating
+    # data in [-1, 1]; got dtype bfloat16"
+    import ml_dtypes
+
+    dtype = getattr(ml_dtypes, dtype, None) or np.dtype(dtype)
+    good = np.linspace(-1, 1, 16).reshape(1, 4, 4, 1).astype(dtype)
+    np.testing.assert_array_equal(data.check_images(good), good)
+    bad = good.copy()
+    bad[0, -1, -1, 0] = 2  # was 1
+    with pytest.raises(ValueError, match=r"\[-1, 1\]; got range \[-1.0, 2.0\]"):
+        data.check_images(bad)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        data.check_data(np.full((2,), np.nan, dtype))
+
+
 def test_check_images_accepts_an_empty_batch_and_only_rank_4():
     empty = np.zeros((0, 4, 4, 1), np.float32)
     assert data.check_images(empty) is empty
