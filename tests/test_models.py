@@ -456,6 +456,27 @@ def test_unet_dropout(uncond):
         ),
         ({"channel_mults": ()}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
         ({"channel_mults": (True, 2)}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
+        # a single number for a sequence (ADM's command line takes "16,8") used to end in a bare
+        # TypeError ("'int' object is not iterable"), as did dropout=None
+        ({"channel_mults": 2}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
+        ({"channel_mults": "12"}, (B, H, W, C), (B,), False, "channel_mults must be a non"),
+        (
+            {"attention_resolutions": 4},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"attention_resolutions must be a sequence of feature-map sizes .*; got 4",
+        ),
+        ({"dropout": None}, (B, H, W, C), (B,), False, r"dropout must be in \[0, 1\); got None"),
+        # a truthy string used to switch the option on
+        (
+            {"use_scale_shift_norm": "no"},
+            (B, H, W, C),
+            (B,),
+            False,
+            "use_scale_shift_norm must be True or False; got 'no'",
+        ),
+        ({"remat": 1}, (B, H, W, C), (B,), False, "remat must be True or False; got 1"),
         ({"base_channels": 9}, (B, H, W, C), (B,), False, "base_channels must be a positive even"),
         ({"dropout": 1.0}, (B, H, W, C), (B,), False, r"dropout must be in \[0, 1\); got 1.0"),
         ({"out_channels": 0}, (B, H, W, C), (B,), False, "out_channels must be an int >= 1"),
@@ -599,6 +620,7 @@ def test_mlp_denoiser_value_errors():
         (dict(time_embed_dim=0), "time_embed_dim must be an int >= 2; got 0"),
         (dict(dtype=jnp.int32), "dtype must be a floating dtype"),
         (dict(param_dtype=jnp.int32), "param_dtype must be a floating dtype"),
+        (dict(dropout=None), r"dropout must be in \[0, 1\); got None"),
     ]:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(MLPDenoiser(**kwargs).init, jax.random.key(0), x, t)
@@ -941,6 +963,33 @@ def test_dot_product_attention_bfloat16_inputs():
     assert got.dtype == jnp.bfloat16
     want = np.asarray(_plain_attention(q, k, v))
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=0.05)
+
+
+def test_dot_product_attention_bfloat16_logits_are_not_rounded_to_bfloat16():
+    """bfloat16 q, k, v with logits up to ~30 (a trained network's peaked attention): against
+    float64 attention of the same bfloat16 values, the error is that of the two roundings
+    that remain, the weights to bfloat16 (2^-9 relative, summed against |v|) and the output
+    (2^-9 |out|). Logits rounded to bfloat16 as well add up to |logit| 2^-9 to the exponent:
+    0.048 here op by op, against a bound of 0.012. (XLA:CPU's jit happens to skip that rounding,
+    as it computes bfloat16 dots in float32; the jaxpr asks for a bfloat16 result, which other
+    backends may well round to.)"""
+    from jax_diffusion.models import dot_product_attention
+
+    rng = np.random.default_rng(0)
+    shape = (2, 2, 16, 32)
+    q, k = (jnp.asarray(3.0 * rng.standard_normal(shape), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(dot_product_attention)(q, k, v).jaxpr
+    logits_dot = next(e for e in _all_eqns(jaxpr) if e.primitive.name == "dot_general")
+    assert logits_dot.outvars[0].aval.dtype == jnp.float32
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bhqd,bhkd->bhqk", q64, k64) / np.sqrt(32)
+    assert 20 < np.abs(logits).max() < 40
+    want = np.einsum("bhqk,bhkd->bhqd", _np_softmax(logits), v64)
+    bound = 2.0**-9 * (np.abs(v64).max() + np.abs(want).max())
+    for fn in (dot_product_attention, jax.jit(dot_product_attention)):
+        got = np.asarray(fn(q, k, v), np.float64)
+        assert np.abs(got - want).max() <= bound
 
 
 def test_dot_product_attention_large_logits():

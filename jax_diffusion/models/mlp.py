@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax_diffusion._checks import check_int
 from jax_diffusion.models.layers import (
     check_denoiser_inputs,
+    check_dropout,
     check_field_dtype,
     timestep_embedding,
 )
@@ -90,8 +91,7 @@ class MLPDenoiser(nn.Module):
             check_int("out_dim", self.out_dim, 1)
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 1)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        check_dropout(self.dropout)
         check_field_dtype("dtype", self.dtype)
         check_field_dtype("param_dtype", self.param_dtype)
         x = jnp.asarray(x)

@@ -33,6 +33,7 @@ from jax_diffusion.models.layers import (
     ResBlock,
     Upsample,
     check_denoiser_inputs,
+    check_dropout,
     check_field_dtype,
     timestep_embedding,
 )
@@ -90,9 +91,10 @@ class UNet(nn.Module):
                 f"base_channels must be a positive even int (it is the sinusoidal embedding "
                 f"width); got {self.base_channels}"
             )
-        mults = self.channel_mults
+        mults = _as_tuple(self.channel_mults)
         if (
-            len(mults) == 0
+            mults is None
+            or len(mults) == 0
             or any(isinstance(m, bool) or not isinstance(m, int | np.integer) for m in mults)
             or any(m <= 0 for m in mults)
         ):
@@ -102,8 +104,15 @@ class UNet(nn.Module):
         check_int("num_res_blocks", self.num_res_blocks, 1)
         check_int("num_heads", self.num_heads, 1)
         check_int("num_groups", self.num_groups, 1)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        if _as_tuple(self.attention_resolutions) is None:
+            raise ValueError(
+                "attention_resolutions must be a sequence of feature-map sizes such as (16,) "
+                f"or () (attention only in the middle block); got {self.attention_resolutions!r}"
+            )
+        check_dropout(self.dropout)
+        for name in ("use_scale_shift_norm", "remat"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if self.out_channels is not None:
             check_int("out_channels", self.out_channels, 1)
         if self.num_classes is not None:
@@ -241,6 +250,16 @@ class UNet(nn.Module):
             **kw,
         )(h)
         return h.astype(jnp.float32)
+
+
+def _as_tuple(value) -> tuple | None:
+    """`value` as a tuple, or None where it is not a sequence (an int, None, a string)."""
+    if isinstance(value, str | bytes):
+        return None
+    try:
+        return tuple(value)
+    except TypeError:
+        return None
 
 
 def make_model_fn(
