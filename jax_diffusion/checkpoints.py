@@ -104,8 +104,19 @@ class CheckpointManager:
         return self._manager.latest_step()
 
     def save(self, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
-        """Saves at `state.step`; returns whether a checkpoint was written."""
+        """Saves at `state.step`; returns whether a checkpoint was written (False: not a step
+        of the manager's save interval, unless `force`).
+
+        Raises:
+          ValueError: a checkpoint of this step exists already (checkpoints are never
+            overwritten), before anything is written.
+        """
         step = int(jax.device_get(state.step))
+        if step in self._manager.all_steps():
+            raise ValueError(
+                f"a checkpoint of step {step} exists already in {self.directory}; checkpoints "
+                "are never overwritten (restore it, or save at another step)"
+            )
         items = jax.tree.map(_single_copy, state.checkpoint_items())
         saved = self._manager.save(
             step,

@@ -1,8 +1,10 @@
 """Datasets as infinite, exactly resumable iterators of NHWC float32 batches in [-1, 1].
 
-Every iterator yields `{"image": [local_B, ...] float32, "label": [local_B] int32}` NumPy dicts
-and has `get_state() -> dict` (JSON-serialisable) and `set_state(state)`, so a checkpoint stores
-the data position and a resumed run sees bit-identical batches. Sources: `load_digits`
+The datasets (`get_dataset`, `load_digits`, `toy_2d`, `tfds_iterator`) yield
+`{"image": [local_B, ...] float32, "label": [local_B] int32}` NumPy dicts; an `ArrayIterator`
+over arrays of your own yields them as given (scale 8-bit images first, as below). Every
+iterator has `get_state() -> dict` (JSON-serialisable) and `set_state(state)`, so a checkpoint
+stores the data position and a resumed run sees bit-identical batches. Sources: `load_digits`
 (scikit-learn's bundled 8x8 digits, no download), `toy_2d` (2-D toy distributions), and
 `tfds_iterator` (a tensorflow-datasets dataset prepared locally as array_record, read through
 grain WITHOUT TensorFlow; the `data` extra, imported lazily).
@@ -382,7 +384,9 @@ class ArrayIterator(_PlannedIterator):
     """Infinite, exactly resumable batch iterator over in-memory arrays.
 
     `next(it)` returns `{key: array[indices]}` for this process's slice of the global batch, in
-    the batch order of the module docstring.
+    the batch order of the module docstring. The arrays are yielded as given (no scaling or
+    casting: uint8 images stay uint8) and are not copied, so changing them during a run changes
+    later batches (and a resume's).
 
     Args:
       arrays: dict of arrays with a common leading size N, e.g. {"image": [N, H, W, C],

@@ -120,6 +120,21 @@ def _run_with_steps(tmp_path, steps, **kwargs):
     return states
 
 
+def test_saving_a_step_twice_is_a_value_error_and_keeps_the_first(tmp_path):
+    # orbax's StepAlreadyExistsError, even with force=True; save's docstring promised a bool
+    states = _run_with_steps(tmp_path, [3])
+    ckpt = CheckpointManager(str(tmp_path))
+    other = states[3].replace(params=jax.tree.map(lambda p: p + 1, states[3].params))
+    for force in (False, True):
+        with pytest.raises(ValueError, match=r"a checkpoint of step 3 exists already in .*never"):
+            ckpt.save(other, {"epoch": 9}, force=force)
+    restored, data_state = ckpt.restore(states[3])
+    assert data_state == {"epoch": 3}
+    for a, b in zip(leaves(states[3].params), leaves(restored.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    ckpt.close()
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path, caplog):
     states = _run_with_steps(tmp_path, [1, 2, 3])
     assert _corrupt(tmp_path / "checkpoints" / "3") > 0
