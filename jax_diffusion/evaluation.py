@@ -40,7 +40,7 @@ import numpy as np
 from jax_diffusion._checks import check_int
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.data import check_data
-from jax_diffusion.diffusion import check_prediction, check_variance
+from jax_diffusion.diffusion import _check_rng, check_prediction, check_schedule, check_variance
 from jax_diffusion.losses import nll_bpd
 from jax_diffusion.samplers import SPACINGS
 from jax_diffusion.schedules import Schedule
@@ -67,11 +67,18 @@ DIGITS_CLASSIFIER_TEST_ACCURACY = 285 / 297  # 0.9596; 0.9529 on the 16x16 (bili
 _ASSET = "digits_classifier_8x8.msgpack"
 
 
-def _as_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
+def _real_array(name: str, x, shape: str = "") -> np.ndarray:
+    """x as a NumPy array of real numbers (bfloat16 included: jnp.issubdtype knows the
+    ml_dtypes floats, NumPy does not); complex (whose imaginary part a float64 cast would drop
+    with only a warning), string or object input is a ValueError naming `name`."""
     x = np.asarray(x)
-    if np.iscomplexobj(x) or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise ValueError(f"{name} must be a real-valued array [N, D]; got dtype {x.dtype}")
-    x = x.astype(np.float64)
+    if np.iscomplexobj(x) or not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == bool):
+        raise ValueError(f"{name} must be a real-valued array{shape}; got dtype {x.dtype}")
+    return x
+
+
+def _as_matrix(name: str, x, *, min_rows: int = 1) -> np.ndarray:
+    x = _real_array(name, x, " [N, D]").astype(np.float64)
     if x.ndim != 2 or x.shape[1] == 0:
         raise ValueError(f"{name} must be a 2-D array [N, D] with D >= 1; got shape {x.shape}")
     if x.shape[0] < min_rows:
@@ -88,6 +95,14 @@ def _psd_sqrt(cov: np.ndarray) -> np.ndarray:
     """The symmetric PSD square root V diag(sqrt(max(w, 0))) V^T of a symmetric matrix."""
     w, v = np.linalg.eigh(cov)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def _psd_tolerance(cov) -> float:
+    """Relative size of the negative eigenvalues that rounding in cov's own dtype can leave."""
+    dtype = getattr(cov, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return 1e-8
+    return max(1e-8, 100.0 * float(jnp.finfo(dtype).eps))
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
@@ -110,10 +125,18 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 
     Raises:
       ValueError: shapes that are not [D] / [D, D] with one D, non-finite, non-symmetric or
-        indefinite covariances (an eigenvalue below -1e-8 times the largest magnitude).
+        indefinite covariances (an eigenvalue below -tol times the largest magnitude; tol is
+        1e-8 for float64 covariances and 100 times the machine epsilon of a lower-precision
+        float dtype, 1.2e-5 for float32, whose rounding alone leaves a singular covariance
+        with negative eigenvalues of ~1e-7 times the largest).
     """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    mu1, cov1, mu2, cov2 = (
+        _real_array(name, value)
+        for name, value in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2))
+    )
+    tols = {"cov1": _psd_tolerance(cov1), "cov2": _psd_tolerance(cov2)}
+    mu1, mu2 = mu1.astype(np.float64), mu2.astype(np.float64)
+    cov1, cov2 = cov1.astype(np.float64), cov2.astype(np.float64)
     if mu1.ndim != 1 or mu1.shape != mu2.shape or mu1.size == 0:
         raise ValueError(f"mu1 and mu2 must both be [D]; got shapes {mu1.shape}, {mu2.shape}")
     d = mu1.shape[0]
@@ -124,10 +147,13 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
             raise ValueError(f"{name} must be finite; got NaN or inf")
     for name, value in (("cov1", cov1), ("cov2", cov2)):
         scale = max(np.abs(value).max(), 1e-300)
-        if np.abs(value - value.T).max() > 1e-6 * scale:
-            raise ValueError(f"{name} must be symmetric; got max |C - C^T| / max |C| > 1e-6")
+        asymmetry = np.abs(value - value.T).max() / scale
+        if asymmetry > 1e-6:
+            raise ValueError(
+                f"{name} must be symmetric (max |C - C^T| / max |C| <= 1e-6); got {asymmetry:.3g}"
+            )
         w = np.linalg.eigvalsh(0.5 * (value + value.T))
-        if w[0] < -1e-8 * max(np.abs(w).max(), 1e-300):
+        if w[0] < -tols[name] * max(np.abs(w).max(), 1e-300):
             raise ValueError(
                 f"{name} must be positive semi-definite; got smallest eigenvalue {w[0]:.3g} "
                 f"(largest {w[-1]:.3g})"
@@ -460,9 +486,12 @@ def bits_per_dim(
 
     The full-chain variational bound of Ho et al. 2020, eq. 5, every one of the T terms
     evaluated (`losses.nll_bpd`, one x_t sample per example and step), averaged over `images`.
-    The decoder L_0 is the 8-bit discretized Gaussian (Ho et al. 2020, eq. 13) for any data: for
-    the digits, whose 17 grey levels lie on a subset of the 8-bit grid, this is the likelihood of
-    the 8-bit quantisation, as the papers define bits/dim, not of a 17-level model.
+    The decoder L_0 is the 8-bit discretized Gaussian (Ho et al. 2020, eq. 13) for any data:
+    each value x owns the bin [x - 1/255, x + 1/255] (the edge values -1 and 1 a half-line).
+    The digits' 17 grey levels g / 8 - 1 are NOT on the 8-bit grid u / 127.5 - 1 (only -1 and 1
+    are), so for them L_0 is the mass of a bin of the 8-bit width centred on each grey level:
+    a bits/dim on the 8-bit scale, but neither the likelihood of the digits rounded to the 8-bit
+    grid (which differs in L_0) nor that of a 17-level model.
 
     Batches have `min(batch_size, N)` examples; the last one is padded with copies of the first
     examples, whose results are dropped, so `nll_bpd` is compiled once and every example counts
@@ -486,11 +515,13 @@ def bits_per_dim(
       and noise together; None for N = 1), and "num_examples": N.
 
     Raises:
-      ValueError: unknown prediction or variance, empty images, images not floating, not
-        finite or outside [-1, 1], batch_size < 1.
+      ValueError: unknown prediction or variance, schedule not a Schedule, rng not a PRNG key,
+        empty images, images not floating, not finite or outside [-1, 1], batch_size < 1.
     """
     check_prediction(prediction)
     check_variance(variance)
+    check_schedule(schedule)
+    _check_rng(rng, why=" for the bound's noise")  # before fold_in, which fails obscurely
     batch_size = check_int("batch_size", batch_size, 1)
     images = check_data(images, name="images")
     n = len(images) if images.ndim else 0

@@ -123,7 +123,7 @@ def test_frechet_distance_rejects_bad_arguments():
         frechet_distance(mu, cov, np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match=r"cov2 must be \[D, D\]"):
         frechet_distance(mu, cov, mu, np.eye(4))
-    with pytest.raises(ValueError, match="cov1 must be symmetric"):
+    with pytest.raises(ValueError, match=r"cov1 must be symmetric \(.*<= 1e-6\); got 1"):
         frechet_distance(mu, np.triu(np.ones((3, 3))), mu, cov)
     with pytest.raises(ValueError, match="mu2 must be finite"):
         frechet_distance(mu, cov, np.full(3, np.nan), cov)
@@ -136,6 +136,41 @@ def test_frechet_distance_rejects_bad_arguments():
     # rounding-level negative eigenvalues of a singular covariance are accepted
     rank1 = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) * (1 + 1e-15)
     assert frechet_distance(mu, rank1, mu, rank1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_refuses_complex_and_non_numeric_arguments():
+    # a complex mean used to lose its imaginary part with only a ComplexWarning: identical
+    # real parts gave 0.0 for two different Gaussians
+    mu, cov = np.zeros(2), np.eye(2)
+    with pytest.raises(ValueError, match="mu1 must be a real-valued array; got dtype complex128"):
+        frechet_distance(mu + 1j, cov, mu, cov)
+    with pytest.raises(ValueError, match="cov2 must be a real-valued array; got dtype complex"):
+        frechet_distance(mu, cov, mu, cov * (1 + 1j))
+    with pytest.raises(ValueError, match="mu2 must be a real-valued array; got dtype <U"):
+        frechet_distance(mu, cov, ["a", "b"], cov)
+
+
+def test_frechet_distance_accepts_float32_covariances_of_rank_deficient_features():
+    # Statistics computed in float32 (as jnp.cov does by default) of features of rank 8 < D = 32:
+    # rounding leaves eigenvalues of about -1e-7 times the largest, which are not indefiniteness.
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 8)) @ rng.standard_normal((8, 32))
+    b = rng.standard_normal((200, 8)) @ rng.standard_normal((8, 32)) + 0.5
+
+    def f32_stats(feats):
+        x = feats.astype(np.float32)
+        mu = x.mean(axis=0)
+        centred = x - mu
+        return mu, centred.T @ centred / np.float32(len(x) - 1)
+
+    (mu1, cov1), (mu2, cov2) = f32_stats(a), f32_stats(b)
+    assert cov1.dtype == np.float32
+    want = scipy_fd(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    np.testing.assert_allclose(frechet_distance(mu1, cov1, mu2, cov2), want, rtol=1e-4)
+    assert frechet_distance(mu1, cov1, mu1, cov1) <= 1e-6 * np.trace(cov1)
+    # a truly indefinite float32 matrix is still refused
+    with pytest.raises(ValueError, match="cov2 must be positive semi-definite"):
+        frechet_distance(mu1, cov1, mu2, -cov2)
 
 
 # ----------------------------------------------------------------------------- FeatureStats
@@ -230,6 +265,20 @@ def test_precision_recall_rejects_bad_arguments():
         precision_recall(np.zeros((6, 0)), np.zeros((6, 0)))
     with pytest.raises(ValueError, match="real_features must be a real-valued array"):
         precision_recall(x + 1j, x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_metrics_accept_low_precision_features(dtype):
+    # bfloat16 is a real float dtype (features from a bfloat16 network); it used to be refused
+    # as "not a real-valued array" because NumPy does not count it as a number
+    rng = np.random.default_rng(0)
+    real = np.asarray(jnp.asarray(rng.standard_normal((40, 5)), dtype))
+    fake = np.asarray(jnp.asarray(0.5 + rng.standard_normal((30, 5)), dtype))
+    real64, fake64 = real.astype(np.float64), fake.astype(np.float64)  # the same values, exactly
+    assert tuple(precision_recall(real, fake)) == brute_force_precision_recall(real64, fake64, 3)
+    stats = FeatureStats.from_features(real)
+    np.testing.assert_allclose(stats.cov, np.cov(real64, rowvar=False), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.mean, real64.mean(axis=0), rtol=1e-12, atol=1e-12)
 
 
 def test_precision_recall_does_not_depend_on_a_common_shift():
@@ -545,6 +594,11 @@ def test_bits_per_dim_rejects_bad_arguments():
         bits_per_dim(schedule, fn, x, key, batch_size=0, prediction="eps", variance="fixed_small")
     with pytest.raises(ValueError, match="at least one example"):
         bits_per_dim(schedule, fn, x[:0], key, prediction="eps", variance="fixed_small")
+    # an int seed used to end in jax.random.fold_in's TypeError about "key data"
+    with pytest.raises(ValueError, match=r"rng must be a PRNG key \(jax.random.key\(seed\)\)"):
+        bits_per_dim(schedule, fn, x, 0, prediction="eps", variance="fixed_small")
+    with pytest.raises(ValueError, match="schedule must be a jax_diffusion Schedule"):
+        bits_per_dim(jd.cosine_betas(10), fn, x, key, prediction="eps", variance="fixed_small")
     # data must be as the model saw it in training: floats in [-1, 1]
     for bad, match in [
         (x + np.nan, r"images must be finite with values in \[-1, 1\]; got range \[nan"),
