@@ -32,7 +32,10 @@ import jax_diffusion as jd
 from jax_diffusion import data as data_lib
 from jax_diffusion import diffusion as diffusion_lib
 from jax_diffusion import evaluation, samplers, train
-from jax_diffusion.cli import _positive_int, _seed, set_config_value
+from jax_diffusion.cli import _int_in, _positive_int, _seed, set_config_value
+
+# measure() needs at least 4 samples: recall uses the samples' 3-NN radii
+SAMPLE_COUNT = _int_in(4, what=" (recall's 3-NN radii need 4 samples)")
 
 
 def parse_args(description: str, **defaults) -> argparse.Namespace:
@@ -41,7 +44,7 @@ def parse_args(description: str, **defaults) -> argparse.Namespace:
     p.add_argument("--workdir", default="/tmp/exp", help="parent folder of the training runs")
     p.add_argument("--out", default="experiments/results", help="folder for <name>.json/.png")
     p.add_argument("--steps", type=_positive_int, default=None, help="train steps (2000; smoke: 2)")
-    p.add_argument("--num-samples", type=_positive_int, default=defaults.get("num_samples", 1000))
+    p.add_argument("--num-samples", type=SAMPLE_COUNT, default=defaults.get("num_samples", 1000))
     p.add_argument("--bpd-examples", type=_positive_int, default=defaults.get("bpd_examples", 100))
     p.add_argument("--seed", type=_seed, default=0, help="sampling / evaluation seed")
     p.add_argument("--smoke", action="store_true", help="tiny model and counts (tests)")
@@ -95,7 +98,10 @@ def train_run(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]
     error: training there would resume that run's checkpoint under this config.
 
     Returns:
-      {"workdir", "train_seconds", "final_loss", "steps", "reused"}.
+      {"workdir", "train_seconds", "final_loss", "steps", "reused"}. A workdir whose run had
+      already reached its steps without `done.json` (killed after the last checkpoint) is
+      restored, not trained: "reused" is True and "train_seconds" None (not measured), rather
+      than the seconds of the restore.
     """
     done_path = os.path.join(workdir, "done.json")
     cfg = json.loads(config.to_json())
@@ -113,16 +119,19 @@ def train_run(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any]
                     "pass another --workdir or delete it"
                 )
     summary = train_and_evaluate_quiet(config, workdir)  # it writes config.json itself
+    # the seconds of this call time the training only if it trained every step
+    trained_all = summary["start_step"] == 0
     done = {
         "workdir": os.path.abspath(workdir),
-        "train_seconds": summary["seconds"],
+        "train_seconds": summary["seconds"] if trained_all else None,
         "final_loss": summary.get("final_loss"),
         "steps": summary["final_step"],
         "config": cfg,
     }
     with open(done_path, "w") as f:
         json.dump(done, f, indent=2)
-    return {**{k: v for k, v in done.items() if k != "config"}, "reused": False}
+    reused = summary["start_step"] == summary["final_step"]
+    return {**{k: v for k, v in done.items() if k != "config"}, "reused": reused}
 
 
 def train_and_evaluate_quiet(config, workdir):

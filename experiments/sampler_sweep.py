@@ -29,7 +29,9 @@ STEPS = (10, 20, 50, 100, 1000)
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.parse_args(__doc__.splitlines()[0], num_samples=500)
-    parser.add_argument("--long-samples", type=int, default=100, help="samples at >= 1000 steps")
+    parser.add_argument(
+        "--long-samples", type=common.SAMPLE_COUNT, default=100, help="samples at >= 1000 steps"
+    )
     args = common.parse(parser, argv)
     common.setup_compile_cache()
     t0 = time.perf_counter()

@@ -30,7 +30,9 @@ WORKDIRS = {"simple": "param_eps", "hybrid_learned": "hybrid_learned", "min_snr5
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.parse_args(__doc__.splitlines()[0], num_samples=500)
-    parser.add_argument("--long-samples", type=int, default=100, help="samples at 1000 steps")
+    parser.add_argument(
+        "--long-samples", type=common.SAMPLE_COUNT, default=100, help="samples at 1000 steps"
+    )
     args = common.parse(parser, argv)
     common.setup_compile_cache()
     t0 = time.perf_counter()

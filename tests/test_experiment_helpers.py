@@ -461,11 +461,32 @@ def test_parse_defaults_and_smoke_steps():
         False,
     )
     assert common.parse(p, ["--smoke"]).steps == 2
-    a = common.parse(p, ["--smoke", "--steps", "5", "--num-samples", "3", "--seed", "7"])
-    assert (a.steps, a.num_samples, a.seed) == (5, 3, 7)
+    a = common.parse(p, ["--smoke", "--steps", "5", "--num-samples", "4", "--seed", "7"])
+    assert (a.steps, a.num_samples, a.seed) == (5, 4, 7)
     assert common.parse(common.parse_args("x"), []).num_samples == 1000
     with pytest.raises(SystemExit):
         common.parse(p, ["--steps", "0"])
+
+
+def test_train_run_records_no_training_time_for_a_run_it_only_restored(tmp_path, monkeypatch):
+    # a finished run without done.json (killed after its last checkpoint) is restored and not
+    # trained; its done.json used to record the restore's seconds as "train_seconds" and
+    # "reused": False (experiments/results/sampler_sweep.json: 0.0014 s for 2000 steps)
+    config = common.make_config({}, steps=2, smoke=True)
+    summaries = iter(
+        [
+            {"start_step": 0, "final_step": 2, "seconds": 7.5, "final_loss": 0.9},
+            {"start_step": 2, "final_step": 2, "seconds": 0.8, "final_loss": 0.9},
+        ]
+    )
+    monkeypatch.setattr(common, "train_and_evaluate_quiet", lambda cfg, wd: next(summaries))
+    first = common.train_run(str(tmp_path), config)
+    assert (first["train_seconds"], first["reused"]) == (7.5, False)
+    os.remove(tmp_path / "done.json")
+    second = common.train_run(str(tmp_path), config)
+    assert (second["train_seconds"], second["reused"], second["steps"]) == (None, True, 2)
+    with open(tmp_path / "done.json") as f:
+        assert json.load(f)["train_seconds"] is None
 
 
 def test_make_config():

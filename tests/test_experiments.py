@@ -99,3 +99,30 @@ def test_train_run_reuses_a_finished_workdir(dirs):
     # another config there would resume that run's checkpoint under new settings
     with pytest.raises(ValueError, match="holds a run of a different config"):
         common.train_run(workdir, common.make_config({}, steps=3, smoke=True))
+
+
+@pytest.mark.parametrize(
+    "module, flag",
+    [
+        (sampler_sweep, "--long-samples"),
+        (variance_loss, "--long-samples"),
+        (parameterization, "--num-samples"),
+        (guidance, "--num-samples"),
+    ],
+)
+@pytest.mark.parametrize("count", ["0", "3"])
+def test_sample_counts_too_small_for_the_metrics_are_refused_before_training(
+    module, flag, count, tmp_path, capsys, monkeypatch
+):
+    # they used to pass argparse and fail only after training and sampling: 0 with a
+    # ZeroDivisionError, 1-3 in precision_recall (recall's 3-NN radii need 4 samples)
+    def no_training(*args, **kwargs):
+        raise AssertionError("the bad count was not refused before training")
+
+    monkeypatch.setattr(common, "train_run", no_training)
+    workdir, out = tmp_path / "runs", tmp_path / "out"
+    with pytest.raises(SystemExit) as err:
+        module.main([flag, count, "--workdir", str(workdir), "--out", str(out)])
+    assert err.value.code == 2
+    assert f"argument {flag}: must be an int >= 4" in capsys.readouterr().err
+    assert not workdir.exists() and not out.exists()
