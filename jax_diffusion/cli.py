@@ -127,6 +127,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from jax_diffusion import train
 
+    _check_sampling_flags(args)  # before the run is restored
     config, shape, model, ema_params, step = train.load_run(args.workdir)
     images = train.sample(
         config,
@@ -148,9 +149,32 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+_FLAGS = {
+    "sampler": "--sampler",
+    "num_steps": "--steps",
+    "spacing": "--spacing",
+    "guidance": "--guidance",
+}
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """The sampling flags against the run's config.json, named as flags, before any work."""
+    from jax_diffusion import train
+
+    train.check_sampling(
+        train.load_run_config(args.workdir),
+        sampler=args.sampler,
+        num_steps=args.steps,
+        spacing=args.spacing,
+        guidance=args.guidance,
+        names=_FLAGS,
+    )
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from jax_diffusion.evaluation import evaluate_workdir
 
+    _check_sampling_flags(args)
     metrics = evaluate_workdir(
         args.workdir,
         num_samples=args.num,

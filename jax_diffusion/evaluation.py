@@ -635,25 +635,21 @@ def evaluate_workdir(
         raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++' or None; got {sampler!r}")
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, 1)
-        if sampler == "ddpm":  # before the run is restored (train.sample says so too, later)
+        if sampler == "ddpm":  # before the run is read (train.sample says so too, later)
             raise ValueError(
                 f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all the run's "
                 f"steps (got num_steps={num_steps})"
             )
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS} or None; got {spacing!r}")
+    # then against the run's config (the steps' range, guidance), before the run is restored
+    check = dict(sampler=sampler, num_steps=num_steps, spacing=spacing, guidance=guidance)
+    train.check_sampling(train.load_run_config(workdir), **check)
     config, shape, model, params, step = _restore_ema_params(workdir)
     num_classes = config.model.get("num_classes", None)
-    if guidance is not None and not num_classes:
-        raise ValueError(
-            f"guidance={guidance!r} needs a class-conditional model; the run in {workdir} has "
-            "model.num_classes=None (pass guidance=None)"
-        )
     schedule = train.get_schedule(config.diffusion)
     s = config.sample
     sampler = s.sampler if sampler is None else sampler
-    if spacing is not None and sampler != "ddim":
-        raise ValueError(f"spacing applies to sampler 'ddim' only; got sampler {sampler!r}")
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
 
     bs = min(batch_size, num_samples)

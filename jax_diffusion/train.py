@@ -310,31 +310,17 @@ def sample(
     (default config.sample.guidance) is the classifier-free guidance scale w (1 = plain
     conditional).
     """
-    s = config.sample
-    sampler = s.sampler if sampler is None else sampler
-    explicit_steps, num_steps = num_steps, s.num_steps if num_steps is None else num_steps
-    d = config.diffusion
+    s, d = config.sample, config.diffusion
     num_classes = config.model.get("num_classes", None)
-    if sampler not in ("ddpm", "ddim", "dpm++"):
-        raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}")
-    if sampler == "ddpm" and explicit_steps is not None:
-        raise ValueError(
-            f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
-            f"{config.diffusion.num_timesteps} steps (got num_steps={explicit_steps!r})"
-        )
-    if spacing is not None and (sampler != "ddim" or spacing not in samplers.SPACINGS):
-        raise ValueError(
-            f"spacing must be one of {samplers.SPACINGS} (or None: the config's), with sampler "
-            f"'ddim' only; got spacing={spacing!r} with sampler {sampler!r}"
-        )
-    spacing = s.get("spacing", "leading") if spacing is None else spacing
-    _warn_if_zero_snr_skipped(config, sampler, spacing)
+    sampler, num_steps, spacing = check_sampling(
+        config,
+        sampler=sampler,
+        num_steps=num_steps,
+        spacing=spacing,
+        guidance=guidance,
+        labels=labels,
+    )
     check_int("num", num, 1)
-    if num_classes is None and (labels is not None or guidance is not None):
-        raise ValueError(
-            "labels and guidance need a class-conditional model (model.num_classes is None); "
-            f"got labels={'None' if labels is None else 'given'}, guidance={guidance!r}"
-        )
     x_rng, s_rng = jax.random.split(rng)
     x_T = jax.random.normal(x_rng, (num, *shape))
     if num_classes is not None:
@@ -372,6 +358,72 @@ def sample(
     return run(*args)
 
 
+def check_sampling(
+    config: ml_collections.ConfigDict,
+    *,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    spacing: str | None = None,
+    guidance: float | None = None,
+    labels=None,
+    names: dict[str, str] | None = None,
+) -> tuple[str, int, str]:
+    """Checks the sampling choices of `sample` against a run's config, before any work.
+
+    Arguments as `sample`'s (None: the config's). `names` renames them in the messages (the
+    command line passes {'num_steps': '--steps', ...}).
+
+    Returns:
+      (sampler, num_steps, spacing) with the config's defaults filled in.
+
+    Raises:
+      ValueError: an unknown sampler; num_steps with ddpm (which runs all T steps) or outside
+        [1, T] ([1, T - 1] for dpm++); spacing with a sampler other than ddim, or unknown;
+        labels or guidance for a model without classes.
+    """
+    name = (names or {}).get
+    s, num_timesteps = config.sample, config.diffusion.num_timesteps
+    explicit_steps = num_steps
+    sampler = s.sampler if sampler is None else sampler
+    num_steps = s.num_steps if num_steps is None else num_steps
+    if sampler not in ("ddpm", "ddim", "dpm++"):
+        raise ValueError(
+            f"{name('sampler', 'sampler')} must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}"
+        )
+    steps = name("num_steps", "num_steps") if explicit_steps is not None else "sample.num_steps"
+    if sampler == "ddpm" and explicit_steps is not None:
+        raise ValueError(
+            f"{steps} applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
+            f"{num_timesteps} steps (got {steps}={explicit_steps!r})"
+        )
+    if sampler != "ddpm":
+        # dpm++ takes n + 1 distinct grid points in [0, T - 1]
+        most = num_timesteps - 1 if sampler == "dpm++" else num_timesteps
+        why = " (DPM-Solver++ takes n + 1 distinct steps)" if sampler == "dpm++" else ""
+        check_int(f"{steps} for sampler {sampler!r}{why}", num_steps, 1, most)
+    if spacing is not None and (sampler != "ddim" or spacing not in samplers.SPACINGS):
+        raise ValueError(
+            f"{name('spacing', 'spacing')} must be one of {samplers.SPACINGS} (or None: the "
+            f"config's), with sampler 'ddim' only; got spacing={spacing!r} with sampler "
+            f"{sampler!r}"
+        )
+    spacing = s.get("spacing", "leading") if spacing is None else spacing
+    _warn_if_zero_snr_skipped(config, sampler, spacing)
+    given = {
+        name(k, k): v for k, v in (("labels", labels), ("guidance", guidance)) if v is not None
+    }
+    if config.model.get("num_classes", None) is None and given:
+        what = " and ".join(given)
+        raise ValueError(
+            f"{what} need{'s' * (len(given) == 1)} a class-conditional model; this one has "
+            f"model.num_classes=None (omit {what}); got "
+            + ", ".join(
+                f"{k}={'given' if k.endswith('labels') else repr(v)}" for k, v in given.items()
+            )
+        )
+    return sampler, int(num_steps), spacing
+
+
 def _check_labels(labels: jax.Array, num: int, num_classes: int) -> None:
     """Labels [num] of ints in [0, num_classes] (num_classes: the null label, unconditional
     samples) where concrete: the label table would clamp or wrap others (a label of 30 of 10
@@ -397,6 +449,20 @@ def check_finite_samples(samples: np.ndarray) -> None:
         raise FloatingPointError(f"{bad} of {len(samples)} samples are not finite")
 
 
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config of a training workdir (its `config.json`), without restoring anything: for
+    checks before the restore (`check_sampling`).
+
+    Raises:
+      FileNotFoundError: workdir holds no config.json.
+    """
+    path = epath.Path(workdir) / "config.json"
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no training run in {workdir}: {err}") from None
+
+
 def load_run(workdir: str | os.PathLike):
     """The config, example shape, model and latest EMA params of a training workdir.
 
@@ -416,12 +482,11 @@ def load_run(workdir: str | os.PathLike):
         checkpoint.
     """
     workdir = epath.Path(workdir)
+    config = load_run_config(workdir)
     try:
-        config_text = (workdir / "config.json").read_text()
         info_text = (workdir / "data_info.json").read_text()
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no training run in {workdir}: {err}") from None
-    config = ml_collections.ConfigDict(json.loads(config_text))
     shape = tuple(json.loads(info_text)["shape"])
     model = create_model(config, channels=shape[-1])
     abstract = jax.eval_shape(

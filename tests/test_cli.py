@@ -240,6 +240,16 @@ def test_an_error_is_printed_as_its_plain_message_even_with_traceback_0(
     )
 
 
+def _run_config(monkeypatch, name="digits_cond.py"):
+    """The config the sampling flags are checked against, in place of a workdir's config.json
+    (the tests that fake train.load_run have no workdir)."""
+    from jax_diffusion import train
+
+    config = cli.load_config(f"{CONFIGS / name}:smoke")
+    monkeypatch.setattr(train, "load_run_config", lambda workdir: config)
+    return config
+
+
 def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, monkeypatch):
     import jax
     import numpy as np
@@ -256,6 +266,7 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
 
     monkeypatch.setattr(train, "load_run", fake_load_run)
     monkeypatch.setattr(train, "get_schedule", lambda diffusion: ("schedule of", diffusion))
+    _run_config(monkeypatch)
 
     def fake_sample(config, model, params, schedule, rng, **kwargs):
         got.update(args=(config, model, params, schedule), rng=rng, **kwargs)
@@ -291,6 +302,7 @@ def test_samples_that_are_not_finite_end_sample_with_one_line_and_status_1(
     config = types.SimpleNamespace(diffusion=None)
     monkeypatch.setattr(train, "load_run", lambda workdir: (config, (4, 4, 1), "m", "p", 5))
     monkeypatch.setattr(train, "get_schedule", lambda diffusion: None)
+    _run_config(monkeypatch)
 
     def diverged_sample(*args, num, shape, **kwargs):
         images = np.zeros((num, *shape), np.float32)
@@ -322,6 +334,7 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
         return {"fd_test": 1.25}
 
     monkeypatch.setattr(evaluation, "evaluate_workdir", fake_evaluate)
+    _run_config(monkeypatch)
     out = tmp_path / "new" / "dir" / "metrics.json"
     argv = ["evaluate", "--workdir", "w", "--num", "16", "--sampler", "ddim", "--steps", "4"]
     argv += ["--guidance", "0.5", "--seed", "3", "--bpd-examples", "2", "--out", str(out)]
@@ -369,3 +382,36 @@ def test_a_config_in_a_package_off_sys_path_can_import_its_siblings(tmp_path, mo
     finally:
         for name in [m for m in sys.modules if m.split(".")[0] == "jd_test_configs"]:
             del sys.modules[name]
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate"])
+def test_sampling_flags_are_checked_against_the_run_as_flags_before_the_restore(
+    tmp_path, capsys, command
+):
+    # a config.json and no checkpoint: reaching the restore would say "no checkpoint"; these
+    # were reported after the restore (and the sampling progress bar), named num_steps and
+    # guidance, with "(pass guidance=None)"
+    config = cli.load_config(f"{CONFIGS / 'default.py'}:smoke")
+    (tmp_path / "config.json").write_text(config.to_json())
+    T = config.diffusion.num_timesteps
+    for flags, message in [
+        (
+            ["--sampler", "dpm++", "--steps", str(T)],
+            rf"--steps for sampler 'dpm\+\+' \(DPM-Solver\+\+ takes n \+ 1 distinct steps\) "
+            rf"must be an int in \[1, {T - 1}\]; got {T}",
+        ),
+        (
+            ["--sampler", "ddim", "--steps", str(T + 1)],
+            rf"--steps for sampler 'ddim' must be an int in \[1, {T}\]; got {T + 1}",
+        ),
+        (
+            ["--guidance", "3"],
+            r"--guidance needs a class-conditional model; this one has model.num_classes=None "
+            r"\(omit --guidance\); got --guidance=3.0",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as err:
+            cli.main([command, "--workdir", str(tmp_path), *flags])
+        assert err.value.code == 2
+        assert re.search(f"^jax-diffusion {command}: error: {message}$", capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]

@@ -747,7 +747,9 @@ def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, c
         # each used to be replaced by the config's value or silently ignored or truncated
         (dict(num_steps=0), "num_steps must be an int >= 1; got 0"),
         (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+' or None; got ''"),
-        (dict(guidance=5.0), "guidance=5.0 needs a class-conditional model"),
+        (dict(guidance=5.0), "guidance needs a class-conditional model.*got guidance=5.0"),
+        # out of the run's range: reported after the restore and the first sampling batch
+        (dict(num_steps=51), r"num_steps for sampler 'ddim' must be an int in \[1, 50\]"),
         (dict(bpd_examples=1000), r"bpd_examples must be an int in \[0, 297\]; got 1000"),
         (dict(seed=2**64), r"seed must be an int in \[0, 4294967295\]"),
         (dict(sampler="ddpm", num_steps=3), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
@@ -866,6 +868,7 @@ def fake_run(monkeypatch):
     monkeypatch.setattr(
         evaluation, "_restore_ema_params", lambda workdir: (config, (8, 8, 1), model, params, 7)
     )
+    monkeypatch.setattr(train, "load_run_config", lambda workdir: config)
     table, per_class = digits_by_class()
     rec = types.SimpleNamespace(
         config=config, model=model, table=table, per_class=per_class, nan_first=False
@@ -937,7 +940,7 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     fake_run.config.sample.spacing = "linspace"  # not the default: read from the config
     assert evaluate_workdir("run", **kw)["spacing"] == "linspace"
     assert "spacing" not in fake_run.static[-1]
-    with pytest.raises(ValueError, match="spacing applies to sampler 'ddim' only; got .*'ddpm'"):
+    with pytest.raises(ValueError, match="with sampler 'ddim' only; got .* sampler 'ddpm'"):
         evaluate_workdir("run", spacing="trailing", **{**kw, "sampler": "ddpm", "num_steps": None})
 
 

@@ -700,11 +700,12 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
     schedule = train.get_schedule(config.diffusion)
     key = jax.random.PRNGKey(0)
     for kwargs, match in [
-        (dict(num_steps=0), r"num_steps must be an int in \[1, 50\]; got 0"),
+        (dict(num_steps=0), r"num_steps for sampler 'ddim' must be an int in \[1, 50\]; got 0"),
+        (dict(sampler="dpm++", num_steps=50), r"num_steps for .*'dpm\+\+'.* in \[1, 49\]; got 50"),
         (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+'; got ''"),
         (dict(num=-1), "num must be an int >= 1; got -1"),
-        (dict(guidance=3.0), "labels and guidance need a class-conditional model"),
-        (dict(labels=jnp.zeros(4, jnp.int32)), "labels and guidance need a class-conditional"),
+        (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
+        (dict(labels=jnp.zeros(4, jnp.int32)), "labels needs a class-conditional.*labels=given"),
         # ddpm ignored num_steps: `jax-diffusion sample --sampler ddpm --steps 2` ran all T
         (dict(sampler="ddpm", num_steps=5), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
         # ddpm and dpm++ have no spacing to set: it was silently ignored
