@@ -616,9 +616,9 @@ def evaluate_workdir(
       / train (1500) split; "fd_train_vs_test": the
       same between the two real splits, a floor set by finite sample sizes; "precision",
       "recall" (k = 3) against the test split; "inception_score" of the samples and
-      "inception_score_test" of the test digits (9.06 at 8x8; the maximum is 10); "class_accuracy" for conditional
-      models; "bpd", "bpd_prior", "bpd_kl", "bpd_decoder", "bpd_stderr", "bpd_examples" when
-      bpd_examples > 0; "sample_seconds".
+      "inception_score_test" of the test digits (9.06 at 8x8; the maximum is 10);
+      "class_accuracy" for conditional models; "bpd", "bpd_prior", "bpd_kl", "bpd_decoder",
+      "bpd_stderr", "bpd_examples" when bpd_examples > 0; "sample_seconds".
 
     Raises:
       ValueError: a non-digits run, or arguments out of range.
