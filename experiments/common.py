@@ -38,14 +38,21 @@ from jax_diffusion.cli import _int_in, _positive_int, _seed, set_config_value
 SAMPLE_COUNT = _int_in(4, what=" (recall's 3-NN radii need 4 samples)")
 
 
-def parse_args(description: str, **defaults) -> argparse.Namespace:
-    """The common command line of the experiment scripts."""
+def parse_args(description: str, *, bpd_examples: int | None = 100, **defaults):
+    """The common command line of the experiment scripts (an ArgumentParser); --bpd-examples
+    only where the script measures bits/dim (`bpd_examples` its default, None: no flag)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", default="/tmp/exp", help="parent folder of the training runs")
     p.add_argument("--out", default="experiments/results", help="folder for <name>.json/.png")
     p.add_argument("--steps", type=_positive_int, default=None, help="train steps (2000; smoke: 2)")
     p.add_argument("--num-samples", type=SAMPLE_COUNT, default=defaults.get("num_samples", 1000))
-    p.add_argument("--bpd-examples", type=_positive_int, default=defaults.get("bpd_examples", 100))
+    if bpd_examples is not None:
+        p.add_argument(
+            "--bpd-examples",
+            type=_int_in(2, what=" (the bound's standard error needs 2)"),
+            default=bpd_examples,
+            help="test digits for bits/dim",
+        )
     p.add_argument("--seed", type=_seed, default=0, help="sampling / evaluation seed")
     p.add_argument("--smoke", action="store_true", help="tiny model and counts (tests)")
     return p

@@ -23,7 +23,7 @@ SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = common.parse_args(__doc__.splitlines()[0], num_samples=500)
+    parser = common.parse_args(__doc__.splitlines()[0], num_samples=500, bpd_examples=None)
     args = common.parse(parser, argv)
     common.setup_compile_cache()
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ STEPS = (10, 20, 50, 100, 1000)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = common.parse_args(__doc__.splitlines()[0], num_samples=500)
+    parser = common.parse_args(__doc__.splitlines()[0], num_samples=500, bpd_examples=None)
     parser.add_argument(
         "--long-samples", type=common.SAMPLE_COUNT, default=100, help="samples at >= 1000 steps"
     )

@@ -466,6 +466,15 @@ def test_parse_defaults_and_smoke_steps():
     assert common.parse(common.parse_args("x"), []).num_samples == 1000
     with pytest.raises(SystemExit):
         common.parse(p, ["--steps", "0"])
+    # one example has no standard error (experiments.tables crashed on its None)
+    with pytest.raises(SystemExit):
+        common.parse(p, ["--bpd-examples", "1"])
+    assert common.parse(p, ["--bpd-examples", "2"]).bpd_examples == 2
+    # the scripts that measure no bits/dim take no --bpd-examples (they ignored it)
+    no_bpd = common.parse_args("x", bpd_examples=None)
+    assert "bpd_examples" not in vars(common.parse(no_bpd, []))
+    with pytest.raises(SystemExit):
+        common.parse(no_bpd, ["--bpd-examples", "5"])
 
 
 def test_train_run_records_no_training_time_for_a_run_it_only_restored(tmp_path, monkeypatch):
