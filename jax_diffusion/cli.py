@@ -129,6 +129,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     _check_sampling_flags(args)  # before the run is restored
     config, shape, model, ema_params, step = train.load_run(args.workdir)
+    num = config.sample.num_samples if args.num is None else args.num
     images = train.sample(
         config,
         model,
@@ -136,7 +137,7 @@ def _sample(args: argparse.Namespace) -> int:
         train.get_schedule(config.diffusion),
         jax.random.PRNGKey(args.seed),
         shape=shape,
-        num=args.num,
+        num=num,
         sampler=args.sampler,
         num_steps=args.steps,
         guidance=args.guidance,
@@ -145,7 +146,7 @@ def _sample(args: argparse.Namespace) -> int:
     images = np.asarray(images)
     train.check_finite_samples(images)  # before anything is written
     train._save_samples(images, args.out)
-    print(json.dumps({"out": args.out, "num": args.num, "step": step}))
+    print(json.dumps({"out": args.out, "num": num, "step": step}))
     return 0
 
 
@@ -278,32 +279,57 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_train)
 
     sa = sub.add_parser("sample", help="sample a grid from a workdir's latest EMA params")
-    sa.add_argument("--workdir", required=True)
-    sa.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
-    sa.add_argument("--steps", type=_positive_int, default=None, help="ddim and dpm++ only")
-    sa.add_argument(
-        "--spacing", choices=_SPACINGS, default=None, help="ddim's steps (default: the config's)"
-    )
-    sa.add_argument("--num", type=_positive_int, default=64)
-    sa.add_argument("--guidance", type=_finite_float, default=None)
-    sa.add_argument("--seed", type=_seed, default=0)
-    sa.add_argument("--out", type=_image_path, default="grid.png")
-    sa.set_defaults(func=_sample)
-
     ev = sub.add_parser(
         "evaluate", help="sample from a digits workdir and print Frechet distance etc. as JSON"
     )
-    ev.add_argument("--workdir", required=True)
-    ev.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default=None)
-    ev.add_argument("--steps", type=_positive_int, default=None, help="ddim and dpm++ only")
-    ev.add_argument(
-        "--spacing", choices=_SPACINGS, default=None, help="ddim's steps (default: the config's)"
+    for p in (sa, ev):  # the sampling flags; None: the run's config.json decides
+        p.add_argument("--workdir", required=True, help="the training run's directory")
+        p.add_argument(
+            "--sampler",
+            choices=("ddpm", "ddim", "dpm++"),
+            default=None,
+            help="default: the config's sample.sampler",
+        )
+        p.add_argument(
+            "--steps",
+            type=_positive_int,
+            default=None,
+            help="ddim and dpm++ only: <= T, dpm++ <= T - 1 (default: the config's)",
+        )
+        p.add_argument(
+            "--spacing",
+            choices=_SPACINGS,
+            default=None,
+            help="ddim's steps (default: the config's)",
+        )
+        p.add_argument(
+            "--guidance",
+            type=_finite_float,
+            default=None,
+            help="classifier-free guidance scale w, class-conditional runs only (default: the "
+            "config's sample.guidance)",
+        )
+        p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: 0)")
+    sa.add_argument(
+        "--num",
+        type=_positive_int,
+        default=None,
+        help="samples in the grid (default: the config's sample.num_samples)",
     )
-    ev.add_argument("--num", type=_int_in(4, what=" (recall's 3-NN radii need 4)"), default=1000)
-    ev.add_argument("--guidance", type=_finite_float, default=None)
-    ev.add_argument("--seed", type=_seed, default=0)
+    sa.add_argument("--out", type=_image_path, default="grid.png", help="default: grid.png")
+    sa.set_defaults(func=_sample)
+
     ev.add_argument(
-        "--bpd-examples", type=_int_in(0, 297), default=0, help="test digits for bits/dim"
+        "--num",
+        type=_int_in(4, what=" (recall's 3-NN radii need 4)"),
+        default=1000,
+        help="samples to measure (default: 1000)",
+    )
+    ev.add_argument(
+        "--bpd-examples",
+        type=_int_in(0, 297),
+        default=0,
+        help="test digits for bits/dim (default: 0, none)",
     )
     ev.add_argument("--out", type=_output_file, default=None, help="also write the JSON here")
     ev.set_defaults(func=_evaluate)

@@ -258,7 +258,9 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
 
     got = {}
 
-    config = types.SimpleNamespace(diffusion="diffusion config")
+    config = types.SimpleNamespace(
+        diffusion="diffusion config", sample=types.SimpleNamespace(num_samples=12)
+    )
 
     def fake_load_run(workdir):  # (config, shape, model, ema_params, step)
         got["workdir"] = workdir
@@ -288,7 +290,9 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     assert (tmp_path / "grid.png").read_bytes().startswith(b"\x89PNG")
     # without them: None, so that the config's sampler, steps and guidance apply
     assert cli.main(["sample", "--workdir", "w", "--out", out]) == 0
-    assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == (None, None, 64, None)
+    # and the grid has the config's sample.num_samples (it had 64 whatever the config said)
+    assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == (None, None, 12, None)
+    assert json.loads(capsys.readouterr().out)["num"] == 12
     assert got["spacing"] is None
 
 
