@@ -213,6 +213,11 @@ class FeatureStats:
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         """A new FeatureStats holding the features of both `self` and `other`."""
+        if not isinstance(other, FeatureStats):
+            raise ValueError(
+                f"other must be a FeatureStats (use update() for an array of features); got "
+                f"{type(other).__name__}"
+            )
         out = FeatureStats()
         for stats in (self, other):
             if stats._n:
@@ -517,6 +522,7 @@ def bits_per_dim(
     Raises:
       ValueError: unknown prediction or variance, schedule not a Schedule, rng not a PRNG key,
         empty images, images not floating, not finite or outside [-1, 1], batch_size < 1.
+      FloatingPointError: the bound of some example is NaN or inf (the model's output was).
     """
     check_prediction(prediction)
     check_variance(variance)
@@ -550,6 +556,11 @@ def bits_per_dim(
     names = ("total_bpd", "prior_bpd", "kl_bpd", "decoder_bpd")
     out = {name: float(np.concatenate(p).mean()) for name, p in zip(names, parts, strict=True)}
     total = np.concatenate(parts[0])
+    if not np.isfinite(total).all():  # a NaN mean would be written as JSON's invalid NaN
+        raise FloatingPointError(
+            f"the bits/dim of {np.size(total) - np.isfinite(total).sum()} of {n} examples are "
+            "not finite: the model returned NaN or inf (a diverged run?)"
+        )
     out["total_bpd_stderr"] = float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else None
     out["num_examples"] = n
     return out
@@ -622,7 +633,7 @@ def evaluate_workdir(
 
     Raises:
       ValueError: a non-digits run, or arguments out of range.
-      FloatingPointError: some samples are NaN or inf.
+      FloatingPointError: some samples, or the bits/dim of some test digits, are NaN or inf.
     """
     from jax_diffusion import data as data_lib
     from jax_diffusion import train

@@ -203,6 +203,9 @@ def test_feature_stats_errors():
         stats.update(np.ones((2, 4)))
     with pytest.raises(ValueError, match="features must be a 2-D"):
         stats.update(np.ones(3))
+    # an array for merge's FeatureStats: AttributeError '_n'
+    with pytest.raises(ValueError, match="other must be a FeatureStats .*update.*got ndarray"):
+        stats.merge(np.ones((2, 3)))
 
 
 # ----------------------------------------------------------------------- precision / recall
@@ -581,6 +584,21 @@ def test_bits_per_dim_batches_draw_different_noise():
         progress=False,
     )
     assert r["total_bpd_stderr"] > 1e-3 * r["total_bpd"]
+
+
+def test_bits_per_dim_of_a_model_returning_nan_is_a_floating_point_error():
+    # the NaN mean went into evaluate's JSON, which then was not valid JSON
+    schedule = jd.Schedule.from_betas(jd.cosine_betas(10))
+    fn = gaussian_denoiser(schedule, 0.0, 0.5)
+
+    def nan_on_example_1(x, t):
+        return fn(x, t).at[1].set(jnp.nan)
+
+    x = np.zeros((3, 2, 2, 1), np.float32)
+    kw = dict(prediction="eps", variance="fixed_small", progress=False)
+    assert math.isfinite(bits_per_dim(schedule, fn, x, jax.random.key(0), **kw)["total_bpd"])
+    with pytest.raises(FloatingPointError, match="bits/dim of 1 of 3 examples are not finite"):
+        bits_per_dim(schedule, nan_on_example_1, x, jax.random.key(0), **kw)
 
 
 def test_bits_per_dim_rejects_bad_arguments():
