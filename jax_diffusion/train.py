@@ -226,7 +226,10 @@ def _accumulated_value_and_grad(loss_fn, params, inputs, rng, num_chunks: int):
     loss_fn(params, *inputs, rng) -> (loss, aux) must be a mean over the batch of per-example
     terms (aux: scalar means), so the mean over equal chunks is the full-batch value. Chunk j
     holds examples j, j + n, j + 2n, ... (n = num_chunks): a batch sharded over devices in
-    contiguous blocks splits on every device locally, without communication. Chunk j uses
+    contiguous blocks splits on every device locally, without communication, when the
+    per-device batch is a multiple of n (otherwise XLA moves examples between devices). Each
+    chunk's gradient is summed over devices on its own (n all-reduces a step, measured on 8
+    CPU devices: 72 for n = 4 against 18), the price of the memory saved. Chunk j uses
     rng fold_in(rng, j) (dropout); with n = 1, rng itself. Chunk j + 1's inputs depend on
     chunk j's value and gradient (`_after`), so it starts after them and XLA reuses one chunk's
     activation memory for the next: a step's temporary memory is about that of batch / n (on
