@@ -956,7 +956,10 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         dict(train__warmup_steps=2, train__ema_decay=1.0, train__keep_checkpoints=None),
         dict(train__ema_decay=0.0, model__class_dropout=1.0, sample__num_steps=50),
         dict(sample__sampler="ddpm", sample__num_steps=0, diffusion__vlb_weight=0.0),
-        dict(diffusion__zero_terminal_snr=True, diffusion__prediction="v", model__num_classes=1),
+        dict(
+            diffusion__zero_terminal_snr=True, diffusion__prediction="v", sample__spacing="linspace"
+        ),
+        dict(model__num_classes=1),
     ]:
         train.check_config(smoke(**overrides))
     for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py"):
@@ -1175,7 +1178,11 @@ def test_a_resume_that_changes_what_the_network_predicts_or_goes_back_is_refused
     for overrides, match in [
         # eps-trained weights went on as a v model (loss 0.21 -> 0.87), config.json rewritten
         (
-            dict(diffusion__prediction="v", diffusion__zero_terminal_snr=True),
+            dict(
+                diffusion__prediction="v",
+                diffusion__zero_terminal_snr=True,
+                sample__spacing="trailing",  # what a zero-SNR model is sampled with
+            ),
             r"with diffusion.prediction='v' \(the run has 'eps'\), diffusion.zero_terminal_snr"
             r"=True \(the run has False\): these fields set what the network predicts",
         ),
