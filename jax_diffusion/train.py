@@ -39,10 +39,13 @@ from jax_diffusion.visualize import save_image_grid
 
 __all__ = [
     "TrainingDiverged",
+    "check_config",
+    "check_sampling",
     "create_model",
     "create_train_state",
     "get_schedule",
     "load_run",
+    "load_run_config",
     "make_mesh",
     "make_train_step",
     "sample",
