@@ -52,6 +52,8 @@ def parse_configs_batches(
 ) -> tuple[list[str], list[int]]:
     """args.configs and args.batches (comma-separated) as lists; parser.error on a bad entry."""
     names = [n for n in args.configs.split(",") if n]
+    if not names:
+        parser.error(f"--configs: one or more of {', '.join(allowed)}; got {args.configs!r}")
     for n in names:
         if n not in allowed:
             parser.error(f"--configs: unknown config {n!r}; allowed: {', '.join(allowed)}")

@@ -298,11 +298,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="cifar", help=", ".join(CONFIGS))
     parser.add_argument("--batches", default="8,16,32")
-    parser.add_argument("--no-torch", action="store_true", help="skip diffusers in table 1")
+    parser.add_argument(
+        "--no-torch",
+        action="store_true",
+        help="skip PyTorch (diffusers in table 1, SDPA in table 4)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
-    parser.add_argument("--skip-conv", action="store_true", help="table 1 only")
-    parser.add_argument("--upsample", action="store_true", help="table 3 only (Upsample forms)")
-    parser.add_argument("--attention", action="store_true", help="table 4 only (attention core)")
+    tables = parser.add_mutually_exclusive_group()  # one table choice per run
+    tables.add_argument("--skip-conv", action="store_true", help="table 1 only")
+    tables.add_argument("--upsample", action="store_true", help="table 3 only (Upsample forms)")
+    tables.add_argument("--attention", action="store_true", help="table 4 only (attention core)")
     args = parser.parse_args()
     names, batches = parse_configs_batches(parser, args, CONFIGS)
     repeats = 3 if args.quick else 7

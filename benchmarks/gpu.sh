@@ -17,11 +17,12 @@ fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_info.txt"
+failed=()
 run() {  # run NAME ARGS...: one benchmark, its table saved as $out/NAME.txt
   local name=$1
   shift
   echo "+ python3 $*"
-  python3 "$@" 2>&1 | grep -v "^WARNING" | tee "$out/$name.txt"
+  python3 "$@" 2>&1 | grep -v "^WARNING" | tee "$out/$name.txt" || failed+=("$name")
 }
 run gpu_train_bf16 benchmarks/train_throughput.py --no-torch --quick --dtype bfloat16 \
   --configs cifar,digits16 --batches 128,32
@@ -30,3 +31,7 @@ run gpu_sampling_bf16 benchmarks/sampling_throughput.py --quick --dtype bfloat16
   --configs cifar,digits16 --batches 256,1024
 run gpu_sampler_speed benchmarks/sampler_speed.py --quick
 run gpu_upsample benchmarks/cpu_breakdown.py --upsample --quick --configs cifar --batches 32,128
+if ((${#failed[@]})); then  # the others ran; the exit status still says which did not
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi

@@ -34,7 +34,10 @@ from jax_diffusion.cli import load_config
 from jax_diffusion.models import MLPDenoiser, make_model_fn
 from jax_diffusion.train import create_model, get_schedule
 
-CONFIG = "experiments/configs/default.py"
+# found from the script, so that it runs from any working directory
+CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "configs", "default.py"
+)
 
 
 def _mlp_case(hidden_dim: int = 128, num_layers: int = 3):
@@ -137,8 +140,12 @@ def memory(model, params, schedule, x_T, num_steps: int, trajectory: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, fewer cases")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per case (default 5, --quick 2)"
+    )
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
     repeats = args.repeats or (2 if args.quick else 5)
 
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))

@@ -90,8 +90,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 timed runs instead of 5")
     args = parser.parse_args()
     names, batches = parse_configs_batches(parser, args, CONFIGS)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1; got {args.steps}")
+    for name in names:
+        num_timesteps = load_config(CONFIG, CONFIGS[name][0]).diffusion.num_timesteps
+        if not 1 <= args.steps <= num_timesteps:
+            parser.error(
+                f"--steps must be in [1, {num_timesteps}] (the {name} config's "
+                f"diffusion.num_timesteps); got {args.steps}"
+            )
     repeats = 2 if args.quick else 5
 
     print(f"# sampling_throughput: {machine()}")

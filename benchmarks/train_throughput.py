@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -43,7 +44,10 @@ from jax_diffusion.backend import compiler_options
 from jax_diffusion.cli import load_config
 from jax_diffusion.train import create_model, create_train_state, get_schedule, make_train_step
 
-CONFIG = "experiments/configs/default.py"
+# found from the script, so that it runs from any working directory
+CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "experiments", "configs", "default.py"
+)
 
 # name -> (overrides of the default config, channels)
 CONFIGS = {
@@ -78,6 +82,17 @@ def _flops(compiled) -> float | None:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
+
+
+def table_header(with_torch: bool) -> str:
+    """The results table's header line (`mb`: train.microbatches, as in BENCHMARKS.md)."""
+    header = (
+        "| config | batch | mb | params | lower s | compile s | GFLOP/step | step s | img/s "
+        "| GFLOP/s | % peak |"
+    )
+    if with_torch:
+        header += " diffusers params | diffusers img/s | ours/theirs |"
+    return header + " load |"
 
 
 class OursStep:
@@ -192,6 +207,39 @@ class TheirsStep:
         return (time.perf_counter() - start) / num_steps
 
 
+def microbatch_counts(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, batches: list[int]
+) -> dict[int, int]:
+    """train.microbatches for each batch size; parser.error on a value the step cannot use.
+
+    With --chunk-size c, a batch b >= c is split into b / c chunks (c must divide b) and a batch
+    b < c is one chunk; without it, every batch uses --microbatches, which must divide it.
+    """
+    if args.chunk_size < 0:
+        parser.error(f"--chunk-size must be >= 0 (0: use --microbatches); got {args.chunk_size}")
+    if args.microbatches < 1:
+        parser.error(f"--microbatches must be >= 1; got {args.microbatches}")
+    counts = {}
+    for batch in batches:
+        if args.chunk_size and batch > args.chunk_size:
+            if batch % args.chunk_size:
+                parser.error(
+                    f"--chunk-size {args.chunk_size} must divide every batch size; "
+                    f"got batch {batch}"
+                )
+            counts[batch] = batch // args.chunk_size
+        elif args.chunk_size:
+            counts[batch] = 1
+        else:
+            if batch % args.microbatches:
+                parser.error(
+                    f"--microbatches {args.microbatches} must divide every batch size; "
+                    f"got batch {batch}"
+                )
+            counts[batch] = args.microbatches
+    return counts
+
+
 def _torch_available() -> bool:
     try:
         import diffusers  # noqa: F401
@@ -218,10 +266,12 @@ def main() -> None:
         "--chunk-size",
         type=int,
         default=0,
-        help="examples per micro-batch: train.microbatches = batch / this (overrides it)",
+        help="examples per micro-batch: train.microbatches = batch / this, one chunk for a "
+        "smaller batch (overrides --microbatches)",
     )
     args = parser.parse_args()
     names, batches = parse_configs_batches(parser, args, CONFIGS)
+    microbatch_count = microbatch_counts(parser, args, batches)
     repeats, target_s = (2, 1.0) if args.quick else (3, 3.0)
     on_cpu = jax.default_backend() == "cpu"
     with_torch = not args.no_torch and on_cpu and args.dtype == "float32" and _torch_available()
@@ -248,21 +298,13 @@ def main() -> None:
     )
     print(f"# median of {repeats} repeats (each >= {target_s:g} s or 1 step) after a warm-up step")
 
-    header = (
-        "| config | batch | params | lower s | compile s | GFLOP/step | step s | img/s "
-        "| GFLOP/s | % peak |"
-    )
-    if with_torch:
-        header += " diffusers params | diffusers img/s | ours/theirs |"
-    header += " load |"
+    header = table_header(with_torch)
     print()
     print(header)
     print("|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|")
     for name in names:
         for batch in batches:
-            microbatches = (
-                max(1, batch // args.chunk_size) if args.chunk_size else args.microbatches
-            )
+            microbatches = microbatch_count[batch]
             ours = OursStep(
                 name,
                 batch,
@@ -287,7 +329,8 @@ def main() -> None:
             ips = batch / step_s
             gflop = ours.flops / 1e9 if ours.flops else float("nan")
             row = (
-                f"| {name} {ours.size}x{ours.size}x{ours.channels} | {batch} | {ours.num_params:,} "
+                f"| {name} {ours.size}x{ours.size}x{ours.channels} | {batch} | {microbatches} "
+                f"| {ours.num_params:,} "
                 f"| {ours.lower_s:.2f} | {ours.compile_s:.2f} | {gflop:.2f} | {step_s:.3f} "
                 f"| {ips:.1f} | {gflop / step_s:.1f} | {100 * gflop * 1e9 / step_s / peak:.0f}% |"
             )
