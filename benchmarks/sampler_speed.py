@@ -158,8 +158,8 @@ def main() -> None:
     print("\n## DDIM (eta=0): one lax.scan vs a Python loop of jitted ddim_step")
     print(f"median of {repeats} interleaved runs after a warm-up run; ratio = loop / scan")
     print(
-        "| model              | batch | steps |   scan s |   loop s | ratio "
-        "| bare model scan s | loop - scan us/step |"
+        "| model              | batch | steps |   scan s |   loop s | loop / scan "
+        "| bare model scan s | loop - scan, us/step |"
     )
     print(
         "|--------------------|-------|-------|----------|----------|-------"
@@ -178,7 +178,7 @@ def main() -> None:
         dispatch_us = (loop_s - scan_s) / steps * 1e6
         print(
             f"| {name:<18} | {batch:>5} | {steps:>5} | {scan_s:>8.4f} | {loop_s:>8.4f} "
-            f"| {loop_s / scan_s:>5.2f} | {bare_s:>17.4f} | {dispatch_us:>19.1f} |"
+            f"| {loop_s / scan_s:>11.2f} | {bare_s:>17.4f} | {dispatch_us:>20.1f} |"
         )
 
     print(f"load average after: {load()}")
