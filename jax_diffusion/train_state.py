@@ -125,8 +125,10 @@ def make_optimizer(
     warmup = max(warmup_steps, 1)
     init = learning_rate / warmup
     if schedule == "cosine":
+        # at least one cosine step after the warmup's `warmup` (>= 1) steps: optax refuses 0
+        # decay steps (num_steps 0 or 1 without warmup)
         lr = optax.warmup_cosine_decay_schedule(
-            init, learning_rate, warmup, max(num_steps, warmup_steps + 1)
+            init, learning_rate, warmup, max(num_steps, warmup + 1)
         )
     else:
         lr = optax.join_schedules(

@@ -133,6 +133,13 @@ def test_saving_a_step_twice_is_a_value_error_and_keeps_the_first(tmp_path):
     for a, b in zip(leaves(states[3].params), leaves(restored.params), strict=True):
         np.testing.assert_array_equal(a, b)
     ckpt.close()
+    # step 0 (a fresh state) is a step like any other
+    ckpt = CheckpointManager(str(tmp_path / "zero"))
+    fresh = states[3].replace(step=jnp.zeros((), jnp.int32))
+    assert ckpt.save(fresh, {}, force=True)
+    with pytest.raises(ValueError, match=r"a checkpoint of step 0 exists already"):
+        ckpt.save(fresh, {}, force=True)
+    ckpt.close()
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path, caplog):
@@ -355,8 +362,10 @@ def test_restore_params_takes_a_train_state_as_its_target(tmp_path):
         assert ckpt.restored_step == 2
         for a, b in zip(leaves(getattr(states[2], field)), leaves(params), strict=True):
             np.testing.assert_array_equal(a, b)
-    for bad in ({"params": 1}, [states[1].params]):
-        with pytest.raises(ValueError, match=r"state_like must be None, a TrainState or its"):
+    for bad, got in (({"params": 1}, r"dict with keys \['params'\]"), ([states[1].params], "list")):
+        with pytest.raises(
+            ValueError, match=rf"state_like must be None, a TrainState or its.*; got {got}$"
+        ):
             ckpt.restore_params(bad)
 
 

@@ -154,6 +154,18 @@ def test_int_and_float_arguments_accept_their_whole_documented_range(capsys):
     assert parse(["demo", "--seed", "0", "--num-timesteps", "1", "--batch", "1"]).seed == 0
 
 
+def test_sample_and_evaluate_flags_default_to_what_their_help_says():
+    parse = cli.build_parser().parse_args
+    w = ["--workdir", "run"]
+    sampling = ("sampler", "steps", "spacing", "guidance")  # None: the run's config decides
+    for command in ("sample", "evaluate"):
+        args = parse([command, *w])
+        assert [getattr(args, k) for k in sampling] == [None] * 4 and args.seed == 0
+    sample, evaluate = parse(["sample", *w]), parse(["evaluate", *w])
+    assert (sample.num, sample.out) == (None, "grid.png")  # None: the config's num_samples
+    assert (evaluate.num, evaluate.bpd_examples, evaluate.out) == (1000, 0, None)
+
+
 def test_out_of_range_arguments_are_argparse_errors_naming_the_argument(capsys):
     w = ["--workdir", "run"]
     for argv, named in [
@@ -167,6 +179,7 @@ def test_out_of_range_arguments_are_argparse_errors_naming_the_argument(capsys):
         (["sample", *w, "--guidance=-inf"], "argument --guidance: must be a finite number"),
         (["sample", *w, "--guidance", "x"], "argument --guidance: must be a finite number"),
         (["sample", *w, "--out", "grid.txt"], "argument --out: must end in an image extension"),
+        (["evaluate", *w, "--num", "3"], "argument --num: must be an int >= 4"),
         (["evaluate", *w, "--bpd-examples", "298"], "argument --bpd-examples: must be an int in"),
         (["evaluate", *w, "--bpd-examples", "-1"], "argument --bpd-examples: must be an int in"),
         (["demo", "--seed", "-1"], "argument --seed: must be an int in [0, 4294967295]"),
@@ -407,6 +420,11 @@ def test_sampling_flags_are_checked_against_the_run_as_flags_before_the_restore(
         (
             ["--sampler", "ddim", "--steps", str(T + 1)],
             rf"--steps for sampler 'ddim' must be an int in \[1, {T}\]; got {T + 1}",
+        ),
+        (
+            ["--sampler", "dpm++", "--spacing", "trailing"],
+            r"--spacing must be one of .* with sampler 'ddim' only; got spacing='trailing' with "
+            r"sampler 'dpm\+\+'",
         ),
         (
             ["--guidance", "3"],

@@ -440,6 +440,16 @@ def test_check_images_accepts_every_floating_dtype_and_still_checks_the_range(dt
         data.check_data(np.full((2,), np.nan, dtype))
 
 
+def test_check_data_refuses_complex_values_whose_parts_lie_in_range():
+    # complex is inexact, not floating data; NumPy orders it lexicographically, so 0.5 + 5j
+    # would pass a range check of its min and max
+    for x in (np.zeros(3, np.complex64), np.array([0.5 + 5j])):
+        with pytest.raises(
+            ValueError, match=r"must be floating data in \[-1, 1\]; got dtype complex"
+        ):
+            data.check_data(x)
+
+
 def test_check_images_accepts_an_empty_batch_and_only_rank_4():
     empty = np.zeros((0, 4, 4, 1), np.float32)
     assert data.check_images(empty) is empty

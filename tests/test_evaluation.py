@@ -150,6 +150,56 @@ def test_frechet_distance_refuses_complex_and_non_numeric_arguments():
         frechet_distance(mu, cov, ["a", "b"], cov)
 
 
+def test_frechet_distance_symmetry_is_relative_to_the_largest_entry():
+    # max |C - C^T| / max |C| <= 1e-6, whatever the scale of C
+    mu = np.zeros(2)
+
+    def off_diagonal(scale, asymmetry):
+        c = scale * np.eye(2)
+        c[0, 1] = scale * asymmetry
+        return c
+
+    # a 1e-9 relative asymmetry of a covariance of scale 1e8 (0.1 absolute) is rounding
+    big = off_diagonal(1e8, 1e-9)
+    assert frechet_distance(mu, big, mu, 1e8 * np.eye(2)) == pytest.approx(0.0, abs=1e8 * 1e-8)
+    for c, got in [(off_diagonal(1.0, 1e-4), "0.0001"), (off_diagonal(1e-8, 1e-3), "0.001")]:
+        with pytest.raises(ValueError, match=rf"cov2 must be symmetric \(.*\); got {got}$"):
+            frechet_distance(mu, np.eye(2), mu, c)
+
+
+def test_frechet_distance_psd_tolerance_follows_each_covariance_s_own_dtype():
+    # the docstring's bound on the smallest eigenvalue: -1e-8 times the largest for float64,
+    # -100 eps(float32) = -1.19e-5 times it for float32 (-100 * 2^-7 for bfloat16), none
+    # below 0 for exact integers
+    mu, eye = np.zeros(3), np.eye(3)
+
+    def smallest(e, dtype):
+        return np.diag([1.0, 0.5, e]).astype(dtype)
+
+    def closed_form(diagonal):
+        # Tr C1 + Tr C2 - 2 Tr (C1 C2)^(1/2) for commuting covariances (here one is I),
+        # eigenvalue by eigenvalue, the square root of a negative one taken as 0
+        return sum(a + 1.0 - 2.0 * math.sqrt(max(a, 0.0)) for a in diagonal)
+
+    accepted = [
+        (smallest(-1e-9, np.float64), 1),
+        (smallest(-1e-6, np.float32), 2),
+        (smallest(-1e-3, jnp.bfloat16), 2),
+    ]
+    for cov, which in accepted:
+        args = (mu, cov, mu, eye) if which == 1 else (mu, eye, mu, cov)
+        want = closed_form(np.diag(cov).astype(np.float64))
+        assert frechet_distance(*args) == pytest.approx(want, rel=1e-6)
+    for cov, name in [
+        (smallest(-1e-7, np.float64), "cov1"),
+        (smallest(-1e-4, np.float32), "cov2"),
+        (np.diag([1, 1, -1]), "cov1"),  # int64: its -1 is no rounding
+    ]:
+        args = (mu, cov, mu, eye) if name == "cov1" else (mu, eye, mu, cov)
+        with pytest.raises(ValueError, match=f"{name} must be positive semi-definite"):
+            frechet_distance(*args)
+
+
 def test_frechet_distance_accepts_float32_covariances_of_rank_deficient_features():
     # Statistics computed in float32 (as jnp.cov does by default) of features of rank 8 < D = 32:
     # rounding leaves eigenvalues of about -1e-7 times the largest, which are not indefiniteness.
@@ -282,6 +332,14 @@ def test_metrics_accept_low_precision_features(dtype):
     stats = FeatureStats.from_features(real)
     np.testing.assert_allclose(stats.cov, np.cov(real64, rowvar=False), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(stats.mean, real64.mean(axis=0), rtol=1e-12, atol=1e-12)
+
+
+def test_feature_stats_of_boolean_features_are_those_of_their_0_1_values():
+    # bool is a real dtype (binary features) though NumPy and JAX do not count it as a number
+    x = np.random.default_rng(1).random((50, 4)) < 0.3
+    stats = FeatureStats.from_features(x)
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.cov, np.cov(x.astype(np.float64), rowvar=False), atol=1e-12)
 
 
 def test_precision_recall_does_not_depend_on_a_common_shift():
@@ -841,6 +899,23 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
 def test_evaluate_workdir_checks_its_arguments_before_loading_the_run(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         evaluate_workdir(str(tmp_path / "missing"), progress=False, **kwargs)
+
+
+def test_evaluate_workdir_checks_the_sampling_choices_against_the_run_before_the_restore(tmp_path):
+    # a config.json and no checkpoint: a check left to train.sample would come after the
+    # restore, which fails first here ("no checkpoint")
+    config = cli.load_config(f"{ROOT / 'experiments' / 'configs' / 'default.py'}:smoke")
+    (tmp_path / "config.json").write_text(config.to_json())
+    T = config.diffusion.num_timesteps
+    for kwargs, match in [
+        (dict(num_steps=T + 1), rf"num_steps for sampler 'ddim' must be an int in \[1, {T}\]"),
+        (dict(sampler="dpm++", num_steps=T), rf"num_steps for sampler 'dpm\+\+'.*\[1, {T - 1}\]"),
+        (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
+        (dict(sampler="dpm++", spacing="trailing"), r"spacing .* with sampler 'ddim' only"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            evaluate_workdir(str(tmp_path), num_samples=4, progress=False, **kwargs)
+    assert os.listdir(tmp_path) == ["config.json"]
 
 
 def test_evaluate_workdir_accepts_the_boundary_values(tmp_path):

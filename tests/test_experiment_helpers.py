@@ -464,6 +464,7 @@ def test_parse_defaults_and_smoke_steps():
     a = common.parse(p, ["--smoke", "--steps", "5", "--num-samples", "4", "--seed", "7"])
     assert (a.steps, a.num_samples, a.seed) == (5, 4, 7)
     assert common.parse(common.parse_args("x"), []).num_samples == 1000
+    assert common.parse(common.parse_args("x", bpd_examples=50), []).bpd_examples == 50
     with pytest.raises(SystemExit):
         common.parse(p, ["--steps", "0"])
     # one example has no standard error (experiments.tables crashed on its None)
@@ -496,6 +497,16 @@ def test_train_run_records_no_training_time_for_a_run_it_only_restored(tmp_path,
     assert (second["train_seconds"], second["reused"], second["steps"]) == (None, True, 2)
     with open(tmp_path / "done.json") as f:
         assert json.load(f)["train_seconds"] is None
+
+
+def test_train_run_of_a_resumed_run_is_not_reused_and_has_no_training_time(tmp_path, monkeypatch):
+    # resumed at step 1 of 2 (killed mid-run): it trained, so it is not "reused", but its
+    # seconds time only the last step, so no training time is recorded either
+    config = common.make_config({}, steps=2, smoke=True)
+    summary = {"start_step": 1, "final_step": 2, "seconds": 3.0, "final_loss": 0.9}
+    monkeypatch.setattr(common, "train_and_evaluate_quiet", lambda cfg, wd: summary)
+    info = common.train_run(str(tmp_path), config)
+    assert (info["train_seconds"], info["reused"], info["steps"]) == (None, False, 2)
 
 
 def test_make_config():

@@ -94,12 +94,18 @@ def test_cfg_combines_conditional_and_null_in_one_batched_call(w):
         np.testing.assert_allclose(out, cond, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("large", ["null", "conditional"])
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
-def test_cfg_scales_0_and_1_give_the_null_and_conditional_outputs_exactly(variance):
-    # a null branch 1e4 times larger than the conditional one: uncond + 1 * (cond - uncond)
-    # rounds cond to the float32 spacing of 1e4 (~1e-3); the docstring promises the branches
+def test_cfg_scales_0_and_1_give_the_null_and_conditional_outputs_exactly(variance, large):
+    # one branch 1e4 times larger than the other: uncond + 1 * (cond - uncond) rounds cond to
+    # the float32 spacing of 1e4 (~1e-3) when the null branch is the large one, and
+    # cond + (0 - 1) * (cond - uncond) rounds uncond so when the conditional one is; the
+    # docstring promises the branches
     big = np.array(_normal(19, (NUM_CLASSES + 1, 2 * DIM)))
-    big[NUM_CLASSES] *= 1e4
+    if large == "null":
+        big[NUM_CLASSES] *= 1e4
+    else:
+        big[:NUM_CLASSES] *= 1e4
 
     def model(x, t, y):
         out = jnp.tile(x, 2) + jnp.asarray(big)[y]

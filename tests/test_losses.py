@@ -333,6 +333,19 @@ def test_given_draws_are_the_ones_the_loss_draws_itself(linear):
     np.testing.assert_allclose(np.mean(halves), loss, rtol=1e-6)
 
 
+def test_x0_of_shape_b_is_a_batch_of_scalars(linear):
+    # [B, ...] with no example axes: one number per example (only [] and empty arrays are
+    # refused); L_simple against float64 NumPy from Ho et al. 2020, eq. 14
+    x0 = jnp.asarray([-0.5, 0.0, 0.25, 1.0])
+    t = jnp.asarray([0, 3, 500, T - 1], jnp.int32)
+    noise = jnp.asarray([0.3, -1.2, 0.7, 2.0])
+    loss, _ = jd.diffusion_loss(linear, lambda x, t: 0.5 * x, x0, None, draws=(t, noise))
+    abar = np_schedule(jd.linear_betas(T))["alphas_cumprod"][np.asarray(t)]
+    x0_64, noise_64 = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
+    xt = np.sqrt(abar) * x0_64 + np.sqrt(1 - abar) * noise_64
+    np.testing.assert_allclose(loss, np.mean((0.5 * xt - noise_64) ** 2), rtol=1e-5)
+
+
 def test_hybrid_loss_trains_variance_only_through_the_vlb(linear):
     x0 = jnp.asarray(_grid_data(np.random.default_rng(10), (8, 4, 4, 1)), jnp.float32)
     rng = jax.random.key(11)

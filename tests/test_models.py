@@ -467,6 +467,14 @@ def test_unet_dropout(uncond):
             False,
             r"attention_resolutions must be a sequence of feature-map sizes .*; got 4",
         ),
+        # a string is no sequence of sizes: "8" would be read as the size '8', never matched
+        (
+            {"attention_resolutions": "8"},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"attention_resolutions must be a sequence of feature-map sizes .*; got '8'",
+        ),
         ({"dropout": None}, (B, H, W, C), (B,), False, r"dropout must be in \[0, 1\); got None"),
         # a truthy string used to switch the option on
         (
@@ -624,6 +632,16 @@ def test_mlp_denoiser_value_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(MLPDenoiser(**kwargs).init, jax.random.key(0), x, t)
+
+
+def test_mlp_dropout_takes_numpy_numbers_but_not_a_bool():
+    # a rate read from a NumPy array (np.float32 is no Python float) is a number; a bool is not
+    # (False == 0 would pass the range check: "no dropout" is 0.0)
+    x, t = jnp.zeros((5, 2)), jnp.zeros((5,), jnp.int32)
+    for dropout in (np.float32(0.5), np.int64(0)):
+        jax.eval_shape(MLPDenoiser(dropout=dropout).init, jax.random.key(0), x, t)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\); got False"):
+        jax.eval_shape(MLPDenoiser(dropout=False).init, jax.random.key(0), x, t)
 
 
 def test_out_of_range_labels_are_rejected_where_concrete():

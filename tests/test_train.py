@@ -375,6 +375,42 @@ def test_ema_of_bfloat16_params_follows_the_float64_recurrence():
     np.testing.assert_allclose(ema["w"], want, rtol=1e-5)
 
 
+def test_ema_keeps_float64_and_integer_leaves_and_update_ema_keeps_the_ema_dtypes(x64):
+    # only floats below float32 are promoted: a float64 average stays float64, and an integer
+    # leaf is copied as it is, not turned into a float
+    params = {
+        "f64": jnp.asarray([0.1, 0.2], jnp.float64),
+        "i32": jnp.arange(3, dtype=jnp.int32),
+        "f16": jnp.ones(2, jnp.float16),
+    }
+    state = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=optax.sgd(0.1), rng=jnp.zeros(2, jnp.uint32)
+    )
+    dtypes = {k: v.dtype for k, v in state.ema_params.items()}
+    assert dtypes == {"f64": jnp.float64, "i32": jnp.int32, "f16": jnp.float32}
+    np.testing.assert_array_equal(state.ema_params["f64"], [0.1, 0.2])
+    np.testing.assert_array_equal(state.ema_params["i32"], [0, 1, 2])
+    # params of a wider dtype than the average do not widen it (the docstring's "in the EMA's
+    # dtype"): 0.5 * 1 + 0.5 * 0.25 = 0.625, exact in both
+    ema = {"w": jnp.ones(2, jnp.float32), "b": jnp.ones(2, jnp.bfloat16)}
+    new = {"w": jnp.full(2, 0.25, jnp.float64), "b": jnp.full(2, 0.25, jnp.float32)}
+    out = train_state.update_ema(ema, new, 0.5)
+    assert (out["w"].dtype, out["b"].dtype) == (jnp.float32, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out["w"], np.float64), [0.625, 0.625])
+    np.testing.assert_array_equal(np.asarray(out["b"], np.float64), [0.625, 0.625])
+    # a float64 average is updated in float64, the decay included (float32(0.999) is 0.999 +
+    # 1e-8, which would move it off the float64 recurrence)
+    out = train_state.update_ema({"w": jnp.ones(2)}, {"w": jnp.zeros(2)}, 0.999)
+    np.testing.assert_allclose(out["w"], 0.999, rtol=1e-12)
+
+
+def test_ema_decay_accepts_both_ends_of_0_1():
+    # decay 1 freezes the average and 0 copies the params: both are documented as valid
+    assert float(train_state.ema_decay(7, 1.0, warmup=False)) == 1.0
+    assert float(train_state.ema_decay(7, 0.0, warmup=False)) == 0.0
+    assert float(train_state.ema_decay(0, 1.0)) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+
+
 @pytest.mark.parametrize("decay", [-0.1, 1.5])
 def test_ema_decay_outside_0_1_is_a_value_error_naming_it(decay):
     with pytest.raises(
@@ -411,6 +447,18 @@ def test_optimizer_clips_before_adam_and_warms_up_from_lr_over_warmup(schedule):
         np.testing.assert_allclose(updates, want, rtol=1e-4, atol=1e-9, err_msg=f"step {k}")
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_optimizer_of_a_run_of_0_or_1_steps_without_warmup_is_made(schedule):
+    # num_steps is documented as an int >= 0, but with warmup_steps=0 the cosine schedule got
+    # 0 decay steps for num_steps 0 and 1, and optax raised its own ValueError
+    g, params = jnp.asarray([3.0, 4.0]), jnp.zeros(2)
+    for num_steps in (0, 1):
+        tx = train_state.make_optimizer(learning_rate=0.5, num_steps=num_steps, schedule=schedule)
+        updates, _ = tx.update(g, tx.init(params), params)
+        # no warmup: step 0 is at the peak rate, and Adam's first update is -lr g / (|g| + eps)
+        np.testing.assert_allclose(updates, [-0.5, -0.5], rtol=1e-6)
+
+
 def test_optimizer_with_a_negative_clip_would_ascend_so_it_is_refused():
     # what a negative grad_clip did: optax scales the gradient by clip / norm < 0, so Adam's
     # update points along +g (ascent); 0 scales it to 0 (no training)
@@ -432,6 +480,11 @@ def test_optimizer_with_a_negative_clip_would_ascend_so_it_is_refused():
     [
         (dict(learning_rate=float("inf")), r"learning_rate must be a finite number > 0; got inf"),
         (dict(learning_rate=0.0), r"learning_rate must be a finite number > 0; got 0.0"),
+        # a one-element array is no scalar (float() of it passes, with a DeprecationWarning)
+        (
+            dict(learning_rate=np.array([1e-3])),
+            r"learning_rate must be a finite number > 0; got array\(\[0.001\]\)",
+        ),
         (dict(num_steps=10.5), r"num_steps must be an int >= 0; got 10.5"),
         (dict(num_steps=-5), r"num_steps must be an int >= 0; got -5"),
         (dict(warmup_steps=11), r"warmup_steps must be an int in \[0, 10\]; got 11"),
@@ -443,6 +496,17 @@ def test_optimizer_with_a_negative_clip_would_ascend_so_it_is_refused():
 def test_optimizer_rejects_each_bad_argument_naming_it(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train_state.make_optimizer(**{"learning_rate": 1e-3, "num_steps": 10, **kwargs})
+
+
+def test_optimizer_accepts_the_closed_ends_of_its_ranges_and_refuses_b1_b2_of_1():
+    # [0, 1) for Adam's decays: 0 is a valid (memoryless) decay, 1 never updates the moments
+    kw = dict(learning_rate=1e-3, num_steps=10)
+    train_state.make_optimizer(**kw, b1=0.0, b2=0.0, weight_decay=0.0, warmup_steps=10)
+    for name in ("b1", "b2"):
+        with pytest.raises(
+            ValueError, match=rf"{name} must be a finite number in \[0, 1\); got 1.0"
+        ):
+            train_state.make_optimizer(**kw, **{name: 1.0})
 
 
 def _cli(*args, env_extra=None):
@@ -729,6 +793,34 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
     ]:
         with pytest.raises(ValueError, match=match):
             train.sample(config, model, None, schedule, key, shape=(2,), num=4, labels=labels)
+
+
+def test_check_sampling_names_the_config_s_values_and_fills_in_its_defaults():
+    config = smoke("toy_2d.py", sample__sampler="ddim")
+    T = config.diffusion.num_timesteps
+    config.sample.num_steps = T  # valid for ddim, one too many for dpm++
+    # the config's num_steps is at fault, not an argument: the message names the field
+    with pytest.raises(
+        ValueError, match=rf"^sample\.num_steps for sampler 'dpm\+\+' .*\[1, {T - 1}\]; got {T}$"
+    ):
+        train.check_sampling(config, sampler="dpm++")
+    # both given to a model without classes: one message naming both, in the plural
+    with pytest.raises(
+        ValueError,
+        match=r"^labels and guidance need a class-conditional model;.*labels=given, guidance=2.0$",
+    ):
+        train.check_sampling(config, labels=jnp.zeros(2, jnp.int32), guidance=2.0)
+    # the config's 'leading' spacing for a zero-terminal-SNR model: warned of as if passed
+    config.diffusion.zero_terminal_snr = True
+    with pytest.warns(UserWarning, match=r"zero_terminal_snr=True is sampled by ddim with spac"):
+        train.check_sampling(config)
+    # a config.json written before sample.spacing and diffusion.zero_terminal_snr existed:
+    # the documented 'leading', and no zero-SNR step to miss, so no warning
+    del config.sample["spacing"]
+    del config.diffusion["zero_terminal_snr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train.check_sampling(config) == ("ddim", T, "leading")
 
 
 def test_sample_takes_the_null_label_num_classes_for_unconditional_samples():
