@@ -333,8 +333,18 @@ def predict_x0_eps(schedule: Schedule, *, model_output, xt, t, prediction: str):
 
 
 def training_target(schedule: Schedule, *, x0, eps, t, prediction: str) -> jax.Array:
-    """The regression target of a parameterization: eps, x0 or v = alpha_t eps - sigma_t x0."""
+    """The regression target of a parameterization: eps, x0 or v = alpha_t eps - sigma_t x0.
+
+    Raises:
+      ValueError: unknown prediction, x0 and eps of different shapes or not floating, or t
+        invalid (`check_t`), for every prediction (eps and x0 are returned as they are).
+    """
     check_prediction(prediction)
+    # the same checks as the 'v' branch (`v_from_x0_eps`), so that a wrong t or eps is not
+    # accepted only because the target happens not to need it
+    _check_same_shape(x0=x0, eps=eps)
+    _compute_dtype(x0=x0, eps=eps)
+    check_t(schedule, t, x0, name="x0")
     if prediction == "eps":
         return eps
     if prediction == "x0":

@@ -254,12 +254,23 @@ class Schedule:
         schedule's index i corresponds to the original step `sorted(timesteps)[i]`: call the
         model with the original step, not with i.
 
+        The new tables are built in NumPy, so this schedule must be concrete: call `respace`
+        outside `jax.jit` (or on a schedule closed over, not passed as a traced argument).
+
         Args:
           timesteps: concrete ints in [0, T - 1], any order, no duplicates.
 
         Returns:
           A `Schedule` with `len(timesteps)` steps, in this schedule's dtype.
+
+        Raises:
+          ValueError: bad timesteps, or a traced schedule.
         """
+        if isinstance(self.betas, jax.core.Tracer):
+            raise ValueError(
+                "respace needs a concrete schedule (its tables are rebuilt in NumPy); got a "
+                "traced one: respace outside jax.jit or close over the schedule"
+            )
         ts = np.asarray(timesteps)
         if ts.ndim != 1 or ts.shape[0] < 1 or not np.issubdtype(ts.dtype, np.integer):
             raise ValueError(f"timesteps must be a non-empty 1-D int array; got {timesteps!r}")

@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 
 from jax_diffusion.diffusion import check_prediction
-from jax_diffusion.schedules import Schedule
+from jax_diffusion.schedules import Schedule, _check_timesteps
 
 __all__ = ["gaussian_denoiser", "gaussian_posterior_moments", "gaussian_residual_variance"]
 
 
 def _per_example(table, t, x):
+    # checked like the rest of the package: a bare table[t] clamps t >= T and wraps t < 0
+    t = _check_timesteps(t, table.shape[0])
     c = table[t].astype(jnp.promote_types(x.dtype, jnp.float32))
     return c.reshape(c.shape + (1,) * (x.ndim - jnp.ndim(t)))
 
@@ -36,12 +38,15 @@ def gaussian_posterior_moments(schedule: Schedule, x, t, mean, std):
     Args:
       schedule: the noise schedule.
       x: [B, ...] noisy data x_t.
-      t: int [B].
+      t: int [B] (or []) in [0, T - 1].
       mean: data mean, a scalar or an array broadcastable to x.shape[1:].
       std: data standard deviation (scalar or broadcastable), >= 0.
 
     Returns:
       (x0_hat, eps_hat), [B, ...] each, in the computation dtype (>= float32).
+
+    Raises:
+      ValueError: t not an integer array, or (where concrete) outside [0, T - 1].
     """
     alpha = _per_example(schedule.sqrt_alphas_cumprod, t, x)
     sigma = _per_example(schedule.sqrt_one_minus_alphas_cumprod, t, x)
@@ -68,7 +73,8 @@ def gaussian_denoiser(
       prediction: 'eps' | 'x0' | 'v', what the returned function outputs.
 
     Returns:
-      model_fn(x [B, ...], t int [B]) -> [B, ...] in x's dtype.
+      model_fn(x [B, ...], t int [B]) -> [B, ...] in x's dtype; it raises ValueError for a t
+      outside [0, T - 1] where t is concrete (as `gaussian_posterior_moments`).
     """
     check_prediction(prediction)
 
@@ -96,14 +102,18 @@ def gaussian_residual_variance(schedule: Schedule, t, std, prediction: str = "ep
     x0 = alpha x_t - sigma v.
 
     Args:
-      t: int timesteps, any shape.
+      t: int timesteps in [0, T - 1], any shape.
       std: data standard deviation (scalar).
 
     Returns:
       Array of t's shape (float32 or the schedule's dtype).
+
+    Raises:
+      ValueError: unknown prediction, t not an integer array or (where concrete) outside
+        [0, T - 1].
     """
     check_prediction(prediction)
-    abar = schedule.alphas_cumprod[t]
+    abar = schedule.alphas_cumprod[_check_timesteps(t, schedule.num_timesteps)]
     s2 = jnp.asarray(std, abar.dtype) ** 2
     denom = abar * s2 + (1.0 - abar)
     if prediction == "eps":

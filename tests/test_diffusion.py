@@ -461,3 +461,26 @@ def test_empty_batch_is_valid():
     sched = jd.Schedule.from_betas(jd.linear_betas(10))
     x = jnp.ones((0, 3))
     assert jd.q_sample(sched, x0=x, t=jnp.zeros(0, int), noise=x).shape == (0, 3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_training_target_checks_its_arguments_for_every_prediction(prediction):
+    """The 'v' target validated t and eps while 'eps' and 'x0' returned an argument unchecked:
+    a t outside [0, T - 1] or an eps of another shape passed silently for those two."""
+    sched = jd.Schedule.from_betas(jd.linear_betas(10))
+    x0 = jnp.ones((2, 3))
+    kw = dict(prediction=prediction)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 9\]"):
+        jd.training_target(sched, x0=x0, eps=x0, t=jnp.array([0, 10]), **kw)
+    with pytest.raises(ValueError, match="t must be an integer array"):
+        jd.training_target(sched, x0=x0, eps=x0, t=jnp.array([0.0, 1.0]), **kw)
+    with pytest.raises(ValueError, match="t has batch size 3"):
+        jd.training_target(sched, x0=x0, eps=x0, t=jnp.array([0, 1, 2]), **kw)
+    with pytest.raises(ValueError, match="arrays must have the same shape"):
+        jd.training_target(sched, x0=x0, eps=jnp.ones((2, 4)), t=jnp.array([0, 1]), **kw)
+    with pytest.raises(ValueError, match="eps must be a floating array"):
+        jd.training_target(sched, x0=x0, eps=x0.astype(int), t=jnp.array([0, 1]), **kw)
+    got = jax.jit(lambda t: jd.training_target(sched, x0=x0, eps=2 * x0, t=t, **kw))(
+        jnp.array([0, 9])
+    )
+    assert got.shape == x0.shape

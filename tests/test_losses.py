@@ -11,7 +11,11 @@ import pytest
 from conftest import np_schedule
 
 import jax_diffusion as jd
-from jax_diffusion.testing import gaussian_denoiser, gaussian_residual_variance
+from jax_diffusion.testing import (
+    gaussian_denoiser,
+    gaussian_posterior_moments,
+    gaussian_residual_variance,
+)
 
 T = 1000
 
@@ -705,3 +709,23 @@ def test_gaussian_testing_helpers_reject_an_unknown_prediction(linear):
         gaussian_denoiser(linear, 0.0, 1.0, prediction="score")
     with pytest.raises(ValueError, match="prediction must be one of .*got 'score'"):
         gaussian_residual_variance(linear, jnp.zeros(2, jnp.int32), 1.0, prediction="score")
+
+
+@pytest.mark.parametrize("bad_t", [[0, T], [-1, 3]])
+def test_gaussian_testing_helpers_reject_a_step_outside_the_schedule(linear, bad_t):
+    """A bare table[t] clamps t = T to T - 1 and wraps t = -1 to T - 1: the "exact" denoiser
+    would silently answer for another step. Concrete steps are range-checked like every other
+    function of the package; traced ones (inside a sampler's scan) still run."""
+    x = jnp.ones((2, 3), jnp.float32)
+    t = jnp.asarray(bad_t, jnp.int32)
+    match = rf"t must lie in \[0, {T - 1}\]"
+    with pytest.raises(ValueError, match=match):
+        gaussian_posterior_moments(linear, x, t, 0.0, 1.0)
+    with pytest.raises(ValueError, match=match):
+        gaussian_denoiser(linear, 0.0, 1.0, "v")(x, t)
+    with pytest.raises(ValueError, match=match):
+        gaussian_residual_variance(linear, t, 1.0)
+    with pytest.raises(ValueError, match="t must be an integer array"):
+        gaussian_residual_variance(linear, jnp.asarray([0.5, 1.5]), 1.0)
+    traced = jax.jit(gaussian_denoiser(linear, 0.0, 1.0, "eps"))(x, jnp.asarray([0, T - 1]))
+    assert traced.shape == x.shape and bool(jnp.all(jnp.isfinite(traced)))

@@ -1355,3 +1355,16 @@ def test_mlp_denoiser_matches_a_float64_numpy_transcription():
     assert got.shape == (4, 3)
     want = _np_mlp_denoiser(model, params, x, t, y)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dot_product_attention_of_float64_inputs_is_float64_accurate(x64):
+    """float64 q, k, v: the result is float64 and float64-accurate against a float64 NumPy
+    reference; logits and softmax fixed at float32 left a ~1e-7 error in a float64 result."""
+    from jax_diffusion.models import dot_product_attention
+
+    q, k, v = (a.astype(np.float64) for a in _qkv(6))
+    logits = np.einsum("bhqd,bhkd->bhqk", q, k) / 2.0  # sqrt(d = 4)
+    want = np.einsum("bhqk,bhkd->bhqd", _np_softmax(logits), v)
+    got = jax.jit(dot_product_attention)(*(jnp.asarray(a) for a in (q, k, v)))
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)

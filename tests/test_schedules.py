@@ -277,3 +277,13 @@ def test_from_betas_casts_every_table_to_dtype():
 def test_bad_schedule_edges_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_respace_of_a_traced_schedule_raises_value_error():
+    """Under jit with the schedule as an argument its tables are tracers, which NumPy cannot
+    read: a ValueError that says so, not JAX's TracerArrayConversionError from inside."""
+    sched = Schedule.from_betas(jd.linear_betas(20, 1e-3, 0.2))
+    with pytest.raises(ValueError, match="respace needs a concrete schedule"):
+        jax.jit(lambda s: s.respace([0, 5, 10]).betas)(sched)
+    closed_over = jax.jit(lambda: sched.respace([0, 5, 10]).alphas_cumprod)()
+    np.testing.assert_allclose(closed_over, np.asarray(sched.alphas_cumprod)[[0, 5, 10]], rtol=1e-6)

@@ -349,12 +349,12 @@ def _softmax_jvp(axis, primals, tangents):
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Scaled dot-product attention softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
 
-    The logits q k^T are accumulated and returned in float32 (`preferred_element_type`) and the
-    softmax is taken in float32 whatever the input dtype: logits rounded to bfloat16 first
-    (spacing 2^-8 |logit|) would err by up to |logit| * 2^-9 in the exponent, 7% in the weights
-    at logits of 35. The softmax is differentiated with its closed-form JVP (`_softmax`), so
-    both forward and reverse mode work and the backward pass is four matmuls and two
-    elementwise passes over the weights.
+    The logits q k^T are accumulated and returned in at least float32 (`preferred_element_type`;
+    float64 inputs keep float64) and the softmax is taken in that dtype: logits rounded to
+    bfloat16 first (spacing 2^-8 |logit|) would err by up to |logit| * 2^-9 in the exponent, 7%
+    in the weights at logits of 35. The softmax is differentiated with its closed-form JVP
+    (`_softmax`), so both forward and reverse mode work and the backward pass is four matmuls
+    and two elementwise passes over the weights.
 
     Args:
       q: [B, heads, N, d] queries.
@@ -364,9 +364,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     Returns:
       [B, heads, N, d] attention output in v's dtype.
     """
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits / np.sqrt(q.shape[-1]).astype(np.float32)
-    weights = _softmax(logits.astype(jnp.float32), -1).astype(v.dtype)
+    # at least float32: a float64 caller would otherwise get float32 weights (~1e-7 error)
+    acc = jnp.promote_types(jnp.result_type(q, k), jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=acc)
+    logits = logits / np.sqrt(q.shape[-1]).astype(acc)
+    weights = _softmax(logits.astype(acc), -1).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
 
