@@ -42,7 +42,9 @@ def classifier_free_guidance(
 
     Wraps a conditional `model_fn(x, t, y)` into a denoiser `guided(x, t)` for labels `y`:
       out = out(x, t, null) + w (out(x, t, y) - out(x, t, null)),
-    with both branches evaluated in ONE batched model call on [x; x], [t; t], [y; null] (2B
+    as in diffusers (guidance_scale). The paper's eq. 6, (1 + w') eps(x, y) - w' eps(x), is
+    the same combination with w' = w - 1: its w' = 0 (no guidance) is this w = 1. Both
+    branches are evaluated in ONE batched model call on [x; x], [t; t], [y; null] (2B
     examples). The combination is done in the model's output space, which for 'eps', 'x0' and
     'v' equals guiding eps: each parameterization is affine in the output at a fixed x_t,
     eps = a(t) x_t + b(t) out, and the weights (1 - w) + w sum to 1. With variance='learned_range'

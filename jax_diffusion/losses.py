@@ -216,7 +216,11 @@ def nll_bpd(
     variance: str = "fixed_small",
     clip_denoised: bool = False,
 ) -> NLLBpd:
-    """Full-chain variational bound in bits/dim: L_T + sum_{t>0} L_{t-1} + L_0 (Ho et al. eq. 5).
+    """Full-chain variational bound in bits/dim: L_T + sum_{t>1} L_{t-1} + L_0 (Ho et al. eq. 5).
+
+    In paper steps t = 1..T. With this package's index t = paper step t + 1: the prior
+    `prior_bpd`, the KL terms at indices 1..T-1 (`vlb_terms_bpd`) and the decoder NLL at
+    index 0, each counted once (T terms plus the prior).
 
     Evaluates every one of the T terms with a single-sample x_t per example, in one `lax.scan`
     over t (T model calls, constant compile time). Noise at step t comes from fold_in(rng, t).
