@@ -108,6 +108,23 @@ def set_config_value(config, key: str, value) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    cluster = {
+        "coordinator_address": args.coordinator_address,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
+    if None not in (args.num_processes, args.process_id) and args.process_id >= args.num_processes:
+        raise ValueError(
+            f"--process-id must lie in [0, --num-processes={args.num_processes}); "
+            f"got {args.process_id}"
+        )
+    if args.distributed or any(v is not None for v in cluster.values()):
+        # before any other JAX call: every host runs this same command, and the processes then
+        # share one mesh, one global batch and one workdir (without it each host would train a
+        # run of its own on the full batch, all writing into the same workdir)
+        import jax
+
+        jax.distributed.initialize(**cluster)
     from jax_diffusion.train import TrainingDiverged, train_and_evaluate
 
     config = load_config(args.config, args.set)
@@ -275,6 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.num_steps=100",
+    )
+    tr.add_argument(
+        "--distributed",
+        action="store_true",
+        help="several hosts: run the same command on each; calls jax.distributed.initialize() "
+        "first, which finds the cluster on Cloud TPU, SLURM, Open MPI and Kubernetes (elsewhere "
+        "give the three flags below)",
+    )
+    tr.add_argument(
+        "--coordinator-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="jax.distributed's coordinator (process 0's host); implies --distributed",
+    )
+    tr.add_argument(
+        "--num-processes", type=_positive_int, default=None, help="implies --distributed"
+    )
+    tr.add_argument(
+        "--process-id", type=_int_in(0), default=None, help="in [0, N); implies --distributed"
     )
     tr.set_defaults(func=_train)
 

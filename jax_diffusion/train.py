@@ -537,6 +537,20 @@ def _logged_step(line: str) -> int:
         return -1
 
 
+def _from_process_0(value: float | None) -> float | None:
+    """Process 0's `value` (a float32 number or None) on every process: only process 0 reads
+    metrics.jsonl (the others would race its rewrite), yet what `train_and_evaluate` returns
+    must not depend on the process that returns it."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    known, number = multihost_utils.broadcast_one_to_all(
+        np.array([value is not None, 0.0 if value is None else value], np.float32)
+    )
+    return float(number) if known else None
+
+
 class _Writer:
     """metrics.jsonl and TensorBoard events (tensorboardX: no TensorFlow), on process 0 only.
 
@@ -1015,7 +1029,9 @@ def train_and_evaluate(
             # grid would otherwise never have one
             last_sample = write_samples(start)
         if "final_loss" not in summary:  # nothing logged in this call
-            summary["final_loss"] = None if writer.last is None else writer.last["loss"]
+            summary["final_loss"] = _from_process_0(
+                None if writer.last is None else writer.last["loss"]
+            )
         if prev_bad is not None and int(prev_bad) >= tc.max_bad_steps:
             raise TrainingDiverged(
                 f"{int(prev_bad)} consecutive non-finite steps at the end of training. "

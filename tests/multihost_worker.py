@@ -3,6 +3,7 @@
 Usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT.npz
 """
 
+import json
 import os
 import sys
 
@@ -32,4 +33,8 @@ params = jax.tree.map(
 )
 flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
 np.savez(out, **flat)
+# the finished run again: nothing is trained or logged, the summary's loss is the logged one
+again = train.train_and_evaluate(config, workdir)
+with open(out + ".json", "w") as f:
+    json.dump({k: again[k] for k in ("start_step", "final_step", "final_loss")}, f)
 jax.distributed.shutdown()

@@ -1,5 +1,6 @@
 """Multi-host data parallelism for real: 2 processes on a loopback jax.distributed cluster."""
 
+import json
 import os
 import pathlib
 import socket
@@ -8,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from conftest import SUBPROCESS_XLA_FLAGS
 
 from jax_diffusion import cli, train
@@ -49,6 +51,11 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     assert sorted(p0.files) == sorted(p1.files) and p0.files
     for k in p0.files:
         np.testing.assert_array_equal(p0[k], p1[k])  # lockstep: identical params everywhere
+    # rerunning the finished run: every process returns the loss process 0 logged
+    logged = json.loads((tmp_path / "work" / "metrics.jsonl").read_text().splitlines()[-1])
+    for i in range(2):
+        again = json.loads((tmp_path / f"p{i}.npz.json").read_text())
+        assert again == {"start_step": 2, "final_step": 2, "final_loss": logged["loss"]}, i
 
     # the toy MLP: what is under test is the multi-process plumbing (jax.distributed, each
     # process's slice of the batch, the global arrays, checkpoints written by two processes),
@@ -67,3 +74,46 @@ def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
     # lr-sized step (lr 1e-3): atol 1e-5 is 1% of it.
     for k in p0.files:
         np.testing.assert_allclose(p0[k], flat[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_the_train_command_joins_a_cluster_with_its_distributed_flags(tmp_path):
+    """`jax-diffusion train` on every host, with the cluster's flags: one run of 2 processes
+    (the batch split between them, one metrics.jsonl), not two runs of one each that write
+    the same workdir (each on the full batch, each logging every step)."""
+    port = _free_port()
+    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=path,
+        XLA_FLAGS=SUBPROCESS_XLA_FLAGS,  # one CPU device per process
+        JAX_PLATFORMS="cpu",
+        JAX_DIFFUSION_TRACEBACK="1",
+    )
+    config = str(HERE.parent / "experiments" / "configs" / "toy_2d.py") + ":smoke"
+    cluster = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jax_diffusion.cli", "train", "--config", config]
+            + ["--workdir", str(tmp_path / "work"), *cluster, "--process-id", str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out.decode()[-3000:]
+    lines = (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # process 0 alone logs
+    single = train.train_and_evaluate(cli.load_config(config, []), str(tmp_path / "single"))
+    np.testing.assert_allclose(json.loads(lines[-1])["loss"], single["final_loss"], rtol=1e-5)
+
+
+def test_a_process_id_outside_the_cluster_is_a_usage_error_before_any_work(tmp_path, capsys):
+    args = ["train", "--config", "x.py", "--workdir", str(tmp_path / "w")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--num-processes", "2", "--process-id", "2"])
+    assert exit_info.value.code == 2
+    assert "--process-id must lie in [0, --num-processes=2); got 2" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
