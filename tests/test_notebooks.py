@@ -11,6 +11,8 @@ import io
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import nbformat
@@ -155,3 +157,50 @@ def test_notebook_install_cell_is_guarded(name):
     assert "pip" in body and "git" in body
     assert "pip" not in first_code.split(guard, 1)[0]
     assert 'os.environ.get("JAX_DIFFUSION_SMOKE") == "1"' in first_code
+
+
+def test_tpu_training_train_cell_reports_a_rerun_of_a_finished_run(tmp_path, capsys):
+    """Re-running the notebook on a finished WORKDIR (what it tells you to do after a
+    disconnect) takes the cell's 'restored' branch, not a 0 steps/s report of no training."""
+    from jax_diffusion import cli, train
+
+    nb = nbformat.read(COLAB / "tpu_training.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if "train.train_and_evaluate(" in c.source)
+    # the toy MLP's smoke run: the cell's logic does not depend on the network
+    config = cli.load_config(str(ROOT / "experiments" / "configs" / "toy_2d.py") + ":smoke", [])
+    scope = {"train": train, "config": config, "WORKDIR": str(tmp_path / "work"), "jax": jax}
+    exec(cell, dict(scope))
+    first = capsys.readouterr().out
+    assert "steps 0 -> 2" in first and "final loss:" in first and "restored" not in first
+    exec(cell, dict(scope))
+    again = capsys.readouterr().out
+    assert "steps 2 -> 2" in again
+    assert "restored the finished run" in again and "steps/s" not in again
+
+
+@pytest.mark.parametrize(
+    "xla_flags, devices",
+    [
+        (None, 2),
+        ("--xla_backend_optimization_level=0", 2),  # flags without a count: 2 devices still
+        ("--xla_force_host_platform_device_count=3", 3),
+    ],
+)
+def test_tpu_training_smoke_mode_fakes_2_devices_unless_xla_flags_set_a_count(
+    xla_flags, devices, tmp_path
+):
+    """What the notebook's first cell promises: '2, unless XLA_FLAGS already sets a count'."""
+    nb = nbformat.read(COLAB / "tpu_training.ipynb", as_version=4)
+    first_code = next(cell.source for cell in nb.cells if cell.cell_type == "code")
+    script = tmp_path / "first_cell.py"
+    script.write_text(first_code + "\nimport jax\nprint('devices:', jax.device_count())\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env.update(JAX_DIFFUSION_SMOKE="1", JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"devices: {devices}\n" in out.stdout
