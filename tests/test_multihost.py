@@ -23,30 +23,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
+def _run_two_processes(command, **env_extra):
+    """Runs command(process_id, port) as 2 processes of one loopback cluster (one CPU device
+    each, the package on the path) and checks that both exit 0."""
     port = _free_port()
     path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
+    env.update(env_extra)
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "multihost_worker.py"),
-                str(i),
-                "2",
-                str(port),
-                str(tmp_path / "work"),
-                str(tmp_path / f"p{i}.npz"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            command(i, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         for i in range(2)
     ]
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out.decode()[-3000:]
+
+
+def test_two_processes_train_in_lockstep_and_match_one_process(tmp_path):
+    def worker(i, port):
+        args = [str(i), "2", str(port), str(tmp_path / "work"), str(tmp_path / f"p{i}.npz")]
+        return [sys.executable, str(HERE / "multihost_worker.py"), *args]
+
+    _run_two_processes(worker)
     p0, p1 = (np.load(tmp_path / f"p{i}.npz") for i in range(2))
     assert sorted(p0.files) == sorted(p1.files) and p0.files
     for k in p0.files:
@@ -80,30 +80,15 @@ def test_the_train_command_joins_a_cluster_with_its_distributed_flags(tmp_path):
     """`jax-diffusion train` on every host, with the cluster's flags: one run of 2 processes
     (the batch split between them, one metrics.jsonl), not two runs of one each that write
     the same workdir (each on the full batch, each logging every step)."""
-    port = _free_port()
-    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
-    env = dict(
-        os.environ,
-        PYTHONPATH=path,
-        XLA_FLAGS=SUBPROCESS_XLA_FLAGS,  # one CPU device per process
-        JAX_PLATFORMS="cpu",
-        JAX_DIFFUSION_TRACEBACK="1",
-    )
     config = str(HERE.parent / "experiments" / "configs" / "toy_2d.py") + ":smoke"
-    cluster = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "jax_diffusion.cli", "train", "--config", config]
-            + ["--workdir", str(tmp_path / "work"), *cluster, "--process-id", str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out.decode()[-3000:]
+
+    def train_command(i, port):
+        cluster = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+        return [sys.executable, "-m", "jax_diffusion.cli", "train", "--config", config] + [
+            "--workdir", str(tmp_path / "work"), *cluster, "--process-id", str(i)
+        ]  # fmt: skip
+
+    _run_two_processes(train_command, JAX_PLATFORMS="cpu", JAX_DIFFUSION_TRACEBACK="1")
     lines = (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # process 0 alone logs
     single = train.train_and_evaluate(cli.load_config(config, []), str(tmp_path / "single"))
