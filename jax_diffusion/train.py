@@ -145,11 +145,16 @@ def create_train_state(
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=state_rng)
 
 
+FLIP_KEY = 0x0F11F  # fold_in tag of the step key for data.random_flip
+
+
 def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
     """The pure step `train_step(state, batch) -> (state, metrics)`.
 
     batch: {'image': [B, ...] float in [-1, 1], 'label': [B] int}. Step k draws all its
-    randomness (t, noise, dropout, label dropout) from fold_in(state.rng, k). A step whose loss
+    randomness (t, noise, dropout, label dropout) from fold_in(state.rng, k); with
+    config.data.random_flip its images are first mirrored by
+    `data.random_flip(fold_in(fold_in(state.rng, k), FLIP_KEY), images)`. A step whose loss
     or gradient is not finite leaves params, EMA and optimizer state untouched and is counted in
     `bad_steps` / `skipped_steps`.
     """
@@ -158,11 +163,14 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
     class_dropout = config.model.get("class_dropout", 0.0)
 
     num_chunks = int(tc.get("microbatches", 1))
+    flip = config.data.get("random_flip", False)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(state.rng, state.step)
         loss_rng, dropout_rng, label_rng = jax.random.split(step_rng, 3)
         x0 = batch["image"]
+        if flip:  # a key of its own: the other draws stay those of a run without flips
+            x0 = data_lib.random_flip(jax.random.fold_in(step_rng, FLIP_KEY), x0)
         y = None
         if num_classes is not None:
             y = drop_labels(label_rng, batch["label"], class_dropout, num_classes)
@@ -728,6 +736,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
     if not s.get("eta", 0.0) >= 0:
         raise ValueError(f"sample.eta must be >= 0; got {s.eta!r}")
+    if not isinstance(config.data.get("random_flip", False), bool):
+        raise ValueError(f"data.random_flip must be True or False; got {config.data.random_flip!r}")
     if not isinstance(s.get("clip_denoised", False), bool):
         raise ValueError(f"sample.clip_denoised must be True or False; got {s.clip_denoised!r}")
     # a negative clip norm flips the gradient (optax scales by clip / norm): gradient ascent
@@ -771,14 +781,20 @@ def _named_after(section: ml_collections.ConfigDict, prefix: str):
 
 
 def check_model_fits_data(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
-    """The UNet takes images [H, W, C], the MLP vectors [D]; ValueError naming model.name and
-    data.name otherwise (the network's own error names only the rank of its input)."""
+    """The UNet takes images [H, W, C], the MLP vectors [D], data.random_flip images; ValueError
+    naming model.name (or data.random_flip) and data.name otherwise (the network's own error
+    names only the rank of its input)."""
     wants = {"unet": (3, "images [H, W, C]", "mlp"), "mlp": (1, "vectors [D]", "unet")}
     rank, what, other = wants[config.model.name]
     if len(shape) != rank:
         raise ValueError(
             f"model.name={config.model.name!r} takes {what}; data.name={config.data.name!r} "
             f"gives examples of shape {list(shape)}: use model.name={other!r}"
+        )
+    if config.data.get("random_flip", False) and len(shape) != 3:
+        raise ValueError(
+            f"data.random_flip=True mirrors images [H, W, C]; data.name={config.data.name!r} "
+            f"gives examples of shape {list(shape)}"
         )
 
 

@@ -317,6 +317,34 @@ def _stub_state(apply_fn, w):
     )
 
 
+def test_random_flip_feeds_the_step_the_flipped_batch_and_leaves_its_other_draws():
+    """data.random_flip=True on batch X is the step without flips on
+    random_flip(fold_in(fold_in(rng, k), FLIP_KEY), X): the same x_t, t and keys."""
+    seen = []
+
+    def apply_fn(variables, x, t, y=None, train=False, rngs=None):
+        seen.append((np.asarray(x), np.asarray(t), np.asarray(rngs["dropout"])))
+        return variables["params"]["w"] * x
+
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)), jnp.float32)
+    state = _stub_state(apply_fn, 1.0)
+    for flip in (True, False):
+        config = smoke(data__random_flip=flip)
+        train.make_train_step(config, train.get_schedule(config.diffusion))(
+            state, {"image": images}
+        )
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, 0), train.FLIP_KEY)
+    flipped = data_lib.random_flip(key, images)
+    assert 0 < int((flipped != images).any(axis=(1, 2, 3)).sum()) < 8  # some flipped, some not
+    config = smoke()
+    train.make_train_step(config, train.get_schedule(config.diffusion))(state, {"image": flipped})
+    (x_on, t_on, k_on), (x_off, t_off, k_off), (x_want, t_want, k_want) = seen
+    np.testing.assert_array_equal(x_on, x_want)
+    assert not np.array_equal(x_on, x_off)
+    for a, b in ((t_on, t_off), (t_on, t_want), (k_on, k_off), (k_on, k_want)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_finite_loss_with_a_non_finite_gradient_is_skipped_too():
     # output x sqrt(|w|) at w = 0: the loss is finite (output 0), its gradient is not
     def apply_fn(variables, x, t, y=None, train=False, rngs=None):
@@ -657,6 +685,11 @@ def test_config_loading_and_errors():
         config = smoke(name, model__num_classes=value)
         with pytest.raises(ValueError, match=match):
             train.train_and_evaluate(config, "/tmp/never-written-either")
+    # flips of 2-D points: refused once the data's shape is known, still before the workdir
+    with pytest.raises(ValueError, match=r"data.random_flip=True mirrors images \[H, W, C\]; "):
+        train.train_and_evaluate(
+            smoke("toy_2d.py", data__random_flip=True), "/tmp/never-written-either"
+        )
     assert not os.path.exists("/tmp/never-written-either")
     for key in ("foo__bar", "train__num_steps__x"):
         with pytest.raises(ValueError, match="--set .*=1: unknown config key"):
@@ -1035,6 +1068,7 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         ("train__learning_rate", float("nan"), "train.learning_rate must be a finite number"),
         ("train__grad_clip", float("inf"), "train.grad_clip must be a finite number or None"),
         ("train__warmup_steps", True, "train.warmup_steps must be a finite number; got True"),
+        ("data__random_flip", 1, "data.random_flip must be True or False; got 1"),
     ]
     for key, value, match in cases:
         config = smoke().to_dict()  # a plain copy: takes values of any type

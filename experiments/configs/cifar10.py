@@ -12,6 +12,7 @@ def get_config(arg: str | None = None):
     config = default.get_config()
     config.data.name = "tfds:cifar10"
     config.data.image_size = 32
+    config.data.random_flip = True  # Ho et al. 2020, section 4
     config.model.base_channels = 64
     config.model.channel_mults = (1, 2, 2)
     config.model.num_res_blocks = 2

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_key = "image"  # tfds only: the image feature
     config.data.label_key = "label"  # tfds only: the label feature; None: unlabeled data
     config.data.num_workers = 0  # tfds only: grain worker processes (0: threads)
+    config.data.random_flip = False  # mirror each image left-right with p = 1/2 (Ho et al. CIFAR10)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
