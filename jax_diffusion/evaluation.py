@@ -655,12 +655,13 @@ def evaluate_workdir(
         raise ValueError(f"spacing must be one of {SPACINGS} or None; got {spacing!r}")
     # then against the run's config (the steps' range, guidance), before the run is restored
     check = dict(sampler=sampler, num_steps=num_steps, spacing=spacing, guidance=guidance)
-    train.check_sampling(train.load_run_config(workdir), **check)
+    sampler, steps_used, spacing_used = train.check_sampling(
+        train.load_run_config(workdir), **check
+    )  # with the config's defaults filled in
     config, shape, model, params, step = _restore_ema_params(workdir)
     num_classes = config.model.get("num_classes", None)
     schedule = train.get_schedule(config.diffusion)
     s = config.sample
-    sampler = s.sampler if sampler is None else sampler
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
 
     bs = min(batch_size, num_samples)
@@ -691,8 +692,6 @@ def evaluate_workdir(
     train_feats = _classify(data_lib.load_digits(shape[0], "train")[0])[1]
     fake, test, trn = (FeatureStats.from_features(x) for x in (fake_feats, test_feats, train_feats))
     pr = precision_recall(test_feats, fake_feats, k=3)
-    steps_used = int(s.num_steps if num_steps is None else num_steps)
-    spacing_used = s.get("spacing", "leading") if spacing is None else spacing
     metrics: dict[str, Any] = {
         "workdir": os.path.abspath(workdir),
         "step": step,

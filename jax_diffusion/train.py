@@ -446,7 +446,7 @@ def _check_labels(labels: jax.Array, num: int, num_classes: int) -> None:
         raise ValueError(
             f"labels must be ints of shape [num] = ({num},); got {labels.dtype} {labels.shape}"
         )
-    if not isinstance(labels, jax.core.Tracer):
+    if _is_concrete(labels):
         values = np.asarray(labels)
         if values.min() < 0 or values.max() > num_classes:
             raise ValueError(
@@ -835,10 +835,9 @@ _MEANING_FIELDS = (
 def _check_resume_keeps_the_meaning(config: ml_collections.ConfigDict, workdir) -> None:
     """ValueError naming each field of `_MEANING_FIELDS` whose value differs from the one in
     the run's config.json (a run without one is not checked)."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
+    if not (epath.Path(workdir) / "config.json").exists():
         return
-    saved = json.loads(path.read_text())
+    saved = load_run_config(workdir)
     diffs = []
     for key in _MEANING_FIELDS:
         section, name = key.split(".")
