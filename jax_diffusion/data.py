@@ -106,7 +106,7 @@ def check_data(x, *, name: str = "x") -> np.ndarray:
     """
     x = np.asarray(x)
     # jnp.issubdtype: NumPy does not count ml_dtypes' bfloat16 (a JAX model's dtype) as floating
-    if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name} must be floating data in [-1, 1]; got dtype {x.dtype}")
     if x.size and not (np.isfinite(x).all() and -1 <= x.min() <= x.max() <= 1):
         raise ValueError(

@@ -340,16 +340,14 @@ def training_target(schedule: Schedule, *, x0, eps, t, prediction: str) -> jax.A
         invalid (`check_t`), for every prediction (eps and x0 are returned as they are).
     """
     check_prediction(prediction)
-    # the same checks as the 'v' branch (`v_from_x0_eps`), so that a wrong t or eps is not
-    # accepted only because the target happens not to need it
+    if prediction == "v":
+        return v_from_x0_eps(schedule, x0=x0, eps=eps, t=t)  # checks x0, eps and t
+    # the checks of the 'v' branch, so that a wrong t or eps is not accepted only because the
+    # target happens not to need it
     _check_same_shape(x0=x0, eps=eps)
     _compute_dtype(x0=x0, eps=eps)
     check_t(schedule, t, x0, name="x0")
-    if prediction == "eps":
-        return eps
-    if prediction == "x0":
-        return x0
-    return v_from_x0_eps(schedule, x0=x0, eps=eps, t=t)
+    return eps if prediction == "eps" else x0
 
 
 def denoised_estimates(

@@ -34,6 +34,7 @@ def _check_num_timesteps(num_timesteps) -> int:
 
 
 def _is_number(value) -> bool:
+    """A real number: a Python or NumPy int or float, not a bool (nor an array or a string)."""
     return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
 
 

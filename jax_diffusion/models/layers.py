@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_diffusion.schedules import _is_number
+
 Dtype = Any
 
 __all__ = [
@@ -60,10 +62,7 @@ def check_field_dtype(name: str, value) -> None:
 
 def check_dropout(value) -> None:
     """A module's dropout rate, which must be a real number in [0, 1)."""
-    number = not isinstance(value, bool) and isinstance(
-        value, int | float | np.integer | np.floating
-    )
-    if not (number and 0.0 <= value < 1.0):
+    if not (_is_number(value) and 0.0 <= value < 1.0):
         raise ValueError(f"dropout must be in [0, 1); got {value!r}")
 
 
