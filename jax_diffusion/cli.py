@@ -159,6 +159,7 @@ def _sample(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         guidance=args.guidance,
         spacing=args.spacing,
+        mesh=train.make_mesh(),  # the batch split over this machine's devices
     )
     images = np.asarray(images)
     train.check_finite_samples(images)  # before anything is written

@@ -313,6 +313,7 @@ def sample(
     guidance: float | None = None,
     labels: jax.Array | None = None,
     spacing: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """Draws `num` samples [num, *shape] with the given params (use the EMA params).
 
@@ -323,6 +324,15 @@ def sample(
     a class-conditional model, labels default to arange(num) % num_classes and guidance
     (default config.sample.guidance) is the classifier-free guidance scale w (1 = plain
     conditional).
+
+    mesh: None runs the whole batch on one device (or on each device params are replicated
+    on). A mesh with a 'data' axis (`make_mesh()`, of every process's devices) splits the
+    batch over that axis, params replicated: n devices sample num / n examples each (num is
+    padded up to a multiple of n, the padding dropped). The samples are those of the run
+    without a mesh, up to float rounding: JAX's (default) partitionable threefry draws the
+    same noise for the first num rows whatever the padding and the split. They come back
+    replicated on the mesh's devices, so every process can read them (on several processes
+    every process must call `sample`, as any jit over the mesh).
     """
     s, d = config.sample, config.diffusion
     num_classes = config.model.get("num_classes", None)
@@ -335,15 +345,32 @@ def sample(
         labels=labels,
     )
     check_int("num", num, 1)
-    x_rng, s_rng = jax.random.split(rng)
-    x_T = jax.random.normal(x_rng, (num, *shape))
+    padded = num
+    if mesh is not None:
+        if not isinstance(mesh, jax.sharding.Mesh) or "data" not in mesh.axis_names:
+            raise ValueError(
+                f"mesh must be a jax.sharding.Mesh with a 'data' axis (make_mesh()) or None; "
+                f"got {mesh!r}"
+            )
+        padded = -(-num // mesh.shape["data"]) * mesh.shape["data"]
     if num_classes is not None:
         labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
         _check_labels(labels, num, num_classes)
+        labels = jnp.pad(labels, (0, padded - num))  # the padding's samples are dropped
     w = s.guidance if guidance is None else guidance
+    x_rng, s_rng = jax.random.split(rng)
+
+    def split(x, spec):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     # params, labels and w are arguments of the compiled program, not constants baked into it
-    def run(params, labels, w, x, k):
+    def run(params, labels, w, x_rng, k):
+        x = split(jax.random.normal(x_rng, (padded, *shape)), P("data"))
+        if labels is not None:
+            labels = split(labels, P("data"))
+        return split(draw(params, labels, w, x, k)[:num], P())
+
+    def draw(params, labels, w, x, k):
         if num_classes is None:
 
             def model_fn(x, t):
@@ -365,10 +392,14 @@ def sample(
             )
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
-    args = (params, labels, jnp.asarray(w, jnp.float32), x_T, s_rng)
+    args = (params, labels, jnp.asarray(w, jnp.float32), x_rng, s_rng)
     if _top_level(args):
+        if mesh is not None:  # params on one device cannot meet the mesh's in one program
+            params = jax.device_put(params, NamedSharding(mesh, P()))
+            args = (params, *args[1:])
         # at top level: compile with the backend's options (a nested jit may not set any)
-        run = jax.jit(run, compiler_options=compiler_options())
+        devices = None if mesh is None else mesh.devices.flat
+        run = jax.jit(run, compiler_options=compiler_options(devices))
     return run(*args)
 
 
@@ -968,6 +999,7 @@ def train_and_evaluate(
             jax.random.fold_in(sample_rng, step),
             shape=example_shape,
             num=config.sample.num_samples,
+            mesh=mesh,  # each device draws its part of the grid
         )
         path = os.fspath(workdir / "samples" / f"step_{step:07d}.png")
         if jax.process_index() == 0:

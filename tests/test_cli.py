@@ -297,6 +297,7 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     assert got["args"] == (config, "model", "ema", ("schedule of", "diffusion config"))
     assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == ("ddim", 3, 2, 1.5)
     assert got["shape"] == (8, 8, 1) and got["spacing"] == "trailing"
+    assert got["mesh"].axis_names == ("data",) and got["mesh"].size == jax.device_count()
     np.testing.assert_array_equal(
         jax.random.key_data(got["rng"]), jax.random.key_data(jax.random.PRNGKey(9))
     )

@@ -36,9 +36,17 @@ def assert_trees_equal(a, b):
 
 
 @pytest.mark.parametrize("name", ["default.py", "digits_cond.py", "toy_2d.py"])
-def test_smoke_training_for_each_config(tmp_path, name):
+def test_smoke_training_for_each_config(tmp_path, name, monkeypatch):
     config = smoke(name)
+    meshes, sample = [], train.sample
+
+    def recording_sample(*args, mesh=None, **kwargs):
+        meshes.append(mesh)
+        return sample(*args, mesh=mesh, **kwargs)
+
+    monkeypatch.setattr(train, "sample", recording_sample)
     summary = train.train_and_evaluate(config, str(tmp_path))
+    assert [m.size for m in meshes] == [8]  # the final grid, split over the devices
     assert summary["final_step"] == config.train.num_steps
     assert np.isfinite(summary["final_loss"])
     assert os.path.isfile(summary["samples"])
@@ -875,6 +883,42 @@ def test_sample_takes_the_null_label_num_classes_for_unconditional_samples():
         num_steps=2,
     )
     assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all()
+
+
+def test_sample_over_a_mesh_splits_the_batch_and_draws_the_samples_of_one_device():
+    mesh = train.make_mesh()
+    assert mesh.size == 8
+    # class-conditional with guidance: the labels are padded with the batch (13 -> 16)
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = train.create_model(config, channels=2)
+    schedule = train.get_schedule(config.diffusion)
+    params = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,)).ema_params
+    for sampler in ("ddpm", "dpm++"):  # ddpm: noise drawn in every step
+        kwargs = dict(shape=(2,), num=13, sampler=sampler, guidance=2.0)
+        one = train.sample(config, model, params, schedule, jax.random.PRNGKey(1), **kwargs)
+        split = train.sample(
+            config, model, params, schedule, jax.random.PRNGKey(1), mesh=mesh, **kwargs
+        )
+        assert split.shape == (13, 2)
+        assert split.sharding.is_fully_replicated and len(split.sharding.device_set) == 8
+        np.testing.assert_allclose(split, one, rtol=1e-6, atol=1e-6, err_msg=sampler)
+
+    seen = []
+
+    class Probe:  # the network: records the sharding of its input
+        def apply(self, variables, x, t, y):
+            jax.debug.inspect_array_sharding(x, callback=seen.append)
+            return x * variables["params"]["w"]
+
+    config = smoke("toy_2d.py")
+    w = {"w": jnp.float32(0.5)}
+    train.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=13, mesh=mesh)
+    assert [s.shard_shape((16, 2)) for s in seen] == [(2, 2)]  # 2 of the 16 on each device
+    other = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+    for bad in (other, "data"):
+        with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with a 'data' ax"):
+            train.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=3,
+                         mesh=bad)  # fmt: skip
 
 
 def test_only_a_loader_error_that_names_a_data_field_gets_the_data_prefix(tmp_path, monkeypatch):
