@@ -202,8 +202,18 @@ def q_sample(schedule: Schedule, *, x0, t, noise) -> jax.Array:
 def q_mean_variance(schedule: Schedule, *, x0, t):
     """Mean and variance of q(x_t | x0) (Ho et al. 2020, eq. 4).
 
+    Args:
+      schedule: the noise schedule.
+      x0: [B, ...] float, clean data.
+      t: int [B] (or [] for the whole batch), in [0, num_timesteps - 1].
+
     Returns:
-      (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]); variance = 1 - alpha_bar_t.
+      (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]) in x0's dtype (the
+      variances [] for a scalar t); mean = sqrt(alpha_bar_t) x0, variance = 1 - alpha_bar_t.
+
+    Raises:
+      ValueError: x0 not a floating array, t not an int of shape [B] or [], or a concrete t
+        outside [0, num_timesteps - 1].
     """
     dtype = _compute_dtype(x0=x0)
     t = check_t(schedule, t, x0, name="x0")
@@ -225,13 +235,18 @@ def q_posterior_mean_variance(schedule: Schedule, *, x0, xt, t):
     beta_tilde = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t.
 
     Args:
-      x0: [B, ...] clean data.
-      xt: [B, ...] noisy data at step t.
-      t: int [B].
+      schedule: the noise schedule.
+      x0: [B, ...] float, clean data.
+      xt: [B, ...] float, noisy data at step t.
+      t: int [B] (or []), in [0, num_timesteps - 1].
 
     Returns:
       (mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...]); at t = 0 the
       variance is 0 and its log is clipped to that of t = 1 (improved-diffusion).
+
+    Raises:
+      ValueError: x0 and xt of different shapes or not floating, or a bad t (as
+        `q_mean_variance`).
     """
     _check_same_shape(x0=x0, xt=xt)
     dtype = _compute_dtype(x0=x0, xt=xt)
@@ -444,6 +459,7 @@ def p_mean_variance(
     prediction it equals (x_t - beta_t / sigma_t eps_hat) / sqrt(1 - beta_t), eq. 11).
 
     Args:
+      schedule: the noise schedule.
       model_output: [B, ...] the network output; with variance='learned_range' it has twice the
         channels of xt on the last axis: [prediction, v] with v in [-1, 1].
       xt: [B, ...] noisy input at step t.
@@ -458,10 +474,13 @@ def p_mean_variance(
         When x0_hat is altered, eps_hat is recomputed from it so that both stay consistent.
 
     Returns:
-      PMeanVariance(mean, variance, log_variance, x0_hat, eps_hat).
+      PMeanVariance(mean, variance, log_variance, x0_hat, eps_hat): mean, x0_hat and eps_hat
+      [B, ...]; variance and log_variance [B, 1, ...] for the fixed variances, [B, ...] for
+      'learned_range'.
 
     Raises:
-      ValueError: unknown prediction / variance, or model_output of the wrong shape.
+      ValueError: unknown prediction / variance, model_output of the wrong shape, or a bad t
+        (as `q_mean_variance`).
     """
     check_prediction(prediction)
     pred, var_values = split_learned_range(model_output, xt, variance)
