@@ -604,6 +604,16 @@ def test_drop_labels_edge_cases():
         drop_labels(rng, y, 1.5, 4)
     with pytest.raises(ValueError, match="p must be in"):
         drop_labels(rng, y, jnp.float32(1.5), 4)
+    # float labels came back as floats, a float null label was truncated (3.5 -> 3), and one
+    # past the dtype raised NumPy's OverflowError
+    for args, match in [
+        ((y.astype(jnp.float32), 0.5, 4), r"y must be an integer array .*got dtype float32"),
+        ((y, 0.5, 3.5), r"null_label must be an int \(num_classes\); got 3.5"),
+        ((y, 0.5, True), r"null_label must be an int \(num_classes\); got True"),
+        ((y.astype(jnp.int8), 0.5, 300), r"null_label=300 does not fit y's dtype int8 \(values"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            drop_labels(rng, *args)
 
 
 @pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int32])

@@ -172,12 +172,23 @@ def drop_labels(rng: jax.Array, y: jax.Array, p: float, null_label: int) -> jax.
       probability p and to the original label otherwise.
 
     Raises:
-      ValueError: if `p` is a concrete number outside [0, 1].
+      ValueError: if `p` is a concrete number outside [0, 1], `y` is not an integer array, or
+        `null_label` is not an int that `y`'s dtype holds.
     """
     concrete = not isinstance(p, jax.core.Tracer) and np.ndim(p) == 0
     if concrete and not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"p must be in [0, 1]; got {p!r}")
     y = jnp.asarray(y)
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"y must be an integer array of class labels; got dtype {y.dtype}")
+    if isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer)):
+        raise ValueError(f"null_label must be an int (num_classes); got {null_label!r}")
+    bounds = jnp.iinfo(y.dtype)
+    if not bounds.min <= null_label <= bounds.max:
+        raise ValueError(
+            f"null_label={null_label} does not fit y's dtype {y.dtype} (values in "
+            f"[{bounds.min}, {bounds.max}]); pass labels of a wider integer dtype"
+        )
     drop = jax.random.bernoulli(rng, p, y.shape)
     return jnp.where(drop, jnp.asarray(null_label, dtype=y.dtype), y)
 
