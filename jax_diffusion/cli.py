@@ -140,14 +140,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
 
     from jax_diffusion import train
 
     _check_sampling_flags(args)  # before the run is restored
     config, shape, model, ema_params, step = train.load_run(args.workdir)
     num = config.sample.num_samples if args.num is None else args.num
-    images = train.sample(
+    images, labels = train.sample_in_batches(
         config,
         model,
         ema_params,
@@ -155,15 +154,19 @@ def _sample(args: argparse.Namespace) -> int:
         jax.random.PRNGKey(args.seed),
         shape=shape,
         num=num,
+        batch_size=args.batch_size,
+        mesh=train.make_mesh(),  # each batch split over this machine's devices
+        progress=True,
         sampler=args.sampler,
         num_steps=args.steps,
         guidance=args.guidance,
         spacing=args.spacing,
-        mesh=train.make_mesh(),  # the batch split over this machine's devices
     )
-    images = np.asarray(images)
     train.check_finite_samples(images)  # before anything is written
-    train._save_samples(images, args.out)
+    if args.out.lower().endswith(".npz"):
+        train.save_sample_arrays(images, labels, args.out)
+    else:
+        train._save_samples(images, args.out)
     print(json.dumps({"out": args.out, "num": num, "step": step}))
     return 0
 
@@ -265,12 +268,14 @@ def _output_file(text: str) -> str:
     return text
 
 
-def _image_path(text: str) -> str:
+def _samples_path(text: str) -> str:
     from PIL import Image
 
-    if Image.registered_extensions().get(os.path.splitext(text)[1].lower()) is None:
+    extension = os.path.splitext(text)[1].lower()
+    if extension != ".npz" and Image.registered_extensions().get(extension) is None:
         raise argparse.ArgumentTypeError(
-            f"must end in an image extension such as .png; got {text!r}"
+            f"must end in an image extension such as .png (a grid) or in .npz (the arrays); "
+            f"got {text!r}"
         )
     return _output_file(text)
 
@@ -315,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=_train)
 
-    sa = sub.add_parser("sample", help="sample a grid from a workdir's latest EMA params")
+    sa = sub.add_parser(
+        "sample", help="sample a grid, or arrays for FID, from a workdir's latest EMA params"
+    )
     ev = sub.add_parser(
         "evaluate", help="sample from a digits workdir and print Frechet distance etc. as JSON"
     )
@@ -351,9 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--num",
         type=_positive_int,
         default=None,
-        help="samples in the grid (default: the config's sample.num_samples)",
+        help="samples to draw (default: the config's sample.num_samples)",
     )
-    sa.add_argument("--out", type=_image_path, default="grid.png", help="default: grid.png")
+    sa.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        help="samples per call; batch i uses the key fold_in(PRNGKey(seed), i) (default: 256)",
+    )
+    sa.add_argument(
+        "--out",
+        type=_samples_path,
+        default="grid.png",
+        help="an image (a grid) or a .npz: arr_0 uint8 images [N, H, W, C] (float32 for "
+        "non-image data), arr_1 the labels of a class-conditional run, as guided-diffusion's "
+        "evaluator reads them (default: grid.png)",
+    )
     sa.set_defaults(func=_sample)
 
     ev.add_argument(

@@ -664,25 +664,25 @@ def evaluate_workdir(
     s = config.sample
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
 
-    bs = min(batch_size, num_samples)
-    num_batches = -(-num_samples // bs)
-    # num_steps as given: train.sample takes None as the config's and rejects it with ddpm
-    kwargs = dict(shape=shape, num=bs, sampler=sampler, num_steps=num_steps, guidance=guidance)
-    if spacing is not None:  # train.sample rejects it with a sampler other than ddim
-        kwargs["spacing"] = spacing
-    sample_batch = jax.jit(
-        lambda p, key, y: train.sample(config, model, p, schedule, key, labels=y, **kwargs),
-        compiler_options=compiler_options(),
-    )
-    from tqdm.auto import tqdm
-
     rng = jax.random.PRNGKey(seed)
-    all_labels = np.arange(num_batches * bs) % num_classes if num_classes else None
-    chunks, t0 = [], time.perf_counter()
-    for i in tqdm(range(num_batches), desc="sample", disable=not progress, leave=False):
-        labels = None if all_labels is None else jnp.asarray(all_labels[i * bs : (i + 1) * bs])
-        chunks.append(jax.device_get(sample_batch(params, jax.random.fold_in(rng, i), labels)))
-    samples = np.concatenate(chunks)[:num_samples]
+    t0 = time.perf_counter()
+    # num_steps and spacing as given: train.sample takes None as the config's, and rejects
+    # num_steps with ddpm and spacing with a sampler other than ddim
+    samples, labels = train.sample_in_batches(
+        config,
+        model,
+        params,
+        schedule,
+        rng,
+        shape=shape,
+        num=num_samples,
+        batch_size=batch_size,
+        progress=progress,
+        sampler=sampler,
+        num_steps=num_steps,
+        guidance=guidance,
+        spacing=spacing,
+    )
     sample_seconds = time.perf_counter() - t0
     train.check_finite_samples(samples)
 
@@ -712,7 +712,7 @@ def evaluate_workdir(
     }
     if num_classes:
         predicted = fake_logits.argmax(axis=1)
-        metrics["class_accuracy"] = float(np.mean(predicted == all_labels[:num_samples]))
+        metrics["class_accuracy"] = float(np.mean(predicted == labels))
     if bpd_examples:
         x0 = test_images[:bpd_examples]
 

@@ -35,7 +35,7 @@ from jax_diffusion.checkpoints import CheckpointManager
 from jax_diffusion.diffusion import _is_concrete
 from jax_diffusion.models import MLPDenoiser, UNet, drop_labels
 from jax_diffusion.train_state import TrainState, ema_decay, make_optimizer, update_ema
-from jax_diffusion.visualize import save_image_grid
+from jax_diffusion.visualize import save_image_grid, to_uint8
 
 __all__ = [
     "TrainingDiverged",
@@ -49,6 +49,8 @@ __all__ = [
     "make_mesh",
     "make_train_step",
     "sample",
+    "sample_in_batches",
+    "save_sample_arrays",
     "train_and_evaluate",
 ]
 
@@ -346,12 +348,7 @@ def sample(
     )
     check_int("num", num, 1)
     padded = num
-    if mesh is not None:
-        if not isinstance(mesh, jax.sharding.Mesh) or "data" not in mesh.axis_names:
-            raise ValueError(
-                f"mesh must be a jax.sharding.Mesh with a 'data' axis (make_mesh()) or None; "
-                f"got {mesh!r}"
-            )
+    if _check_mesh(mesh) is not None:
         padded = -(-num // mesh.shape["data"]) * mesh.shape["data"]
     if num_classes is not None:
         labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
@@ -401,6 +398,91 @@ def sample(
         devices = None if mesh is None else mesh.devices.flat
         run = jax.jit(run, compiler_options=compiler_options(devices))
     return run(*args)
+
+
+def _check_mesh(mesh):
+    if mesh is not None and (
+        not isinstance(mesh, jax.sharding.Mesh) or "data" not in mesh.axis_names
+    ):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh with a 'data' axis (make_mesh()) or None; "
+            f"got {mesh!r}"
+        )
+    return mesh
+
+
+def sample_in_batches(
+    config: ml_collections.ConfigDict,
+    model,
+    params,
+    schedule: jd.Schedule,
+    rng: jax.Array,
+    *,
+    shape: tuple[int, ...],
+    num: int,
+    batch_size: int,
+    labels=None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+    **options,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draws `num` samples to host memory, `batch_size` at a time: as many as memory allows.
+
+    Batch i is `sample(..., jax.random.fold_in(rng, i), num=b)` with b = min(batch_size, num)
+    (the last batch is drawn in full and cut), all by one compiled program.
+
+    Args:
+      config, model, params, schedule, shape, mesh: as for `sample`.
+      rng: PRNG key.
+      num: samples to draw, >= 1.
+      batch_size: samples per call, >= 1.
+      labels: [num] ints in [0, num_classes] for a class-conditional model; None for
+        arange(num) % num_classes (balanced classes).
+      progress: show a tqdm progress bar over the batches.
+      **options: sampler, num_steps, guidance, spacing, as for `sample` (None: the config's).
+
+    Returns:
+      (samples [num, *shape] float32, labels [num] int32 or None for a model without classes).
+
+    Raises:
+      ValueError: as `sample`, and for num or batch_size not an int >= 1; before any sampling.
+    """
+    num = check_int("num", num, 1)
+    bs = min(check_int("batch_size", batch_size, 1), num)
+    unknown = set(options) - {"sampler", "num_steps", "guidance", "spacing"}
+    if unknown:
+        raise ValueError(
+            f"unknown sampling options {sorted(unknown)}; allowed: sampler, num_steps, "
+            "guidance, spacing"
+        )
+    check_sampling(config, labels=labels, **options)
+    num_classes = config.model.get("num_classes", None)
+    num_batches = -(-num // bs)
+    if num_classes is not None:
+        if labels is None:  # balanced, the cut samples too
+            labels = np.arange(num_batches * bs, dtype=np.int32) % num_classes
+        else:
+            labels = np.asarray(labels)
+            _check_labels(labels, num, num_classes)
+            labels = np.pad(labels.astype(np.int32), (0, num_batches * bs - num))
+    devices = None
+    if _check_mesh(mesh) is not None:  # replicated once, not in every call
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+        devices = mesh.devices.flat
+    draw = jax.jit(
+        lambda p, key, y: sample(
+            config, model, p, schedule, key, shape=shape, num=bs, labels=y, mesh=mesh, **options
+        ),
+        compiler_options=compiler_options(devices),
+    )
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for i in tqdm(range(num_batches), desc="sample", disable=not progress, leave=False):
+        y = None if labels is None else jnp.asarray(labels[i * bs : (i + 1) * bs])
+        chunks.append(np.asarray(jax.device_get(draw(params, jax.random.fold_in(rng, i), y))))
+    samples = np.concatenate(chunks)[:num]
+    return samples, None if labels is None else labels[:num]
 
 
 def check_sampling(
@@ -566,6 +648,28 @@ def _save_samples(images: np.ndarray, path: str | os.PathLike) -> None:
     hist, _, _ = np.histogram2d(images[:, 1], images[:, 0], bins=128, range=[[-2, 2], [-2, 2]])
     img = 1.0 - 2.0 * np.clip(hist[::-1] / max(hist.max(), 1.0) * 4.0, 0.0, 1.0)
     save_image_grid(img[None, :, :, None], path, padding=0, scale=2)
+
+
+def save_sample_arrays(samples: np.ndarray, labels, path: str | os.PathLike) -> None:
+    """Writes samples (and labels) as a NumPy .npz for FID and other external evaluators.
+
+    The layout of guided-diffusion's sample files (Dhariwal & Nichol 2021), which their
+    evaluator and most FID tools read: `arr_0` holds images as uint8 [N, H, W, C]
+    (round((x + 1) * 127.5) of x clipped to [-1, 1], `visualize.to_uint8`), or other data
+    (e.g. 2-D points [N, D]) as float32; `arr_1` the labels [N] of class-conditional samples.
+
+    Args:
+      samples: [N, H, W, C] images in [-1, 1], or [N, ...] other data.
+      labels: [N] ints, or None.
+      path: a local path or a URI `etils.epath` understands; parent directories are made.
+    """
+    samples = np.asarray(samples)
+    data = to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)
+    arrays = [data] if labels is None else [data, np.asarray(labels)]
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        np.savez(f, *arrays)
 
 
 def _logged_step(line: str) -> int:

@@ -11,7 +11,15 @@ from PIL import Image
 
 from jax_diffusion._checks import check_int
 
-__all__ = ["image_grid", "save_image_grid"]
+__all__ = ["image_grid", "save_image_grid", "to_uint8"]
+
+
+def to_uint8(images) -> np.ndarray:
+    """Pixels of images in [-1, 1] (clipped) as uint8: round((x + 1) * 127.5), the inverse of
+    `data.uint8_to_float` on its grid."""
+    return np.round((np.clip(np.asarray(images, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(
+        np.uint8
+    )
 
 
 def image_grid(
@@ -47,7 +55,7 @@ def image_grid(
     grid = np.full(
         (nrow * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8
     )
-    pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    pixels = to_uint8(images)
     for i in range(n):
         r, col = divmod(i, ncol)
         top, left = padding + r * (h + padding), padding + col * (w + padding)

@@ -163,6 +163,7 @@ def test_sample_and_evaluate_flags_default_to_what_their_help_says():
         assert [getattr(args, k) for k in sampling] == [None] * 4 and args.seed == 0
     sample, evaluate = parse(["sample", *w]), parse(["evaluate", *w])
     assert (sample.num, sample.out) == (None, "grid.png")  # None: the config's num_samples
+    assert sample.batch_size == 256 and parse(["sample", *w, "--out", "s.NPZ"]).out == "s.NPZ"
     assert (evaluate.num, evaluate.bpd_examples, evaluate.out) == (1000, 0, None)
 
 
@@ -179,6 +180,8 @@ def test_out_of_range_arguments_are_argparse_errors_naming_the_argument(capsys):
         (["sample", *w, "--guidance=-inf"], "argument --guidance: must be a finite number"),
         (["sample", *w, "--guidance", "x"], "argument --guidance: must be a finite number"),
         (["sample", *w, "--out", "grid.txt"], "argument --out: must end in an image extension"),
+        (["sample", *w, "--out", "grid.txt"], "or in .npz (the arrays); got 'grid.txt'"),
+        (["sample", *w, "--batch-size", "0"], "argument --batch-size: must be an int >= 1"),
         (["evaluate", *w, "--num", "3"], "argument --num: must be an int >= 4"),
         (["evaluate", *w, "--bpd-examples", "298"], "argument --bpd-examples: must be an int in"),
         (["evaluate", *w, "--bpd-examples", "-1"], "argument --bpd-examples: must be an int in"),
@@ -283,20 +286,21 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     monkeypatch.setattr(train, "get_schedule", lambda diffusion: ("schedule of", diffusion))
     _run_config(monkeypatch)
 
-    def fake_sample(config, model, params, schedule, rng, **kwargs):
+    def fake_sample_in_batches(config, model, params, schedule, rng, **kwargs):
         got.update(args=(config, model, params, schedule), rng=rng, **kwargs)
-        return np.zeros((kwargs["num"], *kwargs["shape"]), np.float32)
+        return np.zeros((kwargs["num"], *kwargs["shape"]), np.float32), None
 
-    monkeypatch.setattr(train, "sample", fake_sample)
+    monkeypatch.setattr(train, "sample_in_batches", fake_sample_in_batches)
     out = str(tmp_path / "grid.png")
     argv = ["sample", "--workdir", "w", "--sampler", "ddim", "--steps", "3", "--num", "2"]
-    argv += ["--spacing", "trailing"]
+    argv += ["--spacing", "trailing", "--batch-size", "7"]
     assert cli.main([*argv, "--guidance", "1.5", "--seed", "9", "--out", out]) == 0
     assert json.loads(capsys.readouterr().out) == {"out": out, "num": 2, "step": 5}
     assert got["workdir"] == "w"
     assert got["args"] == (config, "model", "ema", ("schedule of", "diffusion config"))
     assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == ("ddim", 3, 2, 1.5)
     assert got["shape"] == (8, 8, 1) and got["spacing"] == "trailing"
+    assert got["batch_size"] == 7
     assert got["mesh"].axis_names == ("data",) and got["mesh"].size == jax.device_count()
     np.testing.assert_array_equal(
         jax.random.key_data(got["rng"]), jax.random.key_data(jax.random.PRNGKey(9))
@@ -307,7 +311,14 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     # and the grid has the config's sample.num_samples (it had 64 whatever the config said)
     assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == (None, None, 12, None)
     assert json.loads(capsys.readouterr().out)["num"] == 12
-    assert got["spacing"] is None
+    assert got["spacing"] is None and got["batch_size"] == 256
+    # a .npz: the arrays an FID evaluator reads (zeros are mid-grey 128 = round(127.5))
+    out = str(tmp_path / "arrays" / "s.npz")
+    assert cli.main(["sample", "--workdir", "w", "--num", "3", "--out", out]) == 0
+    with np.load(out) as arrays:
+        assert arrays.files == ["arr_0"]  # no labels: the fake run has no classes
+        assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (3, 8, 8, 1)
+        assert (arrays["arr_0"] == 128).all()
 
 
 def test_samples_that_are_not_finite_end_sample_with_one_line_and_status_1(
@@ -326,9 +337,9 @@ def test_samples_that_are_not_finite_end_sample_with_one_line_and_status_1(
         images = np.zeros((num, *shape), np.float32)
         images[1, 0, 0, 0] = np.nan
         images[3] = np.inf
-        return images
+        return images, None
 
-    monkeypatch.setattr(train, "sample", diverged_sample)
+    monkeypatch.setattr(train, "sample_in_batches", diverged_sample)
     out = tmp_path / "grid.png"
     argv = ["sample", "--workdir", "w", "--num", "4", "--out", str(out)]
     assert cli.main(argv) == 1

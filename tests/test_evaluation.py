@@ -1004,7 +1004,8 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
         progress=False,
     )
     # one trace; 3 batches of 4, batch i with fold_in(PRNGKey(seed), i), labels arange(12) % 10
-    want = dict(shape=(8, 8, 1), num=4, sampler="dpm++", num_steps=5, guidance=0.5)
+    want = dict(shape=(8, 8, 1), num=4, mesh=None, sampler="dpm++", num_steps=5, guidance=0.5)
+    want["spacing"] = None  # None: the config's (train.sample rejects one for dpm++)
     assert fake_run.static == [want]
     root = jax.random.PRNGKey(123)
     want_keys = [jax.random.fold_in(root, i) for i in range(3)]
@@ -1032,7 +1033,7 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     assert evaluate_workdir("run", **kw)["spacing"] == fake_run.config.sample.spacing
     fake_run.config.sample.spacing = "linspace"  # not the default: read from the config
     assert evaluate_workdir("run", **kw)["spacing"] == "linspace"
-    assert "spacing" not in fake_run.static[-1]
+    assert fake_run.static[-1]["spacing"] is None
     with pytest.raises(ValueError, match="with sampler 'ddim' only; got .* sampler 'ddpm'"):
         evaluate_workdir("run", spacing="trailing", **{**kw, "sampler": "ddpm", "num_steps": None})
 
@@ -1046,7 +1047,8 @@ def test_evaluate_workdir_metrics_of_the_clipped_samples_match_references(fake_r
     )
     # one batch of min(batch_size, num_samples); ddpm has no num_steps; the config's guidance
     assert fake_run.static == [
-        dict(shape=(8, 8, 1), num=12, sampler="ddpm", num_steps=None, guidance=3.0)
+        dict(shape=(8, 8, 1), num=12, mesh=None, sampler="ddpm", num_steps=None, guidance=3.0)
+        | dict(spacing=None)
     ]
     assert m["num_steps"] is None and m["guidance"] == 3.0
     assert m["bpd_examples"] == 1 and m["bpd_stderr"] is None  # JSON null, not a number

@@ -921,6 +921,79 @@ def test_sample_over_a_mesh_splits_the_batch_and_draws_the_samples_of_one_device
                          mesh=bad)  # fmt: skip
 
 
+def test_sample_in_batches_is_sample_per_batch_on_folded_keys_and_cut_to_num(tmp_path):
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = train.create_model(config, channels=2)
+    schedule = train.get_schedule(config.diffusion)
+    params = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,)).ema_params
+    rng, options = jax.random.PRNGKey(4), dict(sampler="dpm++", num_steps=4, guidance=2.0)
+    labels = np.arange(15) % 3  # the default: balanced classes, then padding
+    want = np.concatenate([
+        train.sample(config, model, params, schedule, jax.random.fold_in(rng, i), shape=(2,),
+                     num=5, labels=jnp.asarray(labels[5 * i : 5 * i + 5]), **options)
+        for i in range(3)
+    ])[:13]  # fmt: skip
+    for mesh in (None, train.make_mesh()):
+        got, got_labels = train.sample_in_batches(
+            config, model, params, schedule, rng, shape=(2,), num=13, batch_size=5, mesh=mesh,
+            **options,
+        )  # fmt: skip
+        assert got.shape == (13, 2) and isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(got_labels, labels[:13])
+    # given labels, and a batch larger than num: one batch of num
+    given = np.array([2, 2, 0], np.int32)
+    got, got_labels = train.sample_in_batches(
+        config, model, params, schedule, rng, shape=(2,), num=3, batch_size=64,
+        labels=given, **options,
+    )  # fmt: skip
+    one = train.sample(config, model, params, schedule, jax.random.fold_in(rng, 0), shape=(2,),
+                       num=3, labels=jnp.asarray(given), **options)  # fmt: skip
+    np.testing.assert_allclose(got, one, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_labels, given)
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before the arguments were checked")
+
+    call = dict(shape=(2,), num=3, batch_size=2)
+    for kwargs, match in [
+        (dict(batch_size=0), r"batch_size must be an int >= 1; got 0"),
+        (dict(num=0), r"num must be an int >= 1; got 0"),
+        (dict(steps=3), r"unknown sampling options \['steps'\]; allowed: sampler, num_steps"),
+        (dict(labels=[0, 1, 5]), r"labels must lie in \[0, 3\].*got values in \[0, 5\]"),
+        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),
+        (dict(mesh="data"), r"mesh must be a jax.sharding.Mesh with a 'data' axis"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train.sample_in_batches(config, never, params, schedule, rng, **{**call, **kwargs})
+    unconditional = smoke("toy_2d.py")
+    with pytest.raises(ValueError, match=r"labels needs a class-conditional model"):
+        train.sample_in_batches(unconditional, never, params, schedule, rng, labels=[0, 0, 0],
+                                **call)  # fmt: skip
+
+
+def test_save_sample_arrays_writes_uint8_images_and_labels_as_guided_diffusion_reads_them(
+    tmp_path,
+):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1.2, 1.2, (5, 4, 4, 3)).astype(np.float32)
+    labels = np.array([3, 1, 4, 1, 5])
+    path = tmp_path / "new" / "samples.npz"
+    train.save_sample_arrays(images, labels, str(path))
+    with np.load(path) as arrays:
+        assert arrays.files == ["arr_0", "arr_1"]
+        # the 8-bit level nearest to (x + 1) / 2 * 255, x clipped to [-1, 1]
+        want = np.floor((np.clip(images, -1, 1) + 1) / 2 * 255 + 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(arrays["arr_0"], want)
+        np.testing.assert_array_equal(arrays["arr_1"], labels)
+    # other data (2-D points) is kept as float32, and no labels means no arr_1
+    points = rng.standard_normal((6, 2))
+    train.save_sample_arrays(points, None, str(path))
+    with np.load(path) as arrays:
+        assert arrays.files == ["arr_0"] and arrays["arr_0"].dtype == np.float32
+        np.testing.assert_allclose(arrays["arr_0"], points, rtol=1e-7)
+
+
 def test_only_a_loader_error_that_names_a_data_field_gets_the_data_prefix(tmp_path, monkeypatch):
     config = smoke("toy_2d.py")
     for message, want in [

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_diffusion.visualize import image_grid, save_image_grid
+from jax_diffusion.data import uint8_to_float
+from jax_diffusion.visualize import image_grid, save_image_grid, to_uint8
 
 
 def test_grid_layout_and_pixel_values():
@@ -89,3 +90,12 @@ def test_save_grayscale_as_a_one_channel_image_with_any_case_extension(tmp_path)
     with Image.open(path) as saved:
         assert saved.format == "PNG" and saved.mode == "L"
         np.testing.assert_array_equal(np.asarray(saved), image_grid(images, pad_value=255)[..., 0])
+
+
+def test_to_uint8_inverts_uint8_to_float_and_clips():
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(to_uint8(uint8_to_float(pixels))[..., 0], pixels)
+    # the nearest of the 256 levels (x + 1) / 2 * 255, and outside [-1, 1] the end levels
+    x = np.array([-3.0, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0], np.float32)
+    want = np.clip(np.floor((np.clip(x, -1, 1) + 1) / 2 * 255 + 0.5), 0, 255)
+    np.testing.assert_array_equal(to_uint8(x), want.astype(np.uint8))
