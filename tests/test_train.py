@@ -903,17 +903,23 @@ def test_sample_over_a_mesh_splits_the_batch_and_draws_the_samples_of_one_device
         assert split.sharding.is_fully_replicated and len(split.sharding.device_set) == 8
         np.testing.assert_allclose(split, one, rtol=1e-6, atol=1e-6, err_msg=sampler)
 
-    seen = []
+    seen, shapes = [], []
 
-    class Probe:  # the network: records the sharding of its input
+    class Probe:  # the network: records the shape and sharding of its input
         def apply(self, variables, x, t, y):
+            shapes.append(x.shape)
             jax.debug.inspect_array_sharding(x, callback=seen.append)
             return x * variables["params"]["w"]
 
     config = smoke("toy_2d.py")
     w = {"w": jnp.float32(0.5)}
     train.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=13, mesh=mesh)
+    assert shapes == [(16, 2)]  # 13 padded to a multiple of 8
     assert [s.shard_shape((16, 2)) for s in seen] == [(2, 2)]  # 2 of the 16 on each device
+    # without padding too, the samples come back whole on every device (for every process)
+    out = train.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=16,
+                       mesh=mesh)  # fmt: skip
+    assert out.sharding.is_fully_replicated and len(out.sharding.device_set) == 8
     other = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
     for bad in (other, "data"):
         with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with a 'data' ax"):
