@@ -672,12 +672,42 @@ def save_sample_arrays(samples: np.ndarray, labels, path: str | os.PathLike) -> 
         np.savez(f, *arrays)
 
 
+def _write_text_atomically(path, text: str) -> None:
+    """Writes `path` (an epath or pathlib path) through a temporary file renamed over it: a
+    run killed while rewriting config.json or metrics.jsonl leaves the old file, not a
+    truncated one (an empty config.json blocked every resume; metrics.jsonl lost its lines)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _logged_step(line: str) -> int:
     """The step of a metrics.jsonl line; -1 for a line a kill cut short."""
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return -1
+
+
+# the key of the checkpoint's data item that holds the metrics of the steps not logged yet
+_WINDOW_KEY = "log_window"
+
+
+def _window_to_json(window: list[dict]) -> dict:
+    """The per-step metrics of the unlogged steps as JSON: {"dtypes": {name: dtype},
+    "steps": [{name: value}]}, each value the exact Python number of its numpy scalar."""
+    host = jax.device_get(window)
+    dtypes = {k: str(np.asarray(v).dtype) for k, v in host[0].items()} if host else {}
+    steps = [{k: np.asarray(v).item() for k, v in m.items()} for m in host]
+    return {"dtypes": dtypes, "steps": steps}  # NaN as orbax's json.dumps writes it, read back
+
+
+def _window_from_json(saved: dict | None) -> list[dict]:
+    """`_window_to_json`'s inverse: the same numpy scalars (a checkpoint without it: [])."""
+    if not saved:
+        return []
+    dtypes = saved["dtypes"]
+    return [{k: np.asarray(v, dtypes[k]) for k, v in m.items()} for m in saved["steps"]]
 
 
 def _from_process_0(value: float | None) -> float | None:
@@ -714,7 +744,7 @@ class _Writer:
             lines = path.read_text().splitlines(keepends=True)
             kept = [ln.rstrip("\n") + "\n" for ln in lines if 0 <= _logged_step(ln) <= start]
             if kept != lines:  # rewritten only where a killed run left lines behind
-                path.write_text("".join(kept))
+                _write_text_atomically(path, "".join(kept))
             if kept:
                 self.last = json.loads(kept[-1])
         self._jsonl = path.open("a")
@@ -1017,8 +1047,12 @@ def train_and_evaluate(
     them as they were.
 
     metrics.jsonl holds one strict-JSON line per log interval (window means; a mean made
-    non-finite by skipped steps is null). Rerunning a finished run writes its final sample grid
-    again (the same images), so a run killed after its last checkpoint still gets one.
+    non-finite by skipped steps is null). Each checkpoint's data item holds, besides the data
+    iterator's state, the metrics of the steps not logged yet (key 'log_window'), so a run
+    resumed inside a log interval writes the lines an uninterrupted one does; every sample
+    grid is written before its step's checkpoint. Rerunning a finished run writes its final
+    sample grid again (the same images), so a run killed after its last checkpoint still gets
+    one.
 
     Args:
       config: the full config (sections data, model, diffusion, train, sample).
@@ -1065,9 +1099,12 @@ def train_and_evaluate(
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = CheckpointManager(os.fspath(workdir), max_to_keep=tc.keep_checkpoints)
+    restored_window: list[dict] = []
     if ckpt.latest_step() is not None:
         _check_resume_keeps_the_meaning(config, workdir)
         state, data_state = ckpt.restore(state)
+        data_state = dict(data_state)
+        restored_window = _window_from_json(data_state.pop(_WINDOW_KEY, None))
         try:
             data_it.set_state(data_state)
         except ValueError as err:
@@ -1084,9 +1121,9 @@ def train_and_evaluate(
             )
         log.info("resumed from step %d", step)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config_json)
+        _write_text_atomically(workdir / "config.json", config_json)
         data_info = {"shape": list(example_shape), "num_classes": info.num_classes}
-        (workdir / "data_info.json").write_text(json.dumps(data_info))
+        _write_text_atomically(workdir / "data_info.json", json.dumps(data_info))
     step_fn, batch_sharding = _jit_train_step(make_train_step(config, schedule), mesh, state)
     start = int(jax.device_get(state.step))
     writer = _Writer(workdir, start=start)
@@ -1119,7 +1156,10 @@ def train_and_evaluate(
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    window: list[dict] = []
+    # the steps since the last log line, those before the resumed checkpoint included (it
+    # holds them), so a resumed run logs the same window means as an uninterrupted one
+    window: list[dict] = restored_window
+    new_in_window = 0  # the steps of `window` run in this call, for the rates
     t_window = time.perf_counter()
     t_start, steps_done = time.perf_counter(), 0
     prev_bad = None
@@ -1141,6 +1181,7 @@ def train_and_evaluate(
                 )
             prev_bad = metrics.pop("bad_steps")  # not donated, unlike the state's own counter
             window.append(metrics)
+            new_in_window += 1
             steps_done += 1
             done = step + 1
             if done % tc.log_every == 0 or done == tc.num_steps:
@@ -1150,18 +1191,22 @@ def train_and_evaluate(
                     k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "skipped"
                 }
                 scalars["skipped"] = float(np.sum([m["skipped"] for m in host]))
-                scalars["steps_per_sec"] = len(host) / dt
-                scalars["images_per_sec"] = len(host) * tc.batch_size / dt
+                scalars["steps_per_sec"] = new_in_window / dt
+                scalars["images_per_sec"] = new_in_window * tc.batch_size / dt
                 writer.write(done, scalars)
                 bar.set_postfix(
                     loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}"
                 )
                 summary["final_loss"] = scalars["loss"]
-                window, t_window = [], time.perf_counter()
+                window, new_in_window, t_window = [], 0, time.perf_counter()
             bar.update(1)
             # stops at stop_after, once: a rerun of the same command continues past it
             stop_now = done == tc.get("stop_after", 0) < tc.num_steps
             last = done == tc.num_steps or stop_now
+            # the grid before the checkpoint: a run killed between them would otherwise resume
+            # after this step and never write its grid
+            if done == tc.num_steps or (tc.sample_every and done % tc.sample_every == 0):
+                last_sample = write_samples(done)
             if done % tc.checkpoint_every == 0 or last:
                 # Periodic checkpoints only after a good step, never inside a non-finite streak.
                 # The last one also after a skipped step (skipped steps leave params, EMA and
@@ -1169,9 +1214,8 @@ def train_and_evaluate(
                 bad = int(state.bad_steps)
                 if bad == 0 or (last and bad < tc.max_bad_steps):
                     writer.sync()
-                    ckpt.save(state, data_it.get_state(), force=True)
-            if done == tc.num_steps or (tc.sample_every and done % tc.sample_every == 0):
-                last_sample = write_samples(done)
+                    data_state = {**data_it.get_state(), _WINDOW_KEY: _window_to_json(window)}
+                    ckpt.save(state, data_state, force=True)
             if stop_now:
                 break
         if start >= tc.num_steps:

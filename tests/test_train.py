@@ -1506,6 +1506,73 @@ def test_a_resumed_loop_logs_and_samples_what_an_uninterrupted_one_does(tmp_path
         np.testing.assert_array_equal(key_a, key_b)
 
 
+def test_a_kill_while_config_json_is_rewritten_on_a_resume_leaves_the_run_resumable(
+    tmp_path, monkeypatch
+):
+    from etils import epath
+    from test_workdir import Killed, kill_mid_write
+
+    _scripted_loop(monkeypatch)
+    config = smoke("toy_2d.py", train__num_steps=4, train__checkpoint_every=2)
+    config.train.stop_after = 2
+    assert train.train_and_evaluate(config, str(tmp_path))["final_step"] == 2
+    saved = (tmp_path / "config.json").read_text()
+    with monkeypatch.context() as m:
+        kill_mid_write(m, type(epath.Path(tmp_path)), "config.json")
+        with pytest.raises(Killed):
+            train.train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
+    assert train.train_and_evaluate(config, str(tmp_path))["final_step"] == 4
+
+
+def test_a_run_resumed_inside_a_log_window_logs_the_means_of_the_whole_window(
+    tmp_path, monkeypatch
+):
+    # checkpoints every 2 steps, lines every 3: a run resumed from step 2 (or killed after it)
+    # logged nothing of steps 1 and 2 yet; step 3's line is still the mean over steps 1-3
+    runs, _ = _scripted_loop(monkeypatch, bad_steps={2})
+    config = smoke("toy_2d.py", train__num_steps=4, train__log_every=3, train__checkpoint_every=2)
+    config.train.max_bad_steps = 5
+    train.train_and_evaluate(config, str(tmp_path / "full"))
+    config.train.stop_after = 2
+    assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["final_step"] == 2
+    assert not (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    summary = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert summary["start_step"] == 2 and summary["final_step"] == 4
+    full, resumed = _logged(tmp_path / "full"), _logged(tmp_path / "resumed")
+    for m in full + resumed:
+        m.pop("steps_per_sec"), m.pop("images_per_sec")
+    assert [m["step"] for m in full] == [3, 4] and full[0]["skipped"] == 1.0
+    assert resumed == full
+
+
+def test_a_run_killed_while_sampling_writes_that_grid_when_resumed(tmp_path, monkeypatch):
+    # a kill between a step's checkpoint and its grid would resume after the step, which
+    # never wrote its grid: the grid comes first
+    runs, samples = _scripted_loop(monkeypatch)
+    real_sample = train.sample
+    config = smoke("toy_2d.py", train__num_steps=4, train__checkpoint_every=2)
+    config.train.sample_every = 2
+
+    class Killed(BaseException):
+        pass
+
+    killed = []
+
+    def killed_in_step_2_s_grid(*args, **kwargs):
+        if not killed:  # the first grid, step 2's
+            killed.append(True)
+            raise Killed
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(train, "sample", killed_in_step_2_s_grid)
+    with pytest.raises(Killed):
+        train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
+    grids = [str(tmp_path / "samples" / f"step_{k:07d}.png") for k in (2, 4)]
+    assert [p for p, _, _ in samples] == grids
+
+
 def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guidance(monkeypatch):
 
     config = smoke(

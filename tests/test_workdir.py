@@ -148,6 +148,39 @@ def test_writer_keeps_the_lines_up_to_the_resumed_step_and_appends(tmp_path):
     ]
 
 
+class Killed(BaseException):
+    """A kill in the middle of a write (what KeyboardInterrupt or SIGKILL leave)."""
+
+
+def kill_mid_write(monkeypatch, cls, name):
+    """`cls.write_text` on a file called `name` (or a temporary one for it, `name` + a
+    suffix) writes half its text, then raises Killed."""
+    real = cls.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if self.name.startswith(name):
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise Killed
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "write_text", write_text)
+
+
+def test_a_kill_while_the_writer_drops_a_killed_run_s_lines_keeps_the_logged_ones(
+    tmp_path, monkeypatch
+):
+    lines = ['{"step": 1, "loss": 1.0}\n', '{"step": 2, "loss": 2.0}\n', '{"step": 3, "lo']
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    kill_mid_write(monkeypatch, pathlib.Path, "metrics.jsonl")
+    with pytest.raises(Killed):
+        train._Writer(tmp_path, start=2)
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text().startswith("".join(lines[:2]))
+    writer = train._Writer(tmp_path, start=2)  # the next resume
+    writer.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:2])
+
+
 def _tensorboard_events(directory):
     """The Event protos of the TFRecord files in `directory` (length, crc, data, crc)."""
     import struct
