@@ -261,12 +261,21 @@ def q_posterior_mean_variance(schedule: Schedule, *, x0, xt, t):
 
 
 def _affine(schedule, t, a_table_fn, x, y, *, x_name, y_name):
-    """Shared body of the conversions: a(t) * x + b(t) * y with per-example coefficients."""
+    """Shared body of the conversions: (a(t) * x + b(t) * y) / d(t), per-example coefficients.
+
+    `a_table_fn` returns (a, b) or (a, b, d). The division comes last: x0 = (x_t - sigma eps) /
+    alpha formed as x_t / alpha - (sigma / alpha) eps rounds both terms to ulp(x_t / alpha)
+    before they cancel, which at a tiny alpha (a cosine schedule's last step, alpha = 5e-5)
+    made a float32 x0 ~3e-3 off; divided last it is rounded once (~1e-7).
+    """
     _check_same_shape(**{x_name: x, y_name: y})
     dtype = _compute_dtype(**{x_name: x, y_name: y})
     t = check_t(schedule, t, x, name=x_name)
-    a, b = a_table_fn(schedule, t, x, dtype)
-    return (a * x.astype(dtype) + b * y.astype(dtype)).astype(jnp.result_type(x, y))
+    a, b, *d = a_table_fn(schedule, t, x, dtype)
+    out = a * x.astype(dtype) + b * y.astype(dtype)
+    if d:
+        out = out / d[0]
+    return out.astype(jnp.result_type(x, y))
 
 
 def x0_from_eps(schedule: Schedule, *, xt, t, eps) -> jax.Array:
@@ -278,7 +287,7 @@ def x0_from_eps(schedule: Schedule, *, xt, t, eps) -> jax.Array:
 
     def coefs(schedule, t, x, dtype):
         alpha, sigma = _alpha_sigma(schedule, t, x, dtype)
-        return 1.0 / alpha, -sigma / alpha
+        return 1.0, -sigma, alpha
 
     return _affine(schedule, t, coefs, xt, eps, x_name="xt", y_name="eps")
 
@@ -288,7 +297,7 @@ def eps_from_x0(schedule: Schedule, *, xt, t, x0) -> jax.Array:
 
     def coefs(schedule, t, x, dtype):
         alpha, sigma = _alpha_sigma(schedule, t, x, dtype)
-        return 1.0 / sigma, -alpha / sigma
+        return 1.0, -alpha, sigma
 
     return _affine(schedule, t, coefs, xt, x0, x_name="xt", y_name="x0")
 

@@ -108,6 +108,28 @@ def test_ddim_single_point_returns_mu_along_closed_form(prediction, spacing):
     np.testing.assert_allclose(traj, expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_float32_eps_ddim_from_the_last_cosine_step_matches_float64(spacing):
+    """DDIM (eta = 0, Song et al. 2021, eq. 12) from t = T - 1 of a cosine schedule, where
+    alpha = 4.9e-5: float32 with eps prediction against a float64 NumPy chain of the exact
+    Gaussian denoiser. x0_hat = (x_t - sigma eps_hat) / alpha must divide last; scaling by
+    1 / alpha first made the samples 5.6e-5 off (diffusers' FlaxDDIMScheduler: 2.0e-6)."""
+    betas = cosine_betas(T)
+    abar = np.cumprod(1.0 - betas)
+    sched = Schedule.from_betas(betas, jnp.float32)
+    model = gaussian_denoiser(sched, DATA_MEAN, DATA_STD, "eps")
+    x_T = _normal(1, (4, 64))
+    got = ddim_sample(model, sched, x_T, num_steps=50, spacing=spacing, prediction="eps")
+    x = np.asarray(x_T, np.float64)
+    ts = sampling_timesteps(T, 50, spacing)
+    for abar_t, abar_p in zip(abar[ts], np.append(abar[ts[1:]], 1.0), strict=True):
+        a, s2 = np.sqrt(abar_t), DATA_STD**2
+        x0_hat = DATA_MEAN + a * s2 / (abar_t * s2 + 1.0 - abar_t) * (x - a * DATA_MEAN)
+        eps_hat = (x - a * x0_hat) / np.sqrt(1.0 - abar_t)
+        x = np.sqrt(abar_p) * x0_hat + np.sqrt(1.0 - abar_p) * eps_hat
+    np.testing.assert_allclose(got, x, rtol=RTOL, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Gaussian data: marginals of the stochastic samplers, propagated analytically.
 
