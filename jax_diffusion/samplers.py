@@ -229,6 +229,31 @@ def dpm_solver_pp_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return ts[:-1].astype(np.int32)
 
 
+def _given_timesteps(schedule: Schedule, timesteps, **instead) -> np.ndarray:
+    """A sampler's `timesteps` argument: concrete distinct ints in [0, T - 1], any order,
+    returned strictly descending as int32. `instead` holds the arguments that choose the steps
+    otherwise (e.g. num_steps, spacing): set together with timesteps they are an error."""
+    given = {name: value for name, value in instead.items() if value is not None}
+    if given:
+        listed = ", ".join(f"{name}={value!r}" for name, value in given.items())
+        raise ValueError(
+            f"pass timesteps or {' / '.join(instead)}, not both; got timesteps and {listed}"
+        )
+    if not _is_concrete(timesteps):
+        raise ValueError(
+            "timesteps must be concrete ints (they set the chain's length); got a traced "
+            "array (close over them instead of passing them as a jit argument)"
+        )
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or ts.shape[0] < 1 or not np.issubdtype(ts.dtype, np.integer):
+        raise ValueError(f"timesteps must be a non-empty 1-D int array; got {timesteps!r}")
+    ts = np.sort(ts)[::-1]
+    last = schedule.num_timesteps - 1
+    if ts[-1] < 0 or ts[0] > last or np.any(np.diff(ts) == 0):
+        raise ValueError(f"timesteps must be distinct ints in [0, {last}]; got {ts.tolist()}")
+    return ts.astype(np.int32)
+
+
 # --------------------------------------------------------------------------------------------
 # Shared step pieces.
 
@@ -459,14 +484,9 @@ def ddpm_sample(
                 "timesteps needs a concrete schedule to respace; got a traced schedule "
                 "(close over the schedule instead of passing it as a jit argument)"
             )
-        if not _is_concrete(timesteps):
-            raise ValueError(
-                "timesteps must be concrete ints (they set the chain's length); got a traced "
-                "array (close over them instead of passing them as a jit argument)"
-            )
-        sched = schedule.respace(timesteps)
+        model_ts = _given_timesteps(schedule, timesteps)
+        sched = schedule.respace(model_ts)
         index = np.arange(sched.num_timesteps)[::-1]
-        model_ts = np.sort(np.asarray(timesteps))[::-1]
     _check_zero_snr(schedule, prediction, int(model_ts[0]))
     num_steps = index.shape[0]
     xs = (
@@ -575,13 +595,14 @@ def ddim_sample(
     x_T: jax.Array,
     rng=None,
     *,
-    num_steps: int = 50,
+    num_steps: int | None = None,
     eta=0.0,
-    spacing: str = "leading",
+    spacing: str | None = None,
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_denoised: bool = False,
     denoised_fn: DenoisedFn | None = None,
+    timesteps=None,
     return_trajectory: bool | int = False,
 ):
     """DDIM sampling (Song et al. 2021, eq. 12) over `sampling_timesteps(T, num_steps, spacing)`.
@@ -602,13 +623,17 @@ def ddim_sample(
       schedule: the noise schedule.
       x_T: [B, ...] float start sample.
       rng: PRNG key, required unless eta is statically 0 (deterministic sampling).
-      num_steps: number of model calls, in [1, T].
+      num_steps: number of model calls, in [1, T] (None: 50).
       eta: scalar >= 0; 0 deterministic, 1 the DDPM-like (beta_tilde) posterior variance.
-      spacing: 'leading' | 'trailing' | 'linspace' (see `sampling_timesteps`). Use 'trailing' to
-        start at t = T - 1 (Lin et al. 2024).
+      spacing: 'leading' | 'trailing' | 'linspace' (see `sampling_timesteps`; None:
+        'leading'). Use 'trailing' to start at t = T - 1 (Lin et al. 2024).
       prediction: 'eps' | 'x0' | 'v'.
       variance: model-output layout only ('learned_range': drop the variance half).
       clip_denoised, denoised_fn: x0_hat clipping / thresholding at every step.
+      timesteps: instead of num_steps and spacing, the steps to visit: concrete distinct ints
+        in [0, T - 1], any order (visited descending), e.g. the DDIM paper's quadratic
+        sequence for CIFAR10 (section D.2) or diffusers' steps_offset=1 sequence
+        `sampling_timesteps(T, n) + 1`.
       return_trajectory: False, True or a stride k (see the module docstring).
 
     Returns:
@@ -620,7 +645,14 @@ def ddim_sample(
     deterministic = _check_eta(eta)
     if not deterministic:
         _check_rng(rng, why=" when eta is not 0")
-    ts = sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
+    if timesteps is None:
+        spacing = "leading" if spacing is None else spacing
+        ts = sampling_timesteps(
+            schedule.num_timesteps, 50 if num_steps is None else num_steps, spacing
+        )
+    else:
+        ts = _given_timesteps(schedule, timesteps, num_steps=num_steps, spacing=spacing)
+    num_steps = len(ts)
     _check_zero_snr(schedule, prediction, int(ts[0]))
     ts_prev = np.append(ts[1:], -1)
     keys = None if deterministic else jax.random.split(rng, num_steps)
@@ -719,12 +751,13 @@ def dpm_solver_pp_sample(
     schedule: Schedule,
     x_T: jax.Array,
     *,
-    num_steps: int = 20,
+    num_steps: int | None = None,
     order: int = 2,
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_denoised: bool = False,
     denoised_fn: DenoisedFn | None = None,
+    timesteps=None,
     return_trajectory: bool | int = False,
 ):
     """DPM-Solver++(2M) multistep sampling of the probability-flow ODE (Lu et al. 2022, Alg. 2).
@@ -744,12 +777,16 @@ def dpm_solver_pp_sample(
     Args:
       model_fn: denoiser `model_fn(x [B, ...], t int32 [B])`.
       schedule: the noise schedule.
-      x_T: [B, ...] float start sample at t = T - 1.
-      num_steps: number of model calls, in [1, T - 1].
+      x_T: [B, ...] float start sample at the first step (t = T - 1 unless `timesteps` says).
+      num_steps: number of model calls, in [1, T - 1] (None: 20).
       order: 2 (DPM-Solver++(2M)) or 1 (DPM-Solver++1, i.e. DDIM with eta = 0 on this grid).
       prediction, variance, clip_denoised, denoised_fn: as in `ddim_sample`; dynamic
         thresholding (`denoised_fn=dynamic_threshold`) is the combination Lu et al. recommend
         for guided sampling.
+      timesteps: instead of num_steps, the steps at which the model is called: concrete
+        distinct ints in [0, T - 1], any order (visited descending; x_T is taken at the
+        largest, and after the smallest the solver steps to sigma = 0), e.g. a log-SNR-uniform
+        grid (Lu et al. 2022's default for pixel models).
       return_trajectory: False, True or a stride k (see the module docstring).
 
     Returns:
@@ -759,7 +796,11 @@ def dpm_solver_pp_sample(
         model_fn, schedule, x_T, prediction, variance, clip_denoised, denoised_fn, return_trajectory
     )
     order = _check_int("order", order, 1, 2)  # a Python int: the scan body branches on it
-    ts = dpm_solver_pp_timesteps(schedule.num_timesteps, num_steps)
+    if timesteps is None:
+        ts = dpm_solver_pp_timesteps(schedule.num_timesteps, 20 if num_steps is None else num_steps)
+    else:
+        ts = _given_timesteps(schedule, timesteps, num_steps=num_steps)
+    num_steps = len(ts)
     _check_zero_snr(schedule, prediction, int(ts[0]))
     ts_prev = np.append(ts[1:], -1)
     xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(ts_prev, jnp.int32))

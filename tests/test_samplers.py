@@ -616,6 +616,52 @@ def test_dpm_solver_pp_three_steps_match_lu_et_al(order, x64):
     np.testing.assert_allclose(x0, states[-1], rtol=1e-10, atol=1e-12)
 
 
+def test_ddim_and_dpm_solver_pp_on_given_timesteps_match_float64_chains(x64):
+    """`timesteps` instead of num_steps / spacing: the sequences the samplers build themselves
+    give the same samples, and uneven ones given in any order (the DDIM paper's quadratic
+    sequence, section D.2; an uneven DPM grid) match float64 NumPy chains of Song et al. 2021
+    eq. 12 (eta = 0) and Lu et al. 2022 Algorithm 2 with the exact denoiser."""
+    schedule = Schedule.from_betas(BETAS, jnp.float64)
+    model = gaussian_denoiser(schedule, DATA_MEAN, DATA_STD, "eps")
+    x_T = np.asarray(_normal(50, (4, 3), jnp.float64))
+    for spacing in ("leading", "trailing"):
+        given = ddim_sample(model, schedule, x_T, timesteps=sampling_timesteps(T, 7, spacing))
+        built = ddim_sample(model, schedule, x_T, num_steps=7, spacing=spacing)
+        np.testing.assert_array_equal(given, built)
+    given = dpm_solver_pp_sample(model, schedule, x_T, timesteps=dpm_solver_pp_timesteps(T, 7))
+    np.testing.assert_array_equal(given, dpm_solver_pp_sample(model, schedule, x_T, num_steps=7))
+
+    alpha, sigma = np.sqrt(ABAR), np.sqrt(1.0 - ABAR)
+    quadratic = np.unique((np.linspace(0, np.sqrt(0.8 * T), 10) ** 2).astype(np.int64))
+    assert len(quadratic) == 10 and quadratic[-1] == 800
+    x = x_T
+    for t, t_prev in zip(quadratic[::-1], [*quadratic[::-1][1:], -1], strict=True):
+        x0_hat = _exact_x0_hat(x, t)
+        eps_hat = (x - alpha[t] * x0_hat) / sigma[t]
+        a_prev, s_prev = (alpha[t_prev], sigma[t_prev]) if t_prev >= 0 else (1.0, 0.0)
+        x = a_prev * x0_hat + s_prev * eps_hat
+    shuffled = np.random.default_rng(0).permutation(quadratic)
+    got = ddim_sample(model, schedule, x_T, timesteps=shuffled)
+    np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-12)
+
+    grid = [999, 610, 300, 120, 7]  # lambda steps far from uniform
+    lam = np.log(alpha / sigma)
+    x, x0_last, t_last = x_T, None, None
+    for t, t_prev in zip(grid, [*grid[1:], -1], strict=True):
+        x0_hat = _exact_x0_hat(x, t)
+        if t_prev == -1:
+            x = x0_hat
+        else:
+            h, d = lam[t_prev] - lam[t], x0_hat
+            if x0_last is not None:
+                r = (lam[t] - lam[t_last]) / h
+                d = (1.0 + 1.0 / (2.0 * r)) * x0_hat - x0_last / (2.0 * r)
+            x = sigma[t_prev] / sigma[t] * x - alpha[t_prev] * (np.exp(-h) - 1.0) * d
+        x0_last, t_last = x0_hat, t
+    got = dpm_solver_pp_sample(model, schedule, x_T, timesteps=np.array(grid[::-1]))
+    np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-12)
+
+
 def test_trajectory_stride_numpy_int_and_above_num_steps():
     # A NumPy int stride works like the Python int; a stride above num_steps keeps x_T only
     # (num_steps // k + 1 = 1 slot) while x0 is still returned. NumPy / JAX bools and ints
@@ -793,6 +839,32 @@ BAD_INPUTS = {
     "trajectory_stride": (
         lambda: ddim_sample(_gauss(), SCHEDULE, X, return_trajectory=0),
         r"return_trajectory.*got 0",
+    ),
+    "ddim_timesteps_and_num_steps": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[9, 5], num_steps=2),
+        r"pass timesteps or num_steps / spacing, not both; got timesteps and num_steps=2$",
+    ),
+    "dpm_timesteps_and_num_steps": (
+        lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, timesteps=[9, 5], num_steps=2),
+        r"pass timesteps or num_steps, not both; got timesteps and num_steps=2$",
+    ),
+    "ddim_timesteps_out_of_range": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[5, T]),
+        r"timesteps must be distinct ints in \[0, 999\]; got \[1000, 5\]",
+    ),
+    "dpm_timesteps_duplicate": (
+        lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, timesteps=[5, 9, 5]),
+        r"timesteps must be distinct ints in \[0, 999\]; got \[9, 5, 5\]",
+    ),
+    "ddim_timesteps_float": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[9.0, 5.0]),
+        r"timesteps must be a non-empty 1-D int array",
+    ),
+    "ddim_traced_timesteps": (
+        lambda: jax.jit(lambda ts: ddim_sample(_gauss(), SCHEDULE, X, timesteps=ts))(
+            jnp.array([5, 1])
+        ),
+        r"timesteps must be concrete ints",
     ),
     "respace_duplicates": (
         lambda: ddpm_sample(_gauss(), SCHEDULE, X, KEY, timesteps=[5, 5, 9]),
