@@ -90,3 +90,9 @@ def compiler_options(
     if not _cpu_options_supported():
         return None
     return dict(CPU_RUN_ONCE_OPTIONS if run_once else CPU_COMPILER_OPTIONS)
+
+
+def _top_level(tree) -> bool:
+    """No leaf is a tracer: not called inside a jit / eval_shape trace, where a nested jit may set
+    no compiler_options."""
+    return all(not isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))

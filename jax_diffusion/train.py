@@ -8,13 +8,11 @@ first; each process then feeds its own shard of the global batch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -28,18 +26,33 @@ from jax.sharding import PartitionSpec as P
 
 import jax_diffusion as jd
 from jax_diffusion import data as data_lib
-from jax_diffusion import samplers
-from jax_diffusion._checks import check_int
-from jax_diffusion.backend import compiler_options
+from jax_diffusion.backend import _top_level, compiler_options
 from jax_diffusion.checkpoints import CheckpointManager
-from jax_diffusion.diffusion import _is_concrete
-from jax_diffusion.models import MLPDenoiser, UNet, drop_labels
+from jax_diffusion.generate import (  # re-exported: train.sample etc. as before
+    _save_samples,
+    check_finite_samples,
+    sample,
+    sample_in_batches,
+    save_sample_arrays,
+)
+from jax_diffusion.models import drop_labels
+from jax_diffusion.run_config import (  # re-exported: train.check_config etc. as before
+    _check_resume_keeps_the_meaning,
+    _named_after,
+    check_config,
+    check_model_fits_data,
+    check_num_classes,
+    check_sampling,
+    create_model,
+    get_schedule,
+    load_run_config,
+)
 from jax_diffusion.train_state import TrainState, ema_decay, make_optimizer, update_ema
-from jax_diffusion.visualize import save_image_grid, to_uint8
 
 __all__ = [
     "TrainingDiverged",
     "check_config",
+    "check_finite_samples",
     "check_sampling",
     "create_model",
     "create_train_state",
@@ -61,66 +74,10 @@ class TrainingDiverged(RuntimeError):
     """Raised after `train.max_bad_steps` consecutive non-finite steps; checkpoints are intact."""
 
 
-def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
-    """The noise schedule named by config.diffusion (schedule, num_timesteps, zero_terminal_snr)."""
-    builders = {
-        "linear": jd.linear_betas,
-        "cosine": jd.cosine_betas,
-        "scaled_linear": jd.scaled_linear_betas,
-    }
-    if diffusion.schedule not in builders:
-        raise ValueError(
-            f"diffusion.schedule must be one of {sorted(builders)}; got {diffusion.schedule!r}"
-        )
-    betas = builders[diffusion.schedule](diffusion.num_timesteps)
-    if diffusion.get("zero_terminal_snr", False):
-        betas = jd.rescale_zero_terminal_snr(betas)
-    return jd.Schedule.from_betas(betas)
-
-
-def create_model(config: ml_collections.ConfigDict, *, channels: int):
-    """The Flax network named by config.model.name ('unet' or 'mlp') for data with `channels`."""
-    m = config.model
-    out = channels * (2 if config.diffusion.variance == "learned_range" else 1)
-    dtype = jnp.dtype(m.get("dtype", "float32"))
-    num_classes = m.get("num_classes", None)
-    if m.name == "unet":
-        return UNet(
-            base_channels=m.base_channels,
-            channel_mults=tuple(m.channel_mults),
-            num_res_blocks=m.num_res_blocks,
-            attention_resolutions=tuple(m.attention_resolutions),
-            num_heads=m.num_heads,
-            dropout=m.dropout,
-            out_channels=out,
-            use_scale_shift_norm=m.use_scale_shift_norm,
-            num_classes=num_classes,
-            num_groups=m.num_groups,
-            dtype=dtype,
-            remat=m.get("remat", False),
-        )
-    if m.name == "mlp":
-        return MLPDenoiser(
-            out_dim=out,
-            hidden_dim=m.hidden_dim,
-            num_layers=m.num_layers,
-            num_classes=num_classes,
-            dropout=m.dropout,
-            dtype=dtype,
-        )
-    raise ValueError(f"model.name must be one of 'unet', 'mlp'; got {m.name!r}")
-
-
 def make_mesh(devices=None) -> jax.sharding.Mesh:
     """A 1-D mesh over all devices (of every process) with axis 'data'."""
     devices = np.asarray(devices if devices is not None else jax.devices())
     return jax.sharding.Mesh(devices.reshape(-1), ("data",))
-
-
-def _top_level(tree) -> bool:
-    """No leaf is a tracer: not called inside a jit / eval_shape trace, where a nested jit may set
-    no compiler_options."""
-    return all(_is_concrete(a) for a in jax.tree.leaves(tree))
 
 
 def create_train_state(
@@ -301,295 +258,6 @@ def _jit_train_step(train_step, mesh, state):
     ), batch_sharding
 
 
-def sample(
-    config: ml_collections.ConfigDict,
-    model,
-    params,
-    schedule: jd.Schedule,
-    rng: jax.Array,
-    *,
-    shape: tuple[int, ...],
-    num: int,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    guidance: float | None = None,
-    labels: jax.Array | None = None,
-    spacing: str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-) -> jax.Array:
-    """Draws `num` samples [num, *shape] with the given params (use the EMA params).
-
-    sampler: 'ddpm' | 'ddim' | 'dpm++' (default config.sample.sampler); num_steps for ddim and
-    dpm++ (default config.sample.num_steps; ddpm uses all T steps and rejects num_steps);
-    spacing of ddim's steps, 'leading' | 'trailing' | 'linspace' (default config.sample.spacing,
-    'leading' where the config has none; the other samplers reject it). For
-    a class-conditional model, labels default to arange(num) % num_classes and guidance
-    (default config.sample.guidance) is the classifier-free guidance scale w (1 = plain
-    conditional).
-
-    mesh: None runs the whole batch on one device (or on each device params are replicated
-    on). A mesh with a 'data' axis (`make_mesh()`, of every process's devices) splits the
-    batch over that axis, params replicated: n devices sample num / n examples each (num is
-    padded up to a multiple of n, the padding dropped). The samples are those of the run
-    without a mesh, up to float rounding: JAX's (default) partitionable threefry draws the
-    same noise for the first num rows whatever the padding and the split. They come back
-    replicated on the mesh's devices, so every process can read them (on several processes
-    every process must call `sample`, as any jit over the mesh).
-    """
-    s, d = config.sample, config.diffusion
-    num_classes = config.model.get("num_classes", None)
-    sampler, num_steps, spacing = check_sampling(
-        config,
-        sampler=sampler,
-        num_steps=num_steps,
-        spacing=spacing,
-        guidance=guidance,
-        labels=labels,
-    )
-    check_int("num", num, 1)
-    padded = num
-    if _check_mesh(mesh) is not None:
-        padded = -(-num // mesh.shape["data"]) * mesh.shape["data"]
-    if num_classes is not None:
-        labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
-        _check_labels(labels, num, num_classes)
-        labels = jnp.pad(labels, (0, padded - num))  # the padding's samples are dropped
-    w = s.guidance if guidance is None else guidance
-    x_rng, s_rng = jax.random.split(rng)
-
-    def split(x, spec):
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    # params, labels and w are arguments of the compiled program, not constants baked into it
-    def run(params, labels, w, x_rng, k):
-        x = split(jax.random.normal(x_rng, (padded, *shape)), P("data"))
-        if labels is not None:
-            labels = split(labels, P("data"))
-        return split(draw(params, labels, w, x, k)[:num], P())
-
-    def draw(params, labels, w, x, k):
-        if num_classes is None:
-
-            def model_fn(x, t):
-                return model.apply({"params": params}, x, t, None)
-        else:
-
-            def cond_fn(x, t, y):
-                return model.apply({"params": params}, x, t, y)
-
-            model_fn = samplers.classifier_free_guidance(
-                cond_fn, w, num_classes, y=labels, variance=d.variance
-            )
-        common = dict(prediction=d.prediction, variance=d.variance, clip_denoised=s.clip_denoised)
-        if sampler == "ddpm":
-            return samplers.ddpm_sample(model_fn, schedule, x, k, **common)
-        if sampler == "ddim":
-            return samplers.ddim_sample(
-                model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
-            )
-        return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
-
-    args = (params, labels, jnp.asarray(w, jnp.float32), x_rng, s_rng)
-    if _top_level(args):
-        if mesh is not None:  # params on one device cannot meet the mesh's in one program
-            params = jax.device_put(params, NamedSharding(mesh, P()))
-            args = (params, *args[1:])
-        # at top level: compile with the backend's options (a nested jit may not set any)
-        devices = None if mesh is None else mesh.devices.flat
-        run = jax.jit(run, compiler_options=compiler_options(devices))
-    return run(*args)
-
-
-def _check_mesh(mesh):
-    if mesh is not None and (
-        not isinstance(mesh, jax.sharding.Mesh) or "data" not in mesh.axis_names
-    ):
-        raise ValueError(
-            f"mesh must be a jax.sharding.Mesh with a 'data' axis (make_mesh()) or None; "
-            f"got {mesh!r}"
-        )
-    return mesh
-
-
-def sample_in_batches(
-    config: ml_collections.ConfigDict,
-    model,
-    params,
-    schedule: jd.Schedule,
-    rng: jax.Array,
-    *,
-    shape: tuple[int, ...],
-    num: int,
-    batch_size: int,
-    labels=None,
-    mesh: jax.sharding.Mesh | None = None,
-    progress: bool = False,
-    **options,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Draws `num` samples to host memory, `batch_size` at a time: as many as memory allows.
-
-    Batch i is `sample(..., jax.random.fold_in(rng, i), num=b)` with b = min(batch_size, num)
-    (the last batch is drawn in full and cut), all by one compiled program.
-
-    Args:
-      config, model, params, schedule, shape, mesh: as for `sample`.
-      rng: PRNG key.
-      num: samples to draw, >= 1.
-      batch_size: samples per call, >= 1.
-      labels: [num] ints in [0, num_classes] for a class-conditional model; None for
-        arange(num) % num_classes (balanced classes).
-      progress: show a tqdm progress bar over the batches.
-      **options: sampler, num_steps, guidance, spacing, as for `sample` (None: the config's).
-
-    Returns:
-      (samples [num, *shape] float32, labels [num] int32 or None for a model without classes).
-
-    Raises:
-      ValueError: as `sample`, and for num or batch_size not an int >= 1; before any sampling.
-    """
-    num = check_int("num", num, 1)
-    bs = min(check_int("batch_size", batch_size, 1), num)
-    unknown = set(options) - {"sampler", "num_steps", "guidance", "spacing"}
-    if unknown:
-        raise ValueError(
-            f"unknown sampling options {sorted(unknown)}; allowed: sampler, num_steps, "
-            "guidance, spacing"
-        )
-    check_sampling(config, labels=labels, **options)
-    num_classes = config.model.get("num_classes", None)
-    num_batches = -(-num // bs)
-    if num_classes is not None:
-        if labels is None:  # balanced, the cut samples too
-            labels = np.arange(num_batches * bs, dtype=np.int32) % num_classes
-        else:
-            labels = np.asarray(labels)
-            _check_labels(labels, num, num_classes)
-            labels = np.pad(labels.astype(np.int32), (0, num_batches * bs - num))
-    devices = None
-    if _check_mesh(mesh) is not None:  # replicated once, not in every call
-        params = jax.device_put(params, NamedSharding(mesh, P()))
-        devices = mesh.devices.flat
-    draw = jax.jit(
-        lambda p, key, y: sample(
-            config, model, p, schedule, key, shape=shape, num=bs, labels=y, mesh=mesh, **options
-        ),
-        compiler_options=compiler_options(devices),
-    )
-    from tqdm.auto import tqdm
-
-    chunks = []
-    for i in tqdm(range(num_batches), desc="sample", disable=not progress, leave=False):
-        y = None if labels is None else jnp.asarray(labels[i * bs : (i + 1) * bs])
-        chunks.append(np.asarray(jax.device_get(draw(params, jax.random.fold_in(rng, i), y))))
-    samples = np.concatenate(chunks)[:num]
-    return samples, None if labels is None else labels[:num]
-
-
-def check_sampling(
-    config: ml_collections.ConfigDict,
-    *,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    spacing: str | None = None,
-    guidance: float | None = None,
-    labels=None,
-    names: dict[str, str] | None = None,
-) -> tuple[str, int, str]:
-    """Checks the sampling choices of `sample` against a run's config, before any work.
-
-    Arguments as `sample`'s (None: the config's). `names` renames them in the messages (the
-    command line passes {'num_steps': '--steps', ...}).
-
-    Returns:
-      (sampler, num_steps, spacing) with the config's defaults filled in.
-
-    Raises:
-      ValueError: an unknown sampler; num_steps with ddpm (which runs all T steps) or outside
-        [1, T] ([1, T - 1] for dpm++); spacing with a sampler other than ddim, or unknown;
-        labels or guidance for a model without classes.
-    """
-    name = (names or {}).get
-    s, num_timesteps = config.sample, config.diffusion.num_timesteps
-    explicit_steps = num_steps
-    sampler = s.sampler if sampler is None else sampler
-    num_steps = s.num_steps if num_steps is None else num_steps
-    if sampler not in ("ddpm", "ddim", "dpm++"):
-        raise ValueError(
-            f"{name('sampler', 'sampler')} must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}"
-        )
-    steps = name("num_steps", "num_steps") if explicit_steps is not None else "sample.num_steps"
-    if sampler == "ddpm" and explicit_steps is not None:
-        raise ValueError(
-            f"{steps} applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
-            f"{num_timesteps} steps (got {steps}={explicit_steps!r})"
-        )
-    if sampler != "ddpm":
-        # dpm++ takes n + 1 distinct grid points in [0, T - 1]
-        most = num_timesteps - 1 if sampler == "dpm++" else num_timesteps
-        why = " (DPM-Solver++ takes n + 1 distinct steps)" if sampler == "dpm++" else ""
-        check_int(f"{steps} for sampler {sampler!r}{why}", num_steps, 1, most)
-    if spacing is not None and (sampler != "ddim" or spacing not in samplers.SPACINGS):
-        raise ValueError(
-            f"{name('spacing', 'spacing')} must be one of {samplers.SPACINGS} (or None: the "
-            f"config's), with sampler 'ddim' only; got spacing={spacing!r} with sampler "
-            f"{sampler!r}"
-        )
-    spacing = s.get("spacing", "leading") if spacing is None else spacing
-    _warn_if_zero_snr_skipped(config, sampler, spacing)
-    given = {
-        name(k, k): v for k, v in (("labels", labels), ("guidance", guidance)) if v is not None
-    }
-    if config.model.get("num_classes", None) is None and given:
-        what = " and ".join(given)
-        raise ValueError(
-            f"{what} need{'s' * (len(given) == 1)} a class-conditional model; this one has "
-            f"model.num_classes=None (omit {what}); got "
-            + ", ".join(
-                f"{k}={'given' if k.endswith('labels') else repr(v)}" for k, v in given.items()
-            )
-        )
-    return sampler, int(num_steps), spacing
-
-
-def _check_labels(labels: jax.Array, num: int, num_classes: int) -> None:
-    """Labels [num] of ints in [0, num_classes] (num_classes: the null label, unconditional
-    samples) where concrete: the label table would clamp or wrap others (a label of 30 of 10
-    classes gave NaN samples, -1 the null label's)."""
-    if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != (num,):
-        raise ValueError(
-            f"labels must be ints of shape [num] = ({num},); got {labels.dtype} {labels.shape}"
-        )
-    if _is_concrete(labels):
-        values = np.asarray(labels)
-        if values.min() < 0 or values.max() > num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}] ({num_classes}: the null label, "
-                f"unconditional samples); got values in [{values.min()}, {values.max()}]"
-            )
-
-
-def check_finite_samples(samples: np.ndarray) -> None:
-    """Raises FloatingPointError when some of samples [N, ...] hold NaN or inf: a black or
-    saturated grid, or metrics of NaN, would otherwise pass for a result."""
-    bad = int((~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)).sum())
-    if bad:
-        raise FloatingPointError(f"{bad} of {len(samples)} samples are not finite")
-
-
-def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config of a training workdir (its `config.json`), without restoring anything: for
-    checks before the restore (`check_sampling`).
-
-    Raises:
-      FileNotFoundError: workdir holds no config.json.
-    """
-    path = epath.Path(workdir) / "config.json"
-    try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"no training run in {workdir}: {err}") from None
-
-
 def load_run(workdir: str | os.PathLike):
     """The config, example shape, model and latest EMA params of a training workdir.
 
@@ -631,45 +299,6 @@ def load_run(workdir: str | os.PathLike):
     finally:
         ckpt.close()
     return config, shape, model, params, int(step)
-
-
-def _save_samples(images: np.ndarray, path: str | os.PathLike) -> None:
-    """Writes a sample grid (images) or a 2-D density plot (toy points) as an image at `path`.
-
-    Args:
-      images: [N, H, W, C] in [-1, 1], or [N, 2] points of the 2-D toy data.
-      path: a local path or a URI `etils.epath` understands (e.g. gs://bucket/run/grid.png).
-    """
-    if images.ndim == 4:
-        scale = max(1, 64 // images.shape[1])
-        save_image_grid(images, path, scale=scale, padding=max(1, scale // 2))
-        return
-    # 2-D toy data: a density image of the sample cloud
-    hist, _, _ = np.histogram2d(images[:, 1], images[:, 0], bins=128, range=[[-2, 2], [-2, 2]])
-    img = 1.0 - 2.0 * np.clip(hist[::-1] / max(hist.max(), 1.0) * 4.0, 0.0, 1.0)
-    save_image_grid(img[None, :, :, None], path, padding=0, scale=2)
-
-
-def save_sample_arrays(samples: np.ndarray, labels, path: str | os.PathLike) -> None:
-    """Writes samples (and labels) as a NumPy .npz for FID and other external evaluators.
-
-    The layout of guided-diffusion's sample files (Dhariwal & Nichol 2021), which their
-    evaluator and most FID tools read: `arr_0` holds images as uint8 [N, H, W, C]
-    (round((x + 1) * 127.5) of x clipped to [-1, 1], `visualize.to_uint8`), or other data
-    (e.g. 2-D points [N, D]) as float32; `arr_1` the labels [N] of class-conditional samples.
-
-    Args:
-      samples: [N, H, W, C] images in [-1, 1], or [N, ...] other data.
-      labels: [N] ints, or None.
-      path: a local path or a URI `etils.epath` understands; parent directories are made.
-    """
-    samples = np.asarray(samples)
-    data = to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)
-    arrays = [data] if labels is None else [data, np.asarray(labels)]
-    out = epath.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as f:
-        np.savez(f, *arrays)
 
 
 def _write_text_atomically(path, text: str) -> None:
@@ -782,240 +411,6 @@ class _Writer:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
-
-
-_NUMERIC_FIELDS = {  # field -> may it be None
-    "train.num_steps": False,
-    "train.batch_size": False,
-    "train.log_every": False,
-    "train.checkpoint_every": False,
-    "train.max_bad_steps": False,
-    "train.learning_rate": False,
-    "train.warmup_steps": False,
-    "train.ema_decay": False,
-    "train.weight_decay": False,
-    "train.grad_clip": True,
-    "train.sample_every": False,
-    "train.stop_after": False,
-    "diffusion.min_snr_gamma": False,
-    "diffusion.vlb_weight": False,
-    "sample.num_steps": False,
-    "sample.num_samples": False,
-    "sample.eta": False,
-    "sample.guidance": False,
-}
-
-
-def _check_numbers(config: ml_collections.ConfigDict) -> None:
-    """Each numeric field present is a finite real number (or None where that means off), so
-    the range checks that follow compare numbers; a None used to fail after training."""
-    for key, none_ok in _NUMERIC_FIELDS.items():
-        section, name = key.split(".")
-        if name not in config[section]:
-            continue
-        value = config[section][name]
-        if value is None and none_ok:
-            continue
-        number = not isinstance(value, bool) and isinstance(value, int | float | np.number)
-        if not number or not math.isfinite(value):
-            allowed = "a finite number" + (" or None" if none_ok else "")
-            raise ValueError(f"{key} must be {allowed}; got {value!r}")
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates the choices of a config before any data is read or any model is built."""
-    _check_numbers(config)
-    # PRNGKey keeps the low 32 bits (2**32 would be seed 0 again); the data order takes >= 0
-    check_int("seed", config.seed, 0, 2**32 - 1)
-    d = config.diffusion
-    jd.diffusion.check_prediction(d.prediction)
-    jd.diffusion.check_variance(d.variance)
-    if d.loss_type not in jd.losses.LOSS_TYPES:
-        raise ValueError(f"diffusion.loss_type must be one of 'l2', 'l1'; got {d.loss_type!r}")
-    if d.weighting not in jd.losses.WEIGHTINGS:
-        raise ValueError(
-            f"diffusion.weighting must be one of {jd.losses.WEIGHTINGS}; got {d.weighting!r}"
-        )
-    if config.model.name not in ("unet", "mlp"):
-        raise ValueError(f"model.name must be one of 'unet', 'mlp'; got {config.model.name!r}")
-    if config.sample.sampler not in ("ddpm", "ddim", "dpm++"):
-        raise ValueError(
-            f"sample.sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {config.sample.sampler!r}"
-        )
-    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
-        if not config.train[key] >= 1:
-            raise ValueError(f"train.{key} must be >= 1; got {config.train[key]!r}")
-    chunks = config.train.get("microbatches", 1)
-    if not (isinstance(chunks, int) and chunks >= 1 and config.train.batch_size % chunks == 0):
-        raise ValueError(
-            f"train.microbatches must be a positive integer dividing train.batch_size="
-            f"{config.train.batch_size}; got {chunks!r}"
-        )
-    tc, m, s = config.train, config.model, config.sample
-    if tc.lr_schedule not in ("cosine", "constant"):
-        raise ValueError(
-            f"train.lr_schedule must be one of 'cosine', 'constant'; got {tc.lr_schedule!r}"
-        )
-    if not tc.learning_rate > 0:
-        raise ValueError(f"train.learning_rate must be > 0; got {tc.learning_rate!r}")
-    if not 0 <= tc.warmup_steps <= tc.num_steps:
-        raise ValueError(
-            f"train.warmup_steps must lie in [0, train.num_steps={tc.num_steps}]; "
-            f"got {tc.warmup_steps!r}"
-        )
-    if not 0.0 <= tc.ema_decay <= 1.0:
-        raise ValueError(f"train.ema_decay must lie in [0, 1]; got {tc.ema_decay!r}")
-    keep = tc.get("keep_checkpoints", None)
-    if keep is not None and not keep >= 1:
-        raise ValueError(f"train.keep_checkpoints must be >= 1 or None (keep all); got {keep!r}")
-    for key in ("sample_every", "stop_after"):
-        if not tc.get(key, 0) >= 0:
-            raise ValueError(f"train.{key} must be >= 0 (0: off); got {tc[key]!r}")
-    if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
-        raise ValueError(
-            f"model.dtype must be one of 'float32', 'bfloat16', 'float16'; got {m.dtype!r}"
-        )
-    if not 0.0 <= m.get("dropout", 0.0) < 1.0:
-        raise ValueError(f"model.dropout must lie in [0, 1); got {m.dropout!r}")
-    if not 0.0 <= m.get("class_dropout", 0.0) <= 1.0:
-        raise ValueError(f"model.class_dropout must lie in [0, 1]; got {m.class_dropout!r}")
-    check_int("model.num_classes", m.get("num_classes", None), 1, none_ok=True)
-    num_timesteps = check_int("diffusion.num_timesteps", config.diffusion.num_timesteps, 1)
-    # dpm++ takes n + 1 distinct grid points in [0, T - 1]
-    most = num_timesteps - 1 if s.sampler == "dpm++" else num_timesteps
-    if s.sampler != "ddpm" and not 1 <= s.num_steps <= most:
-        bound = "diffusion.num_timesteps - 1" if s.sampler == "dpm++" else "diffusion.num_timesteps"
-        raise ValueError(
-            f"sample.num_steps must lie in [1, {bound}={most}] for "
-            f"sample.sampler={s.sampler!r}; got {s.num_steps!r}"
-        )
-    if d.get("zero_terminal_snr", False) and d.prediction == "eps":
-        raise ValueError(
-            "diffusion.zero_terminal_snr=True needs diffusion.prediction 'v' or 'x0': an eps "
-            "model cannot give x0 at the last step, where alphas_cumprod is 0 (Lin et al. 2024)"
-        )
-    if s.get("spacing", "leading") not in samplers.SPACINGS:
-        raise ValueError(f"sample.spacing must be one of {samplers.SPACINGS}; got {s.spacing!r}")
-    _warn_if_zero_snr_skipped(config, s.sampler, s.get("spacing", "leading"))
-    if not s.num_samples >= 1:
-        raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
-    if not s.get("eta", 0.0) >= 0:
-        raise ValueError(f"sample.eta must be >= 0; got {s.eta!r}")
-    if not isinstance(config.data.get("random_flip", False), bool):
-        raise ValueError(f"data.random_flip must be True or False; got {config.data.random_flip!r}")
-    if not isinstance(s.get("clip_denoised", False), bool):
-        raise ValueError(f"sample.clip_denoised must be True or False; got {s.clip_denoised!r}")
-    # a negative clip norm flips the gradient (optax scales by clip / norm): gradient ascent
-    if tc.get("grad_clip", None) is not None and not tc.grad_clip > 0:
-        raise ValueError(f"train.grad_clip must be > 0 or None (off); got {tc.grad_clip!r}")
-    if not tc.get("weight_decay", 0.0) >= 0:
-        raise ValueError(f"train.weight_decay must be >= 0; got {tc.weight_decay!r}")
-    if not d.get("min_snr_gamma", 5.0) > 0:
-        raise ValueError(f"diffusion.min_snr_gamma must be > 0; got {d.min_snr_gamma!r}")
-    if not d.get("vlb_weight", 0.0) >= 0:
-        raise ValueError(f"diffusion.vlb_weight must be >= 0; got {d.vlb_weight!r}")
-
-
-def _warn_if_zero_snr_skipped(config: ml_collections.ConfigDict, sampler: str, spacing: str):
-    """Warns where a zero-terminal-SNR model is sampled by ddim with 'leading' spacing, which
-    starts below t = T - 1: x_T ~ N(0, I) is then not what the model saw at the first step, the
-    mismatch zero_terminal_snr exists to remove (Lin et al. 2024, section 3.3). One warning per
-    process (Python's default filter shows a warning once per location, and this is the one)."""
-    zero_snr = config.diffusion.get("zero_terminal_snr", False)
-    if zero_snr and sampler == "ddim" and spacing == "leading":
-        warnings.warn(
-            "diffusion.zero_terminal_snr=True is sampled by ddim with spacing 'leading', which "
-            "starts below t = T - 1 and so never uses the zero-SNR step; use spacing 'trailing' "
-            "(Lin et al. 2024, section 3.3)",
-            UserWarning,
-            stacklevel=1,
-        )
-
-
-@contextlib.contextmanager
-def _named_after(section: ml_collections.ConfigDict, prefix: str):
-    """A ValueError whose message starts with a field of `section` ('num_heads must ...', as
-    the network or the data loader name it) gets the config's name for it: 'model.num_heads
-    must ...'."""
-    try:
-        yield
-    except ValueError as err:
-        if str(err).split(" ", 1)[0] in section:
-            raise ValueError(f"{prefix}.{err}") from err
-        raise
-
-
-def check_model_fits_data(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
-    """The UNet takes images [H, W, C], the MLP vectors [D], data.random_flip images; ValueError
-    naming model.name (or data.random_flip) and data.name otherwise (the network's own error
-    names only the rank of its input)."""
-    wants = {"unet": (3, "images [H, W, C]", "mlp"), "mlp": (1, "vectors [D]", "unet")}
-    rank, what, other = wants[config.model.name]
-    if len(shape) != rank:
-        raise ValueError(
-            f"model.name={config.model.name!r} takes {what}; data.name={config.data.name!r} "
-            f"gives examples of shape {list(shape)}: use model.name={other!r}"
-        )
-    if config.data.get("random_flip", False) and len(shape) != 3:
-        raise ValueError(
-            f"data.random_flip=True mirrors images [H, W, C]; data.name={config.data.name!r} "
-            f"gives examples of shape {list(shape)}"
-        )
-
-
-def check_num_classes(config: ml_collections.ConfigDict, data_num_classes: int) -> None:
-    """model.num_classes must be None (unconditional) or the dataset's class count.
-
-    Labels index the class embedding, whose row num_classes is the null label of guidance: a
-    smaller num_classes would train some class as the null label or index past the table.
-    data_num_classes: `DatasetInfo.num_classes`, 0 for a dataset without labels.
-    """
-    num_classes = config.model.get("num_classes", None)
-    if num_classes is None or num_classes == data_num_classes:
-        return
-    if not data_num_classes:
-        raise ValueError(
-            f"model.num_classes={num_classes} but data.name={config.data.name!r} has no labels; "
-            "set model.num_classes=None"
-        )
-    raise ValueError(
-        f"model.num_classes={num_classes} does not match data.name={config.data.name!r}, which "
-        f"has {data_num_classes} classes; set model.num_classes={data_num_classes} (or None "
-        "for an unconditional model)"
-    )
-
-
-# what the network's output means: a resume that changes one would go on training (and
-# sampling) the weights as another kind of model
-_MEANING_FIELDS = (
-    "model.name",
-    "diffusion.prediction",
-    "diffusion.variance",
-    "diffusion.schedule",
-    "diffusion.num_timesteps",
-    "diffusion.zero_terminal_snr",
-)
-
-
-def _check_resume_keeps_the_meaning(config: ml_collections.ConfigDict, workdir) -> None:
-    """ValueError naming each field of `_MEANING_FIELDS` whose value differs from the one in
-    the run's config.json (a run without one is not checked)."""
-    if not (epath.Path(workdir) / "config.json").exists():
-        return
-    saved = load_run_config(workdir)
-    diffs = []
-    for key in _MEANING_FIELDS:
-        section, name = key.split(".")
-        if name not in saved.get(section, {}):  # written before the field existed
-            continue
-        was, now = saved[section][name], config[section].get(name)
-        if was != now:
-            diffs.append(f"{key}={now!r} (the run has {was!r})")
-    if diffs:
-        raise ValueError(
-            f"cannot resume the run in {workdir} with {', '.join(diffs)}: these fields set what "
-            "the network predicts; keep the run's values (its config.json) or use a new workdir"
-        )
 
 
 def _last_good(ckpt: CheckpointManager) -> str:

@@ -38,6 +38,14 @@ import pytest  # noqa: E402
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
+def smoke(name="default.py", variant="smoke", **overrides):
+    """The config experiments/configs/NAME:VARIANT with overrides field__sub=value."""
+    from jax_diffusion import cli
+
+    sets = [f"{k.replace('__', '.')}={v!r}" for k, v in overrides.items()]
+    return cli.load_config(f"{CONFIGS / name}:{variant}", sets)
+
+
 def leaves(tree):
     """The leaves of a (device) pytree as NumPy arrays, in tree order."""
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]

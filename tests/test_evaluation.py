@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_diffusion as jd
-from jax_diffusion import cli, evaluation, train
+from jax_diffusion import cli, evaluation, generate, train
 from jax_diffusion.checkpoints import CheckpointManager
 from jax_diffusion.data import load_digits
 from jax_diffusion.evaluation import (
@@ -868,10 +868,10 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
     table = jnp.asarray(table)
 
     def fake_sample(config, model, params, schedule, rng, *, shape, num, labels=None, **kwargs):
-        labels = jnp.arange(num) % 10 if labels is None else labels  # train.sample's default
+        labels = jnp.arange(num) % 10 if labels is None else labels  # generate.sample's default
         return table[labels, jnp.arange(num) % per_class]
 
-    monkeypatch.setattr(train, "sample", fake_sample)
+    monkeypatch.setattr(generate, "sample", fake_sample)
     metrics = evaluate_workdir(workdir, num_samples=40, batch_size=16, progress=False)
     assert set(metrics) == EXPECTED_KEYS | {"class_accuracy"}
     assert metrics["guidance"] == config.sample.guidance
@@ -985,7 +985,7 @@ def fake_run(monkeypatch):
         stderr = 0.125 if len(images) > 1 else None  # as bits_per_dim's
         return parts | dict(total_bpd_stderr=stderr, num_examples=len(images))
 
-    monkeypatch.setattr(train, "sample", fake_sample)
+    monkeypatch.setattr(generate, "sample", fake_sample)
     monkeypatch.setattr(evaluation, "bits_per_dim", fake_bits_per_dim)
     return rec
 

@@ -12,22 +12,16 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import CONFIGS, SUBPROCESS_XLA_FLAGS, leaves
+from conftest import CONFIGS, SUBPROCESS_XLA_FLAGS, leaves, smoke
 
 from jax_diffusion import cli, samplers, train, train_state
 from jax_diffusion import data as data_lib
 from jax_diffusion.checkpoints import CheckpointManager
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def smoke(name="default.py", variant="smoke", **overrides):
-    sets = [f"{k.replace('__', '.')}={v!r}" for k, v in overrides.items()]
-    return cli.load_config(f"{CONFIGS / name}:{variant}", sets)
 
 
 def assert_trees_equal(a, b):
@@ -799,207 +793,6 @@ def test_the_config_s_tfds_fields_reach_the_loader_and_label_key_none_means_unla
     assert (got["name"], got["label_key"], got["image_key"]) == ("cifar10", "label", "image")
 
 
-def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
-    config = smoke("toy_2d.py")
-    model = train.create_model(config, channels=2)
-    schedule = train.get_schedule(config.diffusion)
-    key = jax.random.PRNGKey(0)
-    for kwargs, match in [
-        (dict(num_steps=0), r"num_steps for sampler 'ddim' must be an int in \[1, 50\]; got 0"),
-        (dict(sampler="dpm++", num_steps=50), r"num_steps for .*'dpm\+\+'.* in \[1, 49\]; got 50"),
-        (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+'; got ''"),
-        (dict(num=-1), "num must be an int >= 1; got -1"),
-        (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
-        (dict(labels=jnp.zeros(4, jnp.int32)), "labels needs a class-conditional.*labels=given"),
-        # ddpm ignored num_steps: `jax-diffusion sample --sampler ddpm --steps 2` ran all T
-        (dict(sampler="ddpm", num_steps=5), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
-        # ddpm and dpm++ have no spacing to set: it was silently ignored
-        (
-            dict(sampler="dpm++", spacing="trailing"),
-            r"spacing must be one of .* with sampler 'ddim' only; got spacing='trailing' with "
-            r"sampler 'dpm\+\+'",
-        ),
-    ]:
-        kwargs = {"num": 4, **kwargs}
-        with pytest.raises(ValueError, match=match):  # before the network is ever called
-            train.sample(config, model, None, schedule, key, shape=(2,), **kwargs)
-    # a class-conditional model: labels index its table, which would clamp or wrap them
-    config = smoke("toy_2d.py", model__num_classes=3)
-    model = train.create_model(config, channels=2)
-    for labels, match in [
-        ([0, 1, 2, 4], r"labels must lie in \[0, 3\] \(3: the null label.*got values in \[0, 4\]"),
-        ([0, 1, 2, -1], r"got values in \[-1, 2\]"),
-        ([0.0, 1.0, 2.0, 3.0], r"labels must be ints of shape \[num\] = \(4,\); got float32"),
-        ([0, 1], r"labels must be ints of shape \[num\] = \(4,\); got int32 \(2,\)"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            train.sample(config, model, None, schedule, key, shape=(2,), num=4, labels=labels)
-
-
-def test_check_sampling_names_the_config_s_values_and_fills_in_its_defaults():
-    config = smoke("toy_2d.py", sample__sampler="ddim")
-    T = config.diffusion.num_timesteps
-    config.sample.num_steps = T  # valid for ddim, one too many for dpm++
-    # the config's num_steps is at fault, not an argument: the message names the field
-    with pytest.raises(
-        ValueError, match=rf"^sample\.num_steps for sampler 'dpm\+\+' .*\[1, {T - 1}\]; got {T}$"
-    ):
-        train.check_sampling(config, sampler="dpm++")
-    # both given to a model without classes: one message naming both, in the plural
-    with pytest.raises(
-        ValueError,
-        match=r"^labels and guidance need a class-conditional model;.*labels=given, guidance=2.0$",
-    ):
-        train.check_sampling(config, labels=jnp.zeros(2, jnp.int32), guidance=2.0)
-    # the config's 'leading' spacing for a zero-terminal-SNR model: warned of as if passed
-    config.diffusion.zero_terminal_snr = True
-    with pytest.warns(UserWarning, match=r"zero_terminal_snr=True is sampled by ddim with spac"):
-        train.check_sampling(config)
-    # a config.json written before sample.spacing and diffusion.zero_terminal_snr existed:
-    # the documented 'leading', and no zero-SNR step to miss, so no warning
-    del config.sample["spacing"]
-    del config.diffusion["zero_terminal_snr"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert train.check_sampling(config) == ("ddim", T, "leading")
-
-
-def test_sample_takes_the_null_label_num_classes_for_unconditional_samples():
-    config = smoke("toy_2d.py", model__num_classes=3)
-    model = train.create_model(config, channels=2)
-    schedule = train.get_schedule(config.diffusion)
-    state = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
-    labels = jnp.asarray([0, 1, 2, 3], jnp.int32)  # 3: the null label, the table's last row
-    x = train.sample(
-        config,
-        model,
-        state.ema_params,
-        schedule,
-        jax.random.PRNGKey(1),
-        shape=(2,),
-        num=4,
-        labels=labels,
-        sampler="ddim",
-        num_steps=2,
-    )
-    assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all()
-
-
-def test_sample_over_a_mesh_splits_the_batch_and_draws_the_samples_of_one_device():
-    mesh = train.make_mesh()
-    assert mesh.size == 8
-    # class-conditional with guidance: the labels are padded with the batch (13 -> 16)
-    config = smoke("toy_2d.py", model__num_classes=3)
-    model = train.create_model(config, channels=2)
-    schedule = train.get_schedule(config.diffusion)
-    params = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,)).ema_params
-    for sampler in ("ddpm", "dpm++"):  # ddpm: noise drawn in every step
-        kwargs = dict(shape=(2,), num=13, sampler=sampler, guidance=2.0)
-        one = train.sample(config, model, params, schedule, jax.random.PRNGKey(1), **kwargs)
-        split = train.sample(
-            config, model, params, schedule, jax.random.PRNGKey(1), mesh=mesh, **kwargs
-        )
-        assert split.shape == (13, 2)
-        assert split.sharding.is_fully_replicated and len(split.sharding.device_set) == 8
-        np.testing.assert_allclose(split, one, rtol=1e-6, atol=1e-6, err_msg=sampler)
-
-    seen, shapes = [], []
-
-    class Probe:  # the network: records the shape and sharding of its input
-        def apply(self, variables, x, t, y):
-            shapes.append(x.shape)
-            jax.debug.inspect_array_sharding(x, callback=seen.append)
-            return x * variables["params"]["w"]
-
-    config = smoke("toy_2d.py")
-    w = {"w": jnp.float32(0.5)}
-    train.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=13, mesh=mesh)
-    assert shapes == [(16, 2)]  # 13 padded to a multiple of 8
-    assert [s.shard_shape((16, 2)) for s in seen] == [(2, 2)]  # 2 of the 16 on each device
-    # without padding too, the samples come back whole on every device (for every process)
-    out = train.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=16,
-                       mesh=mesh)  # fmt: skip
-    assert out.sharding.is_fully_replicated and len(out.sharding.device_set) == 8
-    other = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
-    for bad in (other, "data"):
-        with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with a 'data' ax"):
-            train.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=3,
-                         mesh=bad)  # fmt: skip
-
-
-def test_sample_in_batches_is_sample_per_batch_on_folded_keys_and_cut_to_num(tmp_path):
-    config = smoke("toy_2d.py", model__num_classes=3)
-    model = train.create_model(config, channels=2)
-    schedule = train.get_schedule(config.diffusion)
-    params = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,)).ema_params
-    rng, options = jax.random.PRNGKey(4), dict(sampler="dpm++", num_steps=4, guidance=2.0)
-    labels = np.arange(15) % 3  # the default: balanced classes, then padding
-    want = np.concatenate([
-        train.sample(config, model, params, schedule, jax.random.fold_in(rng, i), shape=(2,),
-                     num=5, labels=jnp.asarray(labels[5 * i : 5 * i + 5]), **options)
-        for i in range(3)
-    ])[:13]  # fmt: skip
-    for mesh in (None, train.make_mesh()):
-        got, got_labels = train.sample_in_batches(
-            config, model, params, schedule, rng, shape=(2,), num=13, batch_size=5, mesh=mesh,
-            **options,
-        )  # fmt: skip
-        assert got.shape == (13, 2) and isinstance(got, np.ndarray)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(got_labels, labels[:13])
-    # given labels, and a batch larger than num: one batch of num
-    given = np.array([2, 2, 0], np.int32)
-    got, got_labels = train.sample_in_batches(
-        config, model, params, schedule, rng, shape=(2,), num=3, batch_size=64,
-        labels=given, **options,
-    )  # fmt: skip
-    one = train.sample(config, model, params, schedule, jax.random.fold_in(rng, 0), shape=(2,),
-                       num=3, labels=jnp.asarray(given), **options)  # fmt: skip
-    np.testing.assert_allclose(got, one, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(got_labels, given)
-
-    def never(*args, **kwargs):
-        raise AssertionError("sampled before the arguments were checked")
-
-    call = dict(shape=(2,), num=3, batch_size=2)
-    for kwargs, match in [
-        (dict(batch_size=0), r"batch_size must be an int >= 1; got 0"),
-        (dict(num=0), r"num must be an int >= 1; got 0"),
-        (dict(steps=3), r"unknown sampling options \['steps'\]; allowed: sampler, num_steps"),
-        (dict(labels=[0, 1, 5]), r"labels must lie in \[0, 3\].*got values in \[0, 5\]"),
-        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),
-        (dict(mesh="data"), r"mesh must be a jax.sharding.Mesh with a 'data' axis"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            train.sample_in_batches(config, never, params, schedule, rng, **{**call, **kwargs})
-    unconditional = smoke("toy_2d.py")
-    with pytest.raises(ValueError, match=r"labels needs a class-conditional model"):
-        train.sample_in_batches(unconditional, never, params, schedule, rng, labels=[0, 0, 0],
-                                **call)  # fmt: skip
-
-
-def test_save_sample_arrays_writes_uint8_images_and_labels_as_guided_diffusion_reads_them(
-    tmp_path,
-):
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-1.2, 1.2, (5, 4, 4, 3)).astype(np.float32)
-    labels = np.array([3, 1, 4, 1, 5])
-    path = tmp_path / "new" / "samples.npz"
-    train.save_sample_arrays(images, labels, str(path))
-    with np.load(path) as arrays:
-        assert arrays.files == ["arr_0", "arr_1"]
-        # the 8-bit level nearest to (x + 1) / 2 * 255, x clipped to [-1, 1]
-        want = np.floor((np.clip(images, -1, 1) + 1) / 2 * 255 + 0.5).astype(np.uint8)
-        np.testing.assert_array_equal(arrays["arr_0"], want)
-        np.testing.assert_array_equal(arrays["arr_1"], labels)
-    # other data (2-D points) is kept as float32, and no labels means no arr_1
-    points = rng.standard_normal((6, 2))
-    train.save_sample_arrays(points, None, str(path))
-    with np.load(path) as arrays:
-        assert arrays.files == ["arr_0"] and arrays["arr_0"].dtype == np.float32
-        np.testing.assert_allclose(arrays["arr_0"], points, rtol=1e-7)
-
-
 def test_only_a_loader_error_that_names_a_data_field_gets_the_data_prefix(tmp_path, monkeypatch):
     config = smoke("toy_2d.py")
     for message, want in [
@@ -1013,56 +806,6 @@ def test_only_a_loader_error_that_names_a_data_field_gets_the_data_prefix(tmp_pa
         monkeypatch.setattr(train.data_lib, "get_dataset", get_dataset)
         with pytest.raises(ValueError, match=want):
             train.train_and_evaluate(config, str(tmp_path))
-
-
-def test_create_model_passes_every_unet_field_of_the_config_and_doubles_out_for_learned_range():
-    config = smoke(
-        "digits_cond.py",
-        model__base_channels=12,
-        model__channel_mults=(1, 3),
-        model__num_res_blocks=3,
-        model__attention_resolutions=(4,),
-        model__num_heads=3,
-        model__num_groups=3,
-        model__dropout=0.25,
-        model__use_scale_shift_norm=False,
-        model__dtype="bfloat16",
-        model__remat=True,
-        model__num_classes=7,
-        diffusion__variance="learned_range",
-    )
-    m = config.model
-    model = train.create_model(config, channels=3)
-    assert type(model).__name__ == "UNet"
-    assert model.base_channels == 12 and tuple(model.channel_mults) == (1, 3)
-    assert model.num_res_blocks == 3 and tuple(model.attention_resolutions) == (4,)
-    assert model.num_heads == 3 and model.num_groups == 3 and model.dropout == m.dropout
-    assert model.use_scale_shift_norm is False and model.remat is True
-    assert jnp.dtype(model.dtype) == jnp.bfloat16 and model.num_classes == 7
-    assert model.out_channels == 2 * 3  # learned_range: mean and variance channels
-    # an unconditional fixed-variance model: out_channels is the data's channel count
-    plain = train.create_model(smoke(diffusion__variance="fixed_large"), channels=3)
-    assert plain.num_classes is None and plain.out_channels in (None, 3)
-    assert jnp.dtype(plain.dtype) == jnp.float32 and plain.remat is False
-
-
-def test_create_model_passes_every_mlp_field_of_the_config():
-    config = smoke(
-        "toy_2d.py",
-        model__hidden_dim=24,
-        model__num_layers=5,
-        model__dropout=0.125,
-        model__dtype="float16",
-        model__num_classes=4,
-        diffusion__variance="learned_range",
-    )
-    model = train.create_model(config, channels=2)
-    assert type(model).__name__ == "MLPDenoiser"
-    assert model.hidden_dim == 24 and model.num_layers == 5 and model.dropout == 0.125
-    assert jnp.dtype(model.dtype) == jnp.float16 and model.num_classes == 4
-    assert model.out_dim == 4  # learned_range doubles the 2 data dimensions
-    plain = train.create_model(smoke("toy_2d.py"), channels=2)
-    assert plain.out_dim in (None, 2) and plain.num_classes is None
 
 
 def test_the_conditional_train_state_has_a_label_table_with_a_null_row_and_learned_range_output():
@@ -1081,29 +824,6 @@ def test_the_conditional_train_state_has_a_label_table_with_a_null_row_and_learn
     assert jax.tree.map(lambda a: a.shape, state.ema_params) == jax.tree.map(
         lambda a: a.shape, state.params
     )
-
-
-@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear"])
-@pytest.mark.parametrize("zero_terminal_snr", [False, True])
-def test_get_schedule_builds_the_named_betas_over_num_timesteps(name, zero_terminal_snr):
-    import jax_diffusion as jd
-
-    config = smoke(
-        diffusion__schedule=name,
-        diffusion__num_timesteps=37,
-        diffusion__zero_terminal_snr=zero_terminal_snr,
-    )
-    schedule = train.get_schedule(config.diffusion)
-    betas = {"linear": jd.linear_betas, "cosine": jd.cosine_betas}.get(
-        name, jd.scaled_linear_betas
-    )(37)
-    if zero_terminal_snr:
-        betas = jd.rescale_zero_terminal_snr(betas)
-    assert schedule.betas.shape == (37,)
-    np.testing.assert_allclose(schedule.betas, betas, rtol=1e-6)
-    abar = np.cumprod(1.0 - np.asarray(betas, np.float64))
-    np.testing.assert_allclose(schedule.alphas_cumprod, abar, rtol=1e-5, atol=1e-7)
-    assert (float(schedule.alphas_cumprod[-1]) == 0.0) == zero_terminal_snr
 
 
 def _adamw_reference(grads, p, *, lr_at, weight_decay, clip, b1=0.9, b2=0.999, eps=1e-8):
@@ -1161,71 +881,6 @@ def test_create_train_state_builds_adamw_from_config_lr_warmup_schedule_decay_an
         updates, opt_state = tx.update(jnp.asarray(g, jnp.float32), opt_state, params)
         np.testing.assert_allclose(updates, want[k], rtol=2e-4, atol=1e-7, err_msg=f"step {k}")
         params = params + updates
-
-
-def test_check_config_rejects_each_bad_value_naming_its_field():
-    cases = [
-        ("train__batch_size", 0, "train.batch_size must be >= 1; got 0"),
-        ("train__log_every", 0, "train.log_every must be >= 1; got 0"),
-        ("train__checkpoint_every", 0, "train.checkpoint_every must be >= 1; got 0"),
-        ("train__max_bad_steps", 0, "train.max_bad_steps must be >= 1; got 0"),
-        ("train__warmup_steps", -1, r"train.warmup_steps must lie in \[0, .*got -1"),
-        ("train__ema_decay", -0.5, r"train.ema_decay must lie in \[0, 1\]; got -0.5"),
-        ("train__sample_every", -1, "train.sample_every must be >= 0"),
-        ("train__learning_rate", 0.0, "train.learning_rate must be > 0; got 0.0"),
-        ("train__grad_clip", 0.0, r"train.grad_clip must be > 0 or None \(off\); got 0.0"),
-        ("model__dropout", -0.1, r"model.dropout must lie in \[0, 1\); got -0.1"),
-        ("model__dropout", 1.0, r"model.dropout must lie in \[0, 1\); got 1.0"),
-        ("model__class_dropout", -0.1, r"model.class_dropout must lie in \[0, 1\]"),
-        ("model__num_classes", 0, "model.num_classes must be an int >= 1 or None; got 0"),
-        ("model__num_classes", True, "model.num_classes must be an int >= 1 or None; got True"),
-        ("diffusion__num_timesteps", 0, "diffusion.num_timesteps must be an int >= 1; got 0"),
-        ("diffusion__num_timesteps", 8.0, "diffusion.num_timesteps must be an int >= 1; got 8.0"),
-        ("diffusion__loss_type", "huber", "diffusion.loss_type must be one of"),
-        ("diffusion__variance", "wide", "variance"),
-        ("diffusion__vlb_weight", -1.0, "diffusion.vlb_weight must be >= 0; got -1.0"),
-        ("sample__eta", -0.5, "sample.eta must be >= 0; got -0.5"),
-        ("sample__spacing", "uniform", "sample.spacing must be one of .*; got 'uniform'"),
-        ("sample__clip_denoised", 1, "sample.clip_denoised must be True or False; got 1"),
-        ("sample__num_steps", 0, r"sample.num_steps must lie in \[1, "),
-        ("train__learning_rate", float("nan"), "train.learning_rate must be a finite number"),
-        ("train__grad_clip", float("inf"), "train.grad_clip must be a finite number or None"),
-        ("train__warmup_steps", True, "train.warmup_steps must be a finite number; got True"),
-        ("data__random_flip", 1, "data.random_flip must be True or False; got 1"),
-    ]
-    for key, value, match in cases:
-        config = smoke().to_dict()  # a plain copy: takes values of any type
-        section, name = key.split("__")
-        config[section][name] = value
-        with pytest.raises(ValueError, match=match):
-            train.check_config(ml_collections.ConfigDict(config, type_safe=False))
-    # the edges that are allowed
-    for overrides in [
-        dict(train__grad_clip=None, train__weight_decay=0.0, train__warmup_steps=0),
-        dict(train__warmup_steps=2, train__ema_decay=1.0, train__keep_checkpoints=None),
-        dict(train__ema_decay=0.0, model__class_dropout=1.0, sample__num_steps=50),
-        dict(sample__sampler="ddpm", sample__num_steps=0, diffusion__vlb_weight=0.0),
-        dict(
-            diffusion__zero_terminal_snr=True, diffusion__prediction="v", sample__spacing="linspace"
-        ),
-        dict(model__num_classes=1),
-    ]:
-        train.check_config(smoke(**overrides))
-    for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py"):
-        train.check_config(cli.load_config(str(CONFIGS / name)))
-
-
-def test_check_num_classes_accepts_none_or_the_data_count_and_names_the_field_otherwise():
-    train.check_num_classes(smoke("digits_cond.py"), 10)
-    train.check_num_classes(smoke(), 10)  # unconditional on labelled data
-    train.check_num_classes(smoke("toy_2d.py"), 0)
-    for value, count, match in [
-        (10, 0, "model.num_classes=10 but data.name='digits' has no labels"),
-        (9, 10, "model.num_classes=9 does not match data.name='digits', which has 10 classes"),
-        (10, 12, "model.num_classes=10 does not match .*set model.num_classes=12"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            train.check_num_classes(smoke("digits_cond.py", model__num_classes=value), count)
 
 
 def test_load_run_rebuilds_the_model_from_config_json_and_restores_the_ema_params(tmp_path):
@@ -1571,86 +1226,6 @@ def test_a_run_killed_while_sampling_writes_that_grid_when_resumed(tmp_path, mon
     train.train_and_evaluate(config, str(tmp_path))
     grids = [str(tmp_path / "samples" / f"step_{k:07d}.png") for k in (2, 4)]
     assert [p for p, _, _ in samples] == grids
-
-
-def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guidance(monkeypatch):
-
-    config = smoke(
-        "toy_2d.py",
-        model__num_classes=3,
-        sample__guidance=1.5,
-        sample__eta=0.25,
-        sample__num_steps=7,
-        sample__spacing="trailing",
-    )
-    traced, seen = [], []
-
-    def guidance(cond_fn, w, num_classes, *, y, variance):
-        traced.append((num_classes, variance))
-
-        def model_fn(x, t):
-            jax.debug.callback(lambda y, w: seen.append((np.asarray(y), float(w))), y, w)
-            return x
-
-        return model_fn
-
-    def sampler(name):
-        def run(model_fn, schedule, x, *args, **kwargs):
-            traced.append((name, x.shape, kwargs))
-            return model_fn(x, jnp.zeros(x.shape[:1], jnp.int32))
-
-        return run
-
-    monkeypatch.setattr(samplers, "classifier_free_guidance", guidance)
-    for name, attr in [
-        ("ddpm", "ddpm_sample"),
-        ("ddim", "ddim_sample"),
-        ("dpm++", "dpm_solver_pp_sample"),
-    ]:
-        monkeypatch.setattr(samplers, attr, sampler(name))
-    schedule = train.get_schedule(config.diffusion)
-    key = jax.random.PRNGKey(0)
-    common = dict(prediction="eps", variance="fixed_small", clip_denoised=False)
-    # the config's sampler, steps, eta and guidance; labels 0, 1, 2, 0, 1 (arange % classes)
-    out = train.sample(config, None, {}, schedule, key, shape=(2,), num=5)
-    jax.effects_barrier()
-    assert out.shape == (5, 2)
-    assert traced[-2:] == [
-        (3, "fixed_small"),
-        ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="trailing", **common)),
-    ]
-    np.testing.assert_array_equal(seen[-1][0], [0, 1, 2, 0, 1])
-    assert seen[-1][1] == 1.5
-    # the arguments over the config's values
-    labels = jnp.full((5,), 2, jnp.int32)
-    train.sample(
-        config,
-        None,
-        {},
-        schedule,
-        key,
-        shape=(2,),
-        num=5,
-        sampler="dpm++",
-        num_steps=4,
-        guidance=3.0,
-        labels=labels,
-    )
-    jax.effects_barrier()
-    assert traced[-1] == ("dpm++", (5, 2), dict(num_steps=4, **common))
-    np.testing.assert_array_equal(seen[-1][0], labels)
-    assert seen[-1][1] == 3.0
-    train.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="ddpm")
-    assert traced[-1] == ("ddpm", (5, 2), common)
-    train.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="linspace")
-    assert traced[-1] == ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="linspace", **common))
-    ddim_only = r"with sampler 'ddim' only; got spacing='x' with sampler 'dpm\+\+'"
-    with pytest.raises(ValueError, match=ddim_only):
-        train.sample(
-            config, None, {}, schedule, key, shape=(2,), num=5, sampler="dpm++", spacing="x"
-        )
-    with pytest.raises(ValueError, match="spacing must be one of .*got spacing='uniform'"):
-        train.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="uniform")
 
 
 def test_the_toy_density_image_has_y_up_and_x_right(tmp_path):

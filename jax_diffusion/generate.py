@@ -1,0 +1,278 @@
+"""Samples from trained params: in one batch or many, split over a device mesh, written as an
+image grid or as arrays for FID tools.
+
+`sample` draws with any of the samplers (ddpm, ddim, dpm++) as one compiled program, with
+classifier-free guidance for class-conditional models; `sample_in_batches` draws more than
+fit at once. Both take the sampling settings from the run's config (`run_config`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_diffusion as jd
+from jax_diffusion import samplers
+from jax_diffusion._checks import check_int
+from jax_diffusion.backend import _top_level, compiler_options
+from jax_diffusion.diffusion import _is_concrete
+from jax_diffusion.run_config import check_sampling
+from jax_diffusion.visualize import save_image_grid, to_uint8
+
+__all__ = ["check_finite_samples", "sample", "sample_in_batches", "save_sample_arrays"]
+
+
+def sample(
+    config: ml_collections.ConfigDict,
+    model,
+    params,
+    schedule: jd.Schedule,
+    rng: jax.Array,
+    *,
+    shape: tuple[int, ...],
+    num: int,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    labels: jax.Array | None = None,
+    spacing: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> jax.Array:
+    """Draws `num` samples [num, *shape] with the given params (use the EMA params).
+
+    sampler: 'ddpm' | 'ddim' | 'dpm++' (default config.sample.sampler); num_steps for ddim and
+    dpm++ (default config.sample.num_steps; ddpm uses all T steps and rejects num_steps);
+    spacing of ddim's steps, 'leading' | 'trailing' | 'linspace' (default config.sample.spacing,
+    'leading' where the config has none; the other samplers reject it). For
+    a class-conditional model, labels default to arange(num) % num_classes and guidance
+    (default config.sample.guidance) is the classifier-free guidance scale w (1 = plain
+    conditional).
+
+    mesh: None runs the whole batch on one device (or on each device params are replicated
+    on). A mesh with a 'data' axis (`train.make_mesh()`, of every process's devices) splits the
+    batch over that axis, params replicated: n devices sample num / n examples each (num is
+    padded up to a multiple of n, the padding dropped). The samples are those of the run
+    without a mesh, up to float rounding: JAX's (default) partitionable threefry draws the
+    same noise for the first num rows whatever the padding and the split. They come back
+    replicated on the mesh's devices, so every process can read them (on several processes
+    every process must call `sample`, as any jit over the mesh).
+    """
+    s, d = config.sample, config.diffusion
+    num_classes = config.model.get("num_classes", None)
+    sampler, num_steps, spacing = check_sampling(
+        config,
+        sampler=sampler,
+        num_steps=num_steps,
+        spacing=spacing,
+        guidance=guidance,
+        labels=labels,
+    )
+    check_int("num", num, 1)
+    padded = num
+    if _check_mesh(mesh) is not None:
+        padded = -(-num // mesh.shape["data"]) * mesh.shape["data"]
+    if num_classes is not None:
+        labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
+        _check_labels(labels, num, num_classes)
+        labels = jnp.pad(labels, (0, padded - num))  # the padding's samples are dropped
+    w = s.guidance if guidance is None else guidance
+    x_rng, s_rng = jax.random.split(rng)
+
+    def split(x, spec):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    # params, labels and w are arguments of the compiled program, not constants baked into it
+    def run(params, labels, w, x_rng, k):
+        x = split(jax.random.normal(x_rng, (padded, *shape)), P("data"))
+        if labels is not None:
+            labels = split(labels, P("data"))
+        return split(draw(params, labels, w, x, k)[:num], P())
+
+    def draw(params, labels, w, x, k):
+        if num_classes is None:
+
+            def model_fn(x, t):
+                return model.apply({"params": params}, x, t, None)
+        else:
+
+            def cond_fn(x, t, y):
+                return model.apply({"params": params}, x, t, y)
+
+            model_fn = samplers.classifier_free_guidance(
+                cond_fn, w, num_classes, y=labels, variance=d.variance
+            )
+        common = dict(prediction=d.prediction, variance=d.variance, clip_denoised=s.clip_denoised)
+        if sampler == "ddpm":
+            return samplers.ddpm_sample(model_fn, schedule, x, k, **common)
+        if sampler == "ddim":
+            return samplers.ddim_sample(
+                model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
+            )
+        return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
+
+    args = (params, labels, jnp.asarray(w, jnp.float32), x_rng, s_rng)
+    if _top_level(args):
+        if mesh is not None:  # params on one device cannot meet the mesh's in one program
+            params = jax.device_put(params, NamedSharding(mesh, P()))
+            args = (params, *args[1:])
+        # at top level: compile with the backend's options (a nested jit may not set any)
+        devices = None if mesh is None else mesh.devices.flat
+        run = jax.jit(run, compiler_options=compiler_options(devices))
+    return run(*args)
+
+
+def _check_mesh(mesh):
+    """`mesh` itself where it is None or a Mesh with a 'data' axis; else ValueError."""
+    if mesh is not None and (
+        not isinstance(mesh, jax.sharding.Mesh) or "data" not in mesh.axis_names
+    ):
+        raise ValueError(
+            f"mesh must be a jax.sharding.Mesh with a 'data' axis (train.make_mesh()) or None; "
+            f"got {mesh!r}"
+        )
+    return mesh
+
+
+def sample_in_batches(
+    config: ml_collections.ConfigDict,
+    model,
+    params,
+    schedule: jd.Schedule,
+    rng: jax.Array,
+    *,
+    shape: tuple[int, ...],
+    num: int,
+    batch_size: int,
+    labels=None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+    **options,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draws `num` samples to host memory, `batch_size` at a time: as many as memory allows.
+
+    Batch i is `sample(..., jax.random.fold_in(rng, i), num=b)` with b = min(batch_size, num)
+    (the last batch is drawn in full and cut), all by one compiled program.
+
+    Args:
+      config, model, params, schedule, shape, mesh: as for `sample`.
+      rng: PRNG key.
+      num: samples to draw, >= 1.
+      batch_size: samples per call, >= 1.
+      labels: [num] ints in [0, num_classes] for a class-conditional model; None for
+        arange(num) % num_classes (balanced classes).
+      progress: show a tqdm progress bar over the batches.
+      **options: sampler, num_steps, guidance, spacing, as for `sample` (None: the config's).
+
+    Returns:
+      (samples [num, *shape] float32, labels [num] int32 or None for a model without classes).
+
+    Raises:
+      ValueError: as `sample`, and for num or batch_size not an int >= 1; before any sampling.
+    """
+    num = check_int("num", num, 1)
+    bs = min(check_int("batch_size", batch_size, 1), num)
+    unknown = set(options) - {"sampler", "num_steps", "guidance", "spacing"}
+    if unknown:
+        raise ValueError(
+            f"unknown sampling options {sorted(unknown)}; allowed: sampler, num_steps, "
+            "guidance, spacing"
+        )
+    check_sampling(config, labels=labels, **options)
+    num_classes = config.model.get("num_classes", None)
+    num_batches = -(-num // bs)
+    if num_classes is not None:
+        if labels is None:  # balanced, the cut samples too
+            labels = np.arange(num_batches * bs, dtype=np.int32) % num_classes
+        else:
+            labels = np.asarray(labels)
+            _check_labels(labels, num, num_classes)
+            labels = np.pad(labels.astype(np.int32), (0, num_batches * bs - num))
+    devices = None
+    if _check_mesh(mesh) is not None:  # replicated once, not in every call
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+        devices = mesh.devices.flat
+    draw = jax.jit(
+        lambda p, key, y: sample(
+            config, model, p, schedule, key, shape=shape, num=bs, labels=y, mesh=mesh, **options
+        ),
+        compiler_options=compiler_options(devices),
+    )
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for i in tqdm(range(num_batches), desc="sample", disable=not progress, leave=False):
+        y = None if labels is None else jnp.asarray(labels[i * bs : (i + 1) * bs])
+        chunks.append(np.asarray(jax.device_get(draw(params, jax.random.fold_in(rng, i), y))))
+    samples = np.concatenate(chunks)[:num]
+    return samples, None if labels is None else labels[:num]
+
+
+def _check_labels(labels: jax.Array, num: int, num_classes: int) -> None:
+    """Labels [num] of ints in [0, num_classes] (num_classes: the null label, unconditional
+    samples) where concrete: the label table would clamp or wrap others (a label of 30 of 10
+    classes gave NaN samples, -1 the null label's)."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != (num,):
+        raise ValueError(
+            f"labels must be ints of shape [num] = ({num},); got {labels.dtype} {labels.shape}"
+        )
+    if _is_concrete(labels):
+        values = np.asarray(labels)
+        if values.min() < 0 or values.max() > num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}] ({num_classes}: the null label, "
+                f"unconditional samples); got values in [{values.min()}, {values.max()}]"
+            )
+
+
+def check_finite_samples(samples: np.ndarray) -> None:
+    """Raises FloatingPointError when some of samples [N, ...] hold NaN or inf: a black or
+    saturated grid, or metrics of NaN, would otherwise pass for a result."""
+    bad = int((~np.isfinite(samples).reshape(len(samples), -1).all(axis=1)).sum())
+    if bad:
+        raise FloatingPointError(f"{bad} of {len(samples)} samples are not finite")
+
+
+def _save_samples(images: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes a sample grid (images) or a 2-D density plot (toy points) as an image at `path`.
+
+    Args:
+      images: [N, H, W, C] in [-1, 1], or [N, 2] points of the 2-D toy data.
+      path: a local path or a URI `etils.epath` understands (e.g. gs://bucket/run/grid.png).
+    """
+    if images.ndim == 4:
+        scale = max(1, 64 // images.shape[1])
+        save_image_grid(images, path, scale=scale, padding=max(1, scale // 2))
+        return
+    # 2-D toy data: a density image of the sample cloud
+    hist, _, _ = np.histogram2d(images[:, 1], images[:, 0], bins=128, range=[[-2, 2], [-2, 2]])
+    img = 1.0 - 2.0 * np.clip(hist[::-1] / max(hist.max(), 1.0) * 4.0, 0.0, 1.0)
+    save_image_grid(img[None, :, :, None], path, padding=0, scale=2)
+
+
+def save_sample_arrays(samples: np.ndarray, labels, path: str | os.PathLike) -> None:
+    """Writes samples (and labels) as a NumPy .npz for FID and other external evaluators.
+
+    The layout of guided-diffusion's sample files (Dhariwal & Nichol 2021), which their
+    evaluator and most FID tools read: `arr_0` holds images as uint8 [N, H, W, C]
+    (round((x + 1) * 127.5) of x clipped to [-1, 1], `visualize.to_uint8`), or other data
+    (e.g. 2-D points [N, D]) as float32; `arr_1` the labels [N] of class-conditional samples.
+
+    Args:
+      samples: [N, H, W, C] images in [-1, 1], or [N, ...] other data.
+      labels: [N] ints, or None.
+      path: a local path or a URI `etils.epath` understands; parent directories are made.
+    """
+    samples = np.asarray(samples)
+    data = to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)
+    arrays = [data] if labels is None else [data, np.asarray(labels)]
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        np.savez(f, *arrays)

@@ -1,0 +1,265 @@
+"""Sampling from trained params (generate.py): the config's settings, labels and guidance, a
+device mesh, batches, the .npz for FID tools."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import smoke
+
+from jax_diffusion import generate, run_config, samplers, train
+
+
+def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
+    config = smoke("toy_2d.py")
+    model = run_config.create_model(config, channels=2)
+    schedule = run_config.get_schedule(config.diffusion)
+    key = jax.random.PRNGKey(0)
+    for kwargs, match in [
+        (dict(num_steps=0), r"num_steps for sampler 'ddim' must be an int in \[1, 50\]; got 0"),
+        (dict(sampler="dpm++", num_steps=50), r"num_steps for .*'dpm\+\+'.* in \[1, 49\]; got 50"),
+        (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+'; got ''"),
+        (dict(num=-1), "num must be an int >= 1; got -1"),
+        (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
+        (dict(labels=jnp.zeros(4, jnp.int32)), "labels needs a class-conditional.*labels=given"),
+        # ddpm ignored num_steps: `jax-diffusion sample --sampler ddpm --steps 2` ran all T
+        (dict(sampler="ddpm", num_steps=5), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
+        # ddpm and dpm++ have no spacing to set: it was silently ignored
+        (
+            dict(sampler="dpm++", spacing="trailing"),
+            r"spacing must be one of .* with sampler 'ddim' only; got spacing='trailing' with "
+            r"sampler 'dpm\+\+'",
+        ),
+    ]:
+        kwargs = {"num": 4, **kwargs}
+        with pytest.raises(ValueError, match=match):  # before the network is ever called
+            generate.sample(config, model, None, schedule, key, shape=(2,), **kwargs)
+    # a class-conditional model: labels index its table, which would clamp or wrap them
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = run_config.create_model(config, channels=2)
+    for labels, match in [
+        ([0, 1, 2, 4], r"labels must lie in \[0, 3\] \(3: the null label.*got values in \[0, 4\]"),
+        ([0, 1, 2, -1], r"got values in \[-1, 2\]"),
+        ([0.0, 1.0, 2.0, 3.0], r"labels must be ints of shape \[num\] = \(4,\); got float32"),
+        ([0, 1], r"labels must be ints of shape \[num\] = \(4,\); got int32 \(2,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            generate.sample(config, model, None, schedule, key, shape=(2,), num=4, labels=labels)
+
+
+def test_sample_takes_the_null_label_num_classes_for_unconditional_samples():
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = run_config.create_model(config, channels=2)
+    schedule = run_config.get_schedule(config.diffusion)
+    state = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
+    labels = jnp.asarray([0, 1, 2, 3], jnp.int32)  # 3: the null label, the table's last row
+    x = generate.sample(
+        config,
+        model,
+        state.ema_params,
+        schedule,
+        jax.random.PRNGKey(1),
+        shape=(2,),
+        num=4,
+        labels=labels,
+        sampler="ddim",
+        num_steps=2,
+    )
+    assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all()
+
+
+def test_sample_over_a_mesh_splits_the_batch_and_draws_the_samples_of_one_device():
+    mesh = train.make_mesh()
+    assert mesh.size == 8
+    # class-conditional with guidance: the labels are padded with the batch (13 -> 16)
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = run_config.create_model(config, channels=2)
+    schedule = run_config.get_schedule(config.diffusion)
+    params = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,)).ema_params
+    for sampler in ("ddpm", "dpm++"):  # ddpm: noise drawn in every step
+        kwargs = dict(shape=(2,), num=13, sampler=sampler, guidance=2.0)
+        one = generate.sample(config, model, params, schedule, jax.random.PRNGKey(1), **kwargs)
+        split = generate.sample(
+            config, model, params, schedule, jax.random.PRNGKey(1), mesh=mesh, **kwargs
+        )
+        assert split.shape == (13, 2)
+        assert split.sharding.is_fully_replicated and len(split.sharding.device_set) == 8
+        np.testing.assert_allclose(split, one, rtol=1e-6, atol=1e-6, err_msg=sampler)
+
+    seen, shapes = [], []
+
+    class Probe:  # the network: records the shape and sharding of its input
+        def apply(self, variables, x, t, y):
+            shapes.append(x.shape)
+            jax.debug.inspect_array_sharding(x, callback=seen.append)
+            return x * variables["params"]["w"]
+
+    config = smoke("toy_2d.py")
+    w = {"w": jnp.float32(0.5)}
+    generate.sample(
+        config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=13, mesh=mesh
+    )
+    assert shapes == [(16, 2)]  # 13 padded to a multiple of 8
+    assert [s.shard_shape((16, 2)) for s in seen] == [(2, 2)]  # 2 of the 16 on each device
+    # without padding too, the samples come back whole on every device (for every process)
+    out = generate.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=16,
+                       mesh=mesh)  # fmt: skip
+    assert out.sharding.is_fully_replicated and len(out.sharding.device_set) == 8
+    other = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+    for bad in (other, "data"):
+        with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with a 'data' ax"):
+            generate.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), shape=(2,), num=3,
+                         mesh=bad)  # fmt: skip
+
+
+def test_sample_in_batches_is_sample_per_batch_on_folded_keys_and_cut_to_num(tmp_path):
+    config = smoke("toy_2d.py", model__num_classes=3)
+    model = run_config.create_model(config, channels=2)
+    schedule = run_config.get_schedule(config.diffusion)
+    params = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,)).ema_params
+    rng, options = jax.random.PRNGKey(4), dict(sampler="dpm++", num_steps=4, guidance=2.0)
+    labels = np.arange(15) % 3  # the default: balanced classes, then padding
+    want = np.concatenate([
+        generate.sample(config, model, params, schedule, jax.random.fold_in(rng, i), shape=(2,),
+                     num=5, labels=jnp.asarray(labels[5 * i : 5 * i + 5]), **options)
+        for i in range(3)
+    ])[:13]  # fmt: skip
+    for mesh in (None, train.make_mesh()):
+        got, got_labels = generate.sample_in_batches(
+            config, model, params, schedule, rng, shape=(2,), num=13, batch_size=5, mesh=mesh,
+            **options,
+        )  # fmt: skip
+        assert got.shape == (13, 2) and isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(got_labels, labels[:13])
+    # given labels, and a batch larger than num: one batch of num
+    given = np.array([2, 2, 0], np.int32)
+    got, got_labels = generate.sample_in_batches(
+        config, model, params, schedule, rng, shape=(2,), num=3, batch_size=64,
+        labels=given, **options,
+    )  # fmt: skip
+    one = generate.sample(config, model, params, schedule, jax.random.fold_in(rng, 0), shape=(2,),
+                       num=3, labels=jnp.asarray(given), **options)  # fmt: skip
+    np.testing.assert_allclose(got, one, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_labels, given)
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before the arguments were checked")
+
+    call = dict(shape=(2,), num=3, batch_size=2)
+    for kwargs, match in [
+        (dict(batch_size=0), r"batch_size must be an int >= 1; got 0"),
+        (dict(num=0), r"num must be an int >= 1; got 0"),
+        (dict(steps=3), r"unknown sampling options \['steps'\]; allowed: sampler, num_steps"),
+        (dict(labels=[0, 1, 5]), r"labels must lie in \[0, 3\].*got values in \[0, 5\]"),
+        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),
+        (dict(mesh="data"), r"mesh must be a jax.sharding.Mesh with a 'data' axis"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            generate.sample_in_batches(config, never, params, schedule, rng, **{**call, **kwargs})
+    unconditional = smoke("toy_2d.py")
+    with pytest.raises(ValueError, match=r"labels needs a class-conditional model"):
+        generate.sample_in_batches(unconditional, never, params, schedule, rng, labels=[0, 0, 0],
+                                **call)  # fmt: skip
+
+
+def test_save_sample_arrays_writes_uint8_images_and_labels_as_guided_diffusion_reads_them(
+    tmp_path,
+):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1.2, 1.2, (5, 4, 4, 3)).astype(np.float32)
+    labels = np.array([3, 1, 4, 1, 5])
+    path = tmp_path / "new" / "samples.npz"
+    generate.save_sample_arrays(images, labels, str(path))
+    with np.load(path) as arrays:
+        assert arrays.files == ["arr_0", "arr_1"]
+        # the 8-bit level nearest to (x + 1) / 2 * 255, x clipped to [-1, 1]
+        want = np.floor((np.clip(images, -1, 1) + 1) / 2 * 255 + 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(arrays["arr_0"], want)
+        np.testing.assert_array_equal(arrays["arr_1"], labels)
+    # other data (2-D points) is kept as float32, and no labels means no arr_1
+    points = rng.standard_normal((6, 2))
+    generate.save_sample_arrays(points, None, str(path))
+    with np.load(path) as arrays:
+        assert arrays.files == ["arr_0"] and arrays["arr_0"].dtype == np.float32
+        np.testing.assert_allclose(arrays["arr_0"], points, rtol=1e-7)
+
+
+def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guidance(monkeypatch):
+
+    config = smoke(
+        "toy_2d.py",
+        model__num_classes=3,
+        sample__guidance=1.5,
+        sample__eta=0.25,
+        sample__num_steps=7,
+        sample__spacing="trailing",
+    )
+    traced, seen = [], []
+
+    def guidance(cond_fn, w, num_classes, *, y, variance):
+        traced.append((num_classes, variance))
+
+        def model_fn(x, t):
+            jax.debug.callback(lambda y, w: seen.append((np.asarray(y), float(w))), y, w)
+            return x
+
+        return model_fn
+
+    def sampler(name):
+        def run(model_fn, schedule, x, *args, **kwargs):
+            traced.append((name, x.shape, kwargs))
+            return model_fn(x, jnp.zeros(x.shape[:1], jnp.int32))
+
+        return run
+
+    monkeypatch.setattr(samplers, "classifier_free_guidance", guidance)
+    for name, attr in [
+        ("ddpm", "ddpm_sample"),
+        ("ddim", "ddim_sample"),
+        ("dpm++", "dpm_solver_pp_sample"),
+    ]:
+        monkeypatch.setattr(samplers, attr, sampler(name))
+    schedule = run_config.get_schedule(config.diffusion)
+    key = jax.random.PRNGKey(0)
+    common = dict(prediction="eps", variance="fixed_small", clip_denoised=False)
+    # the config's sampler, steps, eta and guidance; labels 0, 1, 2, 0, 1 (arange % classes)
+    out = generate.sample(config, None, {}, schedule, key, shape=(2,), num=5)
+    jax.effects_barrier()
+    assert out.shape == (5, 2)
+    assert traced[-2:] == [
+        (3, "fixed_small"),
+        ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="trailing", **common)),
+    ]
+    np.testing.assert_array_equal(seen[-1][0], [0, 1, 2, 0, 1])
+    assert seen[-1][1] == 1.5
+    # the arguments over the config's values
+    labels = jnp.full((5,), 2, jnp.int32)
+    generate.sample(
+        config,
+        None,
+        {},
+        schedule,
+        key,
+        shape=(2,),
+        num=5,
+        sampler="dpm++",
+        num_steps=4,
+        guidance=3.0,
+        labels=labels,
+    )
+    jax.effects_barrier()
+    assert traced[-1] == ("dpm++", (5, 2), dict(num_steps=4, **common))
+    np.testing.assert_array_equal(seen[-1][0], labels)
+    assert seen[-1][1] == 3.0
+    generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="ddpm")
+    assert traced[-1] == ("ddpm", (5, 2), common)
+    generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="linspace")
+    assert traced[-1] == ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="linspace", **common))
+    ddim_only = r"with sampler 'ddim' only; got spacing='x' with sampler 'dpm\+\+'"
+    with pytest.raises(ValueError, match=ddim_only):
+        generate.sample(
+            config, None, {}, schedule, key, shape=(2,), num=5, sampler="dpm++", spacing="x"
+        )
+    with pytest.raises(ValueError, match="spacing must be one of .*got spacing='uniform'"):
+        generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="uniform")

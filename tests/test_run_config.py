@@ -1,0 +1,178 @@
+"""A run's config (run_config.py): every bad field named before any work, the schedule and the
+model it builds, the sampling settings it fills in."""
+
+import warnings
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import CONFIGS, smoke
+
+from jax_diffusion import cli, run_config
+
+
+def test_check_sampling_names_the_config_s_values_and_fills_in_its_defaults():
+    config = smoke("toy_2d.py", sample__sampler="ddim")
+    T = config.diffusion.num_timesteps
+    config.sample.num_steps = T  # valid for ddim, one too many for dpm++
+    # the config's num_steps is at fault, not an argument: the message names the field
+    with pytest.raises(
+        ValueError, match=rf"^sample\.num_steps for sampler 'dpm\+\+' .*\[1, {T - 1}\]; got {T}$"
+    ):
+        run_config.check_sampling(config, sampler="dpm++")
+    # both given to a model without classes: one message naming both, in the plural
+    with pytest.raises(
+        ValueError,
+        match=r"^labels and guidance need a class-conditional model;.*labels=given, guidance=2.0$",
+    ):
+        run_config.check_sampling(config, labels=jnp.zeros(2, jnp.int32), guidance=2.0)
+    # the config's 'leading' spacing for a zero-terminal-SNR model: warned of as if passed
+    config.diffusion.zero_terminal_snr = True
+    with pytest.warns(UserWarning, match=r"zero_terminal_snr=True is sampled by ddim with spac"):
+        run_config.check_sampling(config)
+    # a config.json written before sample.spacing and diffusion.zero_terminal_snr existed:
+    # the documented 'leading', and no zero-SNR step to miss, so no warning
+    del config.sample["spacing"]
+    del config.diffusion["zero_terminal_snr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_config.check_sampling(config) == ("ddim", T, "leading")
+
+
+def test_create_model_passes_every_unet_field_of_the_config_and_doubles_out_for_learned_range():
+    config = smoke(
+        "digits_cond.py",
+        model__base_channels=12,
+        model__channel_mults=(1, 3),
+        model__num_res_blocks=3,
+        model__attention_resolutions=(4,),
+        model__num_heads=3,
+        model__num_groups=3,
+        model__dropout=0.25,
+        model__use_scale_shift_norm=False,
+        model__dtype="bfloat16",
+        model__remat=True,
+        model__num_classes=7,
+        diffusion__variance="learned_range",
+    )
+    m = config.model
+    model = run_config.create_model(config, channels=3)
+    assert type(model).__name__ == "UNet"
+    assert model.base_channels == 12 and tuple(model.channel_mults) == (1, 3)
+    assert model.num_res_blocks == 3 and tuple(model.attention_resolutions) == (4,)
+    assert model.num_heads == 3 and model.num_groups == 3 and model.dropout == m.dropout
+    assert model.use_scale_shift_norm is False and model.remat is True
+    assert jnp.dtype(model.dtype) == jnp.bfloat16 and model.num_classes == 7
+    assert model.out_channels == 2 * 3  # learned_range: mean and variance channels
+    # an unconditional fixed-variance model: out_channels is the data's channel count
+    plain = run_config.create_model(smoke(diffusion__variance="fixed_large"), channels=3)
+    assert plain.num_classes is None and plain.out_channels in (None, 3)
+    assert jnp.dtype(plain.dtype) == jnp.float32 and plain.remat is False
+
+
+def test_create_model_passes_every_mlp_field_of_the_config():
+    config = smoke(
+        "toy_2d.py",
+        model__hidden_dim=24,
+        model__num_layers=5,
+        model__dropout=0.125,
+        model__dtype="float16",
+        model__num_classes=4,
+        diffusion__variance="learned_range",
+    )
+    model = run_config.create_model(config, channels=2)
+    assert type(model).__name__ == "MLPDenoiser"
+    assert model.hidden_dim == 24 and model.num_layers == 5 and model.dropout == 0.125
+    assert jnp.dtype(model.dtype) == jnp.float16 and model.num_classes == 4
+    assert model.out_dim == 4  # learned_range doubles the 2 data dimensions
+    plain = run_config.create_model(smoke("toy_2d.py"), channels=2)
+    assert plain.out_dim in (None, 2) and plain.num_classes is None
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear"])
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_get_schedule_builds_the_named_betas_over_num_timesteps(name, zero_terminal_snr):
+    import jax_diffusion as jd
+
+    config = smoke(
+        diffusion__schedule=name,
+        diffusion__num_timesteps=37,
+        diffusion__zero_terminal_snr=zero_terminal_snr,
+    )
+    schedule = run_config.get_schedule(config.diffusion)
+    betas = {"linear": jd.linear_betas, "cosine": jd.cosine_betas}.get(
+        name, jd.scaled_linear_betas
+    )(37)
+    if zero_terminal_snr:
+        betas = jd.rescale_zero_terminal_snr(betas)
+    assert schedule.betas.shape == (37,)
+    np.testing.assert_allclose(schedule.betas, betas, rtol=1e-6)
+    abar = np.cumprod(1.0 - np.asarray(betas, np.float64))
+    np.testing.assert_allclose(schedule.alphas_cumprod, abar, rtol=1e-5, atol=1e-7)
+    assert (float(schedule.alphas_cumprod[-1]) == 0.0) == zero_terminal_snr
+
+
+def test_check_config_rejects_each_bad_value_naming_its_field():
+    cases = [
+        ("train__batch_size", 0, "train.batch_size must be >= 1; got 0"),
+        ("train__log_every", 0, "train.log_every must be >= 1; got 0"),
+        ("train__checkpoint_every", 0, "train.checkpoint_every must be >= 1; got 0"),
+        ("train__max_bad_steps", 0, "train.max_bad_steps must be >= 1; got 0"),
+        ("train__warmup_steps", -1, r"train.warmup_steps must lie in \[0, .*got -1"),
+        ("train__ema_decay", -0.5, r"train.ema_decay must lie in \[0, 1\]; got -0.5"),
+        ("train__sample_every", -1, "train.sample_every must be >= 0"),
+        ("train__learning_rate", 0.0, "train.learning_rate must be > 0; got 0.0"),
+        ("train__grad_clip", 0.0, r"train.grad_clip must be > 0 or None \(off\); got 0.0"),
+        ("model__dropout", -0.1, r"model.dropout must lie in \[0, 1\); got -0.1"),
+        ("model__dropout", 1.0, r"model.dropout must lie in \[0, 1\); got 1.0"),
+        ("model__class_dropout", -0.1, r"model.class_dropout must lie in \[0, 1\]"),
+        ("model__num_classes", 0, "model.num_classes must be an int >= 1 or None; got 0"),
+        ("model__num_classes", True, "model.num_classes must be an int >= 1 or None; got True"),
+        ("diffusion__num_timesteps", 0, "diffusion.num_timesteps must be an int >= 1; got 0"),
+        ("diffusion__num_timesteps", 8.0, "diffusion.num_timesteps must be an int >= 1; got 8.0"),
+        ("diffusion__loss_type", "huber", "diffusion.loss_type must be one of"),
+        ("diffusion__variance", "wide", "variance"),
+        ("diffusion__vlb_weight", -1.0, "diffusion.vlb_weight must be >= 0; got -1.0"),
+        ("sample__eta", -0.5, "sample.eta must be >= 0; got -0.5"),
+        ("sample__spacing", "uniform", "sample.spacing must be one of .*; got 'uniform'"),
+        ("sample__clip_denoised", 1, "sample.clip_denoised must be True or False; got 1"),
+        ("sample__num_steps", 0, r"sample.num_steps must lie in \[1, "),
+        ("train__learning_rate", float("nan"), "train.learning_rate must be a finite number"),
+        ("train__grad_clip", float("inf"), "train.grad_clip must be a finite number or None"),
+        ("train__warmup_steps", True, "train.warmup_steps must be a finite number; got True"),
+        ("data__random_flip", 1, "data.random_flip must be True or False; got 1"),
+    ]
+    for key, value, match in cases:
+        config = smoke().to_dict()  # a plain copy: takes values of any type
+        section, name = key.split("__")
+        config[section][name] = value
+        with pytest.raises(ValueError, match=match):
+            run_config.check_config(ml_collections.ConfigDict(config, type_safe=False))
+    # the edges that are allowed
+    for overrides in [
+        dict(train__grad_clip=None, train__weight_decay=0.0, train__warmup_steps=0),
+        dict(train__warmup_steps=2, train__ema_decay=1.0, train__keep_checkpoints=None),
+        dict(train__ema_decay=0.0, model__class_dropout=1.0, sample__num_steps=50),
+        dict(sample__sampler="ddpm", sample__num_steps=0, diffusion__vlb_weight=0.0),
+        dict(
+            diffusion__zero_terminal_snr=True, diffusion__prediction="v", sample__spacing="linspace"
+        ),
+        dict(model__num_classes=1),
+    ]:
+        run_config.check_config(smoke(**overrides))
+    for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py"):
+        run_config.check_config(cli.load_config(str(CONFIGS / name)))
+
+
+def test_check_num_classes_accepts_none_or_the_data_count_and_names_the_field_otherwise():
+    run_config.check_num_classes(smoke("digits_cond.py"), 10)
+    run_config.check_num_classes(smoke(), 10)  # unconditional on labelled data
+    run_config.check_num_classes(smoke("toy_2d.py"), 0)
+    for value, count, match in [
+        (10, 0, "model.num_classes=10 but data.name='digits' has no labels"),
+        (9, 10, "model.num_classes=9 does not match data.name='digits', which has 10 classes"),
+        (10, 12, "model.num_classes=10 does not match .*set model.num_classes=12"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run_config.check_num_classes(smoke("digits_cond.py", model__num_classes=value), count)
