@@ -81,6 +81,14 @@ def scaled_linear_betas(
 ) -> np.ndarray:
     """Scaled-linear schedule (latent diffusion / Stable Diffusion): linear in sqrt(beta).
 
+    The defaults are Stable Diffusion's (0.00085, 0.012 over T = 1000), not those of diffusers'
+    scheduler classes (beta_schedule="scaled_linear" with their default 1e-4, 0.02): pass
+    beta_start and beta_end to match a diffusers config.
+
+    Args:
+      num_timesteps: T >= 1.
+      beta_start, beta_end: beta at t = 0 and t = T - 1, in (0, 1).
+
     Returns:
       [T] float64 betas, `linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2`.
     """
