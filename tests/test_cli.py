@@ -321,6 +321,36 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
         assert (arrays["arr_0"] == 128).all()
 
 
+def test_sample_writes_a_class_conditional_run_s_labels_to_a_npz_of_any_case(
+    tmp_path, capsys, monkeypatch
+):
+    import numpy as np
+
+    from jax_diffusion import train
+
+    config = types.SimpleNamespace(
+        diffusion="diffusion config", sample=types.SimpleNamespace(num_samples=12)
+    )
+    monkeypatch.setattr(train, "load_run", lambda workdir: (config, (4, 4, 1), "m", "ema", 3))
+    monkeypatch.setattr(train, "get_schedule", lambda diffusion: "schedule")
+    _run_config(monkeypatch)
+    images = np.linspace(-1.0, 1.0, 5 * 16).reshape(5, 4, 4, 1).astype(np.float32)
+    labels = np.array([3, 0, 9, 9, 1], np.int32)
+
+    def fake_sample_in_batches(config, model, params, schedule, rng, **kwargs):
+        return images, labels
+
+    monkeypatch.setattr(train, "sample_in_batches", fake_sample_in_batches)
+    out = str(tmp_path / "S.NPZ")
+    assert cli.main(["sample", "--workdir", "w", "--num", "5", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": out, "num": 5, "step": 3}
+    with np.load(out) as arrays:
+        assert arrays.files == ["arr_0", "arr_1"]
+        want = np.floor((images + 1.0) / 2.0 * 255.0 + 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(arrays["arr_0"], want)
+        np.testing.assert_array_equal(arrays["arr_1"], labels)
+
+
 def test_samples_that_are_not_finite_end_sample_with_one_line_and_status_1(
     tmp_path, capsys, monkeypatch
 ):

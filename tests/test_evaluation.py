@@ -867,7 +867,11 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
     table, per_class = digits_by_class()
     table = jnp.asarray(table)
 
+    calls = []
+
     def fake_sample(config, model, params, schedule, rng, *, shape, num, labels=None, **kwargs):
+        options = ("sampler", "num_steps", "guidance", "spacing")
+        calls.append((num, {k: kwargs.get(k) for k in options}))
         labels = jnp.arange(num) % 10 if labels is None else labels  # generate.sample's default
         return table[labels, jnp.arange(num) % per_class]
 
@@ -877,6 +881,12 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
     assert metrics["guidance"] == config.sample.guidance
     assert metrics["class_accuracy"] >= 0.9
     assert metrics["precision"] == 1.0  # every "sample" is a test digit
+    # batches of batch_size, the given sampling options passed on (traced once: one call)
+    calls.clear()
+    options = dict(sampler="ddim", num_steps=4, spacing="trailing", guidance=2.5)
+    metrics = evaluate_workdir(workdir, num_samples=40, batch_size=32, progress=False, **options)
+    assert calls == [(32, options)]
+    assert metrics["guidance"] == 2.5 and metrics["spacing"] == "trailing"
 
 
 @pytest.mark.parametrize(

@@ -263,3 +263,82 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
         )
     with pytest.raises(ValueError, match="spacing must be one of .*got spacing='uniform'"):
         generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="uniform")
+
+
+def test_a_mesh_splits_the_labels_too_takes_params_on_one_device_and_compiles_for_its_devices(
+    monkeypatch,
+):
+    # a mesh of 4 of the 8 devices: the programs must be compiled for those, not the default's
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    compiled_for = []
+
+    def options(devices=None, **kwargs):
+        compiled_for.append(None if devices is None else list(devices))
+        return None
+
+    monkeypatch.setattr(generate, "compiler_options", options)
+    config = smoke("toy_2d.py", model__num_classes=3)
+    schedule = run_config.get_schedule(config.diffusion)
+    seen = []
+
+    class Probe:  # the network: the rows and the rows per device of its inputs x and y
+        def apply(self, variables, x, t, y):
+            for a in (x, y):
+                jax.debug.inspect_array_sharding(
+                    a, callback=lambda s, n=a.shape[0]: seen.append((n, s.shard_shape((n,))[0]))
+                )
+            return x * variables["params"]["w"]
+
+    # params restored onto one device (committed there), as a checkpoint restore leaves them
+    w = jax.device_put({"w": jnp.float32(0.5)}, jax.devices()[0])
+    kwargs = dict(shape=(2,), sampler="dpm++", num_steps=2, guidance=2.0)
+    out = generate.sample(config, Probe(), w, schedule, jax.random.PRNGKey(1), num=7, mesh=mesh,
+                          **kwargs)  # fmt: skip
+    assert out.shape == (7, 2) and np.isfinite(np.asarray(out)).all()
+    assert compiled_for == [list(mesh.devices.flat)]
+    # x and the labels both split over the 4 devices (7 padded to 8)
+    assert len(seen) == 2 and all(n % 8 == 0 and per == n // 4 for n, per in seen), seen
+    seen.clear()
+    out, labels = generate.sample_in_batches(
+        config, Probe(), w, schedule, jax.random.PRNGKey(1), num=7, batch_size=3, mesh=mesh,
+        **kwargs,
+    )  # fmt: skip
+    assert out.shape == (7, 2) and compiled_for[-1] == list(mesh.devices.flat)
+    assert seen and all(n % 4 == 0 and per == n // 4 for n, per in seen), seen  # 3 -> 4
+    # the labels come back as the documented int32, given ones too
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, np.arange(7) % 3)
+    _, labels = generate.sample_in_batches(
+        config, Probe(), w, schedule, jax.random.PRNGKey(1), num=3, batch_size=2,
+        labels=np.array([2, 0, 1], np.int64), **kwargs,
+    )  # fmt: skip
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, [2, 0, 1])
+
+
+def test_sample_in_batches_draws_no_more_than_num_in_a_batch_larger_than_num():
+    config = smoke("toy_2d.py")
+    schedule = run_config.get_schedule(config.diffusion)
+    shapes = []
+
+    class Probe:
+        def apply(self, variables, x, t, y):
+            shapes.append(x.shape)
+            return x * variables["params"]["w"]
+
+    out, labels = generate.sample_in_batches(
+        config, Probe(), {"w": jnp.float32(0.5)}, schedule, jax.random.PRNGKey(1), shape=(2,),
+        num=3, batch_size=64, sampler="dpm++", num_steps=2,
+    )  # fmt: skip
+    assert out.shape == (3, 2) and labels is None
+    assert shapes == [(3, 2)]  # one batch of num, not of batch_size
+
+
+def test_save_sample_arrays_keeps_data_that_is_not_an_image_batch_as_float32(tmp_path):
+    # e.g. sequences [N, L, C] in any range: only [N, H, W, C] images become uint8 pixels
+    data = np.random.default_rng(1).normal(0.0, 3.0, (4, 5, 2))
+    path = tmp_path / "seq.npz"
+    generate.save_sample_arrays(data, np.array([0, 1, 0, 1]), str(path))
+    with np.load(path) as arrays:
+        assert arrays.files == ["arr_0", "arr_1"] and arrays["arr_0"].dtype == np.float32
+        np.testing.assert_array_equal(arrays["arr_0"], data.astype(np.float32))

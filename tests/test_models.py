@@ -616,6 +616,19 @@ def test_drop_labels_edge_cases():
             drop_labels(rng, *args)
 
 
+def test_drop_labels_takes_a_null_label_up_to_the_ends_of_its_dtype_but_not_past_them():
+    rng = jax.random.key(0)
+    for dtype, lo, hi in [(jnp.int8, -128, 127), (jnp.uint8, 0, 255)]:
+        y = jnp.array([0, 1, 2], dtype)
+        for null_label in (lo, hi):
+            out = drop_labels(rng, y, 1.0, null_label)
+            assert out.dtype == dtype
+            np.testing.assert_array_equal(out, np.full(3, null_label))
+        for null_label in (lo - 1, hi + 1):
+            with pytest.raises(ValueError, match=f"null_label={null_label} does not fit y's"):
+                drop_labels(rng, y, 0.5, null_label)
+
+
 @pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int32])
 @pytest.mark.parametrize("null_label", [3, np.int64(3)])  # e.g. num_classes read from NumPy
 def test_drop_labels_keeps_the_label_dtype(dtype, null_label):

@@ -662,6 +662,32 @@ def test_ddim_and_dpm_solver_pp_on_given_timesteps_match_float64_chains(x64):
     np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-12)
 
 
+def test_stochastic_ddim_on_given_timesteps_is_ddim_on_the_sequence_it_builds():
+    """eta > 0 draws one key per visited step: with `timesteps` as many as the steps given,
+    the same keys (and so the same samples) as num_steps / spacing building that sequence."""
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    x_T = _normal(44, (4, 3))
+    for spacing, n in (("leading", 7), ("trailing", 3)):
+        given = ddim_sample(
+            model, SCHEDULE, x_T, KEY, eta=1.0, timesteps=sampling_timesteps(T, n, spacing)
+        )
+        built = ddim_sample(model, SCHEDULE, x_T, KEY, eta=1.0, num_steps=n, spacing=spacing)
+        np.testing.assert_array_equal(given, built)
+
+
+def test_ddim_and_dpm_solver_pp_defaults_are_the_documented_50_leading_and_20_steps():
+    model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
+    x_T = _normal(45, (2, 3))
+    np.testing.assert_array_equal(
+        ddim_sample(model, SCHEDULE, x_T),
+        ddim_sample(model, SCHEDULE, x_T, timesteps=sampling_timesteps(T, 50, "leading")),
+    )
+    np.testing.assert_array_equal(
+        dpm_solver_pp_sample(model, SCHEDULE, x_T),
+        dpm_solver_pp_sample(model, SCHEDULE, x_T, timesteps=dpm_solver_pp_timesteps(T, 20)),
+    )
+
+
 def test_trajectory_stride_numpy_int_and_above_num_steps():
     # A NumPy int stride works like the Python int; a stride above num_steps keeps x_T only
     # (num_steps // k + 1 = 1 slot) while x0 is still returned. NumPy / JAX bools and ints
@@ -851,6 +877,22 @@ BAD_INPUTS = {
     "ddim_timesteps_out_of_range": (
         lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[5, T]),
         r"timesteps must be distinct ints in \[0, 999\]; got \[1000, 5\]",
+    ),
+    "ddim_timesteps_and_spacing": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[9, 5], spacing="trailing"),
+        r"pass timesteps or num_steps / spacing, not both; got timesteps and spacing='trailing'$",
+    ),
+    "dpm_timesteps_negative": (
+        lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, timesteps=[5, -1]),
+        r"timesteps must be distinct ints in \[0, 999\]; got \[5, -1\]",
+    ),
+    "ddpm_timesteps_negative": (
+        lambda: ddpm_sample(_gauss(), SCHEDULE, X, KEY, timesteps=[-1, 5]),
+        r"timesteps must be distinct ints in \[0, 999\]; got \[5, -1\]",
+    ),
+    "ddim_timesteps_empty": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=np.array([], np.int32)),
+        r"timesteps must be a non-empty 1-D int array",
     ),
     "dpm_timesteps_duplicate": (
         lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, timesteps=[5, 9, 5]),

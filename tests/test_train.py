@@ -1201,6 +1201,66 @@ def test_a_run_resumed_inside_a_log_window_logs_the_means_of_the_whole_window(
     assert resumed == full
 
 
+def test_the_log_window_goes_through_the_checkpoint_s_json_with_its_dtypes_and_bits():
+    # the checkpoint stores it as JSON (orbax's json.dumps writes NaN, json.loads reads it)
+    window = [
+        {"loss": jnp.float32(0.1), "grad_norm": np.float32(np.nan), "skipped": jnp.int32(1)},
+        {"loss": np.float32(1e-30), "grad_norm": np.float32(3.3), "skipped": np.int32(0)},
+        {"loss": np.float32(-7.25), "grad_norm": np.float32(np.inf), "skipped": np.int32(2)},
+    ]
+    back = train._window_from_json(json.loads(json.dumps(train._window_to_json(window))))
+    assert len(back) == len(window)
+    for got, want in zip(back, window, strict=True):
+        assert set(got) == set(want)
+        for k, v in want.items():
+            assert got[k].dtype == np.asarray(v).dtype, k
+            np.testing.assert_array_equal(got[k], np.asarray(v), err_msg=k)
+    assert train._window_from_json(None) == []  # a checkpoint from before the window was kept
+    assert train._window_from_json(json.loads(json.dumps(train._window_to_json([])))) == []
+
+
+def test_the_rates_of_a_resumed_window_count_only_the_steps_run_in_this_call(tmp_path, monkeypatch):
+    # a clock that advances 1 s at each reading: the same readings in both runs, so a window's
+    # rate is (steps run in this call) / (the same dt); the restored steps ran before the kill
+    ticks = iter(range(1, 10**6))
+    monkeypatch.setattr(
+        train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+    )
+    _scripted_loop(monkeypatch)
+    config = smoke("toy_2d.py", train__num_steps=4, train__log_every=3, train__checkpoint_every=2)
+    train.train_and_evaluate(config, str(tmp_path / "full"))
+    config.train.stop_after = 2
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    full, resumed = _logged(tmp_path / "full"), _logged(tmp_path / "resumed")
+    assert [m["step"] for m in full] == [m["step"] for m in resumed] == [3, 4]
+    for m in full + resumed:
+        assert m["steps_per_sec"] > 0
+        assert m["images_per_sec"] == m["steps_per_sec"] * config.train.batch_size
+    # step 3's window: steps 1-3 run in the full run, step 3 only in the resumed one
+    assert resumed[0]["steps_per_sec"] * 3 == full[0]["steps_per_sec"]
+    # step 4's window: step 4 alone in both (the count restarts after each line)
+    assert resumed[1]["steps_per_sec"] == full[1]["steps_per_sec"]
+
+
+def test_the_sample_grids_are_drawn_over_the_training_mesh(tmp_path, monkeypatch):
+    _scripted_loop(monkeypatch)
+    scripted, meshes = train.sample, []
+
+    def sample(*args, mesh=None, **kwargs):
+        meshes.append(mesh)
+        return scripted(*args, **kwargs)
+
+    monkeypatch.setattr(train, "sample", sample)
+    config = smoke("toy_2d.py", train__num_steps=2)
+    config.train.sample_every = 1
+    train.train_and_evaluate(config, str(tmp_path))
+    assert len(meshes) == 2  # steps 1 and 2
+    for mesh in meshes:  # each device draws its part of the grid
+        assert isinstance(mesh, jax.sharding.Mesh) and mesh.axis_names == ("data",)
+        assert set(mesh.devices.flat) == set(jax.devices())
+
+
 def test_a_run_killed_while_sampling_writes_that_grid_when_resumed(tmp_path, monkeypatch):
     # a kill between a step's checkpoint and its grid would resume after the step, which
     # never wrote its grid: the grid comes first

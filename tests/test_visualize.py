@@ -99,3 +99,12 @@ def test_to_uint8_inverts_uint8_to_float_and_clips():
     x = np.array([-3.0, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0], np.float32)
     want = np.clip(np.floor((np.clip(x, -1, 1) + 1) / 2 * 255 + 0.5), 0, 255)
     np.testing.assert_array_equal(to_uint8(x), want.astype(np.uint8))
+
+
+def test_to_uint8_rounds_to_the_nearest_level_even_close_to_half_way():
+    # x 0.45 of a level above or below each of the 256 levels: the level itself, which takes
+    # ~1e-5 of precision near 255 (a float16 (x + 1) * 127.5 is up to 0.12 off there)
+    levels = np.arange(256.0)
+    for offset in (0.45, -0.45):
+        x = (np.clip(levels + offset, 0.0, 255.0) / 127.5 - 1.0).astype(np.float32)
+        np.testing.assert_array_equal(to_uint8(x), levels.astype(np.uint8), err_msg=offset)
