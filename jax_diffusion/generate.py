@@ -3,7 +3,9 @@ image grid or as arrays for FID tools.
 
 `sample` draws with any of the samplers (ddpm, ddim, dpm++) as one compiled program, with
 classifier-free guidance for class-conditional models; `sample_in_batches` draws more than
-fit at once. Both take the sampling settings from the run's config (`run_config`).
+fit at once. Both default the sampling settings to the run's config and check them with
+`run_config.check_sampling` before any work. `check_finite_samples` guards what is written;
+`save_sample_arrays` writes the .npz that FID tools read. `train` re-exports all four.
 """
 
 from __future__ import annotations
@@ -47,22 +49,43 @@ def sample(
 ) -> jax.Array:
     """Draws `num` samples [num, *shape] with the given params (use the EMA params).
 
-    sampler: 'ddpm' | 'ddim' | 'dpm++' (default config.sample.sampler); num_steps for ddim and
-    dpm++ (default config.sample.num_steps; ddpm uses all T steps and rejects num_steps);
-    spacing of ddim's steps, 'leading' | 'trailing' | 'linspace' (default config.sample.spacing,
-    'leading' where the config has none; the other samplers reject it). For
-    a class-conditional model, labels default to arange(num) % num_classes and guidance
-    (default config.sample.guidance) is the classifier-free guidance scale w (1 = plain
-    conditional).
+    Runs the chosen sampler (ddpm, ddim or dpm++) as one compiled program, with
+    classifier-free guidance (Ho & Salimans 2022) for a class-conditional model.
 
-    mesh: None runs the whole batch on one device (or on each device params are replicated
-    on). A mesh with a 'data' axis (`train.make_mesh()`, of every process's devices) splits the
-    batch over that axis, params replicated: n devices sample num / n examples each (num is
-    padded up to a multiple of n, the padding dropped). The samples are those of the run
-    without a mesh, up to float rounding: JAX's (default) partitionable threefry draws the
-    same noise for the first num rows whatever the padding and the split. They come back
-    replicated on the mesh's devices, so every process can read them (on several processes
-    every process must call `sample`, as any jit over the mesh).
+    With a mesh, n devices sample num / n examples each (num is padded up to a multiple of n,
+    the padding dropped). The samples are those of the run without a mesh, up to float
+    rounding: JAX's (default) partitionable threefry draws the same noise for the first num
+    rows whatever the padding and the split. They come back replicated on the mesh's devices,
+    so every process can read them (on several processes every process must call `sample`, as
+    any jit over the mesh).
+
+    Args:
+      config: the run's config; its sections model, diffusion and sample are read.
+      model: the Flax network (`run_config.create_model`).
+      params: its params (`load_run`'s EMA params).
+      schedule: the noise schedule it was trained with (`run_config.get_schedule`).
+      rng: PRNG key.
+      shape: one example's shape, [H, W, C] or [D].
+      num: samples to draw, >= 1.
+      sampler: 'ddpm' | 'ddim' | 'dpm++' (None: config.sample.sampler).
+      num_steps: model calls of ddim and dpm++ (None: config.sample.num_steps); ddpm runs all
+        T steps and rejects it.
+      guidance: classifier-free guidance scale w of a class-conditional model, 1 plain
+        conditional, 0 unconditional (None: config.sample.guidance).
+      labels: [num] int in [0, num_classes] (num_classes: the null label, unconditional
+        samples) for a class-conditional model (None: arange(num) % num_classes).
+      spacing: ddim's steps, 'leading' | 'trailing' | 'linspace' (None: config.sample.spacing,
+        'leading' where the config has none); the other samplers reject it.
+      mesh: None runs the batch where the params are (each device holding a replica draws
+        all of it); a mesh with a 'data' axis (`train.make_mesh()`, of every process's
+        devices) splits the batch over that axis, params replicated.
+
+    Returns:
+      [num, *shape] float samples.
+
+    Raises:
+      ValueError: as `check_sampling`; num not an int >= 1; labels not [num] ints, or
+        (concrete) outside [0, num_classes]; mesh neither None nor a Mesh with a 'data' axis.
     """
     s, d = config.sample, config.diffusion
     num_classes = config.model.get("num_classes", None)
@@ -157,8 +180,9 @@ def sample_in_batches(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Draws `num` samples to host memory, `batch_size` at a time: as many as memory allows.
 
-    Batch i is `sample(..., jax.random.fold_in(rng, i), num=b)` with b = min(batch_size, num)
-    (the last batch is drawn in full and cut), all by one compiled program.
+    Batch i is `sample(..., jax.random.fold_in(rng, i), num=b, labels=labels[i b : (i + 1) b])`
+    with b = min(batch_size, num) (the last batch is drawn in full and cut), all by one
+    compiled program.
 
     Args:
       config, model, params, schedule, shape, mesh: as for `sample`.
@@ -174,7 +198,8 @@ def sample_in_batches(
       (samples [num, *shape] float32, labels [num] int32 or None for a model without classes).
 
     Raises:
-      ValueError: as `sample`, and for num or batch_size not an int >= 1; before any sampling.
+      ValueError: as `sample`, for num or batch_size not an int >= 1, and for an option
+        other than those four; before any sampling.
     """
     num = check_int("num", num, 1)
     bs = min(check_int("batch_size", batch_size, 1), num)

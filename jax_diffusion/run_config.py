@@ -36,7 +36,11 @@ __all__ = [
 
 
 def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
-    """The noise schedule named by config.diffusion (schedule, num_timesteps, zero_terminal_snr)."""
+    """The noise schedule named by config.diffusion (schedule, num_timesteps, zero_terminal_snr).
+
+    Raises:
+      ValueError: an unknown diffusion.schedule (or, from the builder, a bad num_timesteps).
+    """
     builders = {
         "linear": jd.linear_betas,
         "cosine": jd.cosine_betas,
@@ -53,7 +57,14 @@ def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
 
 
 def create_model(config: ml_collections.ConfigDict, *, channels: int):
-    """The Flax network named by config.model.name ('unet' or 'mlp') for data with `channels`."""
+    """The Flax network named by config.model.name ('unet' or 'mlp') for data with `channels`.
+
+    Its output has 2 * channels for diffusion.variance 'learned_range' (prediction and
+    variance halves), else channels.
+
+    Raises:
+      ValueError: an unknown model.name.
+    """
     m = config.model
     out = channels * (2 if config.diffusion.variance == "learned_range" else 1)
     dtype = jnp.dtype(m.get("dtype", "float32"))
@@ -106,7 +117,8 @@ def check_sampling(
     Raises:
       ValueError: an unknown sampler; num_steps with ddpm (which runs all T steps) or outside
         [1, T] ([1, T - 1] for dpm++); spacing with a sampler other than ddim, or unknown;
-        labels or guidance for a model without classes.
+        labels or guidance for a model without classes. A zero-terminal-SNR run sampled by
+        ddim with 'leading' spacing only warns (UserWarning).
     """
     name = (names or {}).get
     s, num_timesteps = config.sample, config.diffusion.num_timesteps
@@ -204,7 +216,12 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Validates the choices of a config before any data is read or any model is built."""
+    """Validates the choices of a config before any data is read or any model is built.
+
+    Raises:
+      ValueError: naming the first field whose value is of the wrong type or out of range.
+        A zero-terminal-SNR run sampled by ddim with 'leading' spacing only warns.
+    """
     _check_numbers(config)
     # PRNGKey keeps the low 32 bits (2**32 would be seed 0 again); the data order takes >= 0
     check_int("seed", config.seed, 0, 2**32 - 1)

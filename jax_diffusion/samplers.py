@@ -605,11 +605,12 @@ def ddim_sample(
     timesteps=None,
     return_trajectory: bool | int = False,
 ):
-    """DDIM sampling (Song et al. 2021, eq. 12) over `sampling_timesteps(T, num_steps, spacing)`.
+    """DDIM sampling (Song et al. 2021, eq. 12) over a descending subsequence of the steps.
 
-    x_T is taken at the first entry of the sequence; each step goes from its t to the NEXT entry
-    of the sequence (not t - T // num_steps), and the last step to alphas_cumprod = 1, returning
-    that step's x0_hat.
+    The sequence is `sampling_timesteps(T, num_steps, spacing)`, or the given `timesteps`. x_T
+    is taken at its first entry; each step goes from its t to the NEXT entry of the sequence
+    (not t - T // num_steps), and the last step to alphas_cumprod = 1, returning that step's
+    x0_hat.
 
     diffusers' DDIMScheduler equivalents: this is set_alpha_to_one=True with clip_sample=False
     (its default is clip_sample=True: pass clip_denoised=True). Its set_alpha_to_one=False
@@ -763,9 +764,10 @@ def dpm_solver_pp_sample(
     """DPM-Solver++(2M) multistep sampling of the probability-flow ODE (Lu et al. 2022, Alg. 2).
 
     x_T is taken at t = T - 1; the model is called at `dpm_solver_pp_timesteps(T, num_steps)`
-    (round(linspace(0, T - 1, num_steps + 1)) reversed, without the final 0). The first step is
-    first order (no history yet), the middle ones second order, and the last step goes to
-    sigma = 0, returning the last x0_hat. Deterministic: no rng.
+    (round(linspace(0, T - 1, num_steps + 1)) reversed, without the final 0), or at the given
+    `timesteps` (x_T then taken at the largest). The first step is first order (no history
+    yet), the middle ones second order, and the last step goes to sigma = 0, returning the last
+    x0_hat. Deterministic: no rng.
 
     This is diffusers' PyTorch DPMSolverMultistepScheduler (dpmsolver++, midpoint) with its
     default final_sigmas_type="zero". FlaxDPMSolverMultistepScheduler (diffusers 0.30.3) agrees

@@ -1,4 +1,8 @@
-"""Training: model and state creation, the pure train step, and the loop with checkpoints.
+"""Training: state creation, the pure train step, and the loop with checkpoints and logs.
+
+The config checks, schedule and model builders live in `run_config`, sampling from params in
+`generate`; this module re-exports their public functions (`train.check_config`,
+`train.sample`, ...). `load_run` restores a workdir's config, model and EMA params.
 
 The same code runs on one CPU, several GPUs or a TPU pod slice: `train_step` is jitted once over
 a `jax.sharding.Mesh` of all devices with the batch sharded on its leading axis ('data') and the
@@ -246,6 +250,8 @@ def _after(tree, dependency):
 
 
 def _jit_train_step(train_step, mesh, state):
+    """(`train_step` jitted over `mesh`, batch sharding): batch split on 'data', state
+    replicated and donated, metrics replicated."""
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     state_sharding = jax.tree.map(lambda _: replicated, state)
