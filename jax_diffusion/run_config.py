@@ -385,29 +385,32 @@ def check_num_classes(config: ml_collections.ConfigDict, data_num_classes: int) 
 
 # what the network's output means: a resume that changes one would go on training (and
 # sampling) the weights as another kind of model
-_MEANING_FIELDS = (
-    "model.name",
-    "diffusion.prediction",
-    "diffusion.variance",
-    "diffusion.schedule",
-    "diffusion.num_timesteps",
-    "diffusion.zero_terminal_snr",
-)
+_MEANING_FIELDS = {  # field -> its value where a config leaves it out (None: required)
+    "model.name": None,
+    "diffusion.prediction": None,
+    "diffusion.variance": None,
+    "diffusion.schedule": None,
+    "diffusion.num_timesteps": None,
+    "diffusion.zero_terminal_snr": False,
+}
 
 
 def _check_resume_keeps_the_meaning(config: ml_collections.ConfigDict, workdir) -> None:
     """ValueError naming each field of `_MEANING_FIELDS` whose value differs from the one in
-    the run's config.json (a run without one is not checked)."""
+    the run's config.json (a run without one is not checked). An optional field left out of
+    either config has its default value: a run from before diffusion.zero_terminal_snr
+    existed was trained without it."""
     if not (epath.Path(workdir) / "config.json").exists():
         return
     saved = load_run_config(workdir)
     diffs = []
-    for key in _MEANING_FIELDS:
+    for key, default in _MEANING_FIELDS.items():
         section, name = key.split(".")
-        if name not in saved.get(section, {}):  # written before the field existed
+        was = saved.get(section, {}).get(name)
+        was, now = default if was is None else was, config[section].get(name)
+        if was is None:  # a required field, in a config.json written before it existed
             continue
-        was, now = saved[section][name], config[section].get(name)
-        if was != now:
+        if (default if now is None else now) != was:
             diffs.append(f"{key}={now!r} (the run has {was!r})")
     if diffs:
         raise ValueError(

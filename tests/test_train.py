@@ -1116,6 +1116,17 @@ def test_a_run_whose_config_json_predates_a_checked_field_resumes(tmp_path, monk
     (tmp_path / "config.json").write_text(json.dumps(saved))
     resumed = smoke("toy_2d.py", train__num_steps=4)
     assert train.train_and_evaluate(resumed, str(tmp_path))["final_step"] == 4
+    # ... and it was trained without zero terminal SNR: a resume that turns it on is refused
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    zero_snr = smoke("toy_2d.py", train__num_steps=5, diffusion__zero_terminal_snr=True)
+    zero_snr.diffusion.prediction, zero_snr.sample.spacing = "v", "trailing"
+    with pytest.raises(ValueError, match=r"diffusion.prediction='v' \(the run has 'eps'\), "
+                       r"diffusion.zero_terminal_snr=True \(the run has False\)"):  # fmt: skip
+        train.train_and_evaluate(zero_snr, str(tmp_path))
+    # a config that leaves the optional field out (None) means False, as the run has
+    left_out = smoke("toy_2d.py", train__num_steps=5)
+    left_out.diffusion.zero_terminal_snr = None
+    assert train.train_and_evaluate(left_out, str(tmp_path))["final_step"] == 5
 
 
 def test_each_checkpoint_comes_after_the_tensorboard_events_logged_before_it(tmp_path, monkeypatch):
