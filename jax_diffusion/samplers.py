@@ -53,7 +53,7 @@ from jax_diffusion.diffusion import (
     split_learned_range,
 )
 from jax_diffusion.guidance import classifier_free_guidance, dynamic_threshold
-from jax_diffusion.schedules import Schedule
+from jax_diffusion.schedules import Schedule, _check_timestep_subset
 
 __all__ = [
     "SPACINGS",
@@ -244,14 +244,7 @@ def _given_timesteps(schedule: Schedule, timesteps, **instead) -> np.ndarray:
             "timesteps must be concrete ints (they set the chain's length); got a traced "
             "array (close over them instead of passing them as a jit argument)"
         )
-    ts = np.asarray(timesteps)
-    if ts.ndim != 1 or ts.shape[0] < 1 or not np.issubdtype(ts.dtype, np.integer):
-        raise ValueError(f"timesteps must be a non-empty 1-D int array; got {timesteps!r}")
-    ts = np.sort(ts)[::-1]
-    last = schedule.num_timesteps - 1
-    if ts[-1] < 0 or ts[0] > last or np.any(np.diff(ts) == 0):
-        raise ValueError(f"timesteps must be distinct ints in [0, {last}]; got {ts.tolist()}")
-    return ts.astype(np.int32)
+    return _check_timestep_subset(timesteps, schedule.num_timesteps)[::-1].astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,6 +170,20 @@ def _check_timesteps(t, num_timesteps: int) -> jax.Array:
     return t
 
 
+def _check_timestep_subset(timesteps, num_timesteps: int) -> np.ndarray:
+    """`timesteps` (concrete) as distinct ints in [0, num_timesteps - 1], sorted ascending;
+    else ValueError. A respaced schedule's or a sampler's own subsequence of steps."""
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or ts.shape[0] < 1 or not np.issubdtype(ts.dtype, np.integer):
+        raise ValueError(f"timesteps must be a non-empty 1-D int array; got {timesteps!r}")
+    ts = np.sort(ts)
+    if ts[0] < 0 or ts[-1] >= num_timesteps or np.any(np.diff(ts) == 0):
+        raise ValueError(
+            f"timesteps must be distinct ints in [0, {num_timesteps - 1}]; got {ts.tolist()}"
+        )
+    return ts
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """Per-timestep tables of a discrete Gaussian diffusion (Ho et al. 2020, eqs. 4, 6, 7).
@@ -280,14 +294,7 @@ class Schedule:
                 "respace needs a concrete schedule (its tables are rebuilt in NumPy); got a "
                 "traced one: respace outside jax.jit or close over the schedule"
             )
-        ts = np.asarray(timesteps)
-        if ts.ndim != 1 or ts.shape[0] < 1 or not np.issubdtype(ts.dtype, np.integer):
-            raise ValueError(f"timesteps must be a non-empty 1-D int array; got {timesteps!r}")
-        ts = np.sort(ts)
-        if ts[0] < 0 or ts[-1] >= self.num_timesteps or np.any(np.diff(ts) == 0):
-            raise ValueError(
-                f"timesteps must be distinct ints in [0, {self.num_timesteps - 1}]; got {ts}"
-            )
+        ts = _check_timestep_subset(timesteps, self.num_timesteps)
         abar = np.exp(self._log_alphas_cumprod())[ts]
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         betas = np.minimum(1.0 - abar / abar_prev, 1.0)

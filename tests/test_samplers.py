@@ -876,7 +876,7 @@ BAD_INPUTS = {
     ),
     "ddim_timesteps_out_of_range": (
         lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[5, T]),
-        r"timesteps must be distinct ints in \[0, 999\]; got \[1000, 5\]",
+        r"timesteps must be distinct ints in \[0, 999\]; got \[5, 1000\]",
     ),
     "ddim_timesteps_and_spacing": (
         lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[9, 5], spacing="trailing"),
@@ -884,11 +884,11 @@ BAD_INPUTS = {
     ),
     "dpm_timesteps_negative": (
         lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, timesteps=[5, -1]),
-        r"timesteps must be distinct ints in \[0, 999\]; got \[5, -1\]",
+        r"timesteps must be distinct ints in \[0, 999\]; got \[-1, 5\]",
     ),
     "ddpm_timesteps_negative": (
         lambda: ddpm_sample(_gauss(), SCHEDULE, X, KEY, timesteps=[-1, 5]),
-        r"timesteps must be distinct ints in \[0, 999\]; got \[5, -1\]",
+        r"timesteps must be distinct ints in \[0, 999\]; got \[-1, 5\]",
     ),
     "ddim_timesteps_empty": (
         lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=np.array([], np.int32)),
@@ -896,7 +896,7 @@ BAD_INPUTS = {
     ),
     "dpm_timesteps_duplicate": (
         lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, timesteps=[5, 9, 5]),
-        r"timesteps must be distinct ints in \[0, 999\]; got \[9, 5, 5\]",
+        r"timesteps must be distinct ints in \[0, 999\]; got \[5, 5, 9\]",
     ),
     "ddim_timesteps_float": (
         lambda: ddim_sample(_gauss(), SCHEDULE, X, timesteps=[9.0, 5.0]),

@@ -266,7 +266,7 @@ def test_from_betas_casts_every_table_to_dtype():
         (lambda: Schedule.from_betas([0.1], dtype=jnp.complex64), "floating dtype"),
         (
             lambda: Schedule.from_betas(jd.linear_betas(10)).respace([-1, 3]),
-            r"distinct ints in \[0, 9\]; got \[-1  3\]",
+            r"distinct ints in \[0, 9\]; got \[-1, 3\]",
         ),
         (
             lambda: Schedule.from_betas(jd.linear_betas(10)).respace([0.0, 3.0]),
