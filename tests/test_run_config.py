@@ -3,6 +3,7 @@ model it builds, the sampling settings it fills in."""
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -176,3 +177,40 @@ def test_check_num_classes_accepts_none_or_the_data_count_and_names_the_field_ot
     ]:
         with pytest.raises(ValueError, match=match):
             run_config.check_num_classes(smoke("digits_cond.py", model__num_classes=value), count)
+
+
+def _num_params(config) -> int:
+    model = run_config.create_model(config, channels=3)
+    x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
+
+
+def test_the_cifar10_config_is_ho_et_al_s_setup_but_for_the_deviations_its_docstring_names():
+    # the config inherited default.py's cosine betas and cosine learning-rate decay, and
+    # sampled with 50 DDIM steps, none of it said: a DDPM reproduction trained and was
+    # scored on another setup than the paper's
+    config = cli.load_config(str(CONFIGS / "cifar10.py"))
+    d, tc = config.diffusion, config.train
+    schedule = run_config.get_schedule(d)
+    np.testing.assert_allclose(
+        schedule.betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-6
+    )  # section 4: T = 1000, linear betas 1e-4 .. 0.02
+    assert (d.prediction, d.loss_type, d.weighting) == ("eps", "l2", "none")  # L_simple
+    assert d.variance == "fixed_large"  # sigma^2 = beta_t, the released CIFAR10 run's choice
+    assert (tc.lr_schedule, tc.learning_rate, tc.warmup_steps) == ("constant", 2e-4, 5000)
+    assert (tc.batch_size, tc.grad_clip, tc.ema_decay, tc.weight_decay) == (128, 1.0, 0.9999, 0)
+    assert (config.model.dropout, config.data.random_flip) == (0.1, True)
+    assert (config.sample.sampler, config.sample.clip_denoised) == ("ddpm", True)  # 1000 steps
+    # the docstring's figures: its own network, and the paper's 35.7M one from its overrides
+    doc = __import__("experiments.configs.cifar10", fromlist=["x"]).__doc__
+    assert "6,949,187" in doc and "35,746,307" in doc
+    assert _num_params(config) == 6_949_187
+    overrides = [
+        "model.base_channels=128",
+        "model.channel_mults=(1,2,2,2)",
+        "model.num_heads=1",
+        "model.use_scale_shift_norm=False",
+    ]
+    assert all(override in doc for override in overrides)
+    assert _num_params(cli.load_config(str(CONFIGS / "cifar10.py"), overrides)) == 35_746_307
