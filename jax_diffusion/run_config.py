@@ -299,6 +299,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
     if not s.get("eta", 0.0) >= 0:
         raise ValueError(f"sample.eta must be >= 0; got {s.eta!r}")
+    if not isinstance(tc.get("ema_warmup", True), bool):
+        raise ValueError(f"train.ema_warmup must be True or False; got {tc.ema_warmup!r}")
     if not isinstance(config.data.get("random_flip", False), bool):
         raise ValueError(f"data.random_flip must be True or False; got {config.data.random_flip!r}")
     if not isinstance(s.get("clip_denoised", False), bool):

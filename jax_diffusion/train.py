@@ -167,7 +167,8 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = update_ema(state.ema_params, params, ema_decay(state.step, tc.ema_decay))
+        decay = ema_decay(state.step, tc.ema_decay, tc.get("ema_warmup", True))
+        ema = update_ema(state.ema_params, params, decay)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)

@@ -143,6 +143,7 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         ("train__grad_clip", float("inf"), "train.grad_clip must be a finite number or None"),
         ("train__warmup_steps", True, "train.warmup_steps must be a finite number; got True"),
         ("data__random_flip", 1, "data.random_flip must be True or False; got 1"),
+        ("train__ema_warmup", "no", "train.ema_warmup must be True or False; got 'no'"),
     ]
     for key, value, match in cases:
         config = smoke().to_dict()  # a plain copy: takes values of any type
@@ -200,6 +201,7 @@ def test_the_cifar10_config_is_ho_et_al_s_setup_but_for_the_deviations_its_docst
     assert d.variance == "fixed_large"  # sigma^2 = beta_t, the released CIFAR10 run's choice
     assert (tc.lr_schedule, tc.learning_rate, tc.warmup_steps) == ("constant", 2e-4, 5000)
     assert (tc.batch_size, tc.grad_clip, tc.ema_decay, tc.weight_decay) == (128, 1.0, 0.9999, 0)
+    assert tc.ema_warmup is False  # the released code's EMA: 0.9999 from the first step
     assert (config.model.dropout, config.data.random_flip) == (0.1, True)
     assert (config.sample.sampler, config.sample.clip_denoised) == ("ddpm", True)  # 1000 steps
     # the docstring's figures: its own network, and the paper's 35.7M one from its overrides

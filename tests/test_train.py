@@ -387,6 +387,24 @@ def test_ema_decay_warm_up_and_update_closed_forms():
     np.testing.assert_allclose(ema["w"], 0.1, rtol=1e-6)  # 0.9 * 0 + 0.1 * 1
 
 
+def test_the_train_step_s_ema_warms_up_unless_train_ema_warmup_is_false():
+    # step 0's decay: min(0.9, (1 + 0) / (10 + 0)) = 0.1 with the warm-up, 0.9 without
+    config = smoke("toy_2d.py", train__ema_decay=0.9)
+    schedule = train.get_schedule(config.diffusion)
+    model = train.create_model(config, channels=2)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((16, 2)).astype(np.float32), "label": np.zeros(16)}
+    for warmup, d in ((True, 0.1), (False, 0.9)):
+        config.train.ema_warmup = warmup
+        state = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
+        new, _ = jax.jit(train.make_train_step(config, schedule))(state, batch)
+        for e, p, got in zip(
+            leaves(state.ema_params), leaves(new.params), leaves(new.ema_params), strict=True
+        ):
+            want = e.astype(np.float64) + (1 - d) * (p.astype(np.float64) - e)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=str(warmup))
+
+
 def test_ema_of_bfloat16_params_follows_the_float64_recurrence():
     # bfloat16 params (a model with param_dtype=bfloat16): each update 0.001 * (p - ema) is
     # below half a bfloat16 spacing of ema = 1, so a bfloat16 average would never move

@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.weight_decay = 0.0
     config.train.grad_clip = 1.0
     config.train.ema_decay = 0.999
+    # min(ema_decay, (1 + step) / (10 + step)); False: ema_decay from the first step
+    config.train.ema_warmup = True
     config.train.log_every = 50
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 2
