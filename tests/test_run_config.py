@@ -216,3 +216,10 @@ def test_the_cifar10_config_is_ho_et_al_s_setup_but_for_the_deviations_its_docst
     ]
     assert all(override in doc for override in overrides)
     assert _num_params(cli.load_config(str(CONFIGS / "cifar10.py"), overrides)) == 35_746_307
+    # the variant 'paper': that network, float32 and 800k steps, the rest as above
+    paper = cli.load_config(str(CONFIGS / "cifar10.py") + ":paper")
+    assert _num_params(paper) == 35_746_307
+    assert (paper.model.dtype, paper.train.num_steps) == ("float32", 800_000)
+    assert paper.diffusion == config.diffusion and paper.sample == config.sample
+    with pytest.raises(ValueError, match=r"unknown config variant 'papr'; allowed: 'paper', 'sm"):
+        cli.load_config(str(CONFIGS / "cifar10.py") + ":papr")
