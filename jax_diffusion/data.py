@@ -595,7 +595,8 @@ def tfds_iterator(
 
     Raises:
       ImportError: tensorflow-datasets / grain missing.
-      ValueError: unknown dataset name, images not uint8 or not [H, W(, C)], bad batch size.
+      ValueError: unknown dataset name, images not uint8 or not [H, W(, C)], images of
+        several sizes (a declared shape (None, None, C)) without image_size, bad batch size.
       FileNotFoundError: the dataset is not prepared under data_dir.
     """
     try:
@@ -628,6 +629,13 @@ def tfds_iterator(
                 f"[0, num_classes)), or be None for unlabeled data; it is a "
                 f"{type(features[label_key]).__name__}"
             )
+    declared = getattr(features[image_key], "shape", None) if image_key in features else None
+    if image_size is None and declared is not None and None in tuple(declared)[:2]:
+        raise ValueError(
+            f"the {image_key!r} images of tfds dataset {name!r} vary in size (shape "
+            f"{tuple(declared)}); pass image_size (data.image_size) to crop and resize each "
+            "to one square size"
+        )
     source = builder.as_data_source(split=split)
     plan = _BatchPlan.create(
         len(source), global_batch_size, seed, process_index, process_count, drop_remainder

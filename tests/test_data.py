@@ -579,6 +579,7 @@ def tfds_data(tmp_path_factory):
             features = {
                 "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
                 "wide": tfds.features.Image(shape=(6, 10, 3), encoding_format="png"),
+                "varying": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
                 "float_image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.float32),
                 "label": tfds.features.ClassLabel(num_classes=3),
             }
@@ -600,6 +601,8 @@ def tfds_data(tmp_path_factory):
                     {
                         "image": PIL.Image.fromarray(images[i, :, :, 0]),
                         "wide": PIL.Image.fromarray(wide),
+                        # 6x7, 7x7 and 8x7: a dataset of images of several sizes
+                        "varying": PIL.Image.fromarray(np.full((6 + i % 3, 7, 3), i, np.uint8)),
                         "float_image": images[i].astype(np.float32),
                         "label": int(labels[i]),
                     },
@@ -797,6 +800,13 @@ def test_tfds_errors(tfds_data, tmp_path):
         _tfds_it(data_dir, image_key="float_image")
     with pytest.raises(ValueError, match="image_key 'img' is not a feature"):
         _tfds_it(data_dir, image_key="img")
+    # images of several sizes without image_size: refused up front (a batch of them was a
+    # NumPy stack error in a reader thread, mid-training), and cropped to one size with it
+    with pytest.raises(ValueError, match=r"'varying' images of tfds dataset .* vary in size "
+                       r"\(shape \(None, None, 3\)\); pass image_size"):  # fmt: skip
+        _tfds_it(data_dir, image_key="varying")
+    batch = next(_tfds_it(data_dir, image_key="varying", image_size=5))
+    assert batch["image"].shape == (8, 5, 5, 3)
     with pytest.raises(ValueError, match="label_key 'class' is not a feature"):
         _tfds_it(data_dir, label_key="class")
     with pytest.raises(ValueError, match=r"divisible by process_count=3; got 8$"):
