@@ -166,7 +166,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.out.lower().endswith(".npz"):
         train.save_sample_arrays(images, labels, args.out)
     else:
-        train._save_samples(images, args.out)
+        train.save_sample_image(images, args.out)
     print(json.dumps({"out": args.out, "num": num, "step": step}))
     return 0
 

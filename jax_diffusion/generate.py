@@ -5,7 +5,8 @@ image grid or as arrays for FID tools.
 classifier-free guidance for class-conditional models; `sample_in_batches` draws more than
 fit at once. Both default the sampling settings to the run's config and check them with
 `run_config.check_sampling` before any work. `check_finite_samples` guards what is written;
-`save_sample_arrays` writes the .npz that FID tools read. `train` re-exports all four.
+`save_sample_arrays` writes the .npz that FID tools read, `save_sample_image` a grid.
+`train` re-exports them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from jax_diffusion.diffusion import _is_concrete
 from jax_diffusion.run_config import check_sampling
 from jax_diffusion.visualize import save_image_grid, to_uint8
 
-__all__ = ["check_finite_samples", "sample", "sample_in_batches", "save_sample_arrays"]
+__all__ = [
+    "check_finite_samples",
+    "sample",
+    "sample_in_batches",
+    "save_sample_arrays",
+    "save_sample_image",
+]
 
 
 def sample(
@@ -264,7 +271,7 @@ def check_finite_samples(samples: np.ndarray) -> None:
         raise FloatingPointError(f"{bad} of {len(samples)} samples are not finite")
 
 
-def _save_samples(images: np.ndarray, path: str | os.PathLike) -> None:
+def save_sample_image(images: np.ndarray, path: str | os.PathLike) -> None:
     """Writes a sample grid (images) or a 2-D density plot (toy points) as an image at `path`.
 
     Args:
@@ -286,8 +293,10 @@ def save_sample_arrays(samples: np.ndarray, labels, path: str | os.PathLike) -> 
 
     The layout of guided-diffusion's sample files (Dhariwal & Nichol 2021), which their
     evaluator and most FID tools read: `arr_0` holds images as uint8 [N, H, W, C]
-    (round((x + 1) * 127.5) of x clipped to [-1, 1], `visualize.to_uint8`), or other data
-    (e.g. 2-D points [N, D]) as float32; `arr_1` the labels [N] of class-conditional samples.
+    (round((x + 1) * 127.5) of x clipped to [-1, 1], `visualize.to_uint8`: the nearest of the
+    data's 256 levels; guided-diffusion's and Ho et al.'s code truncate instead, on average
+    half a level darker), or other data (e.g. 2-D points [N, D]) as float32; `arr_1` the
+    labels [N] of class-conditional samples.
 
     Args:
       samples: [N, H, W, C] images in [-1, 1], or [N, ...] other data.

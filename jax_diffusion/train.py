@@ -33,11 +33,11 @@ from jax_diffusion import data as data_lib
 from jax_diffusion.backend import _top_level, compiler_options
 from jax_diffusion.checkpoints import CheckpointManager
 from jax_diffusion.generate import (  # re-exported: train.sample etc. as before
-    _save_samples,
     check_finite_samples,
     sample,
     sample_in_batches,
     save_sample_arrays,
+    save_sample_image,
 )
 from jax_diffusion.models import drop_labels
 from jax_diffusion.run_config import (  # re-exported: train.check_config etc. as before
@@ -68,6 +68,7 @@ __all__ = [
     "sample",
     "sample_in_batches",
     "save_sample_arrays",
+    "save_sample_image",
     "train_and_evaluate",
 ]
 
@@ -546,7 +547,7 @@ def train_and_evaluate(
         )
         path = os.fspath(workdir / "samples" / f"step_{step:07d}.png")
         if jax.process_index() == 0:
-            _save_samples(np.asarray(jax.device_get(images)), path)
+            save_sample_image(np.asarray(jax.device_get(images)), path)
         return path
 
     from tqdm.auto import tqdm

@@ -1002,7 +1002,7 @@ def _scripted_loop(monkeypatch, bad_steps=()):
     monkeypatch.setattr(train, "make_train_step", make_train_step)
     monkeypatch.setattr(train, "CheckpointManager", _MemoryCheckpoints)
     monkeypatch.setattr(train, "sample", sample)
-    monkeypatch.setattr(train, "_save_samples", save_samples)
+    monkeypatch.setattr(train, "save_sample_image", save_samples)
     return _MemoryCheckpoints.runs, samples
 
 
@@ -1334,7 +1334,7 @@ def test_the_toy_density_image_has_y_up_and_x_right(tmp_path):
     points = np.concatenate(
         [rng.normal([1.5, 1.5], 0.1, (300, 2)), rng.normal([1.5, -1.5], 0.1, (30, 2))]
     )
-    train._save_samples(points, tmp_path / "grid.png")
+    train.save_sample_image(points, tmp_path / "grid.png")
     img = np.asarray(Image.open(tmp_path / "grid.png"), np.float64)
     h, w = img.shape
     quadrant = {
