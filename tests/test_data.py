@@ -580,6 +580,8 @@ def tfds_data(tmp_path_factory):
                 "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
                 "wide": tfds.features.Image(shape=(6, 10, 3), encoding_format="png"),
                 "varying": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                "rows_vary": tfds.features.Image(shape=(None, 7, 3), encoding_format="png"),
+                "columns_vary": tfds.features.Image(shape=(7, None, 3), encoding_format="png"),
                 "float_image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.float32),
                 "label": tfds.features.ClassLabel(num_classes=3),
             }
@@ -595,6 +597,7 @@ def tfds_data(tmp_path_factory):
             for i in range(len(images)):
                 wide = np.zeros((6, 10, 3), np.uint8)
                 wide[:, 2:8] = levels[i]
+                tall = np.full((6 + i % 3, 7, 3), i, np.uint8)
                 # PIL images are encoded with PIL: tfds encodes NumPy arrays with TensorFlow.
                 yield (
                     i,
@@ -603,6 +606,8 @@ def tfds_data(tmp_path_factory):
                         "wide": PIL.Image.fromarray(wide),
                         # 6x7, 7x7 and 8x7: a dataset of images of several sizes
                         "varying": PIL.Image.fromarray(np.full((6 + i % 3, 7, 3), i, np.uint8)),
+                        "rows_vary": PIL.Image.fromarray(tall),  # as varying
+                        "columns_vary": PIL.Image.fromarray(tall.transpose(1, 0, 2)),
                         "float_image": images[i].astype(np.float32),
                         "label": int(labels[i]),
                     },
@@ -807,6 +812,11 @@ def test_tfds_errors(tfds_data, tmp_path):
         _tfds_it(data_dir, image_key="varying")
     batch = next(_tfds_it(data_dir, image_key="varying", image_size=5))
     assert batch["image"].shape == (8, 5, 5, 3)
+    for key, shape in (("rows_vary", r"\(None, 7, 3\)"), ("columns_vary", r"\(7, None, 3\)")):
+        # one side of several sizes is enough to need image_size
+        with pytest.raises(ValueError, match=rf"'{key}' images .* vary in size \(shape {shape}\)"):
+            _tfds_it(data_dir, image_key=key)
+        assert next(_tfds_it(data_dir, image_key=key, image_size=5))["image"].shape == (8, 5, 5, 3)
     with pytest.raises(ValueError, match="label_key 'class' is not a feature"):
         _tfds_it(data_dir, label_key="class")
     with pytest.raises(ValueError, match=r"divisible by process_count=3; got 8$"):

@@ -1,6 +1,9 @@
 """A run's config (run_config.py): every bad field named before any work, the schedule and the
 model it builds, the sampling settings it fills in."""
 
+import copy
+import json
+import re
 import warnings
 
 import jax
@@ -144,6 +147,7 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         ("train__warmup_steps", True, "train.warmup_steps must be a finite number; got True"),
         ("data__random_flip", 1, "data.random_flip must be True or False; got 1"),
         ("train__ema_warmup", "no", "train.ema_warmup must be True or False; got 'no'"),
+        ("train__ema_warmup", 1, "train.ema_warmup must be True or False; got 1"),
     ]
     for key, value, match in cases:
         config = smoke().to_dict()  # a plain copy: takes values of any type
@@ -165,6 +169,10 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         run_config.check_config(smoke(**overrides))
     for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py"):
         run_config.check_config(cli.load_config(str(CONFIGS / name)))
+    # a config (a run's config.json) from before train.ema_warmup existed: the warm-up, valid
+    before = smoke()
+    del before.train["ema_warmup"]
+    run_config.check_config(before)
 
 
 def test_check_num_classes_accepts_none_or_the_data_count_and_names_the_field_otherwise():
@@ -223,3 +231,58 @@ def test_the_cifar10_config_is_ho_et_al_s_setup_but_for_the_deviations_its_docst
     assert paper.diffusion == config.diffusion and paper.sample == config.sample
     with pytest.raises(ValueError, match=r"unknown config variant 'papr'; allowed: 'paper', 'sm"):
         cli.load_config(str(CONFIGS / "cifar10.py") + ":papr")
+
+
+def _resume(tmp_path, saved: dict, config) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    run_config._check_resume_keeps_the_meaning(config, str(tmp_path))
+
+
+def test_the_resume_check_names_each_changed_meaning_field_and_skips_only_missing_ones(tmp_path):
+    saved = json.loads(smoke().to_json())  # as train_and_evaluate writes config.json
+    _resume(tmp_path, saved, smoke())  # the same config resumes
+    changes = [
+        ("model.name", "mlp"),
+        ("diffusion.prediction", "v"),
+        ("diffusion.variance", "learned_range"),
+        ("diffusion.schedule", "linear"),
+        ("diffusion.num_timesteps", 20),
+        ("diffusion.zero_terminal_snr", True),
+    ]
+    for key, value in changes:  # each alone is refused, naming it with the run's value
+        section, name = key.split(".")
+        config = smoke()
+        config[section][name] = value
+        named = f"with {key}={value!r} (the run has {saved[section][name]!r})"
+        with pytest.raises(ValueError, match=re.escape(named)):
+            _resume(tmp_path, saved, config)
+    # a config.json without a required field (written before it existed): that field is not
+    # compared, every other one still is
+    for key, _ in changes[:-1]:
+        section, name = key.split(".")
+        old = copy.deepcopy(saved)
+        del old[section][name]
+        _resume(tmp_path, old, smoke())
+        with pytest.raises(ValueError, match=r"diffusion.zero_terminal_snr=True \(the run has F"):
+            _resume(tmp_path, old, smoke(diffusion__zero_terminal_snr=True))
+
+
+def test_the_cifar10_config_s_variants_compose_in_any_order():
+    from experiments.configs import cifar10
+
+    base, paper = cifar10.get_config(), cifar10.get_config("paper")
+    assert base.model.attention_resolutions == (16,)  # self-attention at 16x16 (section 4)
+    assert paper.model.attention_resolutions == (16,)
+    assert paper.model.num_heads == 1  # the paper's single-head attention
+    # an empty name is no variant, as in default.py's apply_variant
+    assert cifar10.get_config("paper,").to_dict() == paper.to_dict()
+    assert cifar10.get_config("smoke,").to_dict() == cifar10.get_config("smoke").to_dict()
+    # 'smoke' shrinks shapes and steps whatever the order; 'paper's other choices stay
+    both = cifar10.get_config("paper,smoke")
+    assert cifar10.get_config("smoke,paper").to_dict() == both.to_dict()
+    small = cifar10.get_config("smoke")
+    assert both.model.base_channels == small.model.base_channels == 8
+    assert both.model.channel_mults == small.model.channel_mults == (1,)
+    assert both.train.num_steps == small.train.num_steps == 2
+    assert (both.model.dtype, both.model.use_scale_shift_norm) == ("float32", False)
+    assert (small.model.dtype, small.model.use_scale_shift_norm) == ("bfloat16", True)

@@ -272,6 +272,14 @@ def test_from_betas_casts_every_table_to_dtype():
             lambda: Schedule.from_betas(jd.linear_betas(10)).respace([0.0, 3.0]),
             "non-empty 1-D int array",
         ),
+        (  # a [1, 1] array is no sequence of steps, however its one entry lies in [0, 9]
+            lambda: Schedule.from_betas(jd.linear_betas(10)).respace([[5]]),
+            r"non-empty 1-D int array; got \[\[5\]\]",
+        ),
+        (
+            lambda: Schedule.from_betas(jd.linear_betas(10)).respace([[3, 5]]),
+            r"non-empty 1-D int array; got \[\[3, 5\]\]",
+        ),
     ],
 )
 def test_bad_schedule_edges_raise(call, match):

@@ -394,8 +394,12 @@ def test_the_train_step_s_ema_warms_up_unless_train_ema_warmup_is_false():
     model = train.create_model(config, channels=2)
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((16, 2)).astype(np.float32), "label": np.zeros(16)}
-    for warmup, d in ((True, 0.1), (False, 0.9)):
-        config.train.ema_warmup = warmup
+    # None: a config (a run's config.json) from before train.ema_warmup existed warms up
+    for warmup, d in ((True, 0.1), (False, 0.9), (None, 0.1)):
+        if warmup is None:
+            del config.train["ema_warmup"]
+        else:
+            config.train.ema_warmup = warmup
         state = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
         new, _ = jax.jit(train.make_train_step(config, schedule))(state, batch)
         for e, p, got in zip(
