@@ -781,7 +781,7 @@ def dpm_solver_pp_sample(
       timesteps: instead of num_steps, the steps at which the model is called: concrete
         distinct ints in [0, T - 1], any order (visited descending; x_T is taken at the
         largest, and after the smallest the solver steps to sigma = 0), e.g. a log-SNR-uniform
-        grid (Lu et al. 2022's default for pixel models).
+        grid (Lu et al. 2022's choice for low-resolution pixel models).
       return_trajectory: False, True or a stride k (see the module docstring).
 
     Returns:
