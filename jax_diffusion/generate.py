@@ -216,7 +216,6 @@ def sample_in_batches(
             f"unknown sampling options {sorted(unknown)}; allowed: sampler, num_steps, "
             "guidance, spacing"
         )
-    check_sampling(config, labels=labels, **options)
     num_classes = config.model.get("num_classes", None)
     num_batches = -(-num // bs)
     if num_classes is not None:
