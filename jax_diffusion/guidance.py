@@ -155,7 +155,7 @@ def classifier_free_guidance(
     return guided
 
 
-def dynamic_threshold(x0: jax.Array, quantile=0.995) -> jax.Array:
+def dynamic_threshold(x0: jax.Array, quantile=0.995, max_value=None) -> jax.Array:
     """Dynamic thresholding of x0_hat (Saharia et al. 2022, section 2.3).
 
     Per sample, s = max(quantile_p(|x0|), 1) over all non-batch axes; x0 is clipped to [-s, s]
@@ -167,12 +167,14 @@ def dynamic_threshold(x0: jax.Array, quantile=0.995) -> jax.Array:
       x0: [B, ...] x0_hat.
       quantile: p in (0, 1], a quantile (0.995), not a percent (99.5); may be traced.
         The quantile interpolates linearly between order statistics (`jnp.quantile`).
+      max_value: None, or a cap >= 1 on s: s = min(max(quantile_p(|x0|), 1), max_value)
+        (diffusers' `sample_max_value`, as DeepFloyd IF uses it); 1 is static clipping.
 
     Returns:
       [B, ...] thresholded x0, in x0's dtype.
 
     Raises:
-      ValueError: quantile outside (0, 1] or x0 without a batch axis.
+      ValueError: quantile outside (0, 1], max_value below 1, or x0 without a batch axis.
     """
     x0 = jnp.asarray(x0)
     if x0.ndim < 1 or not jnp.issubdtype(x0.dtype, jnp.floating):
@@ -188,8 +190,15 @@ def dynamic_threshold(x0: jax.Array, quantile=0.995) -> jax.Array:
             "quantile must lie in (0, 1] (a quantile such as 0.995, not a percent); "
             f"got {quantile!r}"
         )
+    if max_value is not None:
+        if not _is_real(max_value) or jnp.ndim(max_value) != 0:
+            raise ValueError(f"max_value must be None or a scalar >= 1; got {max_value!r}")
+        if _is_concrete(max_value) and not float(max_value) >= 1.0:
+            raise ValueError(f"max_value must be None or a scalar >= 1; got {max_value!r}")
     dtype = jnp.promote_types(x0.dtype, jnp.float32)
     flat = jnp.abs(x0.astype(dtype)).reshape(x0.shape[0], math.prod(x0.shape[1:]))
     s = jnp.maximum(jnp.quantile(flat, jnp.asarray(quantile, dtype), axis=1), 1.0)
+    if max_value is not None:
+        s = jnp.minimum(s, jnp.asarray(max_value, dtype))
     s = _per_example(s, x0)
     return (jnp.clip(x0.astype(dtype), -s, s) / s).astype(x0.dtype)

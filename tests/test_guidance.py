@@ -54,6 +54,30 @@ def test_dynamic_threshold_is_a_per_sample_quantile(quantile):
     np.testing.assert_allclose(other[:2], out[:2], rtol=RTOL, atol=ATOL)
 
 
+def test_dynamic_threshold_caps_s_at_max_value():
+    # s = min(max(quantile(|x|), 1), max_value) per sample (diffusers' sample_max_value)
+    x = np.stack(
+        [
+            np.linspace(-3.0, 3.0, 48).reshape(4, 3, 4),  # s = 3 uncapped: capped at 1.5
+            np.linspace(-1.2, 1.2, 48).reshape(4, 3, 4),  # s ~ 1.2 < 1.5: as without a cap
+            np.linspace(-0.5, 0.5, 48).reshape(4, 3, 4),  # s = 1: unchanged
+        ]
+    )
+    for max_value, traced in ((1.5, False), (1.5, True), (1.0, False)):
+        s = np.maximum(np.quantile(np.abs(x).reshape(3, -1), 1.0, axis=1), 1.0)
+        s = np.minimum(s, max_value)[:, None, None, None]
+        expected = np.clip(x, -s, s) / s
+        fn = jax.jit(dynamic_threshold) if traced else dynamic_threshold
+        out = fn(jnp.asarray(x, jnp.float32), 1.0, max_value)
+        np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
+    # 1: static clipping to [-1, 1]
+    static = dynamic_threshold(jnp.asarray(x, jnp.float32), 0.9, max_value=1.0)
+    np.testing.assert_allclose(static, np.clip(x, -1, 1), rtol=RTOL, atol=ATOL)
+    for bad in (0.5, "2", jnp.ones(2)):
+        with pytest.raises(ValueError, match=r"max_value must be None or a scalar >= 1; got"):
+            dynamic_threshold(jnp.ones((2, 3)), 0.9, max_value=bad)
+
+
 @pytest.mark.parametrize("quantile", [99.5, 0.0, -0.1, 1.5])
 def test_dynamic_threshold_rejects_a_percent(quantile):
     with pytest.raises(ValueError, match=r"quantile must lie in \(0, 1\].*not a percent"):
