@@ -149,13 +149,19 @@ def sample(
 
     args = (params, labels, jnp.asarray(w, jnp.float32), x_rng, s_rng)
     if _top_level(args):
-        if mesh is not None:  # params on one device cannot meet the mesh's in one program
-            params = jax.device_put(params, NamedSharding(mesh, P()))
-            args = (params, *args[1:])
+        params, devices = _onto(mesh, params)
         # at top level: compile with the backend's options (a nested jit may not set any)
-        devices = None if mesh is None else mesh.devices.flat
         run = jax.jit(run, compiler_options=compiler_options(devices))
+        args = (params, *args[1:])
     return run(*args)
+
+
+def _onto(mesh, params):
+    """(params replicated on the mesh's devices, those devices), or (params, None) for no
+    mesh: params on one device cannot meet the mesh's in one program."""
+    if mesh is None:
+        return params, None
+    return jax.device_put(params, NamedSharding(mesh, P())), mesh.devices.flat
 
 
 def _check_mesh(mesh):
@@ -225,10 +231,7 @@ def sample_in_batches(
             labels = np.asarray(labels)
             _check_labels(labels, num, num_classes)
             labels = np.pad(labels.astype(np.int32), (0, num_batches * bs - num))
-    devices = None
-    if _check_mesh(mesh) is not None:  # replicated once, not in every call
-        params = jax.device_put(params, NamedSharding(mesh, P()))
-        devices = mesh.devices.flat
+    params, devices = _onto(_check_mesh(mesh), params)  # replicated once, not in every call
     draw = jax.jit(
         lambda p, key, y: sample(
             config, model, p, schedule, key, shape=shape, num=bs, labels=y, mesh=mesh, **options
