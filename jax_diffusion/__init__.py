@@ -6,6 +6,7 @@ The math (schedules, process, losses, samplers) imports only jax and numpy; the 
 
 from jax_diffusion.diffusion import (
     PMeanVariance,
+    eps_from_score,
     eps_from_v,
     eps_from_x0,
     p_mean_variance,
@@ -13,6 +14,7 @@ from jax_diffusion.diffusion import (
     q_mean_variance,
     q_posterior_mean_variance,
     q_sample,
+    score_from_eps,
     training_target,
     v_from_x0_eps,
     x0_from_eps,

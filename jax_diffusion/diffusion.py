@@ -32,6 +32,7 @@ __all__ = [
     "check_t",
     "check_variance",
     "denoised_estimates",
+    "eps_from_score",
     "eps_from_v",
     "eps_from_x0",
     "p_mean_variance",
@@ -39,6 +40,7 @@ __all__ = [
     "q_mean_variance",
     "q_posterior_mean_variance",
     "q_sample",
+    "score_from_eps",
     "split_learned_range",
     "training_target",
     "v_from_x0_eps",
@@ -330,6 +332,51 @@ def v_from_x0_eps(schedule: Schedule, *, x0, eps, t) -> jax.Array:
         return -sigma, alpha
 
     return _affine(schedule, t, coefs, x0, eps, x_name="x0", y_name="eps")
+
+
+def score_from_eps(schedule: Schedule, *, t, eps) -> jax.Array:
+    """The score grad_{x_t} log q(x_t) = -eps / sigma_t, from an eps prediction.
+
+    With the optimal eps_hat = E[eps | x_t] this is the exact score of the marginal q(x_t):
+    eps prediction is denoising score matching (Vincent 2011; Ho et al. 2020, section 3.2;
+    seed 001, "connection to score"), and Tweedie's formula x0_hat = (x_t + sigma_t^2 score)
+    / alpha_t is `x0_from_eps`. Finite for every t, since alphas_cumprod < 1 (sigma_t > 0).
+
+    Args:
+      schedule: the noise schedule.
+      t: int [B] (or []) in [0, T - 1].
+      eps: [B, ...] float, the noise or its estimate at step t.
+
+    Returns:
+      [B, ...] the score, in eps's dtype (computed in at least float32).
+
+    Raises:
+      ValueError: eps not a floating array, or t invalid (`check_t`).
+    """
+    dtype = _compute_dtype(eps=eps)
+    t = check_t(schedule, t, eps, name="eps")
+    sigma = _coef(schedule.sqrt_one_minus_alphas_cumprod, t, eps, dtype)
+    return (-eps.astype(dtype) / sigma).astype(eps.dtype)
+
+
+def eps_from_score(schedule: Schedule, *, t, score) -> jax.Array:
+    """eps = -sigma_t score, the inverse of `score_from_eps`: a score model as a denoiser.
+
+    Args:
+      schedule: the noise schedule.
+      t: int [B] (or []) in [0, T - 1].
+      score: [B, ...] float, grad_{x_t} log q(x_t) or its estimate at step t.
+
+    Returns:
+      [B, ...] eps, in score's dtype (computed in at least float32).
+
+    Raises:
+      ValueError: score not a floating array, or t invalid (`check_t`).
+    """
+    dtype = _compute_dtype(score=score)
+    t = check_t(schedule, t, score, name="score")
+    sigma = _coef(schedule.sqrt_one_minus_alphas_cumprod, t, score, dtype)
+    return (-sigma * score.astype(dtype)).astype(score.dtype)
 
 
 def predict_x0_eps(schedule: Schedule, *, model_output, xt, t, prediction: str):

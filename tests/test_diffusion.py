@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_diffusion as jd
+from jax_diffusion.testing import gaussian_posterior_moments
 
 T = 1000
 SCHEDULES = {
@@ -522,3 +523,62 @@ def test_training_target_checks_its_arguments_for_every_prediction(prediction):
         jnp.array([0, 9])
     )
     assert got.shape == x0.shape
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "zero_snr"])
+def test_score_conversions_float64(x64, name):
+    betas = SCHEDULES[name]()
+    sched = jd.Schedule.from_betas(betas, dtype=jnp.float64)
+    _, eps, _ = data(5)
+    ab = bcast(np_schedule(betas)["alphas_cumprod"][T_VALUES], eps)
+    t = jnp.asarray(T_VALUES)
+    score = jd.score_from_eps(sched, t=t, eps=eps)
+    assert score.dtype == jnp.float64
+    np.testing.assert_allclose(score, -eps / np.sqrt(1 - ab), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(jd.eps_from_score(sched, t=t, score=score), eps, rtol=1e-10)
+    np.testing.assert_allclose(
+        jd.eps_from_score(sched, t=t, score=eps), -np.sqrt(1 - ab) * eps, rtol=1e-10, atol=1e-10
+    )
+
+
+def test_score_of_the_exact_denoiser_is_the_gradient_of_the_marginal_log_density(x64):
+    # Gaussian data N(m, s^2): q(x_t) = N(alpha m, alpha^2 s^2 + sigma^2), whose log density has
+    # the gradient -(x_t - alpha m) / (alpha^2 s^2 + sigma^2); Tweedie: x0_hat = (x_t + sigma^2
+    # score) / alpha, the posterior mean of x0
+    betas = SCHEDULES["cosine"]()
+    sched = jd.Schedule.from_betas(betas, dtype=jnp.float64)
+    ab = np_schedule(betas)["alphas_cumprod"]
+    m, s = 0.3, 0.7
+    t = np.array([0, 10, 400, 900, T - 2])
+    xt = np.random.default_rng(7).standard_normal((5, 6)) * 1.5
+    alpha, sigma2 = bcast(np.sqrt(ab[t]), xt), bcast(1 - ab[t], xt)
+    want = -(xt - alpha * m) / (alpha**2 * s**2 + sigma2)
+    x0_hat, eps_hat = gaussian_posterior_moments(sched, jnp.asarray(xt), t, m, s)
+    score = jd.score_from_eps(sched, t=jnp.asarray(t), eps=eps_hat)
+    np.testing.assert_allclose(score, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose((xt + sigma2 * want) / alpha, x0_hat, rtol=1e-9, atol=1e-12)
+
+
+def test_score_conversions_keep_the_dtype_check_their_arguments_and_transform():
+    sched = _sched32("linear")
+    x = jnp.ones((2, 3), jnp.bfloat16)
+    t = jnp.array([3, 700])
+    assert jd.score_from_eps(sched, t=t, eps=x).dtype == jnp.bfloat16
+    assert jd.eps_from_score(sched, t=t, score=x).dtype == jnp.bfloat16
+    x = jnp.arange(6.0).reshape(2, 3)
+    with pytest.raises(ValueError, match="eps must be a floating array .*got dtype int32"):
+        jd.score_from_eps(sched, t=t, eps=x.astype(int))
+    with pytest.raises(ValueError, match=r"score must be a floating array .*got list"):
+        jd.eps_from_score(sched, t=t, score=x.tolist())
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 999\]; got values in \[3, 1000\]"):
+        jd.score_from_eps(sched, t=jnp.array([3, 1000]), eps=x)
+    with pytest.raises(ValueError, match=r"t has batch size 3 but score has shape \(2, 3\)"):
+        jd.eps_from_score(sched, t=jnp.zeros(3, int), score=x)
+    eager = jd.score_from_eps(sched, t=t, eps=x)
+    per_example = jax.vmap(lambda e, s: jd.score_from_eps(sched, t=s, eps=e))(x, t)
+    np.testing.assert_allclose(jax.jit(jd.score_from_eps)(sched, t=t, eps=x), eager, rtol=1e-6)
+    np.testing.assert_allclose(per_example, eager, rtol=1e-6)
+    g = jax.grad(lambda e: jnp.sum(jd.eps_from_score(sched, t=t, score=e)))(x)
+    np.testing.assert_allclose(
+        g, -sched.sqrt_one_minus_alphas_cumprod[t][:, None] * jnp.ones_like(x)
+    )
