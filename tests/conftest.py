@@ -51,6 +51,15 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
+# batch-iterator helpers, shared by test_data.py and test_iterators.py
+def _take(it, steps):
+    return [next(it) for _ in range(steps)]
+
+
+def _labels(batches):
+    return np.concatenate([b["label"] for b in batches])
+
+
 @pytest.fixture
 def x64():
     """Runs the test body with 64-bit JAX types enabled."""
