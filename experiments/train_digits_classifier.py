@@ -5,17 +5,17 @@ Run (from the repository root):
 Expect: about 10 s on a 2-core CPU; prints JSON with the test accuracy on load_digits(8, "test")
 and writes the params (~150 KB) to --out, by default under /tmp: the shipped asset is what every
 digits metric is measured with, so replacing it (--out jax_diffusion/assets/...) is a deliberate
-step that also updates `evaluation.DIGITS_CLASSIFIER_TEST_ACCURACY`. The trained params depend on
-the jax / XLA version bit for bit: the asset's 285/297 came from an earlier jax; jax 0.10.2 on a
-2-core AMD EPYC gives 286/297.
+step that also updates `digits_classifier.DIGITS_CLASSIFIER_TEST_ACCURACY`. The trained params
+depend on the jax / XLA version bit for bit: the asset's 285/297 came from an earlier jax; jax
+0.10.2 on a 2-core AMD EPYC gives 286/297.
 
-The classifier (`evaluation.DigitsClassifier`) is the feature extractor of the digits metrics:
-a CPU-scale stand-in for FID's Inception network, not FID. It is trained on the 1500 train
-digits with three augmentations, so that generated samples are not out of distribution for it:
-half the images are replaced by their 16x16 (bilinear) -> 8x8 (2x2 mean) round trip, which is
-what `evaluation.to_digits_resolution` gives for 16x16 runs; every image is shifted by up to one
-pixel along each axis; and every image gets Gaussian noise with a per-image std uniform in
-[0, 0.1] (samples are off the 17-level grid of the data).
+The classifier (`digits_classifier.DigitsClassifier`) is the feature extractor of the digits
+metrics: a CPU-scale stand-in for FID's Inception network, not FID. It is trained on the 1500 train
+digits with three augmentations, so that generated samples are not out of distribution for it: half
+the images are replaced by their 16x16 (bilinear) -> 8x8 (2x2 mean) round trip, which is what
+`digits_classifier.to_digits_resolution` gives for 16x16 runs; every image is shifted by up to one
+pixel along each axis; and every image gets Gaussian noise with a per-image std uniform in [0, 0.1]
+(samples are off the 17-level grid of the data).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from jax_diffusion.data import load_digits
-from jax_diffusion.evaluation import DigitsClassifier, to_digits_resolution
+from jax_diffusion.digits_classifier import DigitsClassifier, to_digits_resolution
 
 DEFAULT_OUT = "/tmp/digits_classifier_8x8.msgpack"  # not the shipped asset: see the docstring
 
