@@ -194,6 +194,7 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from jax_diffusion import train
     from jax_diffusion.evaluation import evaluate_workdir
 
     _check_sampling_flags(args)
@@ -206,6 +207,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         seed=args.seed,
         bpd_examples=args.bpd_examples,
+        mesh=train.make_mesh(),  # each batch split over this machine's devices
     )
     text = json.dumps(metrics, indent=2)
     print(text, flush=True)  # first: the metrics survive a failed write

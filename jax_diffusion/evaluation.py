@@ -472,6 +472,7 @@ def evaluate_workdir(
     seed: int = 0,
     batch_size: int = 250,
     bpd_examples: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Samples from a digits training run's latest EMA params and measures the samples.
@@ -500,6 +501,9 @@ def evaluate_workdir(
       batch_size: images per sampling (and bits/dim) call.
       bpd_examples: if > 0, also the bits/dim of the first `bpd_examples` test digits, at most
         297 (T network calls per example: slow for T = 1000).
+      mesh: a mesh with a 'data' axis (`train.make_mesh()`) to split each sampling batch over
+        its devices (the samples are a one-device run's up to float rounding), or None for one
+        device. Bits/dim runs on one device.
       progress: show tqdm progress bars.
 
     Returns:
@@ -518,7 +522,7 @@ def evaluate_workdir(
       FloatingPointError: some samples, or the bits/dim of some test digits, are NaN or inf.
     """
     from jax_diffusion import data as data_lib
-    from jax_diffusion import train
+    from jax_diffusion import generate, train
 
     num_samples = check_int("num_samples", num_samples, 4)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -535,6 +539,7 @@ def evaluate_workdir(
             )
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS} or None; got {spacing!r}")
+    mesh = generate._check_mesh(mesh)
     # then against the run's config (the steps' range, guidance), before the run is restored
     check = dict(sampler=sampler, num_steps=num_steps, spacing=spacing, guidance=guidance)
     sampler, steps_used, spacing_used = train.check_sampling(
@@ -559,6 +564,7 @@ def evaluate_workdir(
         shape=shape,
         num=num_samples,
         batch_size=batch_size,
+        mesh=mesh,
         progress=progress,
         sampler=sampler,
         num_steps=num_steps,

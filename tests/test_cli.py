@@ -6,6 +6,7 @@ import re
 import sys
 import types
 
+import jax
 import pytest
 from conftest import CONFIGS
 
@@ -398,6 +399,8 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
     argv = ["evaluate", "--workdir", "w", "--num", "16", "--sampler", "ddim", "--steps", "4"]
     argv += ["--guidance", "0.5", "--seed", "3", "--bpd-examples", "2", "--out", str(out)]
     assert cli.main([*argv, "--spacing", "linspace"]) == 0
+    mesh = got.pop("mesh")  # each batch split over every device
+    assert isinstance(mesh, jax.sharding.Mesh) and mesh.devices.size == jax.device_count() == 8
     assert got == dict(
         workdir="w",
         num_samples=16,

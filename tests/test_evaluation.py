@@ -678,6 +678,10 @@ def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, c
     assert printed["num_samples"] == 16 and printed["num_steps"] == 3
     for key in ("fd_test", "fd_train", "precision", "recall", "inception_score"):
         assert math.isfinite(printed[key]), key
+    # the CLI splits each batch over the 8 devices: the metrics of one device's samples
+    one_device = evaluate_workdir(smoke_workdir, num_samples=16, num_steps=3, progress=False)
+    for key in ("fd_test", "fd_train", "precision", "recall", "inception_score"):
+        np.testing.assert_allclose(printed[key], one_device[key], rtol=1e-5, err_msg=key)
 
 
 @pytest.mark.parametrize(
@@ -767,6 +771,7 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
         ),
         (dict(spacing="cosine"), r"spacing must be one of \('leading', .*; got 'cosine'"),
         (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),
+        (dict(mesh="data"), r"mesh must be a jax.sharding.Mesh with a 'data' axis .*got 'data'"),
     ],
 )
 def test_evaluate_workdir_checks_its_arguments_before_loading_the_run(tmp_path, kwargs, match):
@@ -907,6 +912,9 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     fake_run.config.sample.spacing = "linspace"  # not the default: read from the config
     assert evaluate_workdir("run", **kw)["spacing"] == "linspace"
     assert fake_run.static[-1]["spacing"] is None
+    mesh = train.make_mesh()
+    evaluate_workdir("run", mesh=mesh, **kw)
+    assert fake_run.static[-1]["mesh"] is mesh
     with pytest.raises(ValueError, match="with sampler 'ddim' only; got .* sampler 'ddpm'"):
         evaluate_workdir("run", spacing="trailing", **{**kw, "sampler": "ddpm", "num_steps": None})
 
