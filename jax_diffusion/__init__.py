@@ -20,6 +20,11 @@ from jax_diffusion.diffusion import (
     x0_from_eps,
     x0_from_v,
 )
+from jax_diffusion.dpm_solver import (
+    dpm_solver_pp_sample,
+    dpm_solver_pp_step,
+    dpm_solver_pp_timesteps,
+)
 from jax_diffusion.guidance import classifier_free_guidance, dynamic_threshold
 from jax_diffusion.losses import (
     NLLBpd,
@@ -39,9 +44,6 @@ from jax_diffusion.samplers import (
     ddim_step,
     ddpm_sample,
     ddpm_step,
-    dpm_solver_pp_sample,
-    dpm_solver_pp_step,
-    dpm_solver_pp_timesteps,
     sampling_timesteps,
 )
 from jax_diffusion.schedules import (
