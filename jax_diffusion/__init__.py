@@ -20,6 +20,7 @@ from jax_diffusion.diffusion import (
     x0_from_eps,
     x0_from_v,
 )
+from jax_diffusion.distillation import distillation_loss, distillation_target, student_timesteps
 from jax_diffusion.dpm_solver import (
     dpm_solver_pp_sample,
     dpm_solver_pp_step,
