@@ -97,12 +97,19 @@ def _is_real(x) -> bool:
 
 
 def _check_rng(rng, name: str = "rng", why: str = "") -> None:
-    """A typed key (jax.random.key) or a raw uint32 one (jax.random.PRNGKey: [..., 2], or
-    [..., 4] for the rbg implementations)."""
+    """ONE key: a typed key (jax.random.key) of shape [] or a raw uint32 one
+    (jax.random.PRNGKey: [2], or [4] for the rbg implementations). A batch of keys is refused
+    here, naming the argument: split / fold_in / normal would refuse it further in, naming
+    none of the caller's arguments."""
     dtype = getattr(rng, "dtype", None)
     raw = dtype == jnp.uint32 and jnp.ndim(rng) >= 1 and jnp.shape(rng)[-1] in (2, 4)
     if dtype is None or not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or raw):
         raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)){why}; got {rng!r}")
+    if jnp.ndim(rng) != (1 if raw else 0):
+        raise ValueError(
+            f"{name} must be a single PRNG key{why}; got a batch of keys of shape "
+            f"{jnp.shape(rng)} (jax.vmap over the keys to draw one result per key)"
+        )
 
 
 def check_schedule(schedule) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "nll_bpd",
     "normal_kl",
     "prior_bpd",
+    "training_draws",
     "vlb_terms_bpd",
 ]
 

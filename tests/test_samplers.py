@@ -852,6 +852,19 @@ BAD_INPUTS = {
         r"timesteps must be concrete ints",
     ),
     "rng_int": (lambda: ddpm_sample(_gauss(), SCHEDULE, X, 0), r"rng must be a PRNG key.*got 0"),
+    # a batch of keys was refused by split / normal deep inside, naming none of the arguments
+    "rng_batch_of_keys": (
+        lambda: ddpm_sample(_gauss(), SCHEDULE, X, jax.random.split(KEY, 2)),
+        r"rng must be a single PRNG key for ddpm_sample; got a batch of keys of shape \(2,\)",
+    ),
+    "rng_batch_of_raw_keys": (
+        lambda: ddim_sample(_gauss(), SCHEDULE, X, jnp.zeros((2, 2), jnp.uint32), eta=1.0),
+        r"rng must be a single PRNG key when eta is not 0; got a batch of keys of shape \(2, 2\)",
+    ),
+    "step_rng_batch_of_keys": (
+        lambda: ddpm_step(_gauss(), SCHEDULE, X, 5, jax.random.split(KEY, 2)),
+        r"rng must be a single PRNG key for the noise of a DDPM step",
+    ),
     "model_none": (lambda: ddim_sample(None, SCHEDULE, X), r"model_fn must be a callable"),
     "schedule_array": (
         lambda: ddim_sample(_gauss(), BETAS, X),
