@@ -219,11 +219,21 @@ class Schedule:
 
     @classmethod
     def from_betas(cls, betas, dtype=jnp.float32) -> Schedule:
-        """Builds every table in float64 NumPy from [T] betas in (0, 1], then casts to `dtype`."""
+        """Builds every table in float64 NumPy from [T] betas in (0, 1], then casts to `dtype`.
+
+        Raises:
+          ValueError: bad betas, a dtype that is not floating, or float64 with x64 disabled
+            (JAX would silently make it float32).
+        """
         betas = check_betas(betas)
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"dtype must be a floating dtype; got {dtype}")
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:  # would silently become float32
+            raise ValueError(
+                f"dtype {dtype} needs 64-bit JAX (jax.config.update('jax_enable_x64', True), or "
+                "inside `with jax.enable_x64(True):`); got it with x64 disabled"
+            )
         num_timesteps = betas.shape[0]
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)

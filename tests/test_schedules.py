@@ -259,6 +259,15 @@ def test_from_betas_casts_every_table_to_dtype():
     assert sched.respace([0, 50, 99]).betas.dtype == dtype
 
 
+def test_a_float64_schedule_without_x64_is_refused_not_silently_float32():
+    # it used to come back float32 (with ten truncation warnings from jnp.asarray)
+    with pytest.raises(ValueError, match=r"dtype float64 needs 64-bit JAX .*x64 disabled"):
+        Schedule.from_betas(jd.linear_betas(10), dtype=jnp.float64)
+    with jax.enable_x64(True):
+        sched = Schedule.from_betas(jd.linear_betas(10), dtype=np.float64)
+        assert all(leaf.dtype == jnp.float64 for leaf in jax.tree_util.tree_leaves(sched))
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
