@@ -176,7 +176,7 @@ def dpm_solver_pp_sample(
       model_fn: denoiser `model_fn(x [B, ...], t int32 [B])`.
       schedule: the noise schedule.
       x_T: [B, ...] float start sample at the first step (t = T - 1 unless `timesteps` says).
-      num_steps: number of model calls, in [1, T - 1] (None: 20).
+      num_steps: number of model calls, in [1, T - 1] (None: 20, or T - 1 if smaller).
       order: 2 (DPM-Solver++(2M)) or 1 (DPM-Solver++1, i.e. DDIM with eta = 0 on this grid).
       prediction, variance, clip_denoised, denoised_fn: as in `ddim_sample`; dynamic
         thresholding (`denoised_fn=dynamic_threshold`) is the combination Lu et al. recommend
@@ -195,7 +195,9 @@ def dpm_solver_pp_sample(
     )
     order = _check_int("order", order, 1, 2)  # a Python int: the scan body branches on it
     if timesteps is None:
-        ts = dpm_solver_pp_timesteps(schedule.num_timesteps, 20 if num_steps is None else num_steps)
+        if num_steps is None:  # the default, fitted to a schedule of 20 steps or fewer
+            num_steps = min(20, max(schedule.num_timesteps - 1, 1))
+        ts = dpm_solver_pp_timesteps(schedule.num_timesteps, num_steps)
     else:
         ts = _given_timesteps(schedule, timesteps, num_steps=num_steps)
     num_steps = len(ts)

@@ -436,7 +436,7 @@ def ddim_sample(
       schedule: the noise schedule.
       x_T: [B, ...] float start sample.
       rng: PRNG key, required unless eta is statically 0 (deterministic sampling).
-      num_steps: number of model calls, in [1, T] (None: 50).
+      num_steps: number of model calls, in [1, T] (None: 50, or T if smaller).
       eta: scalar >= 0; 0 deterministic, 1 the DDPM-like (beta_tilde) posterior variance.
       spacing: 'leading' | 'trailing' | 'linspace' (see `sampling_timesteps`; None:
         'leading'). Use 'trailing' to start at t = T - 1 (Lin et al. 2024).
@@ -460,9 +460,9 @@ def ddim_sample(
         _check_rng(rng, why=" when eta is not 0")
     if timesteps is None:
         spacing = "leading" if spacing is None else spacing
-        ts = sampling_timesteps(
-            schedule.num_timesteps, 50 if num_steps is None else num_steps, spacing
-        )
+        if num_steps is None:  # the default, fitted to a schedule of fewer than 50 steps
+            num_steps = min(50, schedule.num_timesteps)
+        ts = sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
     else:
         ts = _given_timesteps(schedule, timesteps, num_steps=num_steps, spacing=spacing)
     num_steps = len(ts)

@@ -644,7 +644,7 @@ def test_stochastic_ddim_on_given_timesteps_is_ddim_on_the_sequence_it_builds():
         np.testing.assert_array_equal(given, built)
 
 
-def test_ddim_and_dpm_solver_pp_defaults_are_the_documented_50_leading_and_20_steps():
+def test_ddim_and_dpm_solver_pp_defaults_are_the_documented_50_leading_and_20_steps_or_fewer():
     model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
     x_T = _normal(45, (2, 3))
     np.testing.assert_array_equal(
@@ -654,6 +654,17 @@ def test_ddim_and_dpm_solver_pp_defaults_are_the_documented_50_leading_and_20_st
     np.testing.assert_array_equal(
         dpm_solver_pp_sample(model, SCHEDULE, x_T),
         dpm_solver_pp_sample(model, SCHEDULE, x_T, timesteps=dpm_solver_pp_timesteps(T, 20)),
+    )
+    # a schedule of fewer steps: every step (DPM-Solver++: T - 1), not an error naming a
+    # num_steps=50 the caller never passed
+    short = Schedule.from_betas(linear_betas(12))
+    model = gaussian_denoiser(short, DATA_MEAN, DATA_STD, "eps")
+    np.testing.assert_array_equal(
+        ddim_sample(model, short, x_T), ddim_sample(model, short, x_T, timesteps=np.arange(12))
+    )
+    np.testing.assert_array_equal(
+        dpm_solver_pp_sample(model, short, x_T),
+        dpm_solver_pp_sample(model, short, x_T, timesteps=dpm_solver_pp_timesteps(12, 11)),
     )
 
 
