@@ -11,6 +11,9 @@ Discrete time (t in [0, T - 1]; -1 is the clean end, alphas_cumprod = 1): the te
 `timesteps` = tau_0 > tau_1 > ... > tau_{2N-1}, the student's is `timesteps[::2]`, and student
 step i goes from tau_{2i} through the teacher's tau_{2i+1} to tau_{2i+2} (-1 after the last).
 Sample the student with `ddim_sample(student_fn, schedule, x_T, timesteps=timesteps[::2])`.
+Before the last step, x_tilde is the x0 that makes one step land on the teacher's two, not a
+clean image: it need not lie in [-1, 1], and clipping the student's x0_hat there
+(`clip_denoised`) departs from the steps it learned.
 
 Pure functions of any `teacher_fn(x, t)` / `student_fn(x, t)` (eps, x0 or v outputs); no Flax.
 """
