@@ -100,6 +100,28 @@ def guidance(r: dict) -> str:
     return _table(head, rows)
 
 
+def distillation(r: dict) -> str:
+    rows = r["rows"]
+    top = max(row["steps"] for row in rows)
+    by = {(row["model"], row["steps"]): row for row in rows}
+    rounds = {rec["student_steps"]: rec for rec in r["rounds"]}
+
+    def cell(row):
+        return f"{row['fd_train']:.3g} / {row['precision']:.2f} / {row['recall']:.2f}"
+
+    table = [[top, cell(by["ddim", top]), "(reference)", "", "", ""]]
+    for n in sorted((n for m, n in by if m == "distilled"), reverse=True):
+        rec = rounds[n]
+        table.append(
+            [n, cell(by["ddim", n]), cell(by["distilled", n]), cell(by["distilled_clipped", n])]
+            + [f"{rec['train_seconds']:.0f}", rec["final_loss"]]
+        )
+    head = ["steps", "base model, DDIM: fd_train / P / R", "distilled: fd_train / P / R"]
+    head += ["distilled, clip_denoised"]
+    head += ["round train s", "final distillation loss"]
+    return f"N = {r['num_samples']}:\n\n" + _table(head, table)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -109,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         ("sampler_sweep", sampler_sweep),
         ("variance_loss", variance_loss),
         ("guidance", guidance),
+        ("distillation", distillation),
     ):
         r = _load(args.out, name)
         if r is None:

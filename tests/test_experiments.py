@@ -12,7 +12,14 @@ import os
 
 import pytest
 
-from experiments import common, guidance, parameterization, sampler_sweep, variance_loss
+from experiments import (
+    common,
+    distillation,
+    guidance,
+    parameterization,
+    sampler_sweep,
+    variance_loss,
+)
 
 # one worker runs the whole module (pyproject: --dist loadgroup), so the runs the scripts share
 # (the eps model of test_parameterization) are trained once, in the module's workdir
@@ -91,6 +98,25 @@ def test_guidance(dirs):
         assert 0.0 <= row["class_accuracy"] <= 1.0
 
 
+def test_distillation(dirs):
+    results = _run(distillation, dirs)
+    # the teacher is the parameterization experiment's v model (same workdir, same config)
+    assert results["run"]["prediction"] == "v"
+    assert not results["distillation"]["student_clip_denoised"]
+    assert results["distillation"]["teacher_grid"] == [49, 37, 24, 11]  # smoke: trailing, T = 50
+    rows = [(r["model"], r["steps"]) for r in results["rows"]]
+    assert rows == [("ddim", 4)] + [
+        (model, n) for n in (2, 1) for model in ("distilled", "distilled_clipped", "ddim")
+    ]
+    for row in results["rows"]:
+        assert set(QUALITY + ("sample_seconds",)) <= set(row)
+    rounds = results["rounds"]
+    assert [(r["teacher_steps"], r["student_steps"]) for r in rounds] == [(4, 2), (2, 1)]
+    for r in rounds:
+        assert r["steps"] == 2 and r["train_seconds"] > 0
+        assert [k for k, _ in r["loss_curve"]] == [2]
+
+
 def test_train_run_reuses_a_finished_workdir(dirs):
     workdir = common.run_dir(dirs[0], "param_eps", smoke=True)
     config = common.make_config({}, steps=2, smoke=True)
@@ -108,6 +134,7 @@ def test_train_run_reuses_a_finished_workdir(dirs):
         (variance_loss, "--long-samples"),
         (parameterization, "--num-samples"),
         (guidance, "--num-samples"),
+        (distillation, "--num-samples"),
     ],
 )
 @pytest.mark.parametrize("count", ["0", "3"])
