@@ -26,7 +26,12 @@ from jax_diffusion.dpm_solver import (
     dpm_solver_pp_step,
     dpm_solver_pp_timesteps,
 )
-from jax_diffusion.guidance import classifier_free_guidance, dynamic_threshold
+from jax_diffusion.guidance import (
+    classifier_free_guidance,
+    classifier_grad,
+    classifier_guidance,
+    dynamic_threshold,
+)
 from jax_diffusion.losses import (
     NLLBpd,
     diffusion_loss,

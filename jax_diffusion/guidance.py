@@ -1,9 +1,11 @@
-"""Guidance and x0 thresholding for any sampler: classifier-free guidance, dynamic thresholding.
+"""Guidance and x0 thresholding for any sampler: classifier(-free) guidance, dynamic thresholding.
 
-Both are plain function transforms that plug into the samplers of `jax_diffusion.samplers`
+All are plain function transforms that plug into the samplers of `jax_diffusion.samplers`
 (which re-exports them): `classifier_free_guidance` turns a conditional `model_fn(x, t, y)`
-into a denoiser `model_fn(x, t)`, and `dynamic_threshold` is an `x0_hat -> x0_hat` map for a
-sampler's `denoised_fn`. Like the samplers they import only jax and numpy.
+into a denoiser `model_fn(x, t)`, `classifier_guidance` adds a noisy classifier's gradient to
+a denoiser `model_fn(x, t)` (with `classifier_grad` to build that gradient), and
+`dynamic_threshold` is an `x0_hat -> x0_hat` map for a sampler's `denoised_fn`. Like the
+samplers they import only jax and numpy.
 """
 
 from __future__ import annotations
@@ -16,9 +18,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion.diffusion import _is_concrete, _is_real, check_variance
+from jax_diffusion.diffusion import (
+    _is_concrete,
+    _is_real,
+    check_prediction,
+    check_schedule,
+    check_t,
+    check_variance,
+)
+from jax_diffusion.schedules import Schedule
 
-__all__ = ["classifier_free_guidance", "dynamic_threshold"]
+__all__ = [
+    "classifier_free_guidance",
+    "classifier_grad",
+    "classifier_guidance",
+    "dynamic_threshold",
+]
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -153,6 +168,204 @@ def classifier_free_guidance(
         return guided_pred
 
     return guided
+
+
+def classifier_grad(log_prob_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> ModelFn:
+    """grad_{x_t} log p_phi(y | x_t, t) from a noisy classifier's per-example log-probability.
+
+    Returns `grad_fn(x, t) = jax.grad(lambda x: jnp.sum(log_prob_fn(x, t)))(x)`: the gradient of
+    the batch sum is the per-example gradient because example i's log-probability depends on
+    x[i] alone (true of a classifier in inference mode; not of one whose batch statistics
+    couple the examples, such as batch norm in training mode). For a classifier `clf(x, t)`
+    returning logits [B, K] and labels y [B]:
+
+      log_prob_fn = lambda x, t: jax.nn.log_softmax(clf(x, t))[jnp.arange(x.shape[0]), y]
+
+    which is what ADM's `cond_fn` differentiates (guided-diffusion, scripts/classifier_sample.py).
+
+    Args:
+      log_prob_fn: `log_prob_fn(x [B, ...] float, t int [B] or []) -> [B]`, log p_phi(y | x_t, t)
+        for each example's own label y (closed over).
+
+    Returns:
+      `grad_fn(x [B, ...], t) -> [B, ...]` in x's dtype, the `grad_log_prob_fn` of
+      `classifier_guidance`.
+
+    Raises:
+      ValueError: log_prob_fn not callable; when grad_fn is traced, log_prob_fn not returning
+        one value per example, [B].
+    """
+    if not callable(log_prob_fn):
+        raise ValueError(
+            f"log_prob_fn must be a callable log_prob_fn(x, t) -> [B]; got {log_prob_fn!r}"
+        )
+
+    def total(x, t):
+        log_prob = log_prob_fn(x, t)
+        if jnp.shape(log_prob) != jnp.shape(x)[:1]:
+            raise ValueError(
+                f"log_prob_fn(x, t) must return [B] = {list(jnp.shape(x)[:1])}, one "
+                f"log-probability per example; got shape {list(jnp.shape(log_prob))}"
+            )
+        return jnp.sum(log_prob)
+
+    def grad_fn(x, t):
+        return jax.grad(total)(x, t)
+
+    return grad_fn
+
+
+def _check_guidance_scale(guidance_scale):
+    """guidance_scale: a real scalar or [B] (a list or tuple is made an array), >= 0 and finite
+    where concrete; returned as an array or the scalar given."""
+    if isinstance(guidance_scale, list | tuple):
+        guidance_scale = jnp.asarray(guidance_scale)
+    if not _is_real(guidance_scale) or jnp.ndim(guidance_scale) > 1:
+        got = f"shape {jnp.shape(guidance_scale)}" if _is_real(guidance_scale) else ""
+        raise ValueError(
+            f"guidance_scale must be a scalar or [B], >= 0; got {got or repr(guidance_scale)}"
+        )
+    if _is_concrete(guidance_scale):
+        values = np.asarray(guidance_scale, np.float64)
+        if not (np.isfinite(values) & (values >= 0)).all():
+            raise ValueError(
+                f"guidance_scale must be finite and >= 0; got {np.asarray(guidance_scale)!r}"
+            )
+    return guidance_scale
+
+
+def classifier_guidance(
+    model_fn: ModelFn,
+    grad_log_prob_fn: ModelFn,
+    schedule: Schedule,
+    guidance_scale,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+) -> ModelFn:
+    """Classifier guidance (Dhariwal & Nichol 2021, section 4.2, Algorithm 2) for any sampler.
+
+    Wraps a denoiser `model_fn(x, t)` into `guided(x, t)` with the same output
+    parameterization, whose eps is shifted by the gradient of a noisy classifier:
+      eps_hat' = eps_hat - s sqrt(1 - alphas_cumprod[t]) grad_{x_t} log p_phi(y | x_t, t),
+    i.e. the score gains s grad log p_phi: score' = score + s grad log p_phi(y | x_t), the
+    score of the tilted marginal p_t(x_t) p_phi(y | x_t)^s (s = 1: of p_t(x_t | y), by Bayes).
+    The model's eps, x0 or v output is converted to eps_hat, shifted and converted back, which
+    at a fixed x_t is the same as adding c(t) s grad to the output, with c = -sigma_t (eps),
+    sigma_t^2 / alpha_t (x0: x0_hat' = (x_t - sigma_t eps_hat') / alpha_t, Tweedie's formula
+    with the guided score) and -sigma_t / alpha_t (v = (eps - sigma_t x_t) / alpha_t); so
+    s = 0 returns the model's output exactly. Where alphas_cumprod[t] = 0 (a zero-terminal-SNR
+    schedule's last step) x_t carries no information about x0, so the true gradient is 0 and
+    the x0 / v output is returned unchanged (eps would have to be shifted by a gradient that x0
+    or v cannot express there). With variance='learned_range' the variance half of the output
+    (the last axis holds [prediction, variance values]) is returned untouched.
+
+    Algorithm 1 instead shifts the ancestral (DDPM) mean by s Sigma grad, Sigma the step's
+    variance. Through the DDPM mean mu = (x_t - beta_t / sigma_t eps_hat) / sqrt(1 - beta_t)
+    (Ho et al. 2020, eq. 11) Algorithm 2 shifts it by s beta_t / sqrt(1 - beta_t) grad: the
+    same to first order in beta_t (Sigma = beta_t, or beta_tilde_t -> beta_t for large t).
+    Algorithm 2, implemented here, needs no sampler change and guides DDPM, DDIM and
+    DPM-Solver++ alike. ADM's released code (openai/guided-diffusion, `--classifier_scale`)
+    scales the same gradient, so its classifier_scale is s: its DDPM sampling uses Algorithm 1
+    (`condition_mean`), its DDIM sampling Algorithm 2 (`condition_score`). It shifts the x0 that
+    `clip_denoised` has clipped; here the sampler clips the guided x0.
+
+    Usage, with a classifier `clf(x, t) -> logits [B, K]` trained on noisy x_t and labels y [B]:
+
+      log_prob = lambda x, t: jax.nn.log_softmax(clf(x, t))[jnp.arange(x.shape[0]), y]
+      grad_fn = classifier_grad(log_prob)   # or jax.grad of log_prob(x, t).sum() by hand
+      guided = classifier_guidance(model_fn, grad_fn, schedule, 1.0, prediction="v")
+      x0 = ddim_sample(guided, schedule, x_T, prediction="v")
+
+    Args:
+      model_fn: the denoiser `model_fn(x [B, ...], t) -> [B, ...]` ([B, ..., 2C] with
+        variance='learned_range'), predicting `prediction`.
+      grad_log_prob_fn: `grad_log_prob_fn(x [B, ...], t) -> [B, ...]`, grad_{x_t} of
+        log p_phi(y | x_t, t) for each example's label (see `classifier_grad`).
+      schedule: the (not respaced) schedule of the steps t that model_fn receives; samplers
+        call model_fn with these original steps even on a respaced chain.
+      guidance_scale: s, a real scalar or [B] (a list, a NumPy or JAX array; may be traced),
+        finite and >= 0 where concrete; 0 gives the model's output, 1 the conditional
+        p(x | y), s > 1 the sharper p(x) p(y | x)^s.
+      prediction: what model_fn predicts and guided returns: 'eps' | 'x0' | 'v'.
+      variance: model-output layout: 'learned_range' means the last axis holds
+        [prediction, variance values] (pass the sampler's variance).
+
+    Returns:
+      `guided(x [B, ...] float, t int [B] or []) -> [B, ...]` in model_fn's output dtype (the
+      arithmetic in at least float32); t is passed unchanged to model_fn and grad_log_prob_fn.
+
+    Raises:
+      ValueError: unknown prediction or variance, schedule not a Schedule, a callable missing,
+        guidance_scale not a real scalar or [B] or (where concrete) negative or not finite;
+        when guided is traced, a bad t (`check_t`), a [B] scale of another batch, or outputs of
+        model_fn / grad_log_prob_fn of the wrong shape.
+    """
+    check_prediction(prediction)
+    check_variance(variance)
+    check_schedule(schedule)
+    if not callable(model_fn):
+        raise ValueError(f"model_fn must be a callable model_fn(x, t); got {model_fn!r}")
+    if not callable(grad_log_prob_fn):
+        raise ValueError(
+            "grad_log_prob_fn must be a callable grad_log_prob_fn(x, t) -> [B, ...] (e.g. "
+            f"classifier_grad(log_prob_fn)); got {grad_log_prob_fn!r}"
+        )
+    guidance_scale = _check_guidance_scale(guidance_scale)
+
+    def guided(x, t):
+        x = jnp.asarray(x)
+        if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                "x must be a floating array [B, ...] with a leading batch axis; got shape "
+                f"{x.shape} and dtype {x.dtype}"
+            )
+        t_checked = check_t(schedule, t, x)
+        batch = x.shape[0]
+        if jnp.ndim(guidance_scale) == 1 and jnp.shape(guidance_scale)[0] != batch:
+            raise ValueError(
+                f"guidance_scale must be a scalar or [B] = [{batch}]; got shape "
+                f"{jnp.shape(guidance_scale)}"
+            )
+        out = model_fn(x, t)
+        want = x.shape[:-1] + (2 * x.shape[-1],) if variance == "learned_range" else x.shape
+        if jnp.shape(out) != want:
+            raise ValueError(
+                f"model_fn(x, t) must return shape {want} for x of shape {x.shape} "
+                f"(variance={variance!r}); got {jnp.shape(out)}"
+            )
+        grad = grad_log_prob_fn(x, t)
+        if jnp.shape(grad) != x.shape:
+            raise ValueError(
+                f"grad_log_prob_fn(x, t) must return x's shape {x.shape}, one gradient per "
+                f"example; got {jnp.shape(grad)}"
+            )
+        pred, var_values = out, None
+        if variance == "learned_range":
+            pred, var_values = jnp.split(out, 2, axis=-1)
+        dtype = jnp.promote_types(pred.dtype, jnp.float32)
+        alpha = _coef_at(schedule.sqrt_alphas_cumprod, t_checked, x, dtype)
+        sigma = _coef_at(schedule.sqrt_one_minus_alphas_cumprod, t_checked, x, dtype)
+        if prediction == "eps":
+            coef = -sigma
+        else:
+            # divided where alpha > 0 only, so that neither the value nor its gradient is NaN
+            # where alphas_cumprod = 0 (there the true gradient is 0: see the docstring)
+            nonzero = alpha > 0
+            over_alpha = jnp.where(nonzero, sigma / jnp.where(nonzero, alpha, 1.0), 0.0)
+            coef = sigma * over_alpha if prediction == "x0" else -over_alpha
+        s = _per_example(jnp.asarray(guidance_scale, dtype), x)
+        guided_pred = (pred.astype(dtype) + coef * s * grad.astype(dtype)).astype(pred.dtype)
+        if variance == "learned_range":
+            return jnp.concatenate([guided_pred, var_values], axis=-1)
+        return guided_pred
+
+    return guided
+
+
+def _coef_at(table: jax.Array, t: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """table[t] in `dtype`, [B, 1, ..., 1] for t [B] (to broadcast against x), [] for t []."""
+    return _per_example(table[t].astype(dtype), x)
 
 
 def dynamic_threshold(x0: jax.Array, quantile=0.995, max_value=None) -> jax.Array:

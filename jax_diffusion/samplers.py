@@ -20,9 +20,10 @@ O(num_steps / k)); x0 is its last entry only when k divides num_steps.
 
 DPM-Solver++(2M) (`dpm_solver_pp_sample`, `dpm_solver_pp_step`, `dpm_solver_pp_timesteps`;
 Lu et al. 2022) lives in `jax_diffusion.dpm_solver` and is re-exported here; what this docstring
-says of every sampler holds for it too. Classifier-free guidance and dynamic thresholding live
-in `jax_diffusion.guidance` and are re-exported here as well: `classifier_free_guidance` wraps a
-conditional model into a `model_fn`, `dynamic_threshold` is a `denoised_fn`.
+says of every sampler holds for it too. Classifier-free and classifier guidance and dynamic
+thresholding live in `jax_diffusion.guidance` and are re-exported here as well:
+`classifier_free_guidance` wraps a conditional model into a `model_fn`, `classifier_guidance`
+adds a classifier's gradient to a `model_fn`, `dynamic_threshold` is a `denoised_fn`.
 
 Arguments are validated eagerly: a bad static argument raises `ValueError` naming the argument,
 the value received and what is allowed, before any tracing work; a `model_fn` whose output does
@@ -73,13 +74,20 @@ from jax_diffusion.dpm_solver import (
     dpm_solver_pp_step,
     dpm_solver_pp_timesteps,
 )
-from jax_diffusion.guidance import classifier_free_guidance, dynamic_threshold
+from jax_diffusion.guidance import (
+    classifier_free_guidance,
+    classifier_grad,
+    classifier_guidance,
+    dynamic_threshold,
+)
 from jax_diffusion.schedules import Schedule
 
 __all__ = [
     "SPACINGS",
     "StepOutput",
     "classifier_free_guidance",
+    "classifier_grad",
+    "classifier_guidance",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
