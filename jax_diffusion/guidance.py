@@ -254,11 +254,12 @@ def classifier_guidance(
     at a fixed x_t is the same as adding c(t) s grad to the output, with c = -sigma_t (eps),
     sigma_t^2 / alpha_t (x0: x0_hat' = (x_t - sigma_t eps_hat') / alpha_t, Tweedie's formula
     with the guided score) and -sigma_t / alpha_t (v = (eps - sigma_t x_t) / alpha_t); so
-    s = 0 returns the model's output exactly. Where alphas_cumprod[t] = 0 (a zero-terminal-SNR
-    schedule's last step) x_t carries no information about x0, so the true gradient is 0 and
-    the x0 / v output is returned unchanged (eps would have to be shifted by a gradient that x0
-    or v cannot express there). With variance='learned_range' the variance half of the output
-    (the last axis holds [prediction, variance values]) is returned untouched.
+    s = 0 returns the model's output exactly (given a finite gradient). Where
+    alphas_cumprod[t] = 0 (a zero-terminal-SNR schedule's last step) x_t = eps carries no
+    information about x0 or y, so the true gradient is 0, and no x0 or v could express a
+    shifted eps anyway: the x0 / v output is returned unchanged there. With
+    variance='learned_range' the variance half of the output (the last axis holds
+    [prediction, variance values]) is returned untouched.
 
     Algorithm 1 instead shifts the ancestral (DDPM) mean by s Sigma grad, Sigma the step's
     variance. Through the DDPM mean mu = (x_t - beta_t / sigma_t eps_hat) / sqrt(1 - beta_t)
@@ -319,6 +320,11 @@ def classifier_guidance(
             raise ValueError(
                 "x must be a floating array [B, ...] with a leading batch axis; got shape "
                 f"{x.shape} and dtype {x.dtype}"
+            )
+        if variance == "learned_range" and x.ndim < 2:  # the last axis would be the batch
+            raise ValueError(
+                "variance='learned_range' needs x with a channel axis, [B, ..., C], for the "
+                f"doubled output channels; got x of shape {x.shape}"
             )
         t_checked = check_t(schedule, t, x)
         batch = x.shape[0]

@@ -405,6 +405,12 @@ BAD_INPUTS = {
         lambda: classifier_guidance(_id, _id, SCHEDULE, 1.0)(X, 0.5),
         r"t must be an integer array; got dtype float",
     ),
+    "cg_learned_range_without_channels": (
+        lambda: classifier_guidance(_id, _id, SCHEDULE, 1.0, variance="learned_range")(
+            jnp.zeros(2), 0
+        ),
+        r"variance='learned_range' needs x with a channel axis, \[B, \.\.\., C\]",
+    ),
     "classifier_grad_fn": (
         lambda: classifier_grad(3),
         r"log_prob_fn must be a callable log_prob_fn\(x, t\) -> \[B\]; got 3",
