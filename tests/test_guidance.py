@@ -506,7 +506,7 @@ def _tilted_np(kind, x, t, s):
     return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}, precision
 
 
-def _guided_gaussian(kind, s, prediction, dtype=jnp.float32):
+def _guided_gaussian(kind, s, prediction):
     model = gaussian_denoiser(SCHEDULE, MU, S0, prediction)
     grad_fn = classifier_grad(_log_prob_jax(kind))
     return classifier_guidance(model, grad_fn, SCHEDULE, s, prediction=prediction)
