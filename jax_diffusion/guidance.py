@@ -85,15 +85,7 @@ def classifier_free_guidance(
     check_variance(variance)
     if not callable(model_fn):
         raise ValueError(f"model_fn must be a callable model_fn(x, t, y); got {model_fn!r}")
-    if isinstance(guidance_scale, list | tuple):
-        guidance_scale = jnp.asarray(guidance_scale)
-    if not _is_real(guidance_scale) or jnp.ndim(guidance_scale) > 1:
-        shape = f"shape {jnp.shape(guidance_scale)}" if _is_real(guidance_scale) else ""
-        raise ValueError(
-            f"guidance_scale must be a scalar or [B]; got {shape or repr(guidance_scale)}"
-        )
-    if _is_concrete(guidance_scale) and not np.isfinite(np.asarray(guidance_scale)).all():
-        raise ValueError(f"guidance_scale must be finite; got {guidance_scale!r}")
+    guidance_scale = _check_guidance_scale(guidance_scale, nonnegative=False)
     leaves = jax.tree.leaves(y)
     if not leaves:
         raise ValueError(f"y must be an array [B, ...] or a pytree of them; got {y!r}")
@@ -215,21 +207,23 @@ def classifier_grad(log_prob_fn: Callable[[jax.Array, jax.Array], jax.Array]) ->
     return grad_fn
 
 
-def _check_guidance_scale(guidance_scale):
-    """guidance_scale: a real scalar or [B] (a list or tuple is made an array), >= 0 and finite
-    where concrete; returned as an array or the scalar given."""
+def _check_guidance_scale(guidance_scale, *, nonnegative: bool):
+    """guidance_scale: a real scalar or [B] (a list or tuple is made an array), finite (and
+    >= 0 if `nonnegative`) where concrete; returned as an array or the scalar given."""
+    allowed = ", >= 0" if nonnegative else ""
     if isinstance(guidance_scale, list | tuple):
         guidance_scale = jnp.asarray(guidance_scale)
     if not _is_real(guidance_scale) or jnp.ndim(guidance_scale) > 1:
         got = f"shape {jnp.shape(guidance_scale)}" if _is_real(guidance_scale) else ""
         raise ValueError(
-            f"guidance_scale must be a scalar or [B], >= 0; got {got or repr(guidance_scale)}"
+            f"guidance_scale must be a scalar or [B]{allowed}; got {got or repr(guidance_scale)}"
         )
     if _is_concrete(guidance_scale):
         values = np.asarray(guidance_scale, np.float64)
-        if not (np.isfinite(values) & (values >= 0)).all():
+        if not (np.isfinite(values) & (values >= 0 if nonnegative else True)).all():
             raise ValueError(
-                f"guidance_scale must be finite and >= 0; got {np.asarray(guidance_scale)!r}"
+                f"guidance_scale must be finite{' and >= 0' if nonnegative else ''}; got "
+                f"{np.asarray(guidance_scale)!r}"
             )
     return guidance_scale
 
@@ -312,7 +306,7 @@ def classifier_guidance(
             "grad_log_prob_fn must be a callable grad_log_prob_fn(x, t) -> [B, ...] (e.g. "
             f"classifier_grad(log_prob_fn)); got {grad_log_prob_fn!r}"
         )
-    guidance_scale = _check_guidance_scale(guidance_scale)
+    guidance_scale = _check_guidance_scale(guidance_scale, nonnegative=True)
 
     def guided(x, t):
         x = jnp.asarray(x)
