@@ -104,13 +104,15 @@ def cond():
 # --------------------------------------------------------------------------- time embedding
 
 
-def _np_timestep_embedding(t, dim):
-    """Seed formula, float64: PE(t, 2i) = sin(t / 10000^(2i/d)), PE(t, 2i+1) = cos(...)."""
+def _np_timestep_embedding(t, dim, shift=0.0):
+    """Seed formula, float64: PE(t, 2i) = sin(t / 10000^(2i/d)), PE(t, 2i+1) = cos(...);
+    with a shift s the exponent is i / (d/2 - s) (DDPM's TensorFlow code: s = 1)."""
     t = np.asarray(t, np.float64)
     pe = np.zeros((t.shape[0], dim), np.float64)
     for i in range(dim // 2):
-        pe[:, 2 * i] = np.sin(t / 10000.0 ** (2 * i / dim))
-        pe[:, 2 * i + 1] = np.cos(t / 10000.0 ** (2 * i / dim))
+        period = 10000.0 ** (2 * i / dim) if shift == 0 else 10000.0 ** (i / (dim / 2 - shift))
+        pe[:, 2 * i] = np.sin(t / period)
+        pe[:, 2 * i + 1] = np.cos(t / period)
     return pe
 
 
@@ -127,6 +129,25 @@ def test_timestep_embedding_matches_numpy_formula(dim, kind):
     # The float32 phase t * freq carries ~eps32 * |t| absolute error; scale atol per row.
     atol = 1e-6 + 4 * np.finfo(np.float32).eps * np.maximum(np.abs(t), 1.0)[:, None]
     assert np.all(np.abs(np.asarray(got, np.float64) - want) <= atol)
+
+
+@pytest.mark.parametrize("shift", [1.0, 1.5, -2.0])
+def test_timestep_embedding_freq_shift_matches_numpy_formula(shift):
+    t = np.array([0, 1, 7, 250, 999], np.int32)
+    got = jax.jit(timestep_embedding, static_argnums=(1, 2, 3))(jnp.asarray(t), 8, 10000.0, shift)
+    want = _np_timestep_embedding(t, 8, shift)
+    atol = 1e-6 + 4 * np.finfo(np.float32).eps * np.maximum(np.abs(t), 1.0)[:, None]
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= atol)
+    # shift 1: the lowest frequency is exactly 1 / max_period (DDPM's TensorFlow embedding)
+    if shift == 1.0:
+        low = np.asarray(timestep_embedding(jnp.array([10000.0 * np.pi / 2]), 8, freq_shift=1))
+        np.testing.assert_allclose(low[0, -2:], [1.0, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [4, 4.5, np.inf, np.nan, True, "1"])
+def test_timestep_embedding_rejects_a_freq_shift_not_below_half_the_dim(shift):
+    with pytest.raises(ValueError, match=r"freq_shift must be a finite number below dim/2 = 4"):
+        timestep_embedding(jnp.array([1]), 8, freq_shift=shift)
 
 
 def test_timestep_embedding_is_interleaved():
@@ -511,6 +532,31 @@ def test_unet_dropout(uncond):
             False,
             r"attention_resolutions must name feature-map sizes of this UNet, \[4, 8\]",
         ),
+        ({"num_head_channels": 0}, (B, H, W, C), (B,), False, "num_head_channels must be an"),
+        (
+            {"num_head_channels": 3},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"num_head_channels must divide the channel count of every attention layer \[16\]",
+        ),
+        ({"norm_epsilon": 0.0}, (B, H, W, C), (B,), False, "norm_epsilon must be a finite number"),
+        ({"norm_epsilon": "1e-5"}, (B, H, W, C), (B,), False, "norm_epsilon must be a finite"),
+        (
+            {"downsample_padding": "valid"},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"downsample_padding must be one of \['same', 'symmetric'\]; got 'valid'",
+        ),
+        (
+            {"time_freq_shift": 4},
+            (B, H, W, C),
+            (B,),
+            False,
+            r"time_freq_shift must be a finite number below base_channels / 2 = 4; got 4",
+        ),
+        ({"time_freq_shift": None}, (B, H, W, C), (B,), False, "time_freq_shift must be a"),
         # the middle block always has attention (16 channels here), even with none listed
         (
             {"num_heads": 3, "attention_resolutions": ()},
@@ -1168,18 +1214,20 @@ def test_upsample_conv_dtype_and_taps_merged_in_the_kernel_dtype():
     np.testing.assert_array_equal(np.asarray(got, np.float64), want)
 
 
-def test_downsample_is_a_stride_2_conv3x3_in_float64_numpy():
-    """Downsample: 3x3 convolution, stride 2, zero padding 1 = the stride-1 'same' convolution
-    read at even positions (DDPM / ADM)."""
+@pytest.mark.parametrize("padding, start", [("symmetric", 0), ("same", 1)])
+def test_downsample_is_a_stride_2_conv3x3_in_float64_numpy(padding, start):
+    """Downsample: 3x3 convolution, stride 2. Zero padding 1 = the stride-1 'same' convolution
+    read at even positions (ADM); TensorFlow's SAME (pad one after only, DDPM's code) reads
+    input rows 2i .. 2i + 2, the stride-1 convolution at odd positions."""
     from jax_diffusion.models.layers import Downsample
 
-    module = Downsample(6)
+    module = Downsample(6, padding=padding)
     x = jax.random.normal(jax.random.key(0), (2, 6, 4, 4), jnp.float32)
     shapes = jax.eval_shape(module.init, jax.random.key(1), x)["params"]
     params = _normal_params(shapes, 2, 0.5)
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)["conv"]
     got = jax.jit(module.apply)({"params": params}, x)
-    want = _np_conv(np.asarray(x, np.float64), **p64)[:, ::2, ::2]
+    want = _np_conv(np.asarray(x, np.float64), **p64)[:, start::2, start::2]
     assert got.shape == want.shape == (2, 3, 2, 6)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
@@ -1210,16 +1258,24 @@ def _np_unet(model, params, x, t, y=None):
     def dense(v, name):
         return v @ get(name)["kernel"] + get(name)["bias"]
 
-    groups, heads, ssn = model.num_groups, model.num_heads, model.use_scale_shift_norm
-    emb = _np_timestep_embedding(np.asarray(t), model.base_channels)
+    groups, ssn, eps = model.num_groups, model.use_scale_shift_norm, model.norm_epsilon
+    start = 1 if model.downsample_padding == "same" else 0  # see the Downsample test
+
+    def attention(h, name):
+        heads = model.num_heads
+        if model.num_head_channels is not None:
+            heads = h.shape[-1] // model.num_head_channels
+        return _np_attention(h, get(name), heads, groups, eps)
+
+    emb = _np_timestep_embedding(np.asarray(t), model.base_channels, model.time_freq_shift)
     emb = dense(_np_silu(dense(emb, "time_dense0")), "time_dense1")
     if model.num_classes is not None:
         emb = emb + get("label_embed")["embedding"][np.asarray(y)]
 
     def block(h, level_name, i):
-        h = _np_res_block(h, emb, get(f"{level_name}_res_{i}"), groups, ssn)
+        h = _np_res_block(h, emb, get(f"{level_name}_res_{i}"), groups, ssn, eps)
         if h.shape[1] in model.attention_resolutions:
-            h = _np_attention(h, get(f"{level_name}_attn_{i}"), heads, groups)
+            h = attention(h, f"{level_name}_attn_{i}")
         return h
 
     last = len(model.channel_mults) - 1
@@ -1230,11 +1286,11 @@ def _np_unet(model, params, x, t, y=None):
             h = block(h, f"down_{level}", i)
             hs.append(h)
         if level != last:
-            h = _np_conv(h, **get(f"down_{level}_downsample")["conv"])[:, ::2, ::2]
+            h = _np_conv(h, **get(f"down_{level}_downsample")["conv"])[:, start::2, start::2]
             hs.append(h)
-    h = _np_res_block(h, emb, get("mid_res_0"), groups, ssn)
-    h = _np_attention(h, get("mid_attn"), heads, groups)
-    h = _np_res_block(h, emb, get("mid_res_1"), groups, ssn)
+    h = _np_res_block(h, emb, get("mid_res_0"), groups, ssn, eps)
+    h = attention(h, "mid_attn")
+    h = _np_res_block(h, emb, get("mid_res_1"), groups, ssn, eps)
     for level in reversed(range(last + 1)):
         for i in range(model.num_res_blocks + 1):
             h = block(np.concatenate([h, hs.pop()], axis=-1), f"up_{level}", i)
@@ -1243,7 +1299,7 @@ def _np_unet(model, params, x, t, y=None):
             h = _np_conv(up, **get(f"up_{level}_upsample")["conv"])
     assert not hs  # every pushed activation is consumed exactly once
     norm = get("norm_out")
-    h = _np_silu(_np_group_norm(h, norm["scale"], norm["bias"], groups))
+    h = _np_silu(_np_group_norm(h, norm["scale"], norm["bias"], groups, eps))
     return _np_conv(h, **get("conv_out")), used
 
 
@@ -1277,6 +1333,37 @@ def test_unet_with_two_blocks_per_level_and_additive_norm_matches_the_numpy_tran
     want, used = _np_unet(model, params, x, t)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert used == set(params)
+
+
+def test_unet_with_the_diffusers_conventions_matches_the_numpy_transcription():
+    """The fields that reproduce diffusers' UNet2DModel (jax_diffusion.convert): a large
+    GroupNorm epsilon (visible on inputs of small variance), TF-SAME downsampling, per-layer
+    head counts from num_head_channels (2 heads at 8 channels, 4 at 16) and a shifted time
+    embedding."""
+    model = UNet(
+        **{**TINY, "attention_resolutions": (H, H // 2)},
+        num_head_channels=4,
+        norm_epsilon=1e-2,
+        downsample_padding="same",
+        time_freq_shift=1.0,
+    )
+    x, t, _ = _inputs(2)
+    x = 0.1 * x
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    params = _normal_params(shapes, 7, 0.3)
+    got = np.asarray(jax.jit(model.apply)({"params": params}, x, t))
+    want, used = _np_unet(model, params, x, t)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert used == set(params)
+    # and each field matters at this tolerance
+    for field, default in [
+        ("num_head_channels", None),
+        ("norm_epsilon", 1e-6),
+        ("downsample_padding", "symmetric"),
+        ("time_freq_shift", 0.0),
+    ]:
+        other = np.asarray(model.clone(**{field: default}).apply({"params": params}, x, t))
+        assert np.abs(other - want).max() > 1e-3, field
 
 
 @ON_THE_TINY_UNETS

@@ -31,6 +31,7 @@ Dtype = Any
 
 __all__ = [
     "AttentionBlock",
+    "DOWNSAMPLE_PADDINGS",
     "check_dropout",
     "check_field_dtype",
     "Downsample",
@@ -66,39 +67,53 @@ def check_dropout(value) -> None:
         raise ValueError(f"dropout must be in [0, 1); got {value!r}")
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+    t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0
+) -> jax.Array:
     """Sinusoidal embedding PE(t) of a (discrete or continuous) timestep.
 
     For i = 0, ..., dim/2 - 1 (Vaswani et al. 2017, section 3.5; used for t by Ho et al. 2020):
 
-        PE(t, 2i)     = sin(t / max_period^(2i/dim))
-        PE(t, 2i + 1) = cos(t / max_period^(2i/dim))
+        PE(t, 2i)     = sin(t / max_period^(i / (dim/2 - freq_shift)))
+        PE(t, 2i + 1) = cos(t / max_period^(i / (dim/2 - freq_shift)))
 
-    i.e. sin and cos are interleaved along the feature axis. The frequencies are computed in
-    float64 NumPy (they depend only on `dim`), the phases t * freq in float32, so the absolute
-    error of an entry is about float32 eps * |t|.
+    i.e. sin and cos are interleaved along the feature axis. freq_shift = 0 is the
+    Transformer's max_period^(2i/dim); freq_shift = 1 spreads the frequencies from 1 to exactly
+    1 / max_period, as DDPM's TensorFlow code (and diffusers' `freq_shift=1`) does. The
+    frequencies are computed in float64 NumPy (they depend only on `dim`), the phases t * freq
+    in float32, so the absolute error of an entry is about float32 eps * |t|.
 
     Args:
       t: [B] int or float, timesteps (e.g. int32 in [0, num_timesteps - 1]).
       dim: embedding dimension d, a positive even integer.
       max_period: the base 10000 of the formula; sets the lowest frequency 1 / max_period.
+      freq_shift: the shift s of the exponent's denominator dim/2 - s; a finite number
+        below dim/2.
 
     Returns:
       [B, dim] float32 embedding.
 
     Raises:
-      ValueError: if `dim` is not a positive even integer, `max_period` not > 0 or `t` is not
-        rank 1.
+      ValueError: if `dim` is not a positive even integer, `max_period` not > 0, `freq_shift`
+        not a finite number < dim/2 or `t` is not rank 1.
     """
     if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0 or dim % 2:
         raise ValueError(f"dim must be a positive even integer; got {dim!r}")
     if isinstance(max_period, bool) or not 0 < float(max_period) < np.inf:
         raise ValueError(f"max_period must be a finite number > 0; got {max_period!r}")
+    half = dim // 2
+    if not (_is_number(freq_shift) and -np.inf < freq_shift < half):
+        raise ValueError(
+            f"freq_shift must be a finite number below dim/2 = {half}; got {freq_shift!r}"
+        )
     t = jnp.asarray(t)
     if t.ndim != 1:
         raise ValueError(f"t must have shape [B] (rank 1); got shape {t.shape}")
-    half = dim // 2
-    freqs = np.power(float(max_period), -2.0 * np.arange(half, dtype=np.float64) / dim)
+    if freq_shift == 0:  # the original expression, so default embeddings stay bit-identical
+        freqs = np.power(float(max_period), -2.0 * np.arange(half, dtype=np.float64) / dim)
+    else:
+        exponent = -np.arange(half, dtype=np.float64) / (half - float(freq_shift))
+        freqs = np.power(float(max_period), exponent)
     args = t.astype(jnp.float32)[:, None] * jnp.asarray(freqs, dtype=jnp.float32)[None, :]
     # [B, half, 2] -> [B, dim] puts sin at even and cos at odd indices.
     return jnp.stack([jnp.sin(args), jnp.cos(args)], axis=-1).reshape(t.shape[0], dim)
@@ -290,6 +305,7 @@ class ResBlock(nn.Module):
       dropout: dropout rate before the last conv (uses the 'dropout' rng when train=True).
       use_scale_shift_norm: ADM scale-shift conditioning instead of additive conditioning.
       num_groups: GroupNorm groups; must divide the input and output channel counts.
+      epsilon: GroupNorm epsilon.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -298,6 +314,7 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     use_scale_shift_norm: bool = True
     num_groups: int = 8
+    epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -314,7 +331,8 @@ class ResBlock(nn.Module):
           [B, H, W, out_channels] features in the compute dtype.
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GroupNorm(num_groups=self.num_groups, name="norm1", **kw)(x)
+        norm_kw = dict(num_groups=self.num_groups, epsilon=self.epsilon, **kw)
+        h = GroupNorm(name="norm1", **norm_kw)(x)
         h = nn.silu(h)
         h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
 
@@ -322,10 +340,10 @@ class ResBlock(nn.Module):
         emb_out = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h)
+            h = GroupNorm(name="norm2", **norm_kw)(h)
             h = h * (1 + scale) + shift
         else:
-            h = GroupNorm(num_groups=self.num_groups, name="norm2", **kw)(h + emb_out)
+            h = GroupNorm(name="norm2", **norm_kw)(h + emb_out)
         h = nn.silu(h)
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
         h = nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=_zeros, name="conv2", **kw)(h)
@@ -392,12 +410,14 @@ class AttentionBlock(nn.Module):
     Attributes:
       num_heads: attention heads; must divide the channel count.
       num_groups: GroupNorm groups; must divide the channel count.
+      epsilon: GroupNorm epsilon.
       dtype: compute dtype (the softmax is taken in float32).
       param_dtype: parameter dtype.
     """
 
     num_heads: int = 4
     num_groups: int = 8
+    epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -422,7 +442,7 @@ class AttentionBlock(nn.Module):
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d_head = c // self.num_heads
-        h = GroupNorm(num_groups=self.num_groups, name="norm", **kw)(x)
+        h = GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, name="norm", **kw)(x)
         qkv = nn.Dense(3 * c, name="qkv", **kw)(h.reshape(b, hgt * wid, c))
         # Heads first ([B, heads, HW, d_head]) so both products are plain batched matmuls:
         # with the heads in the middle ("bqhd,bkhd->bhqk") XLA:CPU's dots ran the attention
@@ -435,27 +455,38 @@ class AttentionBlock(nn.Module):
         return x.astype(out.dtype) + out.reshape(b, hgt, wid, c)
 
 
+DOWNSAMPLE_PADDINGS = {"symmetric": ((1, 1), (1, 1)), "same": ((0, 1), (0, 1))}
+
+
 class Downsample(nn.Module):
-    """Halves H and W with a 3x3 stride-2 convolution (padding 1, as in DDPM / ADM).
+    """Halves H and W with a 3x3 stride-2 convolution (as in DDPM / ADM).
 
     Attributes:
       channels: output channels.
+      padding: 'symmetric' pads one zero row / column on each side (ADM, PyTorch's
+        padding=1); 'same' pads one after only, TensorFlow's SAME padding on even sizes, as
+        DDPM's original code (and diffusers' downsample_padding=0) does. Same parameters.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
 
     channels: int
+    padding: str = "symmetric"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps [B, H, W, C] to [B, H/2, W/2, channels] (H, W even)."""
+        if self.padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(
+                f"padding must be one of {sorted(DOWNSAMPLE_PADDINGS)}; got {self.padding!r}"
+            )
         return nn.Conv(
             self.channels,
             (3, 3),
             strides=(2, 2),
-            padding=((1, 1), (1, 1)),
+            padding=DOWNSAMPLE_PADDINGS[self.padding],
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv",

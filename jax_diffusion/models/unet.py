@@ -27,6 +27,7 @@ import numpy as np
 
 from jax_diffusion._checks import check_int
 from jax_diffusion.models.layers import (
+    DOWNSAMPLE_PADDINGS,
     AttentionBlock,
     Downsample,
     GroupNorm,
@@ -37,6 +38,7 @@ from jax_diffusion.models.layers import (
     check_field_dtype,
     timestep_embedding,
 )
+from jax_diffusion.schedules import _is_number
 
 Dtype = Any
 
@@ -53,7 +55,10 @@ class UNet(nn.Module):
       num_res_blocks: ResBlocks per encoder level (the decoder has one more per level).
       attention_resolutions: spatial sizes (feature-map height) at which self-attention
         follows each ResBlock; the middle block always has attention.
-      num_heads: attention heads.
+      num_heads: attention heads (used where num_head_channels is None).
+      num_head_channels: channels per attention head; None for num_heads heads everywhere,
+        otherwise a layer of C channels has C // num_head_channels heads (ADM's
+        num_head_channels; diffusers' attention_head_dim).
       dropout: ResBlock dropout rate (active only when train=True, 'dropout' rng).
       out_channels: output channels; None means the input channel count. Double it for a
         learned variance (Nichol & Dhariwal 2021, learned_range).
@@ -62,6 +67,12 @@ class UNet(nn.Module):
         num_classes + 1 rows, row `num_classes` being the null label of classifier-free
         guidance (Ho & Salimans 2022).
       num_groups: GroupNorm groups; must divide every level's channel count.
+      norm_epsilon: epsilon of every GroupNorm (diffusers' norm_eps).
+      downsample_padding: 'symmetric' (ADM) or 'same' (DDPM's TensorFlow SAME padding,
+        diffusers' downsample_padding=0); see `Downsample`.
+      time_freq_shift: the frequency shift of the sinusoidal time embedding (0: ADM's
+        10000^(-2i/ch); 1: DDPM's 10000^(-i/(ch/2 - 1)), diffusers' freq_shift=1); see
+        `timestep_embedding`.
       dtype: compute dtype (e.g. jnp.bfloat16); params stay in param_dtype and the output is
         always float32.
       param_dtype: parameter dtype.
@@ -74,11 +85,15 @@ class UNet(nn.Module):
     num_res_blocks: int = 2
     attention_resolutions: Sequence[int] = (16,)
     num_heads: int = 4
+    num_head_channels: int | None = None
     dropout: float = 0.0
     out_channels: int | None = None
     use_scale_shift_norm: bool = True
     num_classes: int | None = None
     num_groups: int = 8
+    norm_epsilon: float = 1e-6
+    downsample_padding: str = "symmetric"
+    time_freq_shift: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
@@ -103,6 +118,20 @@ class UNet(nn.Module):
             )
         check_int("num_res_blocks", self.num_res_blocks, 1)
         check_int("num_heads", self.num_heads, 1)
+        check_int("num_head_channels", self.num_head_channels, 1, none_ok=True)
+        if not (_is_number(self.norm_epsilon) and 0 < self.norm_epsilon < np.inf):
+            raise ValueError(f"norm_epsilon must be a finite number > 0; got {self.norm_epsilon!r}")
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(
+                f"downsample_padding must be one of {sorted(DOWNSAMPLE_PADDINGS)}; got "
+                f"{self.downsample_padding!r}"
+            )
+        half = self.base_channels // 2
+        if not (_is_number(self.time_freq_shift) and -np.inf < self.time_freq_shift < half):
+            raise ValueError(
+                f"time_freq_shift must be a finite number below base_channels / 2 = {half}; "
+                f"got {self.time_freq_shift!r}"
+            )
         check_int("num_groups", self.num_groups, 1)
         if _as_tuple(self.attention_resolutions) is None:
             raise ValueError(
@@ -179,13 +208,20 @@ class UNet(nn.Module):
             for level, m in enumerate(self.channel_mults)
             if x.shape[1] // 2**level in self.attention_resolutions
         }
-        if any(c % self.num_heads for c in attn_channels):
+        if self.num_head_channels is not None:
+            if any(c % self.num_head_channels for c in attn_channels):
+                raise ValueError(
+                    f"num_head_channels must divide the channel count of every attention layer "
+                    f"{sorted(attn_channels)}; got num_head_channels={self.num_head_channels}"
+                )
+        elif any(c % self.num_heads for c in attn_channels):
             raise ValueError(
                 f"num_heads must divide the channel count of every attention layer "
                 f"{sorted(attn_channels)}; got num_heads={self.num_heads}"
             )
         out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        eps = self.norm_epsilon
         # ResBlock.__call__(self, x, emb, train): `train` (index 3, self = 0) selects dropout
         # in Python, so it must be static under remat.
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
@@ -197,17 +233,23 @@ class UNet(nn.Module):
                 dropout=self.dropout,
                 use_scale_shift_norm=self.use_scale_shift_norm,
                 num_groups=self.num_groups,
+                epsilon=eps,
                 name=name,
                 **kw,
             )
             return block(h, emb, train)
 
         def attention(h, name):
-            block = attn_cls(num_heads=self.num_heads, num_groups=self.num_groups, name=name, **kw)
+            heads = self.num_heads
+            if self.num_head_channels is not None:
+                heads = h.shape[-1] // self.num_head_channels
+            block = attn_cls(
+                num_heads=heads, num_groups=self.num_groups, epsilon=eps, name=name, **kw
+            )
             return block(h)
 
         # Time (+ class) embedding, DDPM app. B / ADM.
-        emb = timestep_embedding(t, ch)
+        emb = timestep_embedding(t, ch, freq_shift=self.time_freq_shift)
         emb = nn.Dense(4 * ch, name="time_dense0", **kw)(emb)
         emb = nn.Dense(4 * ch, name="time_dense1", **kw)(nn.silu(emb))
         if self.num_classes is not None:
@@ -223,7 +265,12 @@ class UNet(nn.Module):
                     h = attention(h, f"down_{level}_attn_{i}")
                 hs.append(h)
             if level != last:
-                h = Downsample(h.shape[-1], name=f"down_{level}_downsample", **kw)(h)
+                h = Downsample(
+                    h.shape[-1],
+                    padding=self.downsample_padding,
+                    name=f"down_{level}_downsample",
+                    **kw,
+                )(h)
                 hs.append(h)
 
         h = res_block(h, h.shape[-1], "mid_res_0")
@@ -240,7 +287,7 @@ class UNet(nn.Module):
             if level != 0:
                 h = Upsample(h.shape[-1], name=f"up_{level}_upsample", **kw)(h)
 
-        h = nn.silu(GroupNorm(num_groups=self.num_groups, name="norm_out", **kw)(h))
+        h = nn.silu(GroupNorm(num_groups=self.num_groups, epsilon=eps, name="norm_out", **kw)(h))
         h = nn.Conv(
             out_channels,
             (3, 3),
