@@ -1,0 +1,449 @@
+"""Pretrained diffusers `UNet2DModel` weights as a `UNet` and its params (no torch needed).
+
+diffusers' UNet2DModel (the network of google/ddpm-cifar10-32, google/ddpm-ema-church-256,
+google/ddpm-celebahq-256, ...) is the DDPM / ADM UNet of `jax_diffusion.models.UNet` with
+PyTorch names and layouts (Ho et al. 2020 app. B; Dhariwal & Nichol 2021). The conversion is
+exact, not approximate: every config value is mapped onto a `UNet` field that computes the
+same function, or refused with a ValueError before anything is built. What changes is only
+the layout:
+
+  Conv2d weight [O, I, kh, kw] (OIHW)    -> nn.Conv kernel [kh, kw, I, O] (HWIO)
+  Linear weight [out, in]                -> nn.Dense kernel [in, out]
+  to_q / to_k / to_v (or query / key / value), heads in consecutive channel blocks
+                                         -> one fused qkv kernel [C, 3C], same head blocks
+  time_embedding.linear_1, input [sin | cos] (or [cos | sin] when flip_sin_to_cos)
+                                         -> time_dense0, rows permuted to our interleaved
+                                            [sin_0, cos_0, sin_1, cos_1, ...] embedding
+  class_embedding [n, E]                 -> label_embed [n + 1, E]; the extra row is our
+                                            null label, zero (diffusers has none)
+  GroupNorm weight / bias                -> scale / bias
+
+Data is NHWC here, NCHW in PyTorch: transpose inputs and outputs, not weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jax_diffusion.models.unet import UNet
+from jax_diffusion.schedules import _is_number
+
+__all__ = ["load_diffusers_unet", "unet_from_diffusers"]
+
+# diffusers 0.42's UNet2DModel.__init__ defaults: a config.json omits keys left at default
+_DEFAULTS: dict[str, Any] = dict(
+    sample_size=None,
+    in_channels=3,
+    out_channels=3,
+    center_input_sample=False,
+    time_embedding_type="positional",
+    time_embedding_dim=None,
+    freq_shift=0,
+    flip_sin_to_cos=True,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2D",
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(224, 448, 672, 896),
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    downsample_padding=1,
+    downsample_type="conv",
+    upsample_type="conv",
+    dropout=0.0,
+    act_fn="silu",
+    attention_head_dim=8,
+    norm_num_groups=32,
+    attn_norm_num_groups=None,
+    norm_eps=1e-5,
+    resnet_time_scale_shift="default",
+    add_attention=True,
+    class_embed_type=None,
+    num_class_embeds=None,
+    num_train_timesteps=None,
+)
+_DOWN_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}  # block type -> has attention
+_UP_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
+# diffusers < 0.14 attention names, renamed on load as diffusers itself does
+_OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_PARAM_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+_RES_NAMES = {"emb_proj": "time_emb_proj", "skip": "conv_shortcut"}
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | np.integer)
+
+
+def _refuse(key: str, value, allowed: str) -> ValueError:
+    return ValueError(
+        f"config[{key!r}] must be {allowed}; got {value!r} (UNet has no exact equivalent of "
+        "other values)"
+    )
+
+
+def _unet_kwargs(config: Mapping) -> tuple[dict[str, Any], int, int | None, bool]:
+    """UNet fields of a UNet2DModel config, or ValueError naming the first value they cannot
+    express; also returns in_channels, the sample height and flip_sin_to_cos."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping (config.json as a dict); got {config!r}")
+    name = config.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise _refuse("_class_name", name, "'UNet2DModel'")
+    unknown = sorted(k for k in config if not str(k).startswith("_") and k not in _DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"config has key(s) {unknown} that unet_from_diffusers does not know (a key it "
+            f"does not know may change the network); allowed: {sorted(_DEFAULTS)}"
+        )
+    cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if not str(k).startswith("_")}}
+
+    fixed = dict(
+        time_embedding_type=("positional", "'positional' (sinusoidal)"),
+        center_input_sample=(False, "False"),
+        mid_block_type=("UNetMidBlock2D", "'UNetMidBlock2D'"),
+        add_attention=(True, "True (the UNet's middle block always has attention)"),
+        class_embed_type=(None, "None (an nn.Embedding of num_class_embeds labels, or none)"),
+    )
+    for key, (value, allowed) in fixed.items():
+        if cfg[key] != value or type(cfg[key]) is not type(value):
+            raise _refuse(key, cfg[key], allowed)
+    if cfg["act_fn"] not in ("silu", "swish"):
+        raise _refuse("act_fn", cfg["act_fn"], "'silu' or 'swish'")
+    if not (_is_number(cfg["mid_block_scale_factor"]) and cfg["mid_block_scale_factor"] == 1):
+        raise _refuse("mid_block_scale_factor", cfg["mid_block_scale_factor"], "1")
+    shift = cfg["resnet_time_scale_shift"]
+    if shift not in ("default", "scale_shift"):
+        raise _refuse("resnet_time_scale_shift", shift, "'default' or 'scale_shift'")
+
+    channels = cfg["block_out_channels"]
+    if (
+        isinstance(channels, str)
+        or not isinstance(channels, list | tuple)
+        or not channels
+        or not all(_is_int(c) and c > 0 for c in channels)
+        or channels[0] % 2
+        or any(c % channels[0] for c in channels)
+    ):
+        raise _refuse(
+            "block_out_channels",
+            channels,
+            "a non-empty list of positive ints, each a multiple of the first (which is even)",
+        )
+    ch, levels = int(channels[0]), len(channels)
+    if cfg["time_embedding_dim"] not in (None, 4 * ch):
+        raise _refuse("time_embedding_dim", cfg["time_embedding_dim"], f"None or {4 * ch}")
+    attention = []
+    for key, types in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES)):
+        blocks = cfg[key]
+        if not isinstance(blocks, list | tuple) or len(blocks) != levels:
+            raise _refuse(key, blocks, f"a list of {levels} block types (one per level)")
+        for block in blocks:
+            if block not in types:
+                raise _refuse(key, blocks, f"a list of {sorted(types)}")
+        attention.append([types[b] for b in blocks])
+    down_attn, up_attn = attention[0], attention[1][::-1]  # up block u is level levels-1-u
+    if down_attn != up_attn:
+        raise ValueError(
+            "config['down_block_types'] and config['up_block_types'] must put attention at "
+            "the same levels (UNet's attention_resolutions applies to both halves); got "
+            f"{list(cfg['down_block_types'])} and {list(cfg['up_block_types'])}"
+        )
+    # a resampling type matters only in the attention blocks that resample
+    if any(down_attn[:-1]) and cfg["downsample_type"] != "conv":
+        raise _refuse("downsample_type", cfg["downsample_type"], "'conv'")
+    if any(attention[1][:-1]) and cfg["upsample_type"] != "conv":
+        raise _refuse("upsample_type", cfg["upsample_type"], "'conv'")
+
+    sample = cfg["sample_size"]
+    if isinstance(sample, list | tuple) and len(sample) == 2:
+        sample = sample[0]
+    height = None
+    factor = 2 ** (levels - 1)
+    if any(down_attn) or sample is not None:
+        if not (_is_int(sample) and sample > 0 and sample % factor == 0):
+            raise _refuse(
+                "sample_size",
+                cfg["sample_size"],
+                f"an int (or [height, width]) divisible by 2**(levels - 1) = {factor}; it places "
+                "the attention levels",
+            )
+        height = int(sample)
+    resolutions = tuple(height // 2**lvl for lvl in range(levels) if down_attn[lvl])
+
+    groups = cfg["norm_num_groups"]
+    if not (_is_int(groups) and groups > 0 and all(c % groups == 0 for c in channels)):
+        raise _refuse("norm_num_groups", groups, f"a positive int dividing each of {channels}")
+    attn_groups = cfg["attn_norm_num_groups"]
+    if attn_groups is None and shift != "default":
+        raise _refuse(
+            "attn_norm_num_groups",
+            attn_groups,
+            f"norm_num_groups = {groups} with resnet_time_scale_shift='{shift}' (None leaves "
+            "the middle attention without a GroupNorm, which UNet always has)",
+        )
+    if attn_groups is not None and attn_groups != groups:
+        raise _refuse("attn_norm_num_groups", attn_groups, f"None or norm_num_groups = {groups}")
+    eps = cfg["norm_eps"]
+    if not (_is_number(eps) and 0 < eps < math.inf):
+        raise _refuse("norm_eps", eps, "a finite number > 0")
+    head_dim = cfg["attention_head_dim"]
+    attn_channels = {channels[-1]} | {c for c, a in zip(channels, down_attn, strict=True) if a}
+    if head_dim is not None and not (
+        _is_int(head_dim) and head_dim > 0 and all(c % head_dim == 0 for c in attn_channels)
+    ):
+        raise _refuse(
+            "attention_head_dim",
+            head_dim,
+            f"None or a positive int dividing each attention layer's width {sorted(attn_channels)}",
+        )
+    freq_shift = cfg["freq_shift"]
+    if not (_is_number(freq_shift) and -math.inf < freq_shift < ch // 2):
+        raise _refuse(
+            "freq_shift", freq_shift, f"a finite number below block_out_channels[0] / 2 = {ch // 2}"
+        )
+    if not isinstance(cfg["flip_sin_to_cos"], bool | np.bool_):
+        raise _refuse("flip_sin_to_cos", cfg["flip_sin_to_cos"], "True or False")
+    padding = cfg["downsample_padding"]
+    if not (_is_int(padding) and padding in (0, 1)):
+        raise _refuse("downsample_padding", padding, "0 (TF SAME) or 1 (symmetric)")
+    dropout = cfg["dropout"]
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise _refuse("dropout", dropout, "a number in [0, 1)")
+    for key in ("in_channels", "out_channels", "layers_per_block"):
+        if not (_is_int(cfg[key]) and cfg[key] > 0):
+            raise _refuse(key, cfg[key], "a positive int")
+    num_classes = cfg["num_class_embeds"]
+    if num_classes is not None and not (_is_int(num_classes) and num_classes > 0):
+        raise _refuse("num_class_embeds", num_classes, "None or a positive int")
+
+    kwargs = dict(
+        base_channels=ch,
+        channel_mults=tuple(int(c) // ch for c in channels),
+        num_res_blocks=int(cfg["layers_per_block"]),
+        attention_resolutions=resolutions,
+        # attention_head_dim=None: diffusers gives each attention layer one head
+        num_heads=1,
+        num_head_channels=None if head_dim is None else int(head_dim),
+        dropout=float(dropout),
+        out_channels=int(cfg["out_channels"]),
+        use_scale_shift_norm=shift == "scale_shift",
+        num_classes=None if num_classes is None else int(num_classes),
+        num_groups=int(groups),
+        norm_epsilon=float(eps),
+        downsample_padding="same" if padding == 0 else "symmetric",
+        time_freq_shift=float(freq_shift),
+    )
+    return kwargs, int(cfg["in_channels"]), height, bool(cfg["flip_sin_to_cos"])
+
+
+def _time_rows(ch: int, flip_sin_to_cos: bool) -> np.ndarray:
+    """Row r of our time_dense0 kernel is row rows[r] of diffusers' linear_1 (transposed).
+
+    Our embedding interleaves [sin_0, cos_0, sin_1, ...] (`timestep_embedding`); diffusers'
+    concatenates [sin_0..sin_{h-1}, cos_0..cos_{h-1}], or [cos | sin] when flip_sin_to_cos.
+    """
+    half = ch // 2
+    sin, cos = np.arange(half), half + np.arange(half)
+    if flip_sin_to_cos:
+        sin, cos = cos, sin
+    return np.stack([sin, cos], axis=-1).reshape(ch)
+
+
+def _diffusers_prefix(module: str, levels: int) -> str:
+    """diffusers' module path of one of our UNet's top-level modules."""
+    fixed = dict(
+        conv_in="conv_in",
+        time_dense0="time_embedding.linear_1",
+        time_dense1="time_embedding.linear_2",
+        label_embed="class_embedding",
+        mid_attn="mid_block.attentions.0",
+        norm_out="conv_norm_out",
+        conv_out="conv_out",
+    )
+    if module in fixed:
+        return fixed[module]
+    if m := re.fullmatch(r"mid_res_(\d+)", module):
+        return f"mid_block.resnets.{m[1]}"
+    m = re.fullmatch(r"(down|up)_(\d+)_(res|attn|downsample|upsample)(?:_(\d+))?", module)
+    if m is None:  # a UNet module this converter does not know: a bug, not a user error
+        raise NotImplementedError(f"no diffusers name for UNet module {module!r}")
+    half, level, kind, index = m[1], int(m[2]), m[3], m[4]
+    block = f"down_blocks.{level}" if half == "down" else f"up_blocks.{levels - 1 - level}"
+    if kind in ("downsample", "upsample"):
+        return f"{block}.{kind}rs.0"
+    return f"{block}.{'resnets' if kind == 'res' else 'attentions'}.{index}"
+
+
+def _sources(
+    path: tuple[str, ...], shape: tuple[int, ...], levels: int, rows: np.ndarray
+) -> tuple[list[tuple[str, tuple[int, ...]]], Callable[..., np.ndarray]]:
+    """The diffusers keys (with their shapes) our param `path` of `shape` is made of, and
+    the function that makes it from those arrays."""
+    prefix = _diffusers_prefix(path[0], levels)
+    *inner, leaf = path[1:]
+    if len(inner) == 1 and "attn" in path[0]:
+        if inner[0] == "qkv":  # fused [C, 3C] from three [C, C] Linear weights (or biases)
+            keys = [f"{prefix}.{q}.{_PARAM_NAMES[leaf]}" for q in ("to_q", "to_k", "to_v")]
+            if leaf == "kernel":
+                sub = (shape[1] // 3, shape[0])
+                return [(k, sub) for k in keys], lambda *w: np.concatenate([x.T for x in w], 1)
+            return [(k, (shape[0] // 3,)) for k in keys], lambda *b: np.concatenate(b)
+        inner = [{"norm": "group_norm", "proj_out": "to_out.0"}[inner[0]]]
+    inner = [_RES_NAMES.get(name, name) for name in inner]
+    key = ".".join([prefix, *inner, _PARAM_NAMES[leaf]])
+    if leaf == "kernel" and len(shape) == 4:  # Conv2d OIHW -> HWIO
+        return [(key, (shape[3], shape[2], shape[0], shape[1]))], lambda w: w.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and path[0] == "time_dense0":
+        return [(key, shape[::-1])], lambda w: w.T[rows]
+    if leaf == "kernel":  # Linear [out, in] -> [in, out]
+        return [(key, shape[::-1])], lambda w: w.T
+    if leaf == "embedding":  # append the null label's row
+        return [(key, (shape[0] - 1, shape[1]))], lambda w: np.concatenate(
+            [w, np.zeros((1, shape[1]), w.dtype)]
+        )
+    return [(key, shape)], lambda w: w
+
+
+def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple[UNet, Any]:
+    """A `UNet` and params computing the same function as a diffusers `UNet2DModel`.
+
+    The UNet's attention levels are given as feature-map sizes (attention_resolutions), which
+    are set from config['sample_size']: apply the model at that size (as diffusers' pipelines
+    do); at other sizes attention would follow the sizes, not the levels.
+
+    Args:
+      config: the model's config.json as a dict (diffusers' UNet2DModel keys; absent keys take
+        diffusers 0.42's defaults, keys starting with '_' are ignored).
+      state_dict: diffusers' state dict, key -> array-like (NumPy arrays, e.g. from
+        `safetensors.numpy.load_file`), any float dtype. Attention weights may use the current
+        names (to_q, to_k, to_v, to_out.0) or the pre-0.14 ones (query, key, value,
+        proj_attn).
+
+    Returns:
+      (model, params): `model.apply({'params': params}, x, t[, y])` maps [B, H, W, C] NHWC
+      x (diffusers' NCHW input transposed), [B] timesteps t and, for class-conditional
+      models, [B] labels y in [0, num_class_embeds - 1] to diffusers' output (NHWC). params
+      are float32 with exactly `model.init`'s tree.
+
+    Raises:
+      ValueError: a config value the UNet cannot reproduce exactly (fourier or learned time
+        embeddings, center_input_sample, mid_block_scale_factor != 1, an activation other
+        than SiLU, skip or cross-attention blocks, attention at different levels in the two
+        halves, ...), or a state dict with a missing, extra, wrongly shaped or non-float
+        entry; each message names the key, the value and what is allowed. Raised before any
+        parameter is built.
+    """
+    kwargs, in_channels, height, flip = _unet_kwargs(config)
+    model = UNet(**kwargs)
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a mapping of key -> array; got {type(state_dict)}")
+    arrays: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        m = _OLD_ATTENTION.match(str(key))
+        new = f"{m[1]}.{_NEW_NAMES[m[2]]}.{m[3]}" if m else key
+        if new in arrays:
+            raise ValueError(f"state_dict holds {new!r} twice (under old and new attention names)")
+        arrays[new] = value
+
+    size = height or 2 ** (len(kwargs["channel_mults"]) - 1)
+    x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = None if kwargs["num_classes"] is None else jax.ShapeDtypeStruct((1,), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+    rows = _time_rows(kwargs["base_channels"], flip)
+    levels = len(kwargs["channel_mults"])
+    plan = {
+        path: _sources(path, tuple(leaf.shape), levels, rows)
+        for path, leaf in traverse_util.flatten_dict(shapes).items()
+    }
+    expected = {
+        key: (shape, "/".join(path)) for path, (src, _) in plan.items() for key, shape in src
+    }
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        key = missing[0]
+        raise ValueError(
+            f"state_dict is missing {len(missing)} key(s), e.g. {key!r} (shape "
+            f"{expected[key][0]}, for UNet param {expected[key][1]!r}): {missing[:8]}"
+        )
+    extra = sorted(set(arrays) - set(expected))
+    if extra:
+        raise ValueError(
+            f"state_dict has {len(extra)} key(s) that this config's UNet has no place for: "
+            f"{extra[:8]}; allowed: the {len(expected)} keys of the config's UNet2DModel"
+        )
+    for key, (shape, target) in expected.items():
+        value = arrays[key]
+        dtype = getattr(value, "dtype", None)
+        if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
+            raise ValueError(f"state_dict[{key!r}] must be a float array; got dtype {dtype}")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"state_dict[{key!r}] must have shape {shape} (for UNet param {target!r}); "
+                f"got shape {tuple(value.shape)}"
+            )
+    flat = {
+        path: jnp.asarray(convert(*(np.asarray(arrays[k], np.float32) for k, _ in src)))
+        for path, (src, convert) in plan.items()
+    }
+    return model, traverse_util.unflatten_dict(flat)
+
+
+def load_diffusers_unet(path: str | pathlib.Path) -> tuple[UNet, Any]:
+    """A `UNet` and params from a diffusers UNet2DModel folder (as saved by save_pretrained).
+
+    Reads `config.json` and `diffusion_pytorch_model.safetensors` (with the `safetensors`
+    package; no torch), from `path` or, for a whole pipeline folder, from `path/unet`.
+
+    Args:
+      path: the model folder, e.g. a local copy of google/ddpm-cifar10-32.
+
+    Returns:
+      (model, params) of `unet_from_diffusers`.
+
+    Raises:
+      FileNotFoundError: no config.json, or no .safetensors weights (a folder with only the
+        pickled `diffusion_pytorch_model.bin` needs torch once to convert it; the message
+        says how).
+      ImportError: the safetensors package is not installed.
+      ValueError: see `unet_from_diffusers`.
+    """
+    folder = pathlib.Path(path)
+    if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"path must be a diffusers model folder with config.json; got {path}"
+        )
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        pickled = folder / "diffusion_pytorch_model.bin"
+        if pickled.is_file():
+            raise FileNotFoundError(
+                f"{folder} holds only {pickled.name}, a pickled PyTorch file that needs torch "
+                f'to read; convert it once where torch is installed:\n  python -c "import torch; '
+                f"from safetensors.torch import save_file; sd = torch.load('{pickled}', "
+                f"map_location='cpu', weights_only=True); save_file({{k: v.contiguous() for k, "
+                f"v in sd.items()}}, '{weights}')\""
+            )
+        raise FileNotFoundError(f"{folder} has no {weights.name}")
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise ImportError(
+            "load_diffusers_unet reads .safetensors weights with the safetensors package: "
+            "pip install safetensors"
+        ) from None
+    config = json.loads(config_file.read_text())
+    return unet_from_diffusers(config, load_file(str(weights)))
