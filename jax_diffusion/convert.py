@@ -36,9 +36,16 @@ import numpy as np
 from flax import traverse_util
 
 from jax_diffusion.models.unet import UNet
-from jax_diffusion.schedules import _is_number
+from jax_diffusion.schedules import (
+    Schedule,
+    _is_number,
+    cosine_betas,
+    linear_betas,
+    rescale_zero_terminal_snr,
+    scaled_linear_betas,
+)
 
-__all__ = ["load_diffusers_unet", "unet_from_diffusers"]
+__all__ = ["load_diffusers_unet", "schedule_from_diffusers", "unet_from_diffusers"]
 
 # diffusers 0.42's UNet2DModel.__init__ defaults: a config.json omits keys left at default
 _DEFAULTS: dict[str, Any] = dict(
@@ -447,3 +454,109 @@ def load_diffusers_unet(path: str | pathlib.Path) -> tuple[UNet, Any]:
         ) from None
     config = json.loads(config_file.read_text())
     return unet_from_diffusers(config, load_file(str(weights)))
+
+
+# diffusers 0.42's DDPMScheduler / DDIMScheduler.__init__ defaults
+_SCHEDULER_COMMON: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    clip_sample=True,
+    prediction_type="epsilon",
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    clip_sample_range=1.0,
+    sample_max_value=1.0,
+    timestep_spacing="leading",
+    steps_offset=0,
+    rescale_betas_zero_snr=False,
+)
+_SCHEDULERS = {
+    "DDPMScheduler": {**_SCHEDULER_COMMON, "variance_type": "fixed_small"},
+    "DDIMScheduler": {**_SCHEDULER_COMMON, "set_alpha_to_one": True},
+}
+_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+def schedule_from_diffusers(
+    scheduler_config: Mapping, dtype=jnp.float32
+) -> tuple[Schedule, dict[str, Any]]:
+    """The `Schedule` of a diffusers DDPMScheduler / DDIMScheduler config, and the sampler
+    keyword arguments it implies.
+
+    The betas come from this package's builders: 'linear' -> `linear_betas`, 'scaled_linear'
+    -> `scaled_linear_betas`, 'squaredcos_cap_v2' -> `cosine_betas` (Nichol & Dhariwal 2021,
+    eq. 17, s = 0.008, max_beta = 0.999), trained_betas as given, then
+    `rescale_zero_terminal_snr` where rescale_betas_zero_snr (Lin et al. 2024, Alg. 1). They are
+    the same formulas; ours are evaluated in float64, where diffusers' float32 tables (a
+    float32 cumprod over T steps) differ by up to ~1e-5 relative.
+
+    Args:
+      scheduler_config: scheduler_config.json as a dict (`_class_name` DDPMScheduler or
+        DDIMScheduler; absent keys take diffusers 0.42's defaults).
+      dtype: the Schedule's table dtype.
+
+    Returns:
+      (schedule, settings): settings holds `prediction` ('eps', 'x0', 'v'),
+      `clip_denoised` (diffusers' clip_sample) and, for a DDPMScheduler, `variance`, to pass
+      to `ddpm_sample` / `ddim_sample`. The inference timesteps (timestep_spacing,
+      steps_offset, DDIM's set_alpha_to_one) are the sampler call's choice: see `ddim_sample`'s
+      `spacing` and `timesteps`.
+
+    Raises:
+      ValueError: another scheduler class, an unknown key, beta_schedule 'sigmoid', dynamic
+        thresholding, clip_sample_range != 1, or a variance_type without an equivalent here
+        ('fixed_small_log', 'fixed_large_log', 'learned'); naming the key, value and allowed.
+    """
+    if not isinstance(scheduler_config, Mapping):
+        raise ValueError(f"scheduler_config must be a mapping; got {scheduler_config!r}")
+    name = scheduler_config.get("_class_name", "DDPMScheduler")
+    if name not in _SCHEDULERS:
+        raise ValueError(
+            f"scheduler_config['_class_name'] must be one of {sorted(_SCHEDULERS)}; got {name!r}"
+        )
+    defaults = _SCHEDULERS[name]
+    unknown = sorted(
+        k for k in scheduler_config if not str(k).startswith("_") and k not in defaults
+    )
+    if unknown:
+        raise ValueError(
+            f"scheduler_config has key(s) {unknown} that a {name} does not take; allowed: "
+            f"{sorted(defaults)}"
+        )
+    cfg = {**defaults, **{k: v for k, v in scheduler_config.items() if not str(k).startswith("_")}}
+
+    def refuse(key, allowed):
+        return ValueError(f"scheduler_config[{key!r}] must be {allowed}; got {cfg[key]!r}")
+
+    if cfg["trained_betas"] is not None:
+        betas = np.asarray(cfg["trained_betas"], np.float64)
+    else:
+        count, start, end = cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"]
+        builders = {
+            "linear": lambda: linear_betas(count, start, end),
+            "scaled_linear": lambda: scaled_linear_betas(count, start, end),
+            "squaredcos_cap_v2": lambda: cosine_betas(count, s=0.008, max_beta=0.999),
+        }
+        if cfg["beta_schedule"] not in builders:
+            raise refuse("beta_schedule", f"one of {sorted(builders)} (or trained_betas)")
+        betas = builders[cfg["beta_schedule"]]()
+    if cfg["rescale_betas_zero_snr"]:
+        betas = rescale_zero_terminal_snr(betas)
+    if cfg["thresholding"]:
+        raise refuse("thresholding", "False (use denoised_fn=dynamic_threshold instead)")
+    if cfg["clip_sample"] and cfg["clip_sample_range"] != 1.0:
+        raise refuse("clip_sample_range", "1.0 (clip_denoised clips x0_hat to [-1, 1])")
+    if cfg["prediction_type"] not in _PREDICTIONS:
+        raise refuse("prediction_type", f"one of {sorted(_PREDICTIONS)}")
+    settings = dict(
+        prediction=_PREDICTIONS[cfg["prediction_type"]], clip_denoised=bool(cfg["clip_sample"])
+    )
+    if name == "DDPMScheduler":
+        if cfg["variance_type"] not in _VARIANCES:
+            raise refuse("variance_type", f"one of {list(_VARIANCES)}")
+        settings["variance"] = cfg["variance_type"]
+    return Schedule.from_betas(betas, dtype=dtype), settings

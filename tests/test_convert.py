@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_diffusion.convert import load_diffusers_unet, unet_from_diffusers
+from jax_diffusion.convert import load_diffusers_unet, schedule_from_diffusers, unet_from_diffusers
 from jax_diffusion.models import timestep_embedding
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -314,3 +314,56 @@ def test_refuses_a_state_dict_that_does_not_fit(edit, match):
 def test_refuses_a_config_that_is_not_a_mapping():
     with pytest.raises(ValueError, match="config must be a mapping"):
         unet_from_diffusers("config.json", {})
+
+
+# --------------------------------------------------------------------------- schedulers
+
+SCHEDULERS = {
+    "ddpm_linear": dict(prediction="eps", clip_denoised=True, variance="fixed_small"),
+    "ddim_scaled_linear": dict(prediction="v", clip_denoised=False),
+    "ddpm_cosine_zero_snr": dict(prediction="x0", clip_denoised=True, variance="learned_range"),
+}
+
+
+def _scheduler(name):
+    z = np.load(FIXTURES / "diffusers_schedulers.npz")
+    return json.loads(str(z[f"{name}/config"])), z[f"{name}/betas"], z[f"{name}/alphas_cumprod"]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedule_from_diffusers_matches_the_diffusers_tables(name, x64):
+    """Ours are float64, diffusers' float32. Betas: float32 rounding, but the zero-SNR
+    rescale shifts sqrt(alpha_bar) by a value near 1 (an absolute ~eps32 error each) and then
+    takes 1 - alpha_bar_t / alpha_bar_{t-1}, several eps32 absolute (measured 4.2e-7, up to 1e-3
+    relative on betas of 1e-4), so atol = 2^-20 = 8 eps32. alphas_cumprod: diffusers' float32
+    cumprod, measured 9e-7 relative over 1000 steps, bound 2e-6."""
+    config, betas, alphas_cumprod = _scheduler(name)
+    schedule, settings = schedule_from_diffusers(config, dtype=jnp.float64)
+    assert settings == SCHEDULERS[name]
+    np.testing.assert_allclose(np.asarray(schedule.betas), betas, rtol=1e-6, atol=2.0**-20)
+    np.testing.assert_allclose(np.asarray(schedule.alphas_cumprod), alphas_cumprod, rtol=2e-6)
+    assert schedule.num_timesteps == config["num_train_timesteps"]
+
+
+def test_schedule_from_diffusers_takes_trained_betas():
+    config, betas, _ = _scheduler("ddpm_linear")
+    schedule, _ = schedule_from_diffusers({**config, "trained_betas": [1e-3, 2e-2, 0.5]})
+    np.testing.assert_allclose(np.asarray(schedule.betas), [1e-3, 2e-2, 0.5], rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"_class_name": "PNDMScheduler"}, r"\['_class_name'\] must be one of \['DDIMScheduler'"),
+        ({"beta_schedule": "sigmoid"}, r"\['beta_schedule'\] must be one of .*; got 'sigmoid'"),
+        ({"thresholding": True}, r"\['thresholding'\] must be False"),
+        ({"clip_sample_range": 2.0}, r"\['clip_sample_range'\] must be 1.0"),
+        ({"variance_type": "fixed_small_log"}, r"\['variance_type'\] must be one of"),
+        ({"prediction_type": "flow"}, r"\['prediction_type'\] must be one of"),
+        ({"set_alpha_to_one": False}, r"\['set_alpha_to_one'\] that a DDPMScheduler does not"),
+    ],
+)
+def test_schedule_from_diffusers_refuses(change, match):
+    config, _, _ = _scheduler("ddpm_linear")
+    with pytest.raises(ValueError, match=match):
+        schedule_from_diffusers({**config, **change})
