@@ -367,3 +367,24 @@ def test_schedule_from_diffusers_refuses(change, match):
     config, _, _ = _scheduler("ddpm_linear")
     with pytest.raises(ValueError, match=match):
         schedule_from_diffusers({**config, **change})
+
+
+def test_readme_diffusers_example_runs(tmp_path, monkeypatch):
+    """README.md's third example, on a stand-in for google/ddpm-cifar10-32: the cifar10
+    fixture's weights with sample_size 32 (attention then sits at 16 x 16, the same level)
+    and the DDPMScheduler config."""
+    import re
+
+    pytest.importorskip("safetensors")
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    block = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)[2]
+    folder = tmp_path / "ddpm-cifar10-32"
+    _write_folder(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "sample_size": 32}))
+    (folder / "scheduler_config.json").write_text(json.dumps(_scheduler("ddpm_linear")[0]))
+    monkeypatch.chdir(tmp_path)
+    namespace = dict(jax=jax, jd=__import__("jax_diffusion"), rng=jax.random.key(0))
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["x0"].shape == (8, 32, 32, 3)
+    assert np.all(np.abs(np.asarray(namespace["x0"])) <= 1)  # clip_sample=True
