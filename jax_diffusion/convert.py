@@ -19,6 +19,7 @@ the layout:
   GroupNorm weight / bias                -> scale / bias
 
 Data is NHWC here, NCHW in PyTorch: transpose inputs and outputs, not weights.
+`schedule_from_diffusers` reads the matching DDPMScheduler / DDIMScheduler config.
 """
 
 from __future__ import annotations
@@ -340,7 +341,9 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
       (model, params): `model.apply({'params': params}, x, t[, y])` maps [B, H, W, C] NHWC
       x (diffusers' NCHW input transposed), [B] timesteps t and, for class-conditional
       models, [B] labels y in [0, num_class_embeds - 1] to diffusers' output (NHWC). params
-      are float32 with exactly `model.init`'s tree.
+      are float32 with exactly `model.init`'s tree. The null label y = num_class_embeds
+      embeds as a zero row: diffusers' models were not trained with one, so classifier-free
+      guidance needs fine-tuning first.
 
     Raises:
       ValueError: a config value the UNet cannot reproduce exactly (fourier or learned time
