@@ -155,6 +155,40 @@ def test_float16_state_dict_is_read_as_float32():
     jax.tree.map(np.testing.assert_array_equal, got, want)  # k / 64 is exact in float16
 
 
+def test_absent_config_keys_take_the_diffusers_defaults():
+    """diffusers builds a missing key's __init__ default: attention_head_dim 8, not None."""
+    config, state_dict, _ = _fixture("church")
+    model, _ = unet_from_diffusers(_without(config, "attention_head_dim"), state_dict)
+    assert model.num_head_channels == 8
+
+
+def test_the_google_ddpm_cifar10_32_config_is_accepted():
+    """That repository's config.json (diffusers 0.0.4 keys); only the weights are missing,
+    all 328 of diffusers' UNet2DModel built from it (counted with diffusers 0.42)."""
+    config = {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": "0.0.4",
+        "act_fn": "silu",
+        "block_out_channels": [128, 256, 256, 256],
+        "center_input_sample": False,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "in_channels": 3,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-06,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 32,
+        "time_embedding_type": "positional",
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    }
+    with pytest.raises(ValueError, match=r"state_dict is missing 328 key\(s\), e.g. 'conv_in"):
+        unet_from_diffusers(config, {})
+
+
 # --------------------------------------------------------------------------- model folders
 
 
