@@ -393,10 +393,12 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
             f"{extra[:8]}; allowed: the {len(expected)} keys of the config's UNet2DModel"
         )
     for key, (shape, target) in expected.items():
-        value = arrays[key]
-        dtype = getattr(value, "dtype", None)
-        if dtype is None or not np.issubdtype(np.dtype(dtype), np.floating):
-            raise ValueError(f"state_dict[{key!r}] must be a float array; got dtype {dtype}")
+        try:  # NumPy, JAX or CPU torch arrays all become NumPy views here
+            value = arrays[key] = np.asarray(arrays[key])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"state_dict[{key!r}] must be an array; got {err}") from None
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"state_dict[{key!r}] must be a float array; got dtype {value.dtype}")
         if tuple(value.shape) != shape:
             raise ValueError(
                 f"state_dict[{key!r}] must have shape {shape} (for UNet param {target!r}); "

@@ -189,6 +189,13 @@ def test_the_google_ddpm_cifar10_32_config_is_accepted():
         unet_from_diffusers(config, {})
 
 
+def test_jax_arrays_are_read_like_numpy_arrays():
+    config, state_dict, _ = _fixture("adagn")
+    _, want = unet_from_diffusers(config, state_dict)
+    _, got = unet_from_diffusers(config, {k: jnp.asarray(v) for k, v in state_dict.items()})
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 # --------------------------------------------------------------------------- model folders
 
 
@@ -331,6 +338,10 @@ def _without(d, key):
         (
             lambda sd: {**sd, "conv_out.bias": np.zeros(3, np.int32)},
             r"state_dict\['conv_out\.bias'\] must be a float array; got dtype int32",
+        ),
+        (
+            lambda sd: {**sd, "conv_out.bias": "zeros"},
+            r"state_dict\['conv_out\.bias'\] must be a float array; got dtype <U5",
         ),
         (
             lambda sd: {**sd, "mid_block.attentions.0.query.weight": np.zeros((16, 16))},
