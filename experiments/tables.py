@@ -122,6 +122,24 @@ def distillation(r: dict) -> str:
     return f"N = {r['num_samples']}:\n\n" + _table(head, table)
 
 
+def classifier_guidance(r: dict) -> str:
+    keys = ("class_accuracy", "fd_train", "precision", "recall", "inception_score")
+    rows = [[row["scale"]] + [row[k] for k in keys + ("within_class_var",)] for row in r["rows"]]
+    ref = r["reference"]["within_class_var_train"]
+    head = ["s", *keys, f"within-class var (train digits: {ref:.3g})"]
+    out = [f"N = {r['num_samples']}:\n\n" + _table(head, rows)]
+    clf = r["classifier"]
+    acc = clf["accuracy_by_t"]
+    edges = acc["bucket_edges"]
+    buckets = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    out.append(
+        f"\nnoise-aware classifier ({clf['steps']} steps, {clf['train_seconds']:.0f} s, final "
+        f"loss {clf['final_loss']:.3g}) on noised test digits per t bucket:\n\n"
+        + _table(["t"] + buckets, [["accuracy"] + acc["accuracy"], ["log p(y)"] + acc["log_prob"]])
+    )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -132,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         ("variance_loss", variance_loss),
         ("guidance", guidance),
         ("distillation", distillation),
+        ("classifier_guidance", classifier_guidance),
     ):
         r = _load(args.out, name)
         if r is None:

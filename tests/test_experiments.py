@@ -13,6 +13,7 @@ import os
 import pytest
 
 from experiments import (
+    classifier_guidance,
     common,
     distillation,
     guidance,
@@ -117,6 +118,24 @@ def test_distillation(dirs):
         assert [k for k, _ in r["loss_curve"]] == [2]
 
 
+def test_classifier_guidance(dirs):
+    results = _run(classifier_guidance, dirs)
+    # the base model is the parameterization experiment's v model (same workdir, same config)
+    assert results["run"]["prediction"] == "v"
+    assert [r["scale"] for r in results["rows"]] == [0.0, 4.0]
+    for row in results["rows"]:
+        assert set(QUALITY + ("class_accuracy", "within_class_var", "seconds")) <= set(row)
+        assert 0.0 <= row["class_accuracy"] <= 1.0
+    record = results["classifier"]
+    assert record["steps"] == 20 and record["train_seconds"] > 0
+    assert [k for k, _ in record["loss_curve"]] == [20]
+    acc = record["accuracy_by_t"]
+    assert acc["bucket_edges"] == [5 * b for b in range(11)]  # smoke: T = 50
+    assert len(acc["accuracy"]) == len(acc["log_prob"]) == 10
+    assert all(0.0 <= a <= 1.0 for a in acc["accuracy"])
+    assert "within_class_var_train" in results["reference"]
+
+
 def test_train_run_reuses_a_finished_workdir(dirs):
     workdir = common.run_dir(dirs[0], "param_eps", smoke=True)
     config = common.make_config({}, steps=2, smoke=True)
@@ -135,6 +154,7 @@ def test_train_run_reuses_a_finished_workdir(dirs):
         (parameterization, "--num-samples"),
         (guidance, "--num-samples"),
         (distillation, "--num-samples"),
+        (classifier_guidance, "--num-samples"),
     ],
 )
 @pytest.mark.parametrize("count", ["0", "3"])
