@@ -791,3 +791,52 @@ def test_tables_main(tmp_path, capsys):
     )
     assert "\nfd_train_vs_test (real train vs real test digits): 29.6\n" in out
     assert "## parameterization" not in out
+
+
+def test_classifier_guidance_table():
+    def row(s, acc, fd, p, r, is_, wcv):
+        return dict(
+            scale=s,
+            class_accuracy=acc,
+            fd_train=fd,
+            precision=p,
+            recall=r,
+            inception_score=is_,
+            within_class_var=wcv,
+        )
+
+    r = {
+        "num_samples": 500,
+        "rows": [
+            row(0.0, 0.134, 7.805, 0.73, 0.8653, 8.8926, 476.88),
+            row(2.0, 0.954, 5.0775, 0.776, 0.70707, 9.5902, 171.03),
+        ],
+        "reference": {"within_class_var_train": 188.2},
+        "classifier": {
+            "steps": 4000,
+            "train_seconds": 20.53,
+            "final_loss": 0.86532,
+            "accuracy_by_t": {
+                "bucket_edges": [0, 500, 1000],
+                "accuracy": [0.8, 0.3521],
+                "log_prob": [-0.2113, -1.8441],
+            },
+        },
+    }
+    head = "| s | class_accuracy | fd_train | precision | recall | inception_score | "
+    assert tables.classifier_guidance(r).splitlines() == [
+        "N = 500:",
+        "",
+        head + "within-class var (train digits: 188) |",
+        _sep(7),
+        "| 0 | 0.134 | 7.8 | 0.73 | 0.865 | 8.89 | 477 |",
+        "| 2 | 0.954 | 5.08 | 0.776 | 0.707 | 9.59 | 171 |",
+        "",
+        "noise-aware classifier (4000 steps, 21 s, final loss 0.865) on noised test digits per t "
+        "bucket:",
+        "",
+        "| t | 0-499 | 500-999 |",
+        _sep(3),
+        "| accuracy | 0.8 | 0.352 |",
+        "| log p(y) | -0.211 | -1.84 |",
+    ]
