@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file  # the test extra installs it
 
+from jax_diffusion import convert
 from jax_diffusion.convert import load_diffusers_unet, schedule_from_diffusers, unet_from_diffusers
 from jax_diffusion.models import timestep_embedding
 
@@ -189,6 +191,51 @@ def test_the_google_ddpm_cifar10_32_config_is_accepted():
         unet_from_diffusers(config, {})
 
 
+def test_the_google_ddpm_cat_256_config_maps_to_one_head_attention_at_16x16():
+    """google/ddpm-cat-256's config.json (as church / celebahq / bedroom: six levels, attention
+    at the 16x16 level only, written with attention_head_dim null: one head per layer)."""
+    config = {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": "0.0.4",
+        "act_fn": "silu",
+        "attention_head_dim": None,
+        "block_out_channels": [128, 128, 256, 256, 512, 512],
+        "center_input_sample": False,
+        "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "in_channels": 3,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-06,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 256,
+        "time_embedding_type": "positional",
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+    }
+    with pytest.raises(ValueError, match=r"state_dict is missing \d+ key\(s\), e.g. 'conv_in"):
+        unet_from_diffusers(config, {})
+    kwargs, in_channels, height, flip = convert._unet_kwargs(config)
+    assert (in_channels, height, flip) == (3, 256, False)
+    want = dict(
+        base_channels=128,
+        channel_mults=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attention_resolutions=(16,),  # level 4: 256 / 2**4
+        num_heads=1,
+        num_head_channels=None,
+        num_groups=32,
+        norm_epsilon=1e-6,
+        downsample_padding="same",
+        time_freq_shift=1.0,
+        use_scale_shift_norm=False,
+        num_classes=None,
+    )
+    assert {k: kwargs[k] for k in want} == want
+
+
 def test_jax_arrays_are_read_like_numpy_arrays():
     config, state_dict, _ = _fixture("adagn")
     _, want = unet_from_diffusers(config, state_dict)
@@ -200,7 +247,6 @@ def test_jax_arrays_are_read_like_numpy_arrays():
 
 
 def _write_folder(folder, name="cifar10"):
-    save_file = pytest.importorskip("safetensors.numpy").save_file
     config, state_dict, arrays = _fixture(name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
@@ -420,7 +466,6 @@ def test_readme_diffusers_example_runs(tmp_path, monkeypatch):
     and the DDPMScheduler config."""
     import re
 
-    pytest.importorskip("safetensors")
     readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
     block = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)[2]
     folder = tmp_path / "ddpm-cifar10-32"
