@@ -23,7 +23,12 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLAB = ROOT / "colab"
-NOTEBOOKS = ("parameterizations.ipynb", "quickstart.ipynb", "tpu_training.ipynb")
+NOTEBOOKS = (
+    "parameterizations.ipynb",
+    "pretrained.ipynb",
+    "quickstart.ipynb",
+    "tpu_training.ipynb",
+)
 
 
 def execute(name, tmp_path, monkeypatch):
@@ -94,6 +99,31 @@ def test_quickstart_trains_and_shows_ddim_samples(tmp_path, monkeypatch):
     workdirs = list(tmp_path.glob("quickstart_*"))
     assert len(workdirs) == 1 and (workdirs[0] / "config.json").is_file()
     assert (workdirs[0] / "checkpoints" / "2").is_dir()
+
+
+def test_pretrained_loads_the_diffusers_folder_and_samples(tmp_path, monkeypatch):
+    nb = execute("pretrained.ipynb", tmp_path, monkeypatch)
+    out = stdout(nb)
+    assert "smoke mode" in out
+    # the stand-in folder as the Hub lays it out, and every weight of the fixture loaded
+    assert "'config.json', 'diffusion_pytorch_model.safetensors', 'scheduler_config.json'" in out
+    fixture = np.load(ROOT / "tests" / "fixtures" / "diffusers_unet_cifar10.npz")
+    want = sum(fixture[k].size for k in fixture.files if k.startswith("sd/"))
+    assert number(r"parameters: ([\d,]+)\n", out.replace(",", "")) == want
+    assert "'downsample_padding': 'same'" in out and "'time_freq_shift': 1.0" in out
+    assert "'prediction': 'eps'" in out and "'clip_denoised': True" in out
+    runs = re.findall(
+        r"(DDIM-3|DPM-Solver\+\+\(2M\)-3): 8 images \(32, 32, 3\), .*range "
+        r"\[(\S+), (\S+)\]",
+        out,
+    )
+    assert [r[0] for r in runs] == ["DDIM-3", "DPM-Solver++(2M)-3"], out[-2000:]
+    for _, low, high in runs:
+        assert -1.0 <= float(low) < float(high) <= 1.0  # clip_sample=True
+    shown = images(nb)
+    # 8 samples in one row, 32x32 scaled 2x with 2-pixel padding
+    assert [im.shape for im in shown] == [(66 + 2, 8 * 66 + 2, 3)] * 2
+    assert all(im.std() > 0 for im in shown)
 
 
 def test_parameterizations_conversions_round_trip(tmp_path, monkeypatch):
