@@ -10,7 +10,8 @@ student then becomes the teacher and N halves (1024 -> 512 -> ... -> 4 steps in 
 Discrete time (t in [0, T - 1]; -1 is the clean end, alphas_cumprod = 1): the teacher's grid is
 `timesteps` = tau_0 > tau_1 > ... > tau_{2N-1}, the student's is `timesteps[::2]`, and student
 step i goes from tau_{2i} through the teacher's tau_{2i+1} to tau_{2i+2} (-1 after the last).
-Sample the student with `ddim_sample(student_fn, schedule, x_T, timesteps=timesteps[::2])`.
+Sample the student with `ddim_sample(student_fn, schedule, x_T, timesteps=student_timesteps(
+timesteps))` (`timesteps[::2]` when the grid is given in descending order).
 Before the last step, x_tilde is the x0 that makes one step land on the teacher's two, not a
 clean image: it need not lie in [-1, 1], and clipping the student's x0_hat there
 (`clip_denoised`) departs from the steps it learned.
@@ -107,8 +108,10 @@ def distillation_target(
       [B, ...] x_tilde in xt's dtype (no stop_gradient: `distillation_loss` applies one).
 
     Raises:
-      ValueError: as `ddim_step` for bad arguments, t's not in that order where concrete.
+      ValueError: as `ddim_step` for bad arguments; t, t_mid, t_next not in that order where
+        concrete.
     """
+    _check_order(t, t_mid, t_next)
     step = dict(eta=0.0, prediction=prediction, clip_denoised=clip_denoised)
     z_mid = ddim_step(teacher_fn, schedule, xt, t, t_mid, **step).x_prev
     z_next = ddim_step(teacher_fn, schedule, z_mid, t_mid, t_next, **step).x_prev
@@ -121,6 +124,24 @@ def distillation_target(
     num = sigma * z_next.astype(dtype) - sigma_next * xt.astype(dtype)
     target = num / (sigma * alpha_next - sigma_next * alpha)
     return target.astype(xt.dtype)
+
+
+def _check_order(t, t_mid, t_next) -> None:
+    """t > t_mid > t_next >= -1 where all three are concrete int scalars or [B] (others are
+    left to `ddim_step`'s checks)."""
+    named = {"t": t, "t_mid": t_mid, "t_next": t_next}
+    if not all(_is_concrete(v) for v in named.values()):
+        return
+    values = [np.asarray(v) for v in named.values()]
+    if not all(np.issubdtype(v.dtype, np.integer) and v.ndim <= 1 for v in values):
+        return
+    try:
+        a, b, c = np.broadcast_arrays(*values)
+    except ValueError:
+        return  # batch sizes that disagree: ddim_step names the argument
+    if not (np.all(a > b) and np.all(b > c) and np.all(c >= -1)):
+        got = ", ".join(f"{k}={v.tolist()}" for k, v in zip(named, values, strict=True))
+        raise ValueError(f"t, t_mid, t_next must satisfy t > t_mid > t_next >= -1; got {got}")
 
 
 def distillation_loss(
@@ -159,7 +180,8 @@ def distillation_loss(
       teacher_prediction: the teacher's; None for `prediction`.
       weighting: lambda(t), see above.
       clip_denoised: clip the teacher's x0_hat to [-1, 1] (a Python bool).
-      draws: (step int [B] in [0, N - 1], noise [B, ...]) instead of drawing them: the loss
+      draws: (step int [B] in [0, N - 1] (checked where concrete; a traced step out of range
+        gives a meaningless loss), noise [B, ...]) instead of drawing them: the loss
         otherwise draws step = randint(k1, [B], 0, N), noise = normal(k2, x0.shape) with
         k1, k2 = jax.random.split(rng).
 
@@ -169,8 +191,9 @@ def distillation_loss(
 
     Raises:
       ValueError: bad timesteps (not distinct ints in range, an odd count, traced), bad
-        predictions or weighting, x0 not floating, or eps prediction of a teacher or student at
-        a zero-SNR step, before any network call.
+        predictions or weighting, x0 not floating, eps prediction of a teacher or student at
+        a zero-SNR step, or draws of the wrong shape, dtype or (concrete) range, before any
+        network call.
     """
     for name, fn in (("student_fn", student_fn), ("teacher_fn", teacher_fn)):
         if not callable(fn):
@@ -197,6 +220,14 @@ def distillation_loss(
             raise ValueError(
                 f"draws must be (step [B], noise [B, ...]) with x0's shape {jnp.shape(x0)}; "
                 f"got step {jnp.shape(step)} and noise {jnp.shape(noise)}"
+            )
+        step = jnp.asarray(step)
+        bad_type = not jnp.issubdtype(step.dtype, jnp.integer)
+        if bad_type or (_is_concrete(step) and not np.all((0 <= step) & (step < num_student))):
+            got = f"dtype {step.dtype}" if bad_type else f"{np.asarray(step).tolist()}"
+            raise ValueError(
+                f"draws' step must be ints in [0, N - 1] = [0, {num_student - 1}] (the student "
+                f"steps of {2 * num_student} teacher timesteps); got {got}"
             )
     chain = jnp.asarray(np.append(grid, -1), jnp.int32)  # tau_0, ..., tau_{2N-1}, -1
     t, t_mid, t_next = chain[2 * step], chain[2 * step + 1], chain[2 * step + 2]

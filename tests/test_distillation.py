@@ -201,6 +201,18 @@ def test_gradients_reach_the_student_only_and_the_loss_jits():
         (dict(x0=jnp.zeros((2, 3), jnp.int32)), "x0 must be a floating array"),
         (dict(rng=None), "rng must be a PRNG key"),
         (dict(draws=(jnp.zeros(3, jnp.int32), jnp.zeros((2, 3)))), r"draws must be \(step \[B\]"),
+        (
+            dict(draws=(jnp.zeros(2), jnp.zeros((2, 3)))),
+            r"draws' step must be ints in \[0, N - 1\] = \[0, 0\] .*got dtype float32",
+        ),
+        (
+            dict(draws=(jnp.array([0, 1]), jnp.zeros((2, 3)))),
+            r"draws' step must be ints in \[0, N - 1\] = \[0, 0\] .*got \[0, 1\]",
+        ),
+        (
+            dict(draws=(np.array([-1, 0]), jnp.zeros((2, 3)))),
+            r"draws' step must be ints .*got \[-1, 0\]",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_before_any_network_call(kwargs, match):
@@ -227,6 +239,8 @@ def test_eps_prediction_at_a_zero_snr_step_and_traced_timesteps_are_refused():
         distillation_loss(
             sched, model, model, x0, key, timesteps=[199, 100], teacher_prediction="eps"
         )
+    with pytest.raises(ValueError, match=r"prediction='eps' cannot distil the student at step"):
+        distillation_loss(sched, model, model, x0, key, timesteps=[199, 100], prediction="eps")
     loss, _ = distillation_loss(sched, model, model, x0, key, timesteps=[199, 100])  # v: fine
     assert np.isfinite(float(loss))
     with pytest.raises(ValueError, match="timesteps must be concrete ints"):
@@ -235,3 +249,81 @@ def test_eps_prediction_at_a_zero_snr_step_and_traced_timesteps_are_refused():
         )
     with pytest.raises(ValueError, match=r"even number 2N.*got 1"):
         student_timesteps([7])
+
+
+@pytest.mark.parametrize(
+    "t, t_mid, t_next",
+    [(100, 50, 50), (100, 100, 50), (100, 120, 50), (10, 5, -2), ([9, 9], [4, 9], [1, 1])],
+)
+def test_target_refuses_steps_out_of_order(t, t_mid, t_next):
+    sched = jd.Schedule.from_betas(BETAS)
+
+    def never(x, t):
+        raise AssertionError("called")
+
+    with pytest.raises(ValueError, match=r"t, t_mid, t_next must satisfy t > t_mid > t_next >= -1"):
+        distillation_target(
+            sched, never, xt=jnp.zeros((2, 3)), t=t, t_mid=t_mid, t_next=t_next, prediction="v"
+        )
+
+
+def test_clip_denoised_clips_the_teachers_x0_in_both_steps(x64):
+    """Data N(2.5, 0.5^2): the exact teacher's x0_hat lies near 2.5, so clipping it to [-1, 1]
+    in both DDIM steps changes the target; the float64 reference clips as Algorithm 2's DDIM
+    steps would with a clipped x_hat."""
+    m, s = 2.5, 0.5
+    sched = _schedule64()
+    teacher = gaussian_denoiser(sched, m, s, "v")
+
+    def ddim_clipped(z, t, t_prev):
+        x_hat = np.clip(_np_x0_hat(z, t, m, s), -1.0, 1.0)
+        alpha, sigma = (_col(a, z) for a in _alpha_sigma(t))
+        alpha_p, sigma_p = (_col(a, z) for a in _alpha_sigma(t_prev))
+        return alpha_p * x_hat + sigma_p / sigma * (z - alpha * x_hat)
+
+    def want_target(z, t, t_mid, t_next):
+        z2 = ddim_clipped(ddim_clipped(z, t, t_mid), t_mid, t_next)
+        alpha, sigma = (_col(a, z) for a in _alpha_sigma(t))
+        alpha2, sigma2 = (_col(a, z) for a in _alpha_sigma(t_next))
+        return (z2 - sigma2 / sigma * z) / (alpha2 - sigma2 / sigma * alpha)
+
+    z = np.random.default_rng(3).standard_normal((5, 3))
+    t, t_mid, t_next = T_TRIPLES.T
+    got = distillation_target(
+        sched,
+        teacher,
+        xt=jnp.asarray(z),
+        t=jnp.asarray(t),
+        t_mid=jnp.asarray(t_mid),
+        t_next=jnp.asarray(t_next),
+        prediction="v",
+        clip_denoised=True,
+    )
+    want = want_target(z, t, t_mid, t_next)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+    assert np.abs(want - _np_target(z, t, t_mid, t_next, m, s)).max() > 0.1  # clipping matters
+
+    # through the loss: a student predicting x0 = 0 has per-example loss mean(target^2)
+    grid = np.array([199, 149, 99, 49])
+    step = np.array([0, 1])
+    chain = np.append(grid, -1)
+    t, t_mid, t_next = chain[2 * step], chain[2 * step + 1], chain[2 * step + 2]
+    x0 = np.full((2, 3), m)
+    noise = np.random.default_rng(4).standard_normal((2, 3))
+    alpha, sigma = (_col(a, x0) for a in _alpha_sigma(t))
+    xt = alpha * x0 + sigma * noise
+    _, metrics = distillation_loss(
+        sched,
+        lambda x, t: jnp.zeros_like(x),
+        teacher,
+        jnp.asarray(x0),
+        None,
+        timesteps=grid,
+        prediction="x0",
+        teacher_prediction="v",
+        weighting="none",
+        clip_denoised=True,
+        draws=(jnp.asarray(step), jnp.asarray(noise)),
+    )
+    want = np.mean(want_target(xt, t, t_mid, t_next) ** 2, axis=1)
+    np.testing.assert_allclose(metrics["per_example_loss"], want, rtol=1e-9)
