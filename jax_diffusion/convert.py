@@ -333,9 +333,9 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
       config: the model's config.json as a dict (diffusers' UNet2DModel keys; absent keys take
         diffusers 0.42's defaults, keys starting with '_' are ignored).
       state_dict: diffusers' state dict, key -> array-like (NumPy arrays, e.g. from
-        `safetensors.numpy.load_file`), any float dtype. Attention weights may use the current
-        names (to_q, to_k, to_v, to_out.0) or the pre-0.14 ones (query, key, value,
-        proj_attn).
+        `safetensors.numpy.load_file`), any float dtype (bfloat16 too). Attention weights may
+        use the current names (to_q, to_k, to_v, to_out.0) or the pre-0.14 ones (query, key,
+        value, proj_attn).
 
     Returns:
       (model, params): `model.apply({'params': params}, x, t[, y])` maps [B, H, W, C] NHWC
@@ -397,7 +397,7 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
             value = arrays[key] = np.asarray(arrays[key])
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"state_dict[{key!r}] must be an array; got {err}") from None
-        if not np.issubdtype(value.dtype, np.floating):
+        if not jnp.issubdtype(value.dtype, jnp.floating):  # float16/32/64 and bfloat16
             raise ValueError(f"state_dict[{key!r}] must be a float array; got dtype {value.dtype}")
         if tuple(value.shape) != shape:
             raise ValueError(
@@ -509,12 +509,15 @@ def schedule_from_diffusers(
       `clip_denoised` (diffusers' clip_sample) and, for a DDPMScheduler, `variance`, to pass
       to `ddpm_sample` / `ddim_sample`. The inference timesteps (timestep_spacing,
       steps_offset, DDIM's set_alpha_to_one) are the sampler call's choice: see `ddim_sample`'s
-      `spacing` and `timesteps`.
+      `spacing` and `timesteps`. Our DDIM chains end at the clean end (alphas_cumprod = 1),
+      diffusers' set_alpha_to_one=True; with False (Stable Diffusion's configs) diffusers'
+      last step lands at alphas_cumprod[0] instead.
 
     Raises:
       ValueError: another scheduler class, an unknown key, beta_schedule 'sigmoid', dynamic
-        thresholding, clip_sample_range != 1, or a variance_type without an equivalent here
-        ('fixed_small_log', 'fixed_large_log', 'learned'); naming the key, value and allowed.
+        thresholding, clip_sample_range != 1, a variance_type without an equivalent here
+        ('fixed_small_log', 'fixed_large_log', 'learned'), a flag that is not a bool or an
+        unknown timestep_spacing; naming the key, value and allowed.
     """
     if not isinstance(scheduler_config, Mapping):
         raise ValueError(f"scheduler_config must be a mapping; got {scheduler_config!r}")
@@ -536,6 +539,16 @@ def schedule_from_diffusers(
 
     def refuse(key, allowed):
         return ValueError(f"scheduler_config[{key!r}] must be {allowed}; got {cfg[key]!r}")
+
+    # read for their truth value below, or (the inference grid) left to the sampler call: a
+    # string "false" or a misspelt spacing would otherwise pass silently
+    for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr", "set_alpha_to_one"):
+        if key in cfg and not isinstance(cfg[key], bool | np.bool_):
+            raise refuse(key, "True or False")
+    if cfg["timestep_spacing"] not in ("leading", "trailing", "linspace"):
+        raise refuse("timestep_spacing", "'leading', 'trailing' or 'linspace'")
+    if not (_is_int(cfg["steps_offset"]) and cfg["steps_offset"] >= 0):
+        raise refuse("steps_offset", "an int >= 0")
 
     if cfg["trained_betas"] is not None:
         betas = np.asarray(cfg["trained_betas"], np.float64)

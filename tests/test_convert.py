@@ -236,6 +236,15 @@ def test_the_google_ddpm_cat_256_config_maps_to_one_head_attention_at_16x16():
     assert {k: kwargs[k] for k in want} == want
 
 
+def test_bfloat16_state_dict_is_read_as_float32():
+    config, state_dict, _ = _fixture("adagn")
+    _, want = unet_from_diffusers(config, state_dict)
+    bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in state_dict.items()}
+    _, got = unet_from_diffusers(config, bf16)
+    jax.tree.map(np.testing.assert_array_equal, got, want)  # k / 64, |k| < 128: exact in bf16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+
+
 def test_jax_arrays_are_read_like_numpy_arrays():
     config, state_dict, _ = _fixture("adagn")
     _, want = unet_from_diffusers(config, state_dict)
@@ -442,6 +451,15 @@ def test_schedule_from_diffusers_takes_trained_betas():
     np.testing.assert_allclose(np.asarray(schedule.betas), [1e-3, 2e-2, 0.5], rtol=1e-7)
 
 
+def test_ddim_set_alpha_to_one_must_be_a_bool():
+    config, _, _ = _scheduler("ddpm_linear")
+    config = {k: v for k, v in config.items() if k != "variance_type"}
+    config["_class_name"] = "DDIMScheduler"
+    schedule_from_diffusers({**config, "set_alpha_to_one": False})
+    with pytest.raises(ValueError, match=r"\['set_alpha_to_one'\] must be True or False"):
+        schedule_from_diffusers({**config, "set_alpha_to_one": "False"})
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -452,6 +470,11 @@ def test_schedule_from_diffusers_takes_trained_betas():
         ({"variance_type": "fixed_small_log"}, r"\['variance_type'\] must be one of"),
         ({"prediction_type": "flow"}, r"\['prediction_type'\] must be one of"),
         ({"set_alpha_to_one": False}, r"\['set_alpha_to_one'\] that a DDPMScheduler does not"),
+        ({"clip_sample": "false"}, r"\['clip_sample'\] must be True or False; got 'false'"),
+        ({"thresholding": 0}, r"\['thresholding'\] must be True or False; got 0"),
+        ({"rescale_betas_zero_snr": "yes"}, r"\['rescale_betas_zero_snr'\] must be True or F"),
+        ({"timestep_spacing": "bogus"}, r"\['timestep_spacing'\] must be 'leading', 'trail"),
+        ({"steps_offset": -1}, r"\['steps_offset'\] must be an int >= 0; got -1"),
     ],
 )
 def test_schedule_from_diffusers_refuses(change, match):
