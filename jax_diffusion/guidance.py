@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_diffusion._sampling import _per_example
 from jax_diffusion.diffusion import (
+    _alpha_sigma,
     _is_concrete,
     _is_real,
     check_prediction,
@@ -36,13 +38,6 @@ __all__ = [
 ]
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def _per_example(values: jax.Array, x: jax.Array) -> jax.Array:
-    """A scalar stays a scalar; [B] becomes [B, 1, ..., 1] to broadcast against x [B, ...]."""
-    if values.ndim == 1:
-        values = values.reshape(values.shape + (1,) * (x.ndim - 1))
-    return values
 
 
 def classifier_free_guidance(
@@ -344,8 +339,7 @@ def classifier_guidance(
         if variance == "learned_range":
             pred, var_values = jnp.split(out, 2, axis=-1)
         dtype = jnp.promote_types(pred.dtype, jnp.float32)
-        alpha = _coef_at(schedule.sqrt_alphas_cumprod, t_checked, x, dtype)
-        sigma = _coef_at(schedule.sqrt_one_minus_alphas_cumprod, t_checked, x, dtype)
+        alpha, sigma = _alpha_sigma(schedule, t_checked, x, dtype)
         if prediction == "eps":
             coef = -sigma
         else:
@@ -361,11 +355,6 @@ def classifier_guidance(
         return guided_pred
 
     return guided
-
-
-def _coef_at(table: jax.Array, t: jax.Array, x: jax.Array, dtype) -> jax.Array:
-    """table[t] in `dtype`, [B, 1, ..., 1] for t [B] (to broadcast against x), [] for t []."""
-    return _per_example(table[t].astype(dtype), x)
 
 
 def dynamic_threshold(x0: jax.Array, quantile=0.995, max_value=None) -> jax.Array:
