@@ -295,15 +295,7 @@ def plot(results: dict, grids: dict, path: str) -> None:
     ax.set_title("noise-aware classifier: test accuracy on x_t", fontsize=9)
     ax.legend(fontsize=8)
     ax = fig.add_subplot(2, 1, 2)
-    strips = []
-    for scale in s:
-        x = np.clip(grids[scale], -1, 1)[..., 0]
-        strips.append(np.concatenate([np.pad(im, 1, constant_values=-1) for im in x], axis=1))
-    ax.imshow(np.concatenate(strips, axis=0), cmap="gray", vmin=-1, vmax=1)
-    height = strips[0].shape[0]
-    ax.set_yticks([height * (i + 0.5) for i in range(len(s))], [f"s={v:g}" for v in s])
-    ax.set_xticks([])
-    ax.set_title("samples (labels 0-9, 0-9) per classifier scale")
+    common.sample_strips(ax, grids, s, "s", "classifier scale")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

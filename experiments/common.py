@@ -476,6 +476,21 @@ def pyplot():
     return plt
 
 
+def sample_strips(ax, grids: dict, scales, label: str, what: str) -> None:
+    """Draws one row of samples per scale on `ax`: grids[scale] [N, H, W, 1] in [-1, 1], each
+    image framed in black, rows labelled `label`=scale (the guidance experiments' plots)."""
+    strips = []
+    for scale in scales:
+        x = np.clip(grids[scale], -1, 1)[..., 0]
+        strips.append(np.concatenate([np.pad(im, 1, constant_values=-1) for im in x], axis=1))
+    ax.imshow(np.concatenate(strips, axis=0), cmap="gray", vmin=-1, vmax=1)
+    height = strips[0].shape[0]
+    ticks = [height * (i + 0.5) for i in range(len(scales))]
+    ax.set_yticks(ticks, [f"{label}={v:g}" for v in scales])
+    ax.set_xticks([])
+    ax.set_title(f"samples (labels 0-9, 0-9) per {what}")
+
+
 def run_info(config: ml_collections.ConfigDict, train_info: dict[str, Any]) -> dict[str, Any]:
     """What a results JSON records about a training run."""
     return {

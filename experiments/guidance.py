@@ -79,16 +79,7 @@ def plot(results: dict, grids: dict, path: str) -> None:
         ax.set_xlabel("guidance scale w")
         ax.set_title(title)
     ax = fig.add_subplot(2, 1, 2)
-    strips = []
-    for scale in w:
-        x = np.clip(grids[scale], -1, 1)[..., 0]
-        strip = np.concatenate([np.pad(im, 1, constant_values=-1) for im in x], axis=1)
-        strips.append(strip)
-    ax.imshow(np.concatenate(strips, axis=0), cmap="gray", vmin=-1, vmax=1)
-    height = strips[0].shape[0]
-    ax.set_yticks([height * (i + 0.5) for i in range(len(w))], [f"w={s:g}" for s in w])
-    ax.set_xticks([])
-    ax.set_title("samples (labels 0-9, 0-9) per guidance scale")
+    common.sample_strips(ax, grids, w, "w", "guidance scale")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
