@@ -70,9 +70,10 @@ def _check_model_and_schedule(model_fn, schedule) -> None:
     check_schedule(schedule)
 
 
-def _check_t_order(schedule, t, t_prev, t_last=None) -> None:
-    """Where the steps are concrete: t in [0, T - 1], t_prev in [-1, t - 1], t_last -1 or > t."""
-    if not all(_is_concrete(a) for a in (t, t_prev, t_last) if a is not None):
+def _check_t_order(schedule, t, t_prev, t_last=None, t_last2=None) -> None:
+    """Where the steps are concrete: t in [0, T - 1], t_prev in [-1, t - 1], t_last -1 or > t,
+    t_last2 -1 or > t_last (and -1 where t_last is)."""
+    if not all(_is_concrete(a) for a in (t, t_prev, t_last, t_last2) if a is not None):
         return
     t_, prev = np.asarray(t), np.asarray(t_prev)
     num_timesteps = schedule.num_timesteps
@@ -86,6 +87,13 @@ def _check_t_order(schedule, t, t_prev, t_last=None) -> None:
             raise ValueError(
                 f"t_last must be -1 (no history) or > t (t = {t_.tolist()}); got {last.tolist()}"
             )
+        if t_last2 is not None:
+            last2 = np.asarray(t_last2)
+            if not np.all((last2 == -1) | ((last2 > last) & (last >= 0))):
+                raise ValueError(
+                    "t_last2 must be -1 (no second history) or > t_last >= 0 (t_last = "
+                    f"{last.tolist()}); got {last2.tolist()}"
+                )
 
 
 def _check_common(

@@ -760,7 +760,7 @@ BAD_INPUTS = {
         r"num_steps must be an int in \[1, 999\]; got 1000",
     ),
     "timesteps_spacing": (lambda: sampling_timesteps(T, 10, "log"), r"spacing.*'log'"),
-    "dpm_order": (lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=3), r"order.*3"),
+    "dpm_order": (lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=4), r"order.*4"),
     "dpm_one_step_schedule": (  # said "num_steps must be an int in [1, 0]"
         lambda: dpm_solver_pp_timesteps(1, 1),
         r"num_timesteps must be an int >= 2; got 1",
@@ -854,7 +854,7 @@ BAD_INPUTS = {
     "eta_str": (lambda: ddim_sample(_gauss(), SCHEDULE, X, KEY, eta="1"), r"eta must .*got '1'"),
     "dpm_order_float": (
         lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=2.0),
-        r"order must be an int in \[1, 2\]; got 2.0",
+        r"order must be an int in \[1, 3\]; got 2.0",
     ),
     "ddpm_traced_timesteps": (  # was JAX's TracerArrayConversionError from inside respace
         lambda: jax.jit(lambda ts: ddpm_sample(_gauss(), SCHEDULE, X, KEY, timesteps=ts))(
@@ -938,7 +938,7 @@ BAD_INPUTS = {
     ),
     "dpm_order_bool": (
         lambda: dpm_solver_pp_sample(_gauss(), SCHEDULE, X, order=True),
-        r"order must be an int in \[1, 2\]; got True",
+        r"order must be an int in \[1, 3\]; got True",
     ),
     # the edges of the step ranges: t in [0, T - 1], t_prev in [-1, t - 1]
     "step_t_at_T": (
