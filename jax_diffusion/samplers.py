@@ -1,4 +1,4 @@
-"""Reverse-process samplers: DDPM, DDIM and (re-exported) DPM-Solver++(2M), each one `lax.scan`.
+"""Reverse-process samplers: DDPM, DDIM and (re-exported) DPM-Solver++(2M/3M), each one `lax.scan`.
 
 A denoiser is any callable `model_fn(x, t) -> model_output` with x [B, ...] and t int32 [B]
 (index t is the paper's step t + 1); the output is an eps, x0 or v prediction of x's shape, or
@@ -18,12 +18,13 @@ k * (num_steps // k), trajectory [num_steps // k + 1, B, ...] written in place i
 that size and returned as is (the compiled program holds the trajectory once, memory
 O(num_steps / k)); x0 is its last entry only when k divides num_steps.
 
-DPM-Solver++(2M) (`dpm_solver_pp_sample`, `dpm_solver_pp_step`, `dpm_solver_pp_timesteps`;
-Lu et al. 2022) lives in `jax_diffusion.dpm_solver` and is re-exported here; what this docstring
-says of every sampler holds for it too. Classifier-free and classifier guidance and dynamic
-thresholding live in `jax_diffusion.guidance` and are re-exported here as well:
-`classifier_free_guidance` wraps a conditional model into a `model_fn`, `classifier_guidance`
-adds a classifier's gradient to a `model_fn`, `dynamic_threshold` is a `denoised_fn`.
+DPM-Solver++(2M) and (3M) (`dpm_solver_pp_sample`, `dpm_solver_pp_step`,
+`dpm_solver_pp_timesteps`; Lu et al. 2022) live in `jax_diffusion.dpm_solver` and are re-exported
+here; what this docstring says of every sampler holds for them too. Classifier-free and
+classifier guidance and dynamic thresholding live in `jax_diffusion.guidance` and are
+re-exported here as well: `classifier_free_guidance` wraps a conditional model into a
+`model_fn`, `classifier_guidance` adds a classifier's gradient to a `model_fn`,
+`dynamic_threshold` is a `denoised_fn`.
 
 Arguments are validated eagerly: a bad static argument raises `ValueError` naming the argument,
 the value received and what is allowed, before any tracing work; a `model_fn` whose output does
