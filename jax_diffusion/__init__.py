@@ -26,6 +26,18 @@ from jax_diffusion.dpm_solver import (
     dpm_solver_pp_step,
     dpm_solver_pp_timesteps,
 )
+from jax_diffusion.flow_matching import (
+    denoiser_from_flow,
+    eps_from_flow_velocity,
+    flow_interpolate,
+    flow_matching_loss,
+    flow_sample,
+    flow_step,
+    flow_time_draws,
+    flow_timesteps,
+    flow_velocity_target,
+    x0_from_flow_velocity,
+)
 from jax_diffusion.guidance import (
     classifier_free_guidance,
     classifier_grad,

@@ -37,7 +37,7 @@ from jax_diffusion.diffusion import (
     predict_x0_eps,
     q_sample,
 )
-from jax_diffusion.losses import _check_floating_x0, loss_weight, mean_flat
+from jax_diffusion.losses import _check_draws, _check_floating_x0, loss_weight, mean_flat
 from jax_diffusion.samplers import ddim_step
 from jax_diffusion.schedules import Schedule, _check_timestep_subset
 
@@ -215,12 +215,7 @@ def distillation_loss(
         step = jax.random.randint(step_rng, (batch,), 0, num_student, dtype=jnp.int32)
         noise = jax.random.normal(noise_rng, jnp.shape(x0), jnp.result_type(x0))
     else:
-        step, noise = draws
-        if jnp.shape(step) != (batch,) or jnp.shape(noise) != jnp.shape(x0):
-            raise ValueError(
-                f"draws must be (step [B], noise [B, ...]) with x0's shape {jnp.shape(x0)}; "
-                f"got step {jnp.shape(step)} and noise {jnp.shape(noise)}"
-            )
+        step, noise = _check_draws(draws, x0, "step")
         step = jnp.asarray(step)
         bad_type = not jnp.issubdtype(step.dtype, jnp.integer)
         if bad_type or (_is_concrete(step) and not np.all((0 <= step) & (step < num_student))):

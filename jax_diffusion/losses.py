@@ -338,6 +338,18 @@ def _check_floating_x0(x0) -> None:
         )
 
 
+def _check_draws(draws, x0, name: str):
+    """A loss's `draws=(name [B], noise [B, ...])` against x0 [B, ...]; else ValueError."""
+    first, noise = draws
+    batch = jnp.shape(x0)[0]
+    if jnp.shape(first) != (batch,) or jnp.shape(noise) != jnp.shape(x0):
+        raise ValueError(
+            f"draws must be ({name} [B], noise [B, ...]) with x0's shape {jnp.shape(x0)}; "
+            f"got {name} {jnp.shape(first)} and noise {jnp.shape(noise)}"
+        )
+    return first, noise
+
+
 def training_draws(schedule: Schedule, x0, rng) -> tuple[jax.Array, jax.Array]:
     """The randomness of one `diffusion_loss` call: t ~ U{0, ..., T-1} [B] and eps ~ N(0, I).
 
@@ -425,13 +437,7 @@ def diffusion_loss(
     if draws is None:
         t, noise = training_draws(schedule, x0, rng)
     else:
-        t, noise = draws
-        batch = jnp.shape(x0)[0]
-        if jnp.shape(t) != (batch,) or jnp.shape(noise) != jnp.shape(x0):
-            raise ValueError(
-                f"draws must be (t [B], noise [B, ...]) with x0's shape {jnp.shape(x0)}; "
-                f"got t {jnp.shape(t)} and noise {jnp.shape(noise)}"
-            )
+        t, noise = _check_draws(draws, x0, "t")
     xt = q_sample(schedule, x0=x0, t=t, noise=noise)
     model_output = model_fn(xt, t)
     pred, var_values = split_learned_range(model_output, xt, variance)

@@ -34,7 +34,7 @@ def test_readme_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
     # the third, loading diffusers weights, runs in test_convert.py (it needs a model folder)
-    assert len(blocks) == 3, "README.md should hold the math, sampling and diffusers examples"
+    assert len(blocks) == 4, "README.md should hold the math, sampling, diffusers, flow examples"
     import numpy as np
 
     namespace = {}
@@ -44,6 +44,10 @@ def test_readme_example_runs():
     assert np.all(np.isfinite(np.asarray(namespace["nll"].total_bpd)))
     exec(compile(blocks[1], "README.md", "exec"), namespace)  # continues from the first
     assert namespace["traj"].shape == (51, 8, 16, 16, 1)
+    assert np.all(np.isfinite(np.asarray(namespace["x0"])))
+    exec(compile(blocks[3], "README.md", "exec"), namespace)  # flow matching, continues
+    assert np.isfinite(float(namespace["loss"]))
+    assert namespace["x0"].shape == (8, 16, 16, 1)
     assert np.all(np.isfinite(np.asarray(namespace["x0"])))
 
 

@@ -1,0 +1,454 @@
+"""Flow matching with straight paths (rectified flow): the loss, ODE samplers and a bridge.
+
+Lipman et al. 2023 (flow matching, the conditional optimal-transport path with sigma_min = 0)
+and Liu et al. 2023 (rectified flow) regress a velocity field on straight lines between data
+and noise. With continuous time t in [0, 1], t = 0 the data and t = 1 the noise (the direction
+of this library's discrete t, and of Esser et al. 2024, Stable Diffusion 3):
+
+    x_t = (1 - t) x0 + t eps,        u = dx_t / dt = eps - x0,
+
+the model u_hat = model_fn(x_t, t) regresses u (conditional flow matching, Lipman et al.
+eq. 23), and sampling integrates dx/dt = u_hat(x, t) from t = 1 (x_1 ~ N(0, I)) to t = 0.
+The seed's form E || (x0 - x1) - v(t' x0 + (1 - t') x1, t') ||^2 is the same loss with
+t' = 1 - t and v = -u.
+
+Every function takes `model_fn(x [B, ...], t float [B]) -> u_hat [B, ...]` with t in [0, 1].
+A network whose time embedding expects the discrete range (this library's UNet) takes the
+time scaled, e.g. `model_fn = lambda x, t: unet.apply(params, x, 1000.0 * t)`.
+
+The straight path is a reparameterization of any Gaussian diffusion x = alpha x0 + sigma eps:
+x / (alpha + sigma) = (1 - t) x0 + t eps with t = sigma / (alpha + sigma). So a flow model is
+also a denoiser: `denoiser_from_flow` turns one into a `model_fn(x, t int)` for every sampler
+of this library (DDIM, DPM-Solver++, guidance), and Euler steps on the flow are exactly DDIM
+steps on that denoiser (tested).
+
+Imports only jax and numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_diffusion._checks import check_int
+from jax_diffusion._sampling import _alpha_sigma, _check_stride, _check_x, _result, _scan
+from jax_diffusion.diffusion import _check_rng, _is_concrete, check_prediction, check_schedule
+from jax_diffusion.losses import LOSS_TYPES, _check_draws, _check_floating_x0, mean_flat
+from jax_diffusion.schedules import Schedule, _check_timesteps
+
+__all__ = [
+    "FLOW_METHODS",
+    "TIME_DISTRIBUTIONS",
+    "denoiser_from_flow",
+    "eps_from_flow_velocity",
+    "flow_interpolate",
+    "flow_matching_loss",
+    "flow_sample",
+    "flow_step",
+    "flow_time_draws",
+    "flow_timesteps",
+    "flow_velocity_target",
+    "x0_from_flow_velocity",
+]
+
+FlowFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+FLOW_METHODS = ("euler", "heun")
+
+
+# --------------------------------------------------------------------------------------------
+# The path and its conversions.
+
+
+def _time_like(t, x) -> jax.Array:
+    """t (a scalar or [B]) as an array broadcasting against x [B, ...], in x's compute dtype."""
+    t = jnp.asarray(t, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    if t.ndim == 1:
+        t = t.reshape(t.shape + (1,) * (jnp.ndim(x) - 1))
+    elif t.ndim > 1:
+        raise ValueError(f"t must be a scalar or [B]; got shape {t.shape}")
+    return t
+
+
+def flow_interpolate(x0, eps, t) -> jax.Array:
+    """x_t = (1 - t) x0 + t eps, the straight path (Liu et al. 2023, eq. 1; Lipman et al. 2023).
+
+    Args:
+      x0: [B, ...] float data.
+      eps: [B, ...] noise, x0's shape.
+      t: float scalar or [B] in [0, 1] (0: data, 1: noise).
+
+    Returns:
+      [B, ...] x_t in the promoted dtype of x0 and eps (>= float32).
+    """
+    t = _time_like(t, x0)
+    return (1.0 - t) * x0 + t * eps
+
+
+def flow_velocity_target(x0, eps) -> jax.Array:
+    """u = eps - x0 = dx_t/dt, the regression target of flow matching (Lipman et al. eq. 23).
+
+    Args:
+      x0, eps: [B, ...] data and noise.
+
+    Returns:
+      [B, ...] u.
+    """
+    return jnp.asarray(eps) - jnp.asarray(x0)
+
+
+def x0_from_flow_velocity(xt, t, u) -> jax.Array:
+    """x0 = x_t - t u: the data end of the straight line through x_t with velocity u.
+
+    With u = u_hat(x_t, t) = E[eps - x0 | x_t] this is E[x0 | x_t], the denoised estimate.
+
+    Args:
+      xt: [B, ...] x_t.
+      t: float scalar or [B] in [0, 1].
+      u: [B, ...] velocity.
+
+    Returns:
+      [B, ...] x0 (>= float32).
+    """
+    return xt - _time_like(t, xt) * u
+
+
+def eps_from_flow_velocity(xt, t, u) -> jax.Array:
+    """eps = x_t + (1 - t) u: the noise end of the straight line through x_t with velocity u.
+
+    Args:
+      xt: [B, ...] x_t.
+      t: float scalar or [B] in [0, 1].
+      u: [B, ...] velocity.
+
+    Returns:
+      [B, ...] eps (>= float32).
+    """
+    return xt + (1.0 - _time_like(t, xt)) * u
+
+
+# --------------------------------------------------------------------------------------------
+# Training.
+
+
+def _check_real(name: str, value, *, positive: bool = False) -> float:
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    ok = ok and math.isfinite(float(value)) and (not positive or float(value) > 0)
+    if not ok:
+        what = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+    return float(value)
+
+
+def _check_distribution(distribution, loc, scale) -> None:
+    if distribution not in TIME_DISTRIBUTIONS:
+        raise ValueError(
+            f"time_distribution must be one of 'uniform', 'logit_normal'; got {distribution!r}"
+        )
+    _check_real("logit_normal_loc", loc)
+    _check_real("logit_normal_scale", scale, positive=True)
+
+
+def flow_time_draws(
+    rng,
+    batch_size: int,
+    *,
+    time_distribution: str = "uniform",
+    logit_normal_loc: float = 0.0,
+    logit_normal_scale: float = 1.0,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Training times t in (0, 1): uniform (Lipman et al.) or logit-normal (Esser et al. 2024).
+
+    'logit_normal' draws t = sigmoid(loc + scale n), n ~ N(0, 1), which puts more training on
+    the middle of the path (Esser et al. 2024, section 3.1, eq. 19; loc = 0, scale = 1 was
+    their best).
+
+    Args:
+      rng: PRNG key.
+      batch_size: B >= 1.
+      time_distribution: 'uniform' | 'logit_normal'.
+      logit_normal_loc, logit_normal_scale: m and s > 0 of 'logit_normal' (ignored otherwise).
+      dtype: float dtype of the result.
+
+    Returns:
+      [B] t.
+    """
+    _check_distribution(time_distribution, logit_normal_loc, logit_normal_scale)
+    batch_size = check_int("batch_size", batch_size, 1)
+    if time_distribution == "uniform":
+        return jax.random.uniform(rng, (batch_size,), dtype)
+    n = jax.random.normal(rng, (batch_size,), dtype)
+    return jax.nn.sigmoid(logit_normal_loc + logit_normal_scale * n)
+
+
+def flow_matching_loss(
+    model_fn: FlowFn,
+    x0,
+    rng,
+    *,
+    time_distribution: str = "uniform",
+    logit_normal_loc: float = 0.0,
+    logit_normal_scale: float = 1.0,
+    loss_type: str = "l2",
+    draws: tuple[jax.Array, jax.Array] | None = None,
+):
+    """Conditional flow matching loss E_t,x0,eps || u_hat(x_t, t) - (eps - x0) ||^2.
+
+    Lipman et al. 2023, eq. 23 with sigma_min = 0 (the rectified-flow loss of Liu et al. 2023),
+    as a mean over dimensions and the batch. Its minimizer is u* = E[eps - x0 | x_t]; for data
+    N(m, s^2 I) the loss of u* at time t is s^2 / ((1 - t)^2 s^2 + t^2) per dimension (tested).
+
+    Args:
+      model_fn: model_fn(x [B, ...], t float [B] in [0, 1]) -> u_hat [B, ...].
+      x0: [B, ...] clean data in [-1, 1].
+      rng: PRNG key (ignored when `draws` is given).
+      time_distribution, logit_normal_loc, logit_normal_scale: how t is drawn
+        (see `flow_time_draws`).
+      loss_type: 'l2' (squared error) or 'l1' (absolute error).
+      draws: (t float [B], noise [B, ...]) to use instead of drawing them from rng.
+
+    Returns:
+      (loss, metrics): the scalar loss and a dict with scalars 'loss', 'mse' and per-example
+      arrays 't' [B], 'per_example_loss' [B].
+    """
+    if not callable(model_fn):
+        raise ValueError(f"model_fn must be a callable model_fn(x, t); got {model_fn!r}")
+    _check_distribution(time_distribution, logit_normal_loc, logit_normal_scale)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of 'l2', 'l1'; got {loss_type!r}")
+    _check_floating_x0(x0)
+    batch = jnp.shape(x0)[0]
+    if draws is None:
+        _check_rng(rng, why=" (or pass draws=(t, noise))")
+        t_rng, noise_rng = jax.random.split(rng)
+        t = flow_time_draws(
+            t_rng,
+            batch,
+            time_distribution=time_distribution,
+            logit_normal_loc=logit_normal_loc,
+            logit_normal_scale=logit_normal_scale,
+            dtype=jnp.promote_types(jnp.result_type(x0), jnp.float32),
+        )
+        noise = jax.random.normal(noise_rng, jnp.shape(x0), jnp.result_type(x0))
+    else:
+        t, noise = _check_draws(draws, x0, "t")
+    xt = flow_interpolate(x0, noise, t).astype(jnp.result_type(x0))
+    u_hat = model_fn(xt, t)
+    if jnp.shape(u_hat) != jnp.shape(x0):
+        raise ValueError(
+            f"model_fn(x, t) must return x's shape {jnp.shape(x0)}; got {jnp.shape(u_hat)}"
+        )
+    dtype = jnp.promote_types(jnp.result_type(u_hat), jnp.float32)
+    err = u_hat.astype(dtype) - flow_velocity_target(x0, noise).astype(dtype)
+    mse = mean_flat(jnp.square(err))
+    per_example = mse if loss_type == "l2" else mean_flat(jnp.abs(err))
+    loss = jnp.mean(per_example)
+    return loss, {"loss": loss, "mse": jnp.mean(mse), "t": t, "per_example_loss": per_example}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling: the ODE dx/dt = u_hat(x, t) from t = 1 to t = 0.
+
+
+def flow_timesteps(num_steps: int, *, shift: float = 1.0) -> np.ndarray:
+    """Times 1 = t_0 > t_1 > ... > t_N = 0 for N ODE steps, uniform before the shift.
+
+    shift s maps t -> s t / (1 + (s - 1) t) (Esser et al. 2024, section 5.3.2, eq. 23): s > 1
+    spends more steps at high noise (SD3 samples with s = 3 at 1024^2), s = 1 is uniform.
+
+    Args:
+      num_steps: N >= 1.
+      shift: s > 0.
+
+    Returns:
+      float64 NumPy [N + 1], strictly decreasing from 1 to 0.
+    """
+    num_steps = check_int("num_steps", num_steps, 1)
+    shift = _check_real("shift", shift, positive=True)
+    t = np.linspace(1.0, 0.0, num_steps + 1)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def _check_method(method) -> None:
+    if method not in FLOW_METHODS:
+        raise ValueError(f"method must be one of 'euler', 'heun'; got {method!r}")
+
+
+def _call_flow(model_fn, x, t):
+    t_b = jnp.broadcast_to(jnp.asarray(t, _dtype(x)), x.shape[:1])
+    out = model_fn(x, t_b)
+    if jnp.shape(out) != x.shape:
+        raise ValueError(
+            f"model_fn(x, t) must return x's shape {x.shape}; got {jnp.shape(out)}. Check the "
+            "rank and batch of x_1 against what model_fn returns."
+        )
+    return out.astype(_dtype(x))
+
+
+def _dtype(x):
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def flow_step(model_fn: FlowFn, x, t, t_next, *, method: str = "euler") -> jax.Array:
+    """One ODE step of dx/dt = u_hat(x, t) from t to t_next (either direction).
+
+    'euler': x + (t_next - t) u_hat(x, t), one model call; on the straight path this is the
+    DDIM step (Song et al. 2021) of `denoiser_from_flow`. 'heun': the explicit trapezoid rule
+    (Heun's second-order method, as Karras et al. 2022, Algorithm 1, but used on every step,
+    t = 0 included: the velocity is defined there), two model calls.
+
+    Args:
+      model_fn: model_fn(x [B, ...], t float [B]) -> u_hat [B, ...].
+      x: [B, ...] x at t.
+      t, t_next: float scalars in [0, 1] (may be traced).
+      method: 'euler' | 'heun'.
+
+    Returns:
+      [B, ...] x at t_next, in x's dtype.
+    """
+    _check_method(method)
+    x = _check_x(x, "x")
+    dtype = _dtype(x)
+    t, t_next = jnp.asarray(t, dtype), jnp.asarray(t_next, dtype)
+    if t.ndim or t_next.ndim:
+        raise ValueError(f"t and t_next must be scalars; got shapes {t.shape}, {t_next.shape}")
+    xd = x.astype(dtype)
+    h = t_next - t
+    u = _call_flow(model_fn, x, t)
+    x_next = xd + h * u
+    if method == "heun":
+        u_next = _call_flow(model_fn, x_next.astype(x.dtype), t_next)
+        x_next = xd + h * 0.5 * (u + u_next)
+    return x_next.astype(x.dtype)
+
+
+def _given_times(timesteps) -> np.ndarray:
+    if not _is_concrete(timesteps):
+        raise ValueError(
+            "timesteps must be concrete (they set the chain's length); got a traced array "
+            "(close over them instead of passing them as a jit argument)"
+        )
+    ts = np.asarray(timesteps, np.float64)
+    ok = ts.ndim == 1 and ts.size >= 2 and np.all(np.isfinite(ts))
+    ok = ok and np.all((ts >= 0) & (ts <= 1)) and np.all(np.diff(ts) < 0)
+    if not ok:
+        raise ValueError(
+            "timesteps must be a 1-D sequence of at least 2 strictly decreasing times in "
+            f"[0, 1] (e.g. flow_timesteps(N)); got {np.asarray(timesteps).tolist()}"
+        )
+    return ts
+
+
+def flow_sample(
+    model_fn: FlowFn,
+    x_1,
+    *,
+    num_steps: int | None = None,
+    method: str = "euler",
+    shift: float | None = None,
+    timesteps=None,
+    return_trajectory: bool | int = False,
+):
+    """Integrates dx/dt = u_hat(x, t) from t = 1 (x_1 ~ N(0, I)) to t = 0 in ONE `lax.scan`.
+
+    The times are `flow_timesteps(num_steps, shift=shift)` or the given `timesteps` (any
+    strictly decreasing sequence in [0, 1]; starting below 1 from a noised image is SDEdit,
+    Meng et al. 2022). Sampling is deterministic: x_1 carries all the randomness.
+
+    Args:
+      model_fn: model_fn(x [B, ...], t float [B] in [0, 1]) -> u_hat [B, ...].
+      x_1: [B, ...] float start sample at the first time (N(0, I) at t = 1).
+      num_steps: number of steps N >= 1 (None: 50); model calls are N ('euler') or 2N
+        ('heun').
+      method: 'euler' | 'heun'.
+      shift: time shift s > 0 of `flow_timesteps` (None: 1).
+      timesteps: concrete float [N + 1] times instead of num_steps / shift.
+      return_trajectory: as every sampler of `jax_diffusion.samplers`: False -> x0; True ->
+        (x0, trajectory [N + 1, B, ...]) with x_1 first; an int k >= 1 keeps every k-th state.
+
+    Returns:
+      x0 [B, ...] in x_1's dtype, or (x0, trajectory).
+
+    Raises:
+      ValueError: a bad argument (named, with its value), or a model_fn whose output does not
+        have x_1's shape.
+    """
+    if not callable(model_fn):
+        raise ValueError(f"model_fn must be a callable model_fn(x, t); got {model_fn!r}")
+    _check_method(method)
+    x_1 = _check_x(x_1, "x_1")
+    stride = _check_stride(return_trajectory)
+    if timesteps is not None:
+        given = {k: v for k, v in (("num_steps", num_steps), ("shift", shift)) if v is not None}
+        if given:
+            listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise ValueError(f"pass timesteps or num_steps / shift, not both; got {listed}")
+        ts = _given_times(timesteps)
+    else:
+        ts = flow_timesteps(
+            50 if num_steps is None else num_steps, shift=1.0 if shift is None else shift
+        )
+    n = ts.size - 1
+    pairs = jnp.asarray(np.stack([ts[:-1], ts[1:]], axis=1), _dtype(x_1))
+
+    def step(x, pair):
+        return flow_step(model_fn, x, pair[0], pair[1], method=method)
+
+    x0, trajectory = _scan(step, x_1, pairs, n, stride, lambda x: x)
+    return _result(x0, trajectory, stride)
+
+
+# --------------------------------------------------------------------------------------------
+# The bridge to Gaussian diffusion.
+
+
+def denoiser_from_flow(
+    flow_fn: FlowFn, schedule: Schedule, prediction: str = "eps"
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """A flow model as a diffusion denoiser `model_fn(x, t int)` for `schedule`'s samplers.
+
+    For x = alpha_t x0 + sigma_t eps (alpha_t^2 + sigma_t^2 = 1), x / (alpha_t + sigma_t) is
+    on the straight path at time t' = sigma_t / (alpha_t + sigma_t); the flow's velocity there
+    gives x0_hat = x' - t' u_hat and eps_hat = x' + (1 - t') u_hat (Kingma & Gao 2023,
+    appendix; Esser et al. 2024, section 2). The result works with every sampler and guidance
+    of this library; with eta = 0, `ddim_sample` on it equals `flow_sample(method='euler')` at
+    the times t'(timesteps) (the samples scaled by 1 / (alpha + sigma)).
+
+    Args:
+      flow_fn: model_fn(x [B, ...], t float [B] in [0, 1]) -> u_hat [B, ...].
+      schedule: the Gaussian schedule whose integer t the samplers pass.
+      prediction: what the returned function outputs: 'eps' | 'x0' | 'v'.
+
+    Returns:
+      model_fn(x [B, ...], t int [B] in [0, T - 1]) -> [B, ...] in x's dtype.
+    """
+    if not callable(flow_fn):
+        raise ValueError(f"flow_fn must be a callable flow_fn(x, t); got {flow_fn!r}")
+    check_schedule(schedule)
+    check_prediction(prediction)
+
+    def model_fn(x, t):
+        t = _check_timesteps(t, schedule.num_timesteps)
+        dtype = _dtype(x)
+        alpha, sigma = _alpha_sigma(schedule, t, dtype)
+        t_flow = sigma / (alpha + sigma)
+        x_flow = x.astype(dtype) / _time_like(alpha + sigma, x)
+        u = flow_fn(x_flow.astype(x.dtype), t_flow).astype(dtype)
+        x0_hat = x0_from_flow_velocity(x_flow, t_flow, u)
+        eps_hat = eps_from_flow_velocity(x_flow, t_flow, u)
+        alpha, sigma = _time_like(alpha, x), _time_like(sigma, x)
+        if prediction == "eps":
+            out = eps_hat
+        elif prediction == "x0":
+            out = x0_hat
+        else:
+            out = alpha * eps_hat - sigma * x0_hat
+        return out.astype(x.dtype)
+
+    return model_fn
