@@ -22,7 +22,7 @@ from etils import epath
 import jax_diffusion as jd
 from jax_diffusion import samplers
 from jax_diffusion._checks import check_int
-from jax_diffusion.models import MLPDenoiser, UNet
+from jax_diffusion.models import FlowDenoiser, MLPDenoiser, UNet
 
 __all__ = [
     "check_config",
@@ -34,6 +34,8 @@ __all__ = [
     "load_run_config",
 ]
 
+PROCESSES = ("ddpm", "flow")  # diffusion.process: what the network is trained to predict
+
 
 def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
     """The noise schedule named by config.diffusion (schedule, num_timesteps, zero_terminal_snr).
@@ -41,6 +43,11 @@ def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
     Raises:
       ValueError: an unknown diffusion.schedule (or, from the builder, a bad num_timesteps).
     """
+    return jd.Schedule.from_betas(_betas(diffusion))
+
+
+def _betas(diffusion: ml_collections.ConfigDict) -> np.ndarray:
+    """`get_schedule`'s betas, float64 NumPy [T]."""
     builders = {
         "linear": jd.linear_betas,
         "cosine": jd.cosine_betas,
@@ -53,14 +60,17 @@ def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
     betas = builders[diffusion.schedule](diffusion.num_timesteps)
     if diffusion.get("zero_terminal_snr", False):
         betas = jd.rescale_zero_terminal_snr(betas)
-    return jd.Schedule.from_betas(betas)
+    return betas
 
 
 def create_model(config: ml_collections.ConfigDict, *, channels: int):
     """The Flax network named by config.model.name ('unet' or 'mlp') for data with `channels`.
 
     Its output has 2 * channels for diffusion.variance 'learned_range' (prediction and
-    variance halves), else channels.
+    variance halves), else channels. With diffusion.process 'flow' the network predicts the
+    flow-matching velocity and comes wrapped in a `FlowDenoiser`: called with an integer t it
+    is the diffusion.prediction denoiser of the config's schedule, its `velocity` method is
+    what the training loop regresses.
 
     Raises:
       ValueError: an unknown model.name.
@@ -69,6 +79,15 @@ def create_model(config: ml_collections.ConfigDict, *, channels: int):
     out = channels * (2 if config.diffusion.variance == "learned_range" else 1)
     dtype = jnp.dtype(m.get("dtype", "float32"))
     num_classes = m.get("num_classes", None)
+    net = _network(m, out, dtype, num_classes)
+    if config.diffusion.get("process", "ddpm") == "flow":
+        d = config.diffusion
+        betas = tuple(float(b) for b in _betas(d))
+        return FlowDenoiser(net, betas, d.prediction, float(d.num_timesteps))
+    return net
+
+
+def _network(m: ml_collections.ConfigDict, out: int, dtype, num_classes):
     if m.name == "unet":
         return UNet(
             base_channels=m.base_channels,
@@ -192,6 +211,8 @@ _NUMERIC_FIELDS = {  # field -> may it be None
     "train.stop_after": False,
     "diffusion.min_snr_gamma": False,
     "diffusion.vlb_weight": False,
+    "diffusion.flow_logit_normal_loc": False,
+    "diffusion.flow_logit_normal_scale": False,
     "sample.num_steps": False,
     "sample.num_samples": False,
     "sample.eta": False,
@@ -228,6 +249,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     d = config.diffusion
     jd.diffusion.check_prediction(d.prediction)
     jd.diffusion.check_variance(d.variance)
+    _check_process(d)
     if d.loss_type not in jd.losses.LOSS_TYPES:
         raise ValueError(f"diffusion.loss_type must be one of 'l2', 'l1'; got {d.loss_type!r}")
     if d.weighting not in jd.losses.WEIGHTINGS:
@@ -316,6 +338,35 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"diffusion.vlb_weight must be >= 0; got {d.vlb_weight!r}")
 
 
+def _check_process(d: ml_collections.ConfigDict) -> None:
+    """diffusion.process and, for 'flow', the fields flow matching cannot use."""
+    process = d.get("process", "ddpm")
+    if process not in PROCESSES:
+        raise ValueError(f"diffusion.process must be one of 'ddpm', 'flow'; got {process!r}")
+    if process != "flow":
+        return
+    if d.variance == "learned_range":
+        raise ValueError(
+            "diffusion.variance='learned_range' needs diffusion.process 'ddpm': a flow model "
+            "predicts a velocity only (use 'fixed_small' or 'fixed_large')"
+        )
+    if d.weighting != "none":
+        raise ValueError(
+            f"diffusion.weighting={d.weighting!r} applies to diffusion.process 'ddpm' only; "
+            "flow matching weighs times by diffusion.flow_time_distribution (use 'none')"
+        )
+    dist = d.get("flow_time_distribution", "uniform")
+    if dist not in jd.flow_matching.TIME_DISTRIBUTIONS:
+        raise ValueError(
+            "diffusion.flow_time_distribution must be one of 'uniform', 'logit_normal'; "
+            f"got {dist!r}"
+        )
+    if not d.get("flow_logit_normal_scale", 1.0) > 0:
+        raise ValueError(
+            f"diffusion.flow_logit_normal_scale must be > 0; got {d.flow_logit_normal_scale!r}"
+        )
+
+
 def _warn_if_zero_snr_skipped(config: ml_collections.ConfigDict, sampler: str, spacing: str):
     """Warns where a zero-terminal-SNR model is sampled by ddim with 'leading' spacing, which
     starts below t = T - 1: x_T ~ N(0, I) is then not what the model saw at the first step, the
@@ -394,6 +445,7 @@ _MEANING_FIELDS = {  # field -> its value where a config leaves it out (None: re
     "diffusion.schedule": None,
     "diffusion.num_timesteps": None,
     "diffusion.zero_terminal_snr": False,
+    "diffusion.process": "ddpm",
 }
 
 

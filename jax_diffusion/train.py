@@ -120,7 +120,8 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
     config.data.random_flip its images are first mirrored by
     `data.random_flip(fold_in(fold_in(state.rng, k), FLIP_KEY), images)`. A step whose loss
     or gradient is not finite leaves params, EMA and optimizer state untouched and is counted in
-    `bad_steps` / `skipped_steps`.
+    `bad_steps` / `skipped_steps`. With diffusion.process 'flow' the loss is
+    `flow_matching_loss` of the model's `velocity` method at t from `flow_time_draws`.
     """
     d, tc = config.diffusion, config.train
     num_classes = config.model.get("num_classes", None)
@@ -128,6 +129,15 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
 
     num_chunks = int(tc.get("microbatches", 1))
     flip = config.data.get("random_flip", False)
+    # diffusion.process 'flow': regress the velocity of a FlowDenoiser at t ~ U(0, 1) (or
+    # logit-normal) on the straight path instead of a prediction at integer steps
+    flow = d.get("process", "ddpm") == "flow"
+    method = {"method": "velocity"} if flow else {}
+    flow_times = dict(
+        time_distribution=d.get("flow_time_distribution", "uniform"),
+        logit_normal_loc=d.get("flow_logit_normal_loc", 0.0),
+        logit_normal_scale=d.get("flow_logit_normal_scale", 1.0),
+    )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(state.rng, state.step)
@@ -138,14 +148,24 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
         y = None
         if num_classes is not None:
             y = drop_labels(label_rng, batch["label"], class_dropout, num_classes)
-        t, noise = jd.training_draws(schedule, x0, loss_rng)
+        if flow:
+            t_rng, noise_rng = jax.random.split(loss_rng)
+            t = jd.flow_time_draws(t_rng, x0.shape[0], **flow_times)
+            noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+        else:
+            t, noise = jd.training_draws(schedule, x0, loss_rng)
 
         def loss_fn(params, x0, t, noise, y, rng):
             def model_fn(x, t):
                 return state.apply_fn(
-                    {"params": params}, x, t, y, train=True, rngs={"dropout": rng}
+                    {"params": params}, x, t, y, train=True, rngs={"dropout": rng}, **method
                 )
 
+            if flow:
+                loss, metrics = jd.flow_matching_loss(
+                    model_fn, x0, None, loss_type=d.loss_type, draws=(t, noise)
+                )
+                return loss, {"mse": metrics["mse"]}
             loss, metrics = jd.diffusion_loss(
                 schedule,
                 model_fn,

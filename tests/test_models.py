@@ -1478,3 +1478,43 @@ def test_dot_product_attention_of_float64_inputs_is_float64_accurate(x64):
     got = jax.jit(dot_product_attention)(*(jnp.asarray(a) for a in (q, k, v)))
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
+
+
+class _GaussianVelocity(nn.Module):
+    """The exact flow velocity of N(m, s^2) data at the network's time input tau = 50 t, with
+    one unused parameter (a network has params) and the label and train flag ignored."""
+
+    m: float = 0.2
+    s: float = 0.6
+
+    @nn.compact
+    def __call__(self, x, tau, y=None, *, train=False):
+        self.param("unused", nn.initializers.zeros, ())
+        t = (tau / 50.0).reshape(tau.shape + (1,) * (x.ndim - 1))
+        var = (1 - t) ** 2 * self.s**2 + t**2
+        resid = x - (1 - t) * self.m
+        return t / var * resid - (self.m + (1 - t) * self.s**2 / var * resid)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_flow_denoiser_of_the_exact_velocity_is_the_exact_gaussian_denoiser(prediction):
+    """FlowDenoiser at integer t (betas, time_scale, prediction) against testing.py's denoiser
+    of the same data, derived on the variance-preserving path instead."""
+    from jax_diffusion import Schedule, cosine_betas
+    from jax_diffusion.models import FlowDenoiser
+    from jax_diffusion.testing import gaussian_denoiser
+
+    betas = cosine_betas(50)
+    model = FlowDenoiser(_GaussianVelocity(), tuple(betas.tolist()), prediction, 50.0)
+    x = 1.5 * jax.random.normal(jax.random.key(0), (4, 2, 2, 1))
+    t = jnp.array([0, 7, 30, 49], jnp.int32)
+    params = model.init(jax.random.key(1), x, t)
+    want = gaussian_denoiser(Schedule.from_betas(betas), 0.2, 0.6, prediction)(x, t)
+    np.testing.assert_allclose(model.apply(params, x, t), want, rtol=2e-5, atol=2e-5)
+    # the velocity method is the network at tau = time_scale * t
+    tf = jnp.array([0.1, 0.4, 0.6, 0.9])
+    np.testing.assert_allclose(
+        model.apply(params, x, tf, method="velocity"),
+        _GaussianVelocity().apply({"params": {"unused": 0.0}}, x, 50.0 * tf),
+        rtol=1e-6,
+    )

@@ -148,6 +148,8 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         ("data__random_flip", 1, "data.random_flip must be True or False; got 1"),
         ("train__ema_warmup", "no", "train.ema_warmup must be True or False; got 'no'"),
         ("train__ema_warmup", 1, "train.ema_warmup must be True or False; got 1"),
+        ("diffusion__process", "score", "diffusion.process must be one of 'ddpm', 'flow'; got"),
+        ("diffusion__flow_logit_normal_loc", float("nan"), "flow_logit_normal_loc must be a fin"),
     ]
     for key, value, match in cases:
         config = smoke().to_dict()  # a plain copy: takes values of any type
@@ -167,8 +169,23 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         dict(model__num_classes=1),
     ]:
         run_config.check_config(smoke(**overrides))
-    for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py"):
+    for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py", "flow.py"):
         run_config.check_config(cli.load_config(str(CONFIGS / name)))
+    # what flow matching cannot use; the ddpm-only fields are free under ddpm
+    for overrides, match in [
+        (
+            dict(diffusion__variance="learned_range"),
+            "diffusion.variance='learned_range' needs diffusion.process 'ddpm'",
+        ),
+        (dict(diffusion__weighting="min_snr"), "diffusion.weighting='min_snr' applies to"),
+        (dict(diffusion__flow_time_distribution="beta"), "flow_time_distribution must be one of"),
+        (dict(diffusion__flow_logit_normal_scale=0.0), "flow_logit_normal_scale must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run_config.check_config(smoke("flow.py", **overrides))
+    run_config.check_config(
+        smoke(diffusion__weighting="min_snr", diffusion__variance="learned_range")
+    )
     # a config (a run's config.json) from before train.ema_warmup existed: the warm-up, valid
     before = smoke()
     del before.train["ema_warmup"]
@@ -247,6 +264,7 @@ def test_the_resume_check_names_each_changed_meaning_field_and_skips_only_missin
         ("diffusion.variance", "learned_range"),
         ("diffusion.schedule", "linear"),
         ("diffusion.num_timesteps", 20),
+        ("diffusion.process", "flow"),
         ("diffusion.zero_terminal_snr", True),
     ]
     for key, value in changes:  # each alone is refused, naming it with the run's value

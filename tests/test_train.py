@@ -29,7 +29,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("name", ["default.py", "digits_cond.py", "toy_2d.py"])
+@pytest.mark.parametrize("name", ["default.py", "digits_cond.py", "toy_2d.py", "flow.py"])
 def test_smoke_training_for_each_config(tmp_path, name, monkeypatch):
     config = smoke(name)
     meshes, sample = [], train.sample
@@ -1116,6 +1116,7 @@ def test_a_resume_that_changes_what_the_network_predicts_or_goes_back_is_refused
         (dict(diffusion__num_timesteps=20), r"diffusion.num_timesteps=20 \(the run has 50\)"),
         (dict(diffusion__schedule="linear"), r"diffusion.schedule='linear' \(the run has 'cos"),
         (dict(diffusion__variance="fixed_large"), r"diffusion.variance='fixed_large' \(the"),
+        (dict(diffusion__process="flow"), r"diffusion.process='flow' \(the run has 'ddpm'\)"),
         (dict(train__num_steps=2), r"is at step 3, past train.num_steps=2; pass train.num_st"),
         # 3 steps of 16 examples: position 48 is no boundary of batches of 32
         (dict(train__batch_size=32), r"train.batch_size=32 cannot continue the data order"),
@@ -1428,3 +1429,59 @@ def test_zero_terminal_snr_sampled_by_leading_ddim_warns_at_the_config_and_at_sa
         warnings.simplefilter("error")
         train.sample(config, None, {}, schedule, jax.random.PRNGKey(0), **call)
         train.sample(config, None, {}, schedule, jax.random.PRNGKey(0), sampler="ddpm", **call)
+
+
+@pytest.mark.parametrize("times", ["uniform", "logit_normal"])
+def test_a_flow_train_step_regresses_the_velocity_on_the_straight_path(times):
+    """diffusion.process 'flow': the network's `velocity` sees x_t = (1 - t) x0 + t eps at float
+    t in (0, 1) from the configured distribution, and the loss is mean (u_hat - (eps - x0))^2."""
+    seen = []
+
+    def apply_fn(variables, x, t, y=None, train=False, rngs=None, method=None):
+        seen.append((np.asarray(x, np.float64), np.asarray(t, np.float64), method))
+        return variables["params"]["w"] * x
+
+    # logit-normal at loc 3, scale 0.01: every t within 1e-3 of sigmoid(3) = 0.9526
+    config = smoke(
+        "flow.py",
+        diffusion__flow_time_distribution=times,
+        diffusion__flow_logit_normal_loc=3.0,
+        diffusion__flow_logit_normal_scale=0.01,
+    )
+    x0 = np.random.default_rng(1).uniform(-1, 1, (8, 8, 8, 1))
+    _, metrics = train.make_train_step(config, train.get_schedule(config.diffusion))(
+        _stub_state(apply_fn, 0.7), {"image": jnp.asarray(x0, jnp.float32)}
+    )
+    ((x_t, t, method),) = seen
+    assert method == "velocity" and t.shape == (8,)
+    assert np.all((t > 0) & (t < 1)) and len(set(t.tolist())) == 8
+    if times == "logit_normal":
+        np.testing.assert_allclose(t, 1 / (1 + np.exp(-3.0)), atol=1e-3)
+    else:
+        assert t.min() < 0.8  # not the logit-normal draw at loc 3
+    tb = t[:, None, None, None]
+    eps = (x_t - (1 - tb) * x0) / tb  # x_t is on the straight path between x0 and this eps
+    assert abs(eps.std() - 1) < 0.15 and abs(eps.mean()) < 0.1  # N(0, 1) noise, 512 draws
+    np.testing.assert_allclose(metrics["loss"], np.mean((0.7 * x_t - (eps - x0)) ** 2), 1e-4)
+
+
+def test_a_flow_run_samples_through_its_denoiser_and_reports_bits_per_dim(tmp_path):
+    """A flow run's checkpoint serves `load_run`, every sampler and `evaluate_workdir`: the
+    FlowDenoiser called at integer t is the config's prediction denoiser."""
+    from jax_diffusion import evaluation
+
+    config = smoke("flow.py", train__num_steps=3)
+    train.train_and_evaluate(config, str(tmp_path))
+    config, shape, model, params, _ = train.load_run(str(tmp_path))
+    assert type(model).__name__ == "FlowDenoiser"
+    schedule = train.get_schedule(config.diffusion)
+    for sampler in ("ddim", "dpm++", "ddpm"):
+        x = train.sample(
+            config, model, params, schedule, jax.random.key(0), shape=shape, num=4, sampler=sampler
+        )
+        assert x.shape == (4, *shape) and np.all(np.isfinite(np.asarray(x)))
+    report = evaluation.evaluate_workdir(
+        str(tmp_path), num_samples=8, batch_size=8, bpd_examples=2, progress=False
+    )
+    assert np.isfinite(report["bpd"]) and report["bpd"] > 0
+    assert np.isfinite(report["fd_test"])

@@ -53,6 +53,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.weighting = "none"
     config.diffusion.min_snr_gamma = 5.0
     config.diffusion.vlb_weight = 0.001
+    # 'flow': straight-path flow matching (rectified flow): the network learns the velocity
+    # eps - x0 at t in [0, 1] (fed as num_timesteps * t); the samplers see it as a
+    # diffusion.prediction denoiser of the schedule above (models.FlowDenoiser)
+    config.diffusion.process = "ddpm"
+    config.diffusion.flow_time_distribution = "uniform"  # flow only; or 'logit_normal' (SD3)
+    config.diffusion.flow_logit_normal_loc = 0.0
+    config.diffusion.flow_logit_normal_scale = 1.0
 
     config.train = ml_collections.ConfigDict()
     config.train.num_steps = 4000

@@ -1,5 +1,7 @@
-"""Flax (linen) denoising networks, NHWC: the UNet, a toy MLP and their building blocks."""
+"""Flax (linen) denoising networks, NHWC: the UNet, a toy MLP, their building blocks and the
+flow-matching wrapper."""
 
+from jax_diffusion.models.flow import FlowDenoiser
 from jax_diffusion.models.layers import (
     AttentionBlock,
     Downsample,
@@ -17,6 +19,7 @@ from jax_diffusion.models.unet import UNet, make_conditional_model_fn, make_mode
 __all__ = [
     "AttentionBlock",
     "Downsample",
+    "FlowDenoiser",
     "GroupNorm",
     "MLPDenoiser",
     "ResBlock",
