@@ -16,6 +16,7 @@ from experiments import (
     classifier_guidance,
     common,
     distillation,
+    flow_matching,
     guidance,
     parameterization,
     sampler_sweep,
@@ -70,6 +71,25 @@ def test_parameterization(dirs):
     assert (
         results["models"]["eps"]["run"]["num_steps"] == results["models"]["v"]["run"]["num_steps"]
     )
+
+
+def test_flow_matching(dirs):
+    results = _run(flow_matching, dirs)
+    assert set(results["models"]) == set(flow_matching.MODELS)
+    assert results["models"]["flow_uniform"]["run"]["process"] == "flow"
+    assert results["models"]["v"]["run"]["process"] == "ddpm"
+    for m in results["models"].values():
+        assert set(BPD) <= set(m)
+    seen = {(r["model"], r["method"], r["nfe"]) for r in results["rows"]}
+    flow_methods = ("ddim", "dpm++", "euler", "heun")
+    assert seen == {
+        (model, method, nfe)
+        for model in flow_matching.MODELS
+        for method in (flow_methods if model != "v" else flow_methods[:2])
+        for nfe in results["nfes"]
+    }
+    for row in results["rows"]:
+        assert set(QUALITY) <= set(row)
 
 
 def test_sampler_sweep(dirs):
