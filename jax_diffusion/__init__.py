@@ -44,6 +44,7 @@ from jax_diffusion.guidance import (
     classifier_guidance,
     dynamic_threshold,
 )
+from jax_diffusion.inversion import ddim_invert, ddim_invert_step
 from jax_diffusion.losses import (
     NLLBpd,
     diffusion_loss,

@@ -175,6 +175,18 @@ def sampling_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leadi
     return np.sort(ts.astype(np.int32))[::-1].copy()
 
 
+def _ddim_timesteps(schedule: Schedule, num_steps, spacing, timesteps) -> np.ndarray:
+    """The steps `ddim_sample` visits, descending: `timesteps`, or else
+    `sampling_timesteps(T, num_steps, spacing)` with num_steps None -> min(50, T) and spacing
+    None -> 'leading'. Shared with `ddim_invert`, which walks the same steps upward."""
+    if timesteps is not None:
+        return _given_timesteps(schedule, timesteps, num_steps=num_steps, spacing=spacing)
+    spacing = "leading" if spacing is None else spacing
+    if num_steps is None:  # the default, fitted to a schedule of fewer than 50 steps
+        num_steps = min(50, schedule.num_timesteps)
+    return sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
+
+
 # --------------------------------------------------------------------------------------------
 # Step pieces (those shared with DPM-Solver++ are in jax_diffusion._sampling).
 
@@ -467,13 +479,7 @@ def ddim_sample(
     deterministic = _check_eta(eta)
     if not deterministic:
         _check_rng(rng, why=" when eta is not 0")
-    if timesteps is None:
-        spacing = "leading" if spacing is None else spacing
-        if num_steps is None:  # the default, fitted to a schedule of fewer than 50 steps
-            num_steps = min(50, schedule.num_timesteps)
-        ts = sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
-    else:
-        ts = _given_timesteps(schedule, timesteps, num_steps=num_steps, spacing=spacing)
+    ts = _ddim_timesteps(schedule, num_steps, spacing, timesteps)
     num_steps = len(ts)
     _check_zero_snr(schedule, prediction, int(ts[0]))
     ts_prev = np.append(ts[1:], -1)

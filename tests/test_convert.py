@@ -484,13 +484,14 @@ def test_schedule_from_diffusers_refuses(change, match):
 
 
 def test_readme_diffusers_example_runs(tmp_path, monkeypatch):
-    """README.md's third example, on a stand-in for google/ddpm-cifar10-32: the cifar10
+    """README.md's diffusers example, on a stand-in for google/ddpm-cifar10-32: the cifar10
     fixture's weights with sample_size 32 (attention then sits at 16 x 16, the same level)
     and the DDPMScheduler config."""
     import re
 
     readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-    block = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)[2]
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "load_diffusers_unet" in b]
     folder = tmp_path / "ddpm-cifar10-32"
     _write_folder(folder)
     config = json.loads((folder / "config.json").read_text())
