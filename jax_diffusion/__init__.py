@@ -29,7 +29,9 @@ from jax_diffusion.dpm_solver import (
 from jax_diffusion.flow_matching import (
     denoiser_from_flow,
     eps_from_flow_velocity,
+    flow_bits_per_dim,
     flow_interpolate,
+    flow_log_likelihood,
     flow_matching_loss,
     flow_sample,
     flow_step,

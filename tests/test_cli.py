@@ -56,6 +56,7 @@ def test_readme_example_runs():
     assert np.abs(np.asarray(naive) - images).max() > 0.01
     exec(compile(blocks[4], "README.md", "exec"), namespace)  # flow matching, continues
     assert np.isfinite(float(namespace["loss"]))
+    assert namespace["log_p"].shape == (8,) and np.all(np.isfinite(namespace["log_p"]))
     assert namespace["x0"].shape == (8, 16, 16, 1)
     assert np.all(np.isfinite(np.asarray(namespace["x0"])))
 
