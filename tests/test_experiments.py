@@ -78,8 +78,9 @@ def test_flow_matching(dirs):
     assert set(results["models"]) == set(flow_matching.MODELS)
     assert results["models"]["flow_uniform"]["run"]["process"] == "flow"
     assert results["models"]["v"]["run"]["process"] == "ddpm"
-    for m in results["models"].values():
+    for label, m in results["models"].items():
         assert set(BPD) <= set(m)
+        assert ("ode_bpd" in m) == (label != "v")
     seen = {(r["model"], r["method"], r["nfe"]) for r in results["rows"]}
     flow_methods = ("ddim", "dpm++", "euler", "heun")
     assert seen == {
