@@ -332,15 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", required=True, help="the training run's directory")
         p.add_argument(
             "--sampler",
-            choices=("ddpm", "ddim", "dpm++"),
+            choices=("ddpm", "ddim", "dpm++", "euler", "heun"),
             default=None,
-            help="default: the config's sample.sampler",
+            help="default: the config's sample.sampler; euler and heun: flow runs only",
         )
         p.add_argument(
             "--steps",
             type=_positive_int,
             default=None,
-            help="ddim and dpm++ only: <= T, dpm++ <= T - 1 (default: the config's)",
+            help="ddim, dpm++ (<= T, dpm++ <= T - 1), euler, heun (ODE steps) only (default: "
+            "the config's)",
         )
         p.add_argument(
             "--spacing",

@@ -492,7 +492,8 @@ def evaluate_workdir(
     Args:
       workdir: the training run's directory.
       num_samples: number of generated images, >= 4 (recall's 3-NN radii need 4).
-      sampler: 'ddpm' | 'ddim' | 'dpm++'; None for config.sample.sampler.
+      sampler: 'ddpm' | 'ddim' | 'dpm++' (| 'euler' | 'heun' for a flow run); None for
+        config.sample.sampler.
       num_steps: sampling steps (ddim, dpm++; an error with ddpm, which runs all T steps);
         None for config.sample.num_steps.
       guidance: classifier-free guidance scale w (conditional models); None for the config's.
@@ -522,14 +523,17 @@ def evaluate_workdir(
       FloatingPointError: some samples, or the bits/dim of some test digits, are NaN or inf.
     """
     from jax_diffusion import data as data_lib
-    from jax_diffusion import generate, train
+    from jax_diffusion import generate, run_config, train
 
     num_samples = check_int("num_samples", num_samples, 4)
     batch_size = check_int("batch_size", batch_size, 1)
     bpd_examples = check_int("bpd_examples", bpd_examples, 0, data_lib.DIGITS_NUM_TEST)
     seed = check_int("seed", seed, 0, 2**32 - 1)  # PRNGKey keeps 32 bits
-    if sampler is not None and sampler not in ("ddpm", "ddim", "dpm++"):
-        raise ValueError(f"sampler must be one of 'ddpm', 'ddim', 'dpm++' or None; got {sampler!r}")
+    if sampler is not None and sampler not in run_config.SAMPLERS:
+        raise ValueError(
+            f"sampler must be one of 'ddpm', 'ddim', 'dpm++', 'euler', 'heun' or None; got "
+            f"{sampler!r}"
+        )
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, 1)
         if sampler == "ddpm":  # before the run is read (train.sample says so too, later)

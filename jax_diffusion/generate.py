@@ -1,7 +1,8 @@
 """Samples from trained params: in one batch or many, split over a device mesh, written as an
 image grid or as arrays for FID tools.
 
-`sample` draws with any of the samplers (ddpm, ddim, dpm++) as one compiled program, with
+`sample` draws with any of the samplers (ddpm, ddim, dpm++; euler, heun for flow models) as
+one compiled program, with
 classifier-free guidance for class-conditional models; `sample_in_batches` draws more than
 fit at once. Both default the sampling settings to the run's config and check them with
 `run_config.check_sampling` before any work. `check_finite_samples` guards what is written;
@@ -26,7 +27,7 @@ from jax_diffusion import samplers
 from jax_diffusion._checks import check_int
 from jax_diffusion.backend import _top_level, compiler_options
 from jax_diffusion.diffusion import _is_concrete
-from jax_diffusion.run_config import check_sampling
+from jax_diffusion.run_config import FLOW_SAMPLERS, check_sampling
 from jax_diffusion.visualize import save_image_grid, to_uint8
 
 __all__ = [
@@ -74,9 +75,11 @@ def sample(
       rng: PRNG key.
       shape: one example's shape, [H, W, C] or [D].
       num: samples to draw, >= 1.
-      sampler: 'ddpm' | 'ddim' | 'dpm++' (None: config.sample.sampler).
-      num_steps: model calls of ddim and dpm++ (None: config.sample.num_steps); ddpm runs all
-        T steps and rejects it.
+      sampler: 'ddpm' | 'ddim' | 'dpm++', or for a diffusion.process 'flow' run 'euler' |
+        'heun': `flow_sample` of the network's velocity at `flow_timesteps(num_steps,
+        shift=config.sample.shift)` (None: config.sample.sampler).
+      num_steps: model calls of ddim and dpm++, ODE steps of euler and heun (None:
+        config.sample.num_steps); ddpm runs all T steps and rejects it.
       guidance: classifier-free guidance scale w of a class-conditional model, 1 plain
         conditional, 0 unconditional (None: config.sample.guidance).
       labels: [num] int in [0, num_classes] (num_classes: the null label, unconditional
@@ -126,6 +129,8 @@ def sample(
         return split(draw(params, labels, w, x, k)[:num], P())
 
     def draw(params, labels, w, x, k):
+        if sampler in FLOW_SAMPLERS:
+            return draw_flow(params, labels, w, x)
         if num_classes is None:
 
             def model_fn(x, t):
@@ -146,6 +151,18 @@ def sample(
                 model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
             )
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
+
+    def draw_flow(params, labels, w, x):
+        # the network's velocity at t in [0, 1], guided like a denoiser (guidance is linear)
+        def velocity(x, t, y):
+            return model.apply({"params": params}, x, t, y, method="velocity")
+
+        if num_classes is None:
+            flow_fn = lambda x, t: velocity(x, t, None)  # noqa: E731
+        else:
+            flow_fn = samplers.classifier_free_guidance(velocity, w, num_classes, y=labels)
+        shift = s.get("shift", 1.0)
+        return jd.flow_sample(flow_fn, x, num_steps=num_steps, method=sampler, shift=shift)
 
     args = (params, labels, jnp.asarray(w, jnp.float32), x_rng, s_rng)
     if _top_level(args):

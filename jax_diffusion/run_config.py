@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 PROCESSES = ("ddpm", "flow")  # diffusion.process: what the network is trained to predict
+SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun")  # flow_sample's ODE steps: diffusion.process 'flow' only
 
 
 def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
@@ -144,17 +146,21 @@ def check_sampling(
     explicit_steps = num_steps
     sampler = s.sampler if sampler is None else sampler
     num_steps = s.num_steps if num_steps is None else num_steps
-    if sampler not in ("ddpm", "ddim", "dpm++"):
+    if sampler not in SAMPLERS:
         raise ValueError(
-            f"{name('sampler', 'sampler')} must be one of 'ddpm', 'ddim', 'dpm++'; got {sampler!r}"
+            f"{name('sampler', 'sampler')} must be one of 'ddpm', 'ddim', 'dpm++', 'euler', "
+            f"'heun'; got {sampler!r}"
         )
+    _check_flow_sampler(config, sampler, name("sampler", "sampler"))
     steps = name("num_steps", "num_steps") if explicit_steps is not None else "sample.num_steps"
     if sampler == "ddpm" and explicit_steps is not None:
         raise ValueError(
             f"{steps} applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
             f"{num_timesteps} steps (got {steps}={explicit_steps!r})"
         )
-    if sampler != "ddpm":
+    if sampler in FLOW_SAMPLERS:  # continuous time: any number of steps
+        check_int(f"{steps} for sampler {sampler!r}", num_steps, 1)
+    elif sampler != "ddpm":
         # dpm++ takes n + 1 distinct grid points in [0, T - 1]
         most = num_timesteps - 1 if sampler == "dpm++" else num_timesteps
         why = " (DPM-Solver++ takes n + 1 distinct steps)" if sampler == "dpm++" else ""
@@ -217,6 +223,7 @@ _NUMERIC_FIELDS = {  # field -> may it be None
     "sample.num_samples": False,
     "sample.eta": False,
     "sample.guidance": False,
+    "sample.shift": False,
 }
 
 
@@ -258,10 +265,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.model.name not in ("unet", "mlp"):
         raise ValueError(f"model.name must be one of 'unet', 'mlp'; got {config.model.name!r}")
-    if config.sample.sampler not in ("ddpm", "ddim", "dpm++"):
+    if config.sample.sampler not in SAMPLERS:
         raise ValueError(
-            f"sample.sampler must be one of 'ddpm', 'ddim', 'dpm++'; got {config.sample.sampler!r}"
+            "sample.sampler must be one of 'ddpm', 'ddim', 'dpm++', 'euler', 'heun'; got "
+            f"{config.sample.sampler!r}"
         )
+    _check_flow_sampler(config, config.sample.sampler, "sample.sampler")
+    if not config.sample.get("shift", 1.0) > 0:
+        raise ValueError(f"sample.shift must be > 0; got {config.sample.shift!r}")
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
         if not config.train[key] >= 1:
             raise ValueError(f"train.{key} must be >= 1; got {config.train[key]!r}")
@@ -303,6 +314,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     num_timesteps = check_int("diffusion.num_timesteps", config.diffusion.num_timesteps, 1)
     # dpm++ takes n + 1 distinct grid points in [0, T - 1]
     most = num_timesteps - 1 if s.sampler == "dpm++" else num_timesteps
+    if s.sampler in FLOW_SAMPLERS:
+        most = math.inf
     if s.sampler != "ddpm" and not 1 <= s.num_steps <= most:
         bound = "diffusion.num_timesteps - 1" if s.sampler == "dpm++" else "diffusion.num_timesteps"
         raise ValueError(
@@ -336,6 +349,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"diffusion.min_snr_gamma must be > 0; got {d.min_snr_gamma!r}")
     if not d.get("vlb_weight", 0.0) >= 0:
         raise ValueError(f"diffusion.vlb_weight must be >= 0; got {d.vlb_weight!r}")
+
+
+def _check_flow_sampler(config: ml_collections.ConfigDict, sampler: str, what: str) -> None:
+    process = config.diffusion.get("process", "ddpm")
+    if sampler in FLOW_SAMPLERS and process != "flow":
+        raise ValueError(
+            f"{what}={sampler!r} integrates a flow model's ODE: it needs diffusion.process "
+            f"'flow' (this run has {process!r}); use 'ddpm', 'ddim' or 'dpm++'"
+        )
 
 
 def _check_process(d: ml_collections.ConfigDict) -> None:

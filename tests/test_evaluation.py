@@ -689,7 +689,10 @@ def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, c
     [
         # each used to be replaced by the config's value or silently ignored or truncated
         (dict(num_steps=0), "num_steps must be an int >= 1; got 0"),
-        (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+' or None; got ''"),
+        (
+            dict(sampler=""),
+            "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+', 'euler', 'heun' or None; got ''",
+        ),
         (dict(guidance=5.0), "guidance needs a class-conditional model.*got guidance=5.0"),
         # out of the run's range: reported after the restore and the first sampling batch
         (dict(num_steps=51), r"num_steps for sampler 'ddim' must be an int in \[1, 50\]"),
@@ -767,7 +770,7 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
         (dict(num_samples=3), "num_samples must be an int >= 4; got 3"),
         (
             dict(sampler="DDIM"),
-            r"sampler must be one of 'ddpm', 'ddim', 'dpm\+\+' or None; got 'DDIM'",
+            r"sampler must be one of 'ddpm', 'ddim', 'dpm\+\+', 'euler', 'heun' or None; got 'DD",
         ),
         (dict(spacing="cosine"), r"spacing must be one of \('leading', .*; got 'cosine'"),
         (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),

@@ -18,7 +18,10 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
     for kwargs, match in [
         (dict(num_steps=0), r"num_steps for sampler 'ddim' must be an int in \[1, 50\]; got 0"),
         (dict(sampler="dpm++", num_steps=50), r"num_steps for .*'dpm\+\+'.* in \[1, 49\]; got 50"),
-        (dict(sampler=""), "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+'; got ''"),
+        (
+            dict(sampler=""),
+            "sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+', 'euler', 'heun'; got ''",
+        ),
         (dict(num=-1), "num must be an int >= 1; got -1"),
         (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
         (dict(labels=jnp.zeros(4, jnp.int32)), "labels needs a class-conditional.*labels=given"),

@@ -186,6 +186,24 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
     run_config.check_config(
         smoke(diffusion__weighting="min_snr", diffusion__variance="learned_range")
     )
+    # the flow samplers: flow runs only, any number of steps, a positive shift
+    for overrides, match in [
+        (dict(sample__sampler="heun"), "sample.sampler='heun' integrates a flow model's ODE: it n"),
+        (
+            dict(sample__sampler="rk4"),
+            "sample.sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+', ",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run_config.check_config(smoke(**overrides))
+    with pytest.raises(ValueError, match="sample.shift must be > 0; got 0.0"):
+        run_config.check_config(smoke("flow.py", sample__sampler="euler", sample__shift=0.0))
+    flow = smoke("flow.py", sample__sampler="heun", sample__num_steps=500)  # T = 50
+    run_config.check_config(flow)
+    assert run_config.check_sampling(flow)[:2] == ("heun", 500)
+    assert run_config.check_sampling(flow, sampler="euler", num_steps=7)[:2] == ("euler", 7)
+    with pytest.raises(ValueError, match="sampler='euler' integrates a flow model's ODE"):
+        run_config.check_sampling(smoke(), sampler="euler")
     # a config (a run's config.json) from before train.ema_warmup existed: the warm-up, valid
     before = smoke()
     del before.train["ema_warmup"]

@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     #                               would; running the same command again continues past it
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.sampler = "ddim"
+    config.sample.sampler = "ddim"  # 'ddpm' | 'ddim' | 'dpm++'; flow runs also 'euler' | 'heun'
     config.sample.num_steps = 50
     config.sample.eta = 0.0
     config.sample.spacing = "leading"  # ddim's steps: 'leading' (DDIM paper), 'trailing' (from
@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample.num_samples = 64
     config.sample.guidance = 1.0
     config.sample.clip_denoised = True
+    config.sample.shift = 1.0  # euler / heun (flow runs): flow_timesteps' shift, SD3's s
 
     if arg:
         apply_variant(config, arg)
