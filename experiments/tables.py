@@ -140,6 +140,28 @@ def classifier_guidance(r: dict) -> str:
     return "\n".join(out)
 
 
+def flow_matching(r: dict) -> str:
+    nfes = r["nfes"]
+    out = []
+    for key in ("fd_train", "precision", "recall"):
+        table = []
+        for model, method in dict.fromkeys((row["model"], row["method"]) for row in r["rows"]):
+            by = {
+                row["nfe"]: row[key]
+                for row in r["rows"]
+                if (row["model"], row["method"]) == (model, method)
+            }
+            table.append([f"{model} {method}"] + [by.get(n, "") for n in nfes])
+        out.append(_table([f"{key}, N={r['num_samples']}"] + [f"NFE {n}" for n in nfes], table))
+    rows = []
+    for model, m in r["models"].items():
+        ode = f"{m['ode_bpd']:.3g} ± {m['ode_bpd_stderr']:.2g}" if "ode_bpd" in m else ""
+        rows.append([model, f"{m['bpd']:.3g} ± {m['bpd_stderr']:.2g}", ode, m["run"]["final_loss"]])
+    head = ["model", "bits/dim, VLB of the denoiser", "bits/dim, ODE (dequantized)"]
+    out.append(_table(head + ["final train loss"], rows))
+    return "\n\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -151,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         ("guidance", guidance),
         ("distillation", distillation),
         ("classifier_guidance", classifier_guidance),
+        ("flow_matching", flow_matching),
     ):
         r = _load(args.out, name)
         if r is None:
