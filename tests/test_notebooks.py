@@ -24,6 +24,7 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLAB = ROOT / "colab"
 NOTEBOOKS = (
+    "flow_matching.ipynb",
     "parameterizations.ipynb",
     "pretrained.ipynb",
     "quickstart.ipynb",
@@ -124,6 +125,27 @@ def test_pretrained_loads_the_diffusers_folder_and_samples(tmp_path, monkeypatch
     # 8 samples in one row, 32x32 scaled 2x with 2-pixel padding
     assert [im.shape for im in shown] == [(66 + 2, 8 * 66 + 2, 3)] * 2
     assert all(im.std() > 0 for im in shown)
+
+
+def test_flow_matching_trains_samples_and_measures_the_likelihood(tmp_path, monkeypatch):
+    nb = execute("flow_matching.ipynb", tmp_path, monkeypatch)
+    out = stdout(nb)
+    assert "smoke mode" in out
+    assert number(r"trained (\d+) steps", out) == 30
+    assert np.isfinite(number(r"final loss: (\S+)", out))
+    # the data's own row: the mean norm of 2-D N(0, 0.1^2 I) noise is 0.1 sqrt(pi / 2)
+    assert abs(number(r"data: distance to centre ([\d.]+),", out) - 0.1 * np.sqrt(np.pi / 2)) < 0.01
+    rows = re.findall(r"^ +(\d+) +(euler|heun) +(\d+) +(\S+) +(\S+)$", out, re.M)
+    assert [(int(r[0]), r[1], int(r[2])) for r in rows] == [
+        (n, m, n * (2 if m == "heun" else 1)) for n in (1, 2, 4, 8, 32) for m in ("euler", "heun")
+    ]
+    assert all(np.isfinite(float(r[3])) and 0 <= float(r[4]) <= 1 for r in rows)
+    assert np.isfinite(number(r"model log-likelihood: (\S+) nats", out))
+    # the mixture's own density at its test points: about -0.32 nats (entropy of the data)
+    assert -0.5 < number(r"true log-likelihood: (\S+) nats", out) < -0.15
+    assert re.search(r"DDIM-8: distance \S+, within 0.3 \S+; DPM-Solver\+\+-8: distance", out)
+    shown = images(nb)
+    assert len(shown) == 2 and all(im.std() > 0 for im in shown)
 
 
 def test_parameterizations_conversions_round_trip(tmp_path, monkeypatch):
