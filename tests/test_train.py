@@ -51,12 +51,13 @@ def test_smoke_training_for_each_config(tmp_path, name, monkeypatch):
     assert CheckpointManager(str(tmp_path)).latest_step() == config.train.num_steps
 
 
-def test_data_parallel_equals_single_device():
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_data_parallel_equals_single_device(process):
     # The train step's sharding does not depend on the network: the toy config's MLP compiles
     # its three steps in a fraction of the UNet's time. The UNet's data-parallel runs are
     # run in the TPU notebook's test.
     assert jax.device_count() == 8
-    config = smoke("toy_2d.py")
+    config = smoke("toy_2d.py", diffusion__process=process)
     assert config.train.batch_size == 16
     schedule = train.get_schedule(config.diffusion)
     model = train.create_model(config, channels=2)
@@ -80,7 +81,8 @@ def test_data_parallel_equals_single_device():
         for b in batches:
             batch = {k: jax.device_put(b[k], batch_sharding) for k in ("image", "label")}
             state, metrics = step(state, batch)
-        assert len(state.params["dense_in"]["kernel"].sharding.device_set) == len(devices)
+        net_params = state.params["net"] if process == "flow" else state.params  # FlowDenoiser
+        assert len(net_params["dense_in"]["kernel"].sharding.device_set) == len(devices)
         results.append((state, metrics))
     (s1, m1), *others = results
     for s8, m8 in others:
@@ -181,11 +183,13 @@ def test_consecutive_train_steps_draw_fresh_t_noise_and_dropout_keys():
         np.testing.assert_array_equal(a, b)
 
 
-def test_interrupted_run_resumes_bit_identically(tmp_path):
-    # the smoke config as it is (2 steps): its train step is the one other tests compile too
-    config = smoke()
+@pytest.mark.parametrize("name", ["default.py", "flow.py"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, name):
+    # the smoke configs as they are (2 steps): their train steps are the ones other tests
+    # compile too
+    config = smoke(name)
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
-    interrupted = smoke(train__stop_after=1)
+    interrupted = smoke(name, train__stop_after=1)
     first = train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
     assert first["final_step"] == 1
     second = train.train_and_evaluate(config, str(tmp_path / "resumed"))
