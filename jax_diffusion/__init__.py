@@ -4,6 +4,11 @@ The math (schedules, process, losses, samplers) imports only jax and numpy; the 
 (`jax_diffusion.models`) and the training loop use Flax, optax and orbax.
 """
 
+from jax_diffusion.consistency import (
+    consistency_distillation_loss,
+    consistency_function,
+    consistency_sample,
+)
 from jax_diffusion.diffusion import (
     PMeanVariance,
     eps_from_score,

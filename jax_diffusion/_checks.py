@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 
 
@@ -27,3 +29,14 @@ def check_int(
         allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
         raise ValueError(f"{name} must be {allowed}{' or None' if none_ok else ''}; got {value!r}")
     return number
+
+
+def check_real(name: str, value, *, positive: bool = False) -> float:
+    """`value` as a float after checking it is a finite real number (a Python or NumPy int or
+    float, not a bool), > 0 where `positive`; else ValueError naming `name` and the value."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(float(value)) and (not positive or float(value) > 0)
+    if not ok:
+        what = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+    return float(value)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion._checks import check_int
+from jax_diffusion._checks import check_real as _check_real
 from jax_diffusion._sampling import _alpha_sigma, _check_stride, _check_x, _result, _scan
 from jax_diffusion.diffusion import _check_rng, _is_concrete, check_prediction, check_schedule
 from jax_diffusion.losses import LOSS_TYPES, _check_draws, _check_floating_x0, mean_flat
@@ -138,15 +139,6 @@ def eps_from_flow_velocity(xt, t, u) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------
 # Training.
-
-
-def _check_real(name: str, value, *, positive: bool = False) -> float:
-    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    ok = ok and math.isfinite(float(value)) and (not positive or float(value) > 0)
-    if not ok:
-        what = "a finite number > 0" if positive else "a finite number"
-        raise ValueError(f"{name} must be {what}; got {value!r}")
-    return float(value)
 
 
 def _check_distribution(distribution, loc, scale) -> None:

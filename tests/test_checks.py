@@ -1,11 +1,11 @@
-"""Tests of jax_diffusion._checks: the shared int argument check."""
+"""Tests of jax_diffusion._checks: the shared int and real argument checks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_diffusion._checks import check_int
+from jax_diffusion._checks import check_int, check_real
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,26 @@ def test_check_int_none_ok():
     assert check_int("n", None, 1, none_ok=True) is None
     with pytest.raises(ValueError, match=r"n must be an int >= 1 or None; got 0"):
         check_int("n", 0, 1, none_ok=True)
+
+
+@pytest.mark.parametrize("value", [2, 0.5, np.float32(0.25), np.int64(3)])
+def test_check_real_returns_a_python_float(value):
+    got = check_real("c", value, positive=True)
+    assert got == float(value) and type(got) is float
+
+
+@pytest.mark.parametrize(
+    "value, positive, match",
+    [
+        (True, False, "c must be a finite number; got True"),
+        ("1", False, "c must be a finite number; got '1'"),
+        (float("nan"), False, "c must be a finite number; got nan"),
+        (float("inf"), False, "c must be a finite number; got inf"),
+        (0.0, True, "c must be a finite number > 0; got 0.0"),
+        (-1, True, "c must be a finite number > 0; got -1"),
+        (None, False, "c must be a finite number; got None"),
+    ],
+)
+def test_check_real_rejects(value, positive, match):
+    with pytest.raises(ValueError, match=match):
+        check_real("c", value, positive=positive)
