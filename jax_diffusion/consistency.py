@@ -37,6 +37,7 @@ from jax_diffusion.diffusion import (
     _is_concrete,
     check_prediction,
     check_schedule,
+    predict_x0_eps,
     q_sample,
 )
 from jax_diffusion.losses import _check_draws, _check_floating_x0
@@ -59,17 +60,29 @@ def _scaled(values, x):
 
 
 def consistency_function(
-    net_fn: ModelFn, schedule: Schedule, *, sigma_data: float = 0.5
+    net_fn: ModelFn,
+    schedule: Schedule,
+    *,
+    sigma_data: float = 0.5,
+    prediction: str | None = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """f(x_t, t) = c_skip(t) x_t / alpha_t + c_out(t) net_fn(x_t, t) (Song et al. 2023, eq. 7).
+    """f(x_t, t) = c_skip(t) x_t / alpha_t + c_out(t) F(x_t, t) (Song et al. 2023, eq. 7).
 
     c_skip and c_out as in the module docstring (appendix C of the paper, in the noise-to-signal
     ratio s_t = sigma_t / alpha_t): f(x, 0) = x / alpha_0 whatever the network outputs.
 
+    With `prediction` set, net_fn is a diffusion denoiser of that parameterization (e.g. the
+    teacher, to start a student from its weights, as Song et al. initialise from the
+    pretrained model): F is its x0_hat, and c_out = (s_t - s_0) / sqrt((s_t - s_0)^2 +
+    sigma_data^2), which goes to 1, so that f -> x0_hat at high noise (the form of latent
+    consistency models, Luo et al. 2023).
+
     Args:
-      net_fn: the network F(x [B, ...], t int32 [B]) -> [B, ...] (trained only through f).
+      net_fn: the network F(x [B, ...], t int32 [B]) -> [B, ...] (trained only through f),
+        or a denoiser of `prediction`.
       schedule: the noise schedule (alphas_cumprod > 0 at every step: s_t must be finite).
       sigma_data: the data's standard deviation in c_skip / c_out (0.5 in the paper).
+      prediction: None (net_fn is the free network F) or 'eps' | 'x0' | 'v'.
 
     Returns:
       f(x [B, ...], t int [B] in [0, T - 1]) -> [B, ...] in x's dtype.
@@ -78,6 +91,8 @@ def consistency_function(
         raise ValueError(f"net_fn must be a callable net_fn(x, t); got {net_fn!r}")
     check_schedule(schedule)
     sigma_data = check_real("sigma_data", sigma_data, positive=True)
+    if prediction is not None:
+        check_prediction(prediction)
     if _is_concrete(schedule.alphas_cumprod) and not np.all(
         np.asarray(schedule.alphas_cumprod) > 0
     ):
@@ -93,8 +108,13 @@ def consistency_function(
         alpha_0, sigma_0 = _alpha_sigma(schedule, jnp.zeros((), jnp.int32), dtype)
         s, s_0 = sigma / alpha, sigma_0 / alpha_0
         c_skip = sigma_data**2 / ((s - s_0) ** 2 + sigma_data**2)
-        c_out = sigma_data * (s - s_0) / jnp.sqrt(sigma_data**2 + s**2)
-        out = net_fn(x, t).astype(dtype)
+        out = net_fn(x, t)
+        if prediction is None:
+            c_out = sigma_data * (s - s_0) / jnp.sqrt(sigma_data**2 + s**2)
+        else:
+            c_out = (s - s_0) / jnp.sqrt((s - s_0) ** 2 + sigma_data**2)
+            out = predict_x0_eps(schedule, model_output=out, xt=x, t=t, prediction=prediction)[0]
+        out = out.astype(dtype)
         scaled = x.astype(dtype) / _scaled(alpha, x)
         return (_scaled(c_skip, x) * scaled + _scaled(c_out, x) * out).astype(x.dtype)
 

@@ -64,6 +64,27 @@ def test_parameterization_coefficients_and_boundary_match_the_paper(x64):
     np.testing.assert_allclose(wild(x, jnp.zeros(3, jnp.int32)), x / np.sqrt(ABAR[0]), rtol=1e-12)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_a_denoiser_as_the_network_gives_x0_hat_at_high_noise(prediction, x64):
+    # prediction set: F = the denoiser's x0_hat and c_out = (s - s0) / sqrt((s - s0)^2 + sd^2)
+    schedule = _schedule(jnp.float64)
+    t = jnp.array([0, 30, 300, 999])
+    x = 1.3 * _normal(9, (4, 2), jnp.float64)
+    f = consistency_function(
+        gaussian_denoiser(schedule, M, S, prediction), schedule, prediction=prediction
+    )
+    abar, abar0 = ABAR[np.asarray(t)][:, None], ABAR[0]
+    s, s0 = np.sqrt((1 - abar) / abar), np.sqrt((1 - abar0) / abar0)
+    xn = np.asarray(x)
+    x0_hat = M + np.sqrt(abar) * S**2 / (abar * S**2 + 1 - abar) * (xn - np.sqrt(abar) * M)
+    c_skip = 0.25 / ((s - s0) ** 2 + 0.25)
+    c_out = (s - s0) / np.sqrt((s - s0) ** 2 + 0.25)
+    want = c_skip * xn / np.sqrt(abar) + c_out * x0_hat
+    np.testing.assert_allclose(f(x, t), want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(f(x, t)[0], xn[0] / np.sqrt(abar0), rtol=1e-12)  # the boundary
+    np.testing.assert_allclose(f(x, t)[-1], x0_hat[-1], rtol=1e-3)  # c_out ~ 1 at t = 999
+
+
 def _np_loss(x0, n, noise, grid, teacher, student, target):
     """Algorithm 2 in float64 NumPy: DDIM teacher step t_{n+1} -> t_n, squared error."""
     t_next, t = grid[n + 1], grid[n]
@@ -197,6 +218,7 @@ _X = jnp.zeros((2, 3))
     [
         (lambda: consistency_function(None, _S), "net_fn must be a callable"),
         (lambda: consistency_function(lambda x, t: x, _S, sigma_data=0.0), "sigma_data must be"),
+        (lambda: consistency_function(lambda x, t: x, _S, prediction="score"), "prediction"),
         (
             lambda: consistency_function(
                 lambda x, t: x, Schedule.from_betas(rescale_zero_terminal_snr(linear_betas(10)))
