@@ -87,7 +87,9 @@ def test_sample_over_a_mesh_splits_the_batch_and_draws_the_samples_of_one_device
         )
         assert split.shape == (13, 2)
         assert split.sharding.is_fully_replicated and len(split.sharding.device_set) == 8
-        np.testing.assert_allclose(split, one, rtol=1e-6, atol=1e-6, err_msg=sampler)
+        # the untrained guided chain grows to ~1e5, where float32 rounding between the two
+        # programs reaches 1.2e-6 (other noise draws would differ at O(1))
+        np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6, err_msg=sampler)
 
     seen, shapes = [], []
 

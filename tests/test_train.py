@@ -668,7 +668,7 @@ def test_config_loading_and_errors():
     for key, value, match in [
         ("diffusion__prediction", "score", "prediction must be one of"),
         ("diffusion__weighting", "p2", "diffusion.weighting must be one of"),
-        ("sample__sampler", "euler", "sample.sampler must be one of"),
+        ("sample__sampler", "rk4", "sample.sampler must be one of"),
         ("train__num_steps", 0, "train.num_steps must be >= 1; got 0"),
         ("train__microbatches", 3, "train.microbatches must be a positive integer dividing"),
         ("train__lr_schedule", "linear", "train.lr_schedule must be one of"),
