@@ -162,6 +162,24 @@ def flow_matching(r: dict) -> str:
     return "\n\n".join(out)
 
 
+def consistency(r: dict) -> str:
+    keys = ("fd_train", "precision", "recall")
+    models = dict.fromkeys(row["model"] for row in r["rows"])
+    steps = sorted({row["steps"] for row in r["rows"]})
+    by = {(row["model"], row["steps"]): row for row in r["rows"]}
+    table = [
+        [model] + [" / ".join(f"{by[model, n][k]:.3g}" for k in keys) for n in steps]
+        for model in models
+    ]
+    d = r["distillation"]
+    head = [f"fd_train / P / R, N={r['num_samples']}"] + [f"{n} steps" for n in steps]
+    return (
+        _table(head, table)
+        + f"\n\ndistillation: {d['train_steps']} steps, {d['train_seconds']:.0f} s, final loss "
+        + f"{d['final_loss']:.3g}, grid of {len(d['grid'])} steps"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -174,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         ("distillation", distillation),
         ("classifier_guidance", classifier_guidance),
         ("flow_matching", flow_matching),
+        ("consistency", consistency),
     ):
         r = _load(args.out, name)
         if r is None:

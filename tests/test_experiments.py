@@ -15,6 +15,7 @@ import pytest
 from experiments import (
     classifier_guidance,
     common,
+    consistency,
     distillation,
     flow_matching,
     guidance,
@@ -91,6 +92,16 @@ def test_flow_matching(dirs):
     }
     for row in results["rows"]:
         assert set(QUALITY) <= set(row)
+
+
+def test_consistency(dirs):
+    results = _run(consistency, dirs)
+    rows = {(r["model"], r["steps"]) for r in results["rows"]}
+    assert rows == {(m, n) for m in ("ddim", "untrained", "consistency") for n in consistency.STEPS}
+    for row in results["rows"]:
+        assert set(QUALITY) <= set(row)
+    d = results["distillation"]
+    assert d["grid"][0] == 0 and d["train_steps"] == 2 and d["loss_curve"][-1][0] == 2
 
 
 def test_sampler_sweep(dirs):
