@@ -282,6 +282,19 @@ def draw_samples(
     return samples, seconds
 
 
+def draw_batches(fn, run: Run, *, num: int, seed: int, batch_size: int = 500):
+    """`num` samples of `fn(x_T, rng)` drawn `batch_size` at a time, x_T and rng per batch as
+    `draw_samples` draws them (batch i from fold_in(PRNGKey(seed), i)), so samplers outside
+    `draw_samples` start from the same noise; returns (samples, seconds)."""
+    bs = min(batch_size, num)
+    chunks, t0 = [], time.perf_counter()
+    for i in range(-(-num // bs)):
+        x_rng, s_rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), i))
+        x_T = jax.random.normal(x_rng, (bs, *run.shape))
+        chunks.append(np.asarray(jax.device_get(fn(x_T, s_rng))))
+    return np.concatenate(chunks)[:num], time.perf_counter() - t0
+
+
 # ------------------------------------------------------------------------------- metrics
 
 

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["rows"].append(row)
         common.log(f"{model} x {n}: fd_train {row['fd_train']:.2f}")
 
-    for n in STEPS:
+    steps_list = (1, 2) if args.smoke else STEPS
+    for n in steps_list:
         evaluate("ddim", min(n, T))
         evaluate("untrained", n, teacher.params)
     params, record = distil(
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results["distillation"].update(record)
     common.log(f"distilled: {record['train_seconds']:.0f} s, loss {record['final_loss']:.4g}")
-    for n in STEPS:
+    for n in steps_list:
         evaluate("consistency", n, params)
     results["reference"] = common.reference_metrics(teacher.shape[0])
     return common.finish(args.out, NAME, results, t0, plot)
@@ -120,13 +121,9 @@ def draw_consistency(f_of, params, run, num: int, n: int, seed: int, batch_size:
     def fn(params, x_T, rng):
         return consistency.consistency_sample(f_of(params), run.schedule, x_T, rng, timesteps=ts)
 
-    bs = min(batch_size, num)
-    chunks, t0 = [], time.perf_counter()
-    for i in range(-(-num // bs)):
-        x_rng, s_rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), i))
-        x_T = jax.random.normal(x_rng, (bs, *run.shape))
-        chunks.append(np.asarray(jax.device_get(fn(params, x_T, s_rng))))
-    return np.concatenate(chunks)[:num], time.perf_counter() - t0
+    return common.draw_batches(
+        lambda x_T, rng: fn(params, x_T, rng), run, num=num, seed=seed, batch_size=batch_size
+    )
 
 
 def distil(teacher, f_of, grid, data_it, *, steps: int, lr: float, ema: float):

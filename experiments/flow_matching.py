@@ -52,13 +52,9 @@ def draw_flow(run: common.Run, *, num: int, method: str, nfe: int, seed: int, ba
 
         return jd.flow_sample(velocity, x_1, num_steps=steps, method=method)
 
-    bs = min(batch_size, num)
-    chunks, t0 = [], time.perf_counter()
-    for i in range(-(-num // bs)):
-        x_rng, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), i))
-        x_1 = jax.random.normal(x_rng, (bs, *run.shape))
-        chunks.append(np.asarray(jax.device_get(fn(run.params, x_1))))
-    return np.concatenate(chunks)[:num], time.perf_counter() - t0
+    return common.draw_batches(
+        lambda x_1, _: fn(run.params, x_1), run, num=num, seed=seed, batch_size=batch_size
+    )
 
 
 def ode_bits_per_dim(run: common.Run, num_examples: int, seed: int) -> dict:
@@ -87,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = common.parse(parser, argv)
     common.setup_compile_cache()
     t0 = time.perf_counter()
-    nfes = (2, 4) if args.smoke else NFES
+    nfes = (2,) if args.smoke else NFES  # smoke: one program per sampler
     num = 8 if args.smoke else args.num_samples
     bpd_n = 2 if args.smoke else args.bpd_examples
     results: dict = {

@@ -97,7 +97,7 @@ def test_flow_matching(dirs):
 def test_consistency(dirs):
     results = _run(consistency, dirs)
     rows = {(r["model"], r["steps"]) for r in results["rows"]}
-    assert rows == {(m, n) for m in ("ddim", "untrained", "consistency") for n in consistency.STEPS}
+    assert rows == {(m, n) for m in ("ddim", "untrained", "consistency") for n in (1, 2)}
     for row in results["rows"]:
         assert set(QUALITY) <= set(row)
     d = results["distillation"]

@@ -183,13 +183,15 @@ def test_consecutive_train_steps_draw_fresh_t_noise_and_dropout_keys():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["default.py", "flow.py"])
-def test_interrupted_run_resumes_bit_identically(tmp_path, name):
-    # the smoke configs as they are (2 steps): their train steps are the ones other tests
-    # compile too
-    config = smoke(name)
+@pytest.mark.parametrize(
+    ("name", "overrides"), [("default.py", {}), ("toy_2d.py", {"diffusion__process": "flow"})]
+)
+def test_interrupted_run_resumes_bit_identically(tmp_path, name, overrides):
+    # the default smoke config as it is (2 steps): its train step is the one other tests
+    # compile too; a flow run on the toy MLP (a cheap compile)
+    config = smoke(name, **overrides)
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
-    interrupted = smoke(name, train__stop_after=1)
+    interrupted = smoke(name, train__stop_after=1, **overrides)
     first = train.train_and_evaluate(interrupted, str(tmp_path / "resumed"))
     assert first["final_step"] == 1
     second = train.train_and_evaluate(config, str(tmp_path / "resumed"))
