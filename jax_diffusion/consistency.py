@@ -31,7 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion._checks import check_real
-from jax_diffusion._sampling import _alpha_sigma, _check_stride, _check_x, _result, _scan
+from jax_diffusion._sampling import (
+    _alpha_sigma,
+    _check_stride,
+    _check_x,
+    _per_example,
+    _result,
+    _scan,
+)
 from jax_diffusion.diffusion import (
     _check_rng,
     _is_concrete,
@@ -53,10 +60,6 @@ __all__ = [
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 DISTANCES = ("l2", "pseudo_huber")
-
-
-def _scaled(values, x):
-    return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
 
 
 def consistency_function(
@@ -115,8 +118,8 @@ def consistency_function(
             c_out = (s - s_0) / jnp.sqrt((s - s_0) ** 2 + sigma_data**2)
             out = predict_x0_eps(schedule, model_output=out, xt=x, t=t, prediction=prediction)[0]
         out = out.astype(dtype)
-        scaled = x.astype(dtype) / _scaled(alpha, x)
-        return (_scaled(c_skip, x) * scaled + _scaled(c_out, x) * out).astype(x.dtype)
+        scaled = x.astype(dtype) / _per_example(alpha, x)
+        return (_per_example(c_skip, x) * scaled + _per_example(c_out, x) * out).astype(x.dtype)
 
     return f
 
