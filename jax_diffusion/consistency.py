@@ -35,6 +35,7 @@ from jax_diffusion._sampling import (
     _alpha_sigma,
     _check_stride,
     _check_x,
+    _given_timesteps,
     _per_example,
     _result,
     _scan,
@@ -49,7 +50,7 @@ from jax_diffusion.diffusion import (
 )
 from jax_diffusion.losses import _check_draws, _check_floating_x0
 from jax_diffusion.samplers import ddim_step
-from jax_diffusion.schedules import Schedule, _check_timestep_subset, _check_timesteps
+from jax_diffusion.schedules import Schedule, _check_timesteps
 
 __all__ = [
     "DISTANCES",
@@ -125,9 +126,7 @@ def consistency_function(
 
 
 def _grid(schedule: Schedule, timesteps) -> np.ndarray:
-    if not _is_concrete(timesteps):
-        raise ValueError("timesteps must be concrete ints (close over them); got a traced array")
-    grid = _check_timestep_subset(timesteps, schedule.num_timesteps)  # ascending
+    grid = _given_timesteps(schedule, timesteps)[::-1]  # ascending
     if grid.size < 2:
         raise ValueError(f"timesteps must hold at least 2 steps; got {grid.tolist()}")
     return grid.astype(np.int32)
@@ -255,9 +254,7 @@ def consistency_sample(
     check_schedule(schedule)
     x_T = _check_x(x_T)
     stride = _check_stride(return_trajectory)
-    if not _is_concrete(timesteps):
-        raise ValueError("timesteps must be concrete ints (close over them); got a traced array")
-    ts = _check_timestep_subset(timesteps, schedule.num_timesteps)[::-1].astype(np.int32)
+    ts = _given_timesteps(schedule, timesteps)  # descending
     if ts.size > 1:
         _check_rng(rng, why=" for more than one step (fresh noise between steps)")
     batch = x_T.shape[0]

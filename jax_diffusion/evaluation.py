@@ -531,8 +531,7 @@ def evaluate_workdir(
     seed = check_int("seed", seed, 0, 2**32 - 1)  # PRNGKey keeps 32 bits
     if sampler is not None and sampler not in run_config.SAMPLERS:
         raise ValueError(
-            f"sampler must be one of 'ddpm', 'ddim', 'dpm++', 'euler', 'heun' or None; got "
-            f"{sampler!r}"
+            f"sampler must be one of {run_config.SAMPLER_NAMES} or None; got {sampler!r}"
         )
     if num_steps is not None:
         num_steps = check_int("num_steps", num_steps, 1)

@@ -37,6 +37,7 @@ __all__ = [
 PROCESSES = ("ddpm", "flow")  # diffusion.process: what the network is trained to predict
 SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
 FLOW_SAMPLERS = ("euler", "heun")  # flow_sample's ODE steps: diffusion.process 'flow' only
+SAMPLER_NAMES = ", ".join(repr(name) for name in SAMPLERS)  # for the messages
 
 
 def get_schedule(diffusion: ml_collections.ConfigDict) -> jd.Schedule:
@@ -148,8 +149,7 @@ def check_sampling(
     num_steps = s.num_steps if num_steps is None else num_steps
     if sampler not in SAMPLERS:
         raise ValueError(
-            f"{name('sampler', 'sampler')} must be one of 'ddpm', 'ddim', 'dpm++', 'euler', "
-            f"'heun'; got {sampler!r}"
+            f"{name('sampler', 'sampler')} must be one of {SAMPLER_NAMES}; got {sampler!r}"
         )
     _check_flow_sampler(config, sampler, name("sampler", "sampler"))
     steps = name("num_steps", "num_steps") if explicit_steps is not None else "sample.num_steps"
@@ -267,8 +267,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.name must be one of 'unet', 'mlp'; got {config.model.name!r}")
     if config.sample.sampler not in SAMPLERS:
         raise ValueError(
-            "sample.sampler must be one of 'ddpm', 'ddim', 'dpm++', 'euler', 'heun'; got "
-            f"{config.sample.sampler!r}"
+            f"sample.sampler must be one of {SAMPLER_NAMES}; got {config.sample.sampler!r}"
         )
     _check_flow_sampler(config, config.sample.sampler, "sample.sampler")
     if not config.sample.get("shift", 1.0) > 0:
