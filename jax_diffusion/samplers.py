@@ -187,6 +187,22 @@ def _ddim_timesteps(schedule: Schedule, num_steps, spacing, timesteps) -> np.nda
     return sampling_timesteps(schedule.num_timesteps, num_steps, spacing)
 
 
+def _respaced(schedule: Schedule, timesteps) -> tuple[Schedule, np.ndarray]:
+    """The ancestral chain's schedule and the model's step at each of its indices, descending:
+    (schedule, [T - 1, ..., 0]) for timesteps None, else (`schedule.respace(timesteps)`, the
+    given steps sorted descending), index i of the respaced schedule being the original step
+    `model_ts[::-1][i]`. Shared with `repaint_sample`."""
+    if timesteps is None:
+        return schedule, np.arange(schedule.num_timesteps, dtype=np.int32)[::-1]
+    if not _is_concrete(schedule.alphas_cumprod):
+        raise ValueError(
+            "timesteps needs a concrete schedule to respace; got a traced schedule "
+            "(close over the schedule instead of passing it as a jit argument)"
+        )
+    model_ts = _given_timesteps(schedule, timesteps)
+    return schedule.respace(model_ts), model_ts
+
+
 # --------------------------------------------------------------------------------------------
 # Step pieces (those shared with DPM-Solver++ are in jax_diffusion._sampling).
 
@@ -307,19 +323,8 @@ def ddpm_sample(
         model_fn, schedule, x_T, prediction, variance, clip_denoised, denoised_fn, return_trajectory
     )
     _check_rng(rng, why=" for ddpm_sample")
-    if timesteps is None:
-        sched = schedule
-        index = np.arange(schedule.num_timesteps)[::-1]
-        model_ts = index
-    else:
-        if not _is_concrete(schedule.alphas_cumprod):
-            raise ValueError(
-                "timesteps needs a concrete schedule to respace; got a traced schedule "
-                "(close over the schedule instead of passing it as a jit argument)"
-            )
-        model_ts = _given_timesteps(schedule, timesteps)
-        sched = schedule.respace(model_ts)
-        index = np.arange(sched.num_timesteps)[::-1]
+    sched, model_ts = _respaced(schedule, timesteps)
+    index = np.arange(sched.num_timesteps)[::-1]
     _check_zero_snr(schedule, prediction, int(model_ts[0]))
     num_steps = index.shape[0]
     xs = (

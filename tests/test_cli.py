@@ -33,9 +33,10 @@ def test_readme_example_runs():
     readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
-    # the fourth, loading diffusers weights, runs in test_convert.py (it needs a model folder)
-    assert len(blocks) == 5, (
-        "README.md should hold the math, sampling, DDIM inversion, diffusers and flow examples"
+    # the fifth, loading diffusers weights, runs in test_convert.py (it needs a model folder)
+    assert len(blocks) == 6, (
+        "README.md should hold the math, sampling, DDIM inversion, editing, diffusers and flow "
+        "examples"
     )
     import numpy as np
 
@@ -54,7 +55,12 @@ def test_readme_example_runs():
     jd, model_fn, schedule = namespace["jd"], namespace["model_fn"], namespace["schedule"]
     naive = jd.ddim_sample(model_fn, schedule, namespace["x_T"], num_steps=50, prediction="v")
     assert np.abs(np.asarray(naive) - images).max() > 0.01
-    exec(compile(blocks[4], "README.md", "exec"), namespace)  # flow matching, continues
+    exec(compile(blocks[3], "README.md", "exec"), namespace)  # editing, continues
+    filled, edited = np.asarray(namespace["filled"]), np.asarray(namespace["edited"])
+    np.testing.assert_array_equal(filled[:, :, :8], images[:, :, :8])  # the known half, as is
+    assert np.all(np.isfinite(filled)) and np.abs(filled[:, :, 8:] - images[:, :, 8:]).max() > 0.1
+    assert edited.shape == images.shape and np.all(np.isfinite(edited))
+    exec(compile(blocks[5], "README.md", "exec"), namespace)  # flow matching, continues
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["log_p"].shape == (8,) and np.all(np.isfinite(namespace["log_p"]))
     assert namespace["x0"].shape == (8, 16, 16, 1)
