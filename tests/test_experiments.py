@@ -19,6 +19,7 @@ from experiments import (
     distillation,
     flow_matching,
     guidance,
+    inpainting,
     parameterization,
     sampler_sweep,
     variance_loss,
@@ -102,6 +103,24 @@ def test_consistency(dirs):
         assert set(QUALITY) <= set(row)
     d = results["distillation"]
     assert d["grid"][0] == 0 and d["train_steps"] == 2 and d["loss_curve"][-1][0] == 2
+
+
+def test_inpainting(dirs):
+    results = _run(inpainting, dirs)
+    methods = ("intact", "hidden_as_background", "replacement", "repaint_r4")
+    rows = {(r["mask"], r["method"]): r for r in results["inpainting"]}
+    assert set(rows) == {("right_half", k) for k in methods}  # smoke: one mask
+    for (_, method), row in rows.items():
+        assert set(QUALITY) | {"class_accuracy", "mse_hidden"} <= set(row)
+        assert (row["mse_hidden"] == 0) == (method == "intact")
+    assert (
+        rows["right_half", "repaint_r4"]["model_calls"]
+        > rows["right_half", "replacement"]["model_calls"]
+        == results["sample_steps"]
+    )
+    assert [r["strength"] for r in results["sdedit"]] == [0.5, 1.0]  # smoke
+    t0 = [r["t0"] for r in results["sdedit"]]
+    assert t0 == sorted(t0) and t0[-1] == results["sample_steps"] - 1  # smoke: T = 50
 
 
 def test_sampler_sweep(dirs):
