@@ -1,6 +1,11 @@
-"""Flax (linen) denoising networks, NHWC: the UNet, a toy MLP, their building blocks and the
-flow-matching wrapper."""
+"""Flax (linen) denoising networks, NHWC: the UNet, a toy MLP, their building blocks, the
+flow-matching wrapper and the ControlNet."""
 
+from jax_diffusion.models.controlnet import (
+    ControlNet,
+    controlled_model_fn,
+    controlnet_params_from_unet,
+)
 from jax_diffusion.models.flow import FlowDenoiser
 from jax_diffusion.models.layers import (
     AttentionBlock,
@@ -18,6 +23,7 @@ from jax_diffusion.models.unet import UNet, make_conditional_model_fn, make_mode
 
 __all__ = [
     "AttentionBlock",
+    "ControlNet",
     "Downsample",
     "FlowDenoiser",
     "GroupNorm",
@@ -25,6 +31,8 @@ __all__ = [
     "ResBlock",
     "UNet",
     "Upsample",
+    "controlled_model_fn",
+    "controlnet_params_from_unet",
     "dot_product_attention",
     "drop_labels",
     "group_norm",

@@ -164,6 +164,8 @@ class UNet(nn.Module):
         y: jax.Array | None = None,
         *,
         train: bool = False,
+        skip_residuals: Sequence[jax.Array] | None = None,
+        mid_residual: jax.Array | None = None,
     ) -> jax.Array:
         """Predicts the network output (eps_hat, x0_hat or v_hat) for a batch.
 
@@ -174,6 +176,12 @@ class UNet(nn.Module):
           y: [B] int class labels in [0, num_classes] (num_classes = null label), required
             iff num_classes is set, else None.
           train: enables dropout (needs rngs={'dropout': key} in apply).
+          skip_residuals: optional, one array per encoder output (conv_in, every ResBlock,
+            every Downsample, in order) added to that skip connection before the decoder
+            concatenates it; with `mid_residual` (added to the middle block's output) these
+            are a `ControlNet`'s outputs (Zhang & Agrawala 2023, eq. 2; diffusers'
+            down_block_additional_residuals / mid_block_additional_residual).
+          mid_residual: optional [B, H / 2^L, W / 2^L, C_mid], see skip_residuals.
 
         Returns:
           [B, H, W, out_channels] float32.
@@ -181,101 +189,14 @@ class UNet(nn.Module):
         Raises:
           ValueError: on a bad field value or input shape (checked before any work).
         """
-        self._check_config()
-        x = jnp.asarray(x)
-        t = jnp.asarray(t)
-        y = None if y is None else jnp.asarray(y)
-        check_denoiser_inputs(x, t, y, self.num_classes, data_rank=4, data_desc="[B, H, W, C]")
-        factor = 2 ** (len(self.channel_mults) - 1)
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(
-                f"x height and width must be divisible by 2**(len(channel_mults)-1) = {factor}; "
-                f"got H={x.shape[1]}, W={x.shape[2]}"
-            )
-
-        sizes = sorted({x.shape[1] // 2**level for level in range(len(self.channel_mults))})
-        unused = sorted(set(self.attention_resolutions) - set(sizes))
-        if unused:
-            raise ValueError(
-                f"attention_resolutions must name feature-map sizes of this UNet, {sizes} for "
-                f"H={x.shape[1]} (or be empty: attention only in the middle block); got "
-                f"{tuple(self.attention_resolutions)}, with {unused} never reached"
-            )
-        ch = self.base_channels
-        last = len(self.channel_mults) - 1
-        attn_channels = {ch * self.channel_mults[-1]} | {
-            ch * m
-            for level, m in enumerate(self.channel_mults)
-            if x.shape[1] // 2**level in self.attention_resolutions
-        }
-        if self.num_head_channels is not None:
-            if any(c % self.num_head_channels for c in attn_channels):
-                raise ValueError(
-                    f"num_head_channels must divide the channel count of every attention layer "
-                    f"{sorted(attn_channels)}; got num_head_channels={self.num_head_channels}"
-                )
-        elif any(c % self.num_heads for c in attn_channels):
-            raise ValueError(
-                f"num_heads must divide the channel count of every attention layer "
-                f"{sorted(attn_channels)}; got num_heads={self.num_heads}"
-            )
-        out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
+        hs, h, res_block, attention = _encode(self, x, t, y, train)
+        if skip_residuals is not None:
+            hs = _add_residuals(hs, skip_residuals)
+        if mid_residual is not None:
+            (h,) = _add_residuals([h], [mid_residual], "mid_residual")
+        ch, eps = self.base_channels, self.norm_epsilon
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        eps = self.norm_epsilon
-        # ResBlock.__call__(self, x, emb, train): `train` (index 3, self = 0) selects dropout
-        # in Python, so it must be static under remat.
-        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
-
-        def res_block(h, out_ch, name):
-            block = res_cls(
-                out_channels=out_ch,
-                dropout=self.dropout,
-                use_scale_shift_norm=self.use_scale_shift_norm,
-                num_groups=self.num_groups,
-                epsilon=eps,
-                name=name,
-                **kw,
-            )
-            return block(h, emb, train)
-
-        def attention(h, name):
-            heads = self.num_heads
-            if self.num_head_channels is not None:
-                heads = h.shape[-1] // self.num_head_channels
-            block = attn_cls(
-                num_heads=heads, num_groups=self.num_groups, epsilon=eps, name=name, **kw
-            )
-            return block(h)
-
-        # Time (+ class) embedding, DDPM app. B / ADM.
-        emb = timestep_embedding(t, ch, freq_shift=self.time_freq_shift)
-        emb = nn.Dense(4 * ch, name="time_dense0", **kw)(emb)
-        emb = nn.Dense(4 * ch, name="time_dense1", **kw)(nn.silu(emb))
-        if self.num_classes is not None:
-            emb = emb + nn.Embed(self.num_classes + 1, 4 * ch, name="label_embed", **kw)(y)
-
-        # Encoder: every block output is kept for the decoder's skip concatenation.
-        h = nn.Conv(ch, (3, 3), padding=1, name="conv_in", **kw)(x.astype(self.dtype))
-        hs = [h]
-        for level, mult in enumerate(self.channel_mults):
-            for i in range(self.num_res_blocks):
-                h = res_block(h, ch * mult, f"down_{level}_res_{i}")
-                if h.shape[1] in self.attention_resolutions:
-                    h = attention(h, f"down_{level}_attn_{i}")
-                hs.append(h)
-            if level != last:
-                h = Downsample(
-                    h.shape[-1],
-                    padding=self.downsample_padding,
-                    name=f"down_{level}_downsample",
-                    **kw,
-                )(h)
-                hs.append(h)
-
-        h = res_block(h, h.shape[-1], "mid_res_0")
-        h = attention(h, "mid_attn")
-        h = res_block(h, h.shape[-1], "mid_res_1")
+        out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
 
         # Decoder: num_res_blocks + 1 blocks per level, each consuming one skip.
         for level, mult in reversed(list(enumerate(self.channel_mults))):
@@ -297,6 +218,126 @@ class UNet(nn.Module):
             **kw,
         )(h)
         return h.astype(jnp.float32)
+
+
+def _add_residuals(hs: list, residuals, name: str = "skip_residuals") -> list:
+    """hs[i] + residuals[i], each residual checked against its skip's shape."""
+    residuals = list(residuals)
+    if len(residuals) != len(hs):
+        raise ValueError(
+            f"{name} must hold one array per encoder output ({len(hs)} for this UNet); got "
+            f"{len(residuals)}"
+        )
+    out = []
+    for i, (h, r) in enumerate(zip(hs, residuals, strict=True)):
+        if jnp.shape(r) != h.shape:
+            raise ValueError(f"{name}[{i}] must have shape {h.shape}; got {jnp.shape(r)}")
+        out.append(h + jnp.asarray(r).astype(h.dtype))
+    return out
+
+
+def _encode(m: UNet, x, t, y, train: bool, hint: Callable | None = None):
+    """The checks, embedding, encoder and middle block of UNet `m` (shared by `ControlNet`).
+
+    Called inside `m`'s compact __call__, so the submodules it creates are m's, named as in
+    the UNet. hint: optional h -> h + features(condition), applied to conv_in's output.
+
+    Returns:
+      (hs, h, res_block, attention): the encoder's outputs in order (the skips), the middle
+      block's output, and the block factories (for the decoder) closed over the embedding.
+    """
+    m._check_config()
+    x = jnp.asarray(x)
+    t = jnp.asarray(t)
+    y = None if y is None else jnp.asarray(y)
+    check_denoiser_inputs(x, t, y, m.num_classes, data_rank=4, data_desc="[B, H, W, C]")
+    factor = 2 ** (len(m.channel_mults) - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+        raise ValueError(
+            f"x height and width must be divisible by 2**(len(channel_mults)-1) = {factor}; "
+            f"got H={x.shape[1]}, W={x.shape[2]}"
+        )
+
+    sizes = sorted({x.shape[1] // 2**level for level in range(len(m.channel_mults))})
+    unused = sorted(set(m.attention_resolutions) - set(sizes))
+    if unused:
+        raise ValueError(
+            f"attention_resolutions must name feature-map sizes of this UNet, {sizes} for "
+            f"H={x.shape[1]} (or be empty: attention only in the middle block); got "
+            f"{tuple(m.attention_resolutions)}, with {unused} never reached"
+        )
+    ch = m.base_channels
+    last = len(m.channel_mults) - 1
+    attn_channels = {ch * m.channel_mults[-1]} | {
+        ch * mult
+        for level, mult in enumerate(m.channel_mults)
+        if x.shape[1] // 2**level in m.attention_resolutions
+    }
+    if m.num_head_channels is not None:
+        if any(c % m.num_head_channels for c in attn_channels):
+            raise ValueError(
+                f"num_head_channels must divide the channel count of every attention layer "
+                f"{sorted(attn_channels)}; got num_head_channels={m.num_head_channels}"
+            )
+    elif any(c % m.num_heads for c in attn_channels):
+        raise ValueError(
+            f"num_heads must divide the channel count of every attention layer "
+            f"{sorted(attn_channels)}; got num_heads={m.num_heads}"
+        )
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype)
+    eps = m.norm_epsilon
+    # ResBlock.__call__(self, x, emb, train): `train` (index 3, self = 0) selects dropout
+    # in Python, so it must be static under remat.
+    res_cls = nn.remat(ResBlock, static_argnums=(3,)) if m.remat else ResBlock
+    attn_cls = nn.remat(AttentionBlock) if m.remat else AttentionBlock
+
+    def res_block(h, out_ch, name):
+        block = res_cls(
+            out_channels=out_ch,
+            dropout=m.dropout,
+            use_scale_shift_norm=m.use_scale_shift_norm,
+            num_groups=m.num_groups,
+            epsilon=eps,
+            name=name,
+            **kw,
+        )
+        return block(h, emb, train)
+
+    def attention(h, name):
+        heads = m.num_heads
+        if m.num_head_channels is not None:
+            heads = h.shape[-1] // m.num_head_channels
+        block = attn_cls(num_heads=heads, num_groups=m.num_groups, epsilon=eps, name=name, **kw)
+        return block(h)
+
+    # Time (+ class) embedding, DDPM app. B / ADM.
+    emb = timestep_embedding(t, ch, freq_shift=m.time_freq_shift)
+    emb = nn.Dense(4 * ch, name="time_dense0", **kw)(emb)
+    emb = nn.Dense(4 * ch, name="time_dense1", **kw)(nn.silu(emb))
+    if m.num_classes is not None:
+        emb = emb + nn.Embed(m.num_classes + 1, 4 * ch, name="label_embed", **kw)(y)
+
+    # Encoder: every block output is kept for the decoder's skip concatenation.
+    h = nn.Conv(ch, (3, 3), padding=1, name="conv_in", **kw)(x.astype(m.dtype))
+    if hint is not None:
+        h = hint(h)
+    hs = [h]
+    for level, mult in enumerate(m.channel_mults):
+        for i in range(m.num_res_blocks):
+            h = res_block(h, ch * mult, f"down_{level}_res_{i}")
+            if h.shape[1] in m.attention_resolutions:
+                h = attention(h, f"down_{level}_attn_{i}")
+            hs.append(h)
+        if level != last:
+            h = Downsample(
+                h.shape[-1], padding=m.downsample_padding, name=f"down_{level}_downsample", **kw
+            )(h)
+            hs.append(h)
+
+    h = res_block(h, h.shape[-1], "mid_res_0")
+    h = attention(h, "mid_attn")
+    h = res_block(h, h.shape[-1], "mid_res_1")
+    return hs, h, res_block, attention
 
 
 def _as_tuple(value) -> tuple | None:
