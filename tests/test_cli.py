@@ -33,10 +33,10 @@ def test_readme_example_runs():
     readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
-    # the fifth, loading diffusers weights, runs in test_convert.py (it needs a model folder)
-    assert len(blocks) == 6, (
-        "README.md should hold the math, sampling, DDIM inversion, editing, diffusers and flow "
-        "examples"
+    # the sixth, loading diffusers weights, runs in test_convert.py (it needs a model folder)
+    assert len(blocks) == 7, (
+        "README.md should hold the math, sampling, DDIM inversion, editing, ControlNet, "
+        "diffusers and flow examples"
     )
     import numpy as np
 
@@ -60,7 +60,13 @@ def test_readme_example_runs():
     np.testing.assert_array_equal(filled[:, :, :8], images[:, :, :8])  # the known half, as is
     assert np.all(np.isfinite(filled)) and np.abs(filled[:, :, 8:] - images[:, :, 8:]).max() > 0.1
     assert edited.shape == images.shape and np.all(np.isfinite(edited))
-    exec(compile(blocks[5], "README.md", "exec"), namespace)  # flow matching, continues
+    exec(compile(blocks[4], "README.md", "exec"), namespace)  # ControlNet, continues
+    # the stand-in UNet is untrained: its zero-initialised conv_out makes these gradients 0
+    grads, control_params = namespace["grads"], namespace["control_params"]
+    assert jax.tree.structure(grads) == jax.tree.structure(control_params)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    assert namespace["x0"].shape == (4, 8, 8, 1) and np.all(np.isfinite(namespace["x0"]))
+    exec(compile(blocks[6], "README.md", "exec"), namespace)  # flow matching, continues
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["log_p"].shape == (8,) and np.all(np.isfinite(namespace["log_p"]))
     assert namespace["x0"].shape == (8, 16, 16, 1)

@@ -40,7 +40,8 @@ NUM_SKIPS = 1 + 2 * 1 + 1  # conv_in, one ResBlock per level, one Downsample
 @pytest.fixture(scope="module")
 def nets():
     unet = UNet(**TINY)
-    control = ControlNet(**TINY, hint_channels=(4,))
+    control = ControlNet.from_unet(unet, hint_channels=(4,))
+    assert control == ControlNet(**TINY, hint_channels=(4,))
     x = jax.random.normal(jax.random.key(0), (B, H, H, C))
     t = jnp.array([3, 70], jnp.int32)
     cond = jax.random.uniform(jax.random.key(1), (B, H, H, 2), minval=-1, maxval=1)
@@ -122,6 +123,16 @@ def test_params_from_unet_copy_the_shared_weights_and_keep_the_new_ones(nets):
     )
     np.testing.assert_allclose(hinted[0], got["conv_in"] + features, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(hinted[1] - skips[1]).max()) > 1e-3
+
+
+def test_from_unet_copies_every_field():
+    unet = UNet(**TINY, num_classes=3, remat=True, dtype=jnp.bfloat16, dropout=0.1)
+    control = ControlNet.from_unet(unet, hint_channels=(2, 2))
+    assert control.hint_channels == (2, 2)
+    for name in (*TINY, "num_classes", "remat", "dtype", "dropout"):
+        assert getattr(control, name) == getattr(unet, name)
+    with pytest.raises(ValueError, match="unet must be a UNet"):
+        ControlNet.from_unet(control)
 
 
 def test_params_from_unet_refuses_another_architecture(nets):

@@ -16,6 +16,7 @@ from experiments import (
     classifier_guidance,
     common,
     consistency,
+    controlnet,
     distillation,
     flow_matching,
     guidance,
@@ -103,6 +104,16 @@ def test_consistency(dirs):
         assert set(QUALITY) <= set(row)
     d = results["distillation"]
     assert d["grid"][0] == 0 and d["train_steps"] == 2 and d["loss_curve"][-1][0] == 2
+
+
+def test_controlnet(dirs):
+    results = _run(controlnet, dirs)
+    rows = {(r["method"], r.get("strength", r.get("scale"))) for r in results["rows"]}
+    assert rows == {("unconditional", None), ("sdedit", 0.8), ("controlnet", 1.0)}  # smoke
+    for row in results["rows"]:
+        assert set(QUALITY) | {"class_accuracy", "l2_layout"} <= set(row)
+    t = results["training"]
+    assert t["train_steps"] == 2 and t["loss_curve"][-1][0] == 2
 
 
 def test_inpainting(dirs):

@@ -14,15 +14,18 @@ frozen UNet (paper eq. 2; diffusers' ControlNetModel):
 At initialisation every zero convolution outputs 0, so the controlled model is exactly the
 frozen UNet, and training starts from it; `controlnet_params_from_unet` copies the UNet's
 weights into the copy (the paper's initialisation). Only the ControlNet's params are trained:
-the UNet's params are closed over, not differentiated (`controlled_model_fn`).
+the UNet's params are closed over, not differentiated (`controlled_model_fn`). The UNet must be
+a trained one: fresh from `init` its zero-initialised conv_out outputs 0 whatever the residuals,
+and the ControlNet would get no gradient.
 
-`ControlNet` subclasses `UNet`, so it takes the same fields (set them equal to the UNet's, e.g.
-`ControlNet(**unet_fields, hint_channels=(16, 32))`), and creates its copy with the UNet's own
-code and parameter names.
+`ControlNet` subclasses `UNet`, so it takes the same fields (`ControlNet.from_unet(unet,
+hint_channels=(16, 32))` copies them), and creates its copy with the UNet's own code and
+parameter names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +54,19 @@ class ControlNet(UNet):
     """
 
     hint_channels: Sequence[int] = (16, 32)
+
+    @classmethod
+    def from_unet(cls, unet: UNet, **fields) -> ControlNet:
+        """A ControlNet with every field of `unet` (remat and dtypes included), plus `fields`
+        (e.g. hint_channels)."""
+        if not isinstance(unet, UNet) or isinstance(unet, ControlNet):
+            raise ValueError(f"unet must be a UNet; got {type(unet).__name__}")
+        shared = {
+            f.name: getattr(unet, f.name)
+            for f in dataclasses.fields(UNet)
+            if f.init and f.name not in ("parent", "name")
+        }
+        return cls(**shared, **fields)
 
     @nn.compact
     def __call__(
