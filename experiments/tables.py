@@ -180,6 +180,43 @@ def consistency(r: dict) -> str:
     )
 
 
+def inpainting(r: dict) -> str:
+    keys = ("class_accuracy", "mse_hidden", "fd_train", "precision", "recall")
+    rows = [
+        [row["mask"], row["method"], row.get("model_calls", "")] + [row[k] for k in keys]
+        for row in r["inpainting"]
+    ]
+    head = ["hidden", "method", "model calls", "accuracy", "MSE (hidden half)", "fd_train"]
+    out = [_table(head + ["precision", "recall"], rows)]
+    skeys = ("l2_to_guide", "class_accuracy", "fd_train", "precision", "recall")
+    g = r["sdedit_guides"]
+    srows = [["guide itself", ""] + [g[k] for k in skeys]]
+    srows += [[row["strength"], row["t0"]] + [row[k] for k in skeys] for row in r["sdedit"]]
+    head = ["SDEdit strength", "t0", "RMS to guide", "accuracy", "fd_train", "precision"]
+    out.append(_table(head + ["recall"], srows))
+    return "\n\n".join(out)
+
+
+def controlnet(r: dict) -> str:
+    keys = ("l2_layout", "class_accuracy", "fd_train", "precision", "recall")
+
+    def label(row):
+        for k in ("strength", "scale"):
+            if k in row:
+                return f"{row['method']}, {k} {row[k]:g}"
+        return row["method"]
+
+    rows = [["guides themselves"] + [r["guides"][k] for k in keys]]
+    rows += [[label(row)] + [row[k] for k in keys] for row in r["rows"]]
+    head = ["method", "RMS to guide (pixelated)", "accuracy", "fd_train", "precision", "recall"]
+    t = r["training"]
+    return (
+        _table(head, rows)
+        + f"\n\nControlNet: {t['train_steps']} steps, {t['train_seconds']:.0f} s, final loss "
+        + f"{t['final_loss']:.3g}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -193,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         ("classifier_guidance", classifier_guidance),
         ("flow_matching", flow_matching),
         ("consistency", consistency),
+        ("inpainting", inpainting),
+        ("controlnet", controlnet),
     ):
         r = _load(args.out, name)
         if r is None:

@@ -840,3 +840,59 @@ def test_classifier_guidance_table():
         "| accuracy | 0.8 | 0.352 |",
         "| log p(y) | -0.211 | -1.84 |",
     ]
+
+
+def test_inpainting_table():
+    quality = dict(fd_train=15.79, precision=0.7811, recall=0.8722)
+    r = {
+        "inpainting": [
+            dict(
+                mask="right_half", method="intact", class_accuracy=0.96, mse_hidden=0.0, **quality
+            ),
+            dict(
+                mask="right_half",
+                method="repaint_r4",
+                model_calls=370,
+                class_accuracy=0.6303,
+                mse_hidden=0.37961,
+                **quality,
+            ),
+        ],
+        "sdedit_guides": dict(l2_to_guide=0.0, class_accuracy=0.35, **quality),
+        "sdedit": [dict(strength=0.2, t0=199, l2_to_guide=0.3712, class_accuracy=0.293, **quality)],
+    }
+    head = "| hidden | method | model calls | accuracy | MSE (hidden half) | fd_train | precision "
+    assert tables.inpainting(r).splitlines() == [
+        head + "| recall |",
+        _sep(8),
+        "| right_half | intact |  | 0.96 | 0 | 15.8 | 0.781 | 0.872 |",
+        "| right_half | repaint_r4 | 370 | 0.63 | 0.38 | 15.8 | 0.781 | 0.872 |",
+        "",
+        "| SDEdit strength | t0 | RMS to guide | accuracy | fd_train | precision | recall |",
+        _sep(7),
+        "| guide itself |  | 0 | 0.35 | 15.8 | 0.781 | 0.872 |",
+        "| 0.2 | 199 | 0.371 | 0.293 | 15.8 | 0.781 | 0.872 |",
+    ]
+
+
+def test_controlnet_table():
+    quality = dict(class_accuracy=0.5, fd_train=9.234, precision=0.7, recall=0.81)
+    r = {
+        "guides": dict(l2_layout=0.0, **quality),
+        "rows": [
+            dict(method="unconditional", l2_layout=0.5021, **quality),
+            dict(method="sdedit", strength=0.8, l2_layout=0.3561, **quality),
+            dict(method="controlnet", scale=1.0, l2_layout=0.1234, **quality),
+        ],
+        "training": dict(train_steps=1500, train_seconds=412.4, final_loss=0.21234),
+    }
+    assert tables.controlnet(r).splitlines() == [
+        "| method | RMS to guide (pixelated) | accuracy | fd_train | precision | recall |",
+        _sep(6),
+        "| guides themselves | 0 | 0.5 | 9.23 | 0.7 | 0.81 |",
+        "| unconditional | 0.502 | 0.5 | 9.23 | 0.7 | 0.81 |",
+        "| sdedit, strength 0.8 | 0.356 | 0.5 | 9.23 | 0.7 | 0.81 |",
+        "| controlnet, scale 1 | 0.123 | 0.5 | 9.23 | 0.7 | 0.81 |",
+        "",
+        "ControlNet: 1500 steps, 412 s, final loss 0.212",
+    ]
