@@ -45,14 +45,14 @@ def nets():
     x = jax.random.normal(jax.random.key(0), (B, H, H, C))
     t = jnp.array([3, 70], jnp.int32)
     cond = jax.random.uniform(jax.random.key(1), (B, H, H, 2), minval=-1, maxval=1)
-    unet_params = unet.init(jax.random.key(2), x, t)["params"]
+    unet_params = jax.jit(unet.init)(jax.random.key(2), x, t)["params"]
     # a UNet that is not at its own init: conv_out is zero-initialised, so perturb every leaf
     leaves, tree = jax.tree.flatten(unet_params)
     keys = jax.random.split(jax.random.key(3), len(leaves))
     unet_params = jax.tree.unflatten(
         tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
     )
-    control_params = control.init(jax.random.key(4), x, t, cond)["params"]
+    control_params = jax.jit(control.init)(jax.random.key(4), x, t, cond)["params"]
     return unet, unet_params, control, control_params, x, t, cond
 
 
@@ -138,13 +138,13 @@ def test_from_unet_copies_every_field():
 def test_params_from_unet_refuses_another_architecture(nets):
     _, _, _, control_params, x, t, _ = nets
     other = UNet(**{**TINY, "base_channels": 12, "num_groups": 4})
-    other_params = other.init(jax.random.key(0), x, t)["params"]
+    other_params = jax.eval_shape(other.init, jax.random.key(0), x, t)["params"]  # shapes only
     with pytest.raises(ValueError, match="build the ControlNet with the UNet's fields"):
         controlnet_params_from_unet(control_params, other_params)
     with pytest.raises(ValueError, match="has no 'label_embed'"):
         cond_net = ControlNet(**TINY, num_classes=3)
-        p = cond_net.init(jax.random.key(0), x, t, x, jnp.zeros(B, jnp.int32))["params"]
-        controlnet_params_from_unet(p, nets[1])
+        p = jax.eval_shape(cond_net.init, jax.random.key(0), x, t, x, jnp.zeros(B, jnp.int32))
+        controlnet_params_from_unet(p["params"], nets[1])
 
 
 def _intercept(unet, params, x, t, **kw):
@@ -227,13 +227,14 @@ def test_only_the_controlnet_trains_and_it_changes_the_output(nets):
         fn = controlled_model_fn(unet, unet_params, control, params, cond)
         return jnp.mean((fn(x, t) - target) ** 2)
 
-    g_unet, g_control = jax.grad(loss, argnums=(0, 1))(unet_params, params)
+    g_unet, g_control = jax.jit(jax.grad(loss, argnums=(0, 1)))(unet_params, params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_unet))
     # zero convs get gradients at once (their inputs are not zero); the hint's first layers
     # only after the zero convs have moved (the paper's section 3.1 argument)
     assert float(jnp.abs(g_control["mid_zero_conv"]["kernel"]).max()) > 0
     assert all(float(jnp.abs(g_control[f"zero_conv_{i}"]["kernel"]).max()) > 0 for i in range(4))
     stepped = jax.tree.map(lambda p, g: p - 1.0 * g, params, g_control)
+    loss = jax.jit(loss)
     assert float(loss(unet_params, stepped)) < float(loss(unet_params, params))
     fn = controlled_model_fn(unet, unet_params, control, stepped, cond, scale=0.0)
     np.testing.assert_array_equal(fn(x, t), unet.apply({"params": unet_params}, x, t))

@@ -151,24 +151,24 @@ def controlnet_params_from_unet(control_params: Any, unet_params: Any) -> Any:
       ValueError: a shared parameter missing from the UNet or of another shape (the two
         modules' fields differ).
     """
-    out = {}
-    for name, sub in control_params.items():
-        if name.startswith(_OWN):
-            out[name] = sub
-            continue
+    shared = [name for name in control_params if not name.startswith(_OWN)]
+    for name in shared:  # every check before any copy
         if name not in unet_params:
             raise ValueError(
                 f"unet_params has no {name!r}: build the ControlNet with the UNet's fields"
             )
-        want = jax.tree.map(jnp.shape, sub)
+        want = jax.tree.map(jnp.shape, control_params[name])
         got = jax.tree.map(jnp.shape, unet_params[name])
         if want != got:
             raise ValueError(
                 f"unet_params[{name!r}] has shapes {got}, the ControlNet's {want}: build the "
                 "ControlNet with the UNet's fields"
             )
-        out[name] = jax.tree.map(jnp.array, unet_params[name])  # a copy, trained apart
-    return out
+    return {
+        # copies of the UNet's arrays: the ControlNet's are trained apart
+        name: jax.tree.map(jnp.array, unet_params[name]) if name in shared else sub
+        for name, sub in control_params.items()
+    }
 
 
 def controlled_model_fn(
