@@ -11,7 +11,7 @@ digits' guides, from the same x_T: the controlled model (DDIM, 50 trailing steps
 0.5 and 1) against SDEdit from the guide itself (strength 0.6 and 0.8, the same sampler) and the
 unconditional model. Measured: faithfulness (`l2_layout`, the RMS difference between the sample
 pixelated the same way and the guide; the class_accuracy of the guide's digit label) and realism
-(fd_train, precision, recall).
+(fd_test, the distance to the test digits the guides come from; fd_train; precision, recall).
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def plot(results: dict, shown: dict, path: str) -> None:
             [r["l2_layout"] for r in rows], [r["fd_train"] for r in rows], marker, label=method
         )
     ax2.set_xlabel("RMS to the guide after pixelation (lower = more faithful)")
-    ax2.set_ylabel("fd_train (lower = more realistic)")
+    ax2.set_ylabel("fd_test (to the digits the guides come from)")
     ax2.set_yscale("log")
     ax2.legend(fontsize=8)
     ax3 = fig.add_subplot(grid[len(shown) :, 1])

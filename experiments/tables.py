@@ -198,7 +198,7 @@ def inpainting(r: dict) -> str:
 
 
 def controlnet(r: dict) -> str:
-    keys = ("l2_layout", "class_accuracy", "fd_train", "precision", "recall")
+    keys = ("l2_layout", "class_accuracy", "fd_test", "fd_train", "precision", "recall")
 
     def label(row):
         for k in ("strength", "scale"):
@@ -208,7 +208,8 @@ def controlnet(r: dict) -> str:
 
     rows = [["guides themselves"] + [r["guides"][k] for k in keys]]
     rows += [[label(row)] + [row[k] for k in keys] for row in r["rows"]]
-    head = ["method", "RMS to guide (pixelated)", "accuracy", "fd_train", "precision", "recall"]
+    head = ["method", "RMS to guide (pixelated)", "accuracy", "fd_test", "fd_train", "precision"]
+    head.append("recall")
     t = r["training"]
     return (
         _table(head, rows)
