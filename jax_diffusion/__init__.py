@@ -8,6 +8,7 @@ from jax_diffusion.consistency import (
     consistency_distillation_loss,
     consistency_function,
     consistency_sample,
+    consistency_training_loss,
 )
 from jax_diffusion.diffusion import (
     PMeanVariance,

@@ -4,7 +4,8 @@ Song, Dhariwal, Chen & Sutskever 2023, "Consistency Models" (seed 004 section 7,
 Distillation / Consistency Models"): a consistency function f(x_t, t) returns the start of the
 probability-flow ODE trajectory through x_t, so one network call samples, and a few calls with
 re-noising in between refine (Algorithm 1). Consistency distillation (Algorithm 2) trains f
-from a diffusion teacher by making f agree on adjacent points of the teacher's ODE.
+from a diffusion teacher by making f agree on adjacent points of the teacher's ODE; consistency
+training (Algorithm 3) needs no teacher: the adjacent point shares x_t's data and noise.
 
 Discrete time, as the rest of the library (t in [0, T - 1]). In the coordinates of Karras et
 al. 2022, x_t / alpha_t = x0 + s_t eps with s_t = sigma_t / alpha_t, and the trajectory's
@@ -56,6 +57,7 @@ __all__ = [
     "DISTANCES",
     "consistency_distillation_loss",
     "consistency_function",
+    "consistency_training_loss",
     "consistency_sample",
 ]
 
@@ -191,8 +193,72 @@ def consistency_distillation_loss(
     ):
         if not callable(fn):
             raise ValueError(f"{name} must be a callable {name}(x, t); got {fn!r}")
-    check_schedule(schedule)
     check_prediction(teacher_prediction)
+
+    def teacher_step(x_next, t_next, t, x0, noise):
+        step = ddim_step(teacher_fn, schedule, x_next, t_next, t, prediction=teacher_prediction)
+        return step.x_prev
+
+    return _consistency_loss(
+        student_fn, target_fn, teacher_step, schedule, x0, rng, timesteps, distance, huber_c, draws
+    )
+
+
+def consistency_training_loss(
+    student_fn: ModelFn,
+    target_fn: ModelFn,
+    schedule: Schedule,
+    x0,
+    rng,
+    *,
+    timesteps,
+    distance: str = "l2",
+    huber_c: float | None = None,
+    draws: tuple[jax.Array, jax.Array] | None = None,
+):
+    """Consistency training, without a teacher (Song et al. 2023, Algorithm 3) on `timesteps`.
+
+    As `consistency_distillation_loss`, with the teacher's ODE step replaced by the same noise at
+    the adjacent point: x_n = q_sample(x0, t_n, eps) beside x_{n+1} = q_sample(x0, t_{n+1}, eps)
+    (the paper's x + t_n z, in the VP coordinates of the schedule). This is the DDIM step whose
+    denoiser knows x0, the one-sample estimate of the score that the paper's Theorem 2 uses: for
+    an l2 distance its gradient equals the distillation loss's with an exact teacher in
+    expectation, up to O(step size). The paper's schedule of N (growing during training) and the
+    improved recipe (Song & Dhariwal 2023: pseudo-Huber, lognormal step sampling) are left to
+    the training loop: pass the grid of the current N.
+
+    Args:
+      student_fn, target_fn: consistency functions f(x [B, ...], t int32 [B]) -> [B, ...] (the
+        network with params theta and, for the target, theta^- = stop_gradient(theta) in the
+        improved recipe or an EMA of theta in the original).
+      schedule: the noise schedule.
+      x0: [B, ...] clean data.
+      rng: PRNG key (ignored when `draws` is given).
+      timesteps: the grid, N >= 2 distinct concrete ints in [0, T - 1] (any order); include
+        step 0.
+      distance, huber_c, draws: as `consistency_distillation_loss`.
+
+    Returns:
+      (loss, metrics) as `consistency_distillation_loss`.
+    """
+    for name, fn in (("student_fn", student_fn), ("target_fn", target_fn)):
+        if not callable(fn):
+            raise ValueError(f"{name} must be a callable {name}(x, t); got {fn!r}")
+
+    def same_noise(x_next, t_next, t, x0, noise):
+        return q_sample(schedule, x0=x0, t=t, noise=noise)
+
+    return _consistency_loss(
+        student_fn, target_fn, same_noise, schedule, x0, rng, timesteps, distance, huber_c, draws
+    )
+
+
+def _consistency_loss(
+    student_fn, target_fn, step_back, schedule, x0, rng, timesteps, distance, huber_c, draws
+):
+    """The loss of Algorithms 2 and 3: d(student(x_{n+1}, t_{n+1}), target(x_n, t_n)) with
+    x_n = step_back(x_{n+1}, t_{n+1}, t_n, x0, eps) under stop_gradient."""
+    check_schedule(schedule)
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of 'l2', 'pseudo_huber'; got {distance!r}")
     if huber_c is not None:
@@ -213,8 +279,8 @@ def consistency_distillation_loss(
     grid = jnp.asarray(grid)
     t_next, t = grid[n + 1], grid[n]
     x_next = q_sample(schedule, x0=x0, t=t_next, noise=noise)
-    x_hat = ddim_step(teacher_fn, schedule, x_next, t_next, t, prediction=teacher_prediction)
-    target = jax.lax.stop_gradient(target_fn(x_hat.x_prev, t))
+    x_n = step_back(x_next, t_next, t, x0, noise)
+    target = jax.lax.stop_gradient(target_fn(x_n, t))
     dtype = jnp.promote_types(jnp.result_type(x0), jnp.float32)
     out = student_fn(x_next, t_next).astype(dtype)
     per_example = _distance(out, target.astype(dtype), distance, huber_c)

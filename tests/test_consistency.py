@@ -16,6 +16,7 @@ from jax_diffusion.consistency import (
     consistency_distillation_loss,
     consistency_function,
     consistency_sample,
+    consistency_training_loss,
 )
 from jax_diffusion.schedules import Schedule, cosine_betas, linear_betas, rescale_zero_terminal_snr
 from jax_diffusion.testing import gaussian_denoiser
@@ -208,6 +209,93 @@ def test_distillation_loss_trains_a_network_under_jit_and_grad():
     assert g_target == 0  # the target network gets no gradient (stop_gradient, theta^-)
 
 
+def test_training_loss_matches_a_float64_transcription_of_algorithm_3(x64):
+    schedule = _schedule(jnp.float64)
+    grid = np.array([0, 5, 40, 200, 600, 999])
+    x0 = M + S * _normal(1, (6, 3), jnp.float64)
+    n = np.array([0, 1, 2, 3, 4, 2])
+    noise = _normal(2, (6, 3), jnp.float64)
+    student = consistency_function(lambda x, t: jnp.tanh(x) + t[:, None] / 1000.0, schedule)
+    target = consistency_function(lambda x, t: jnp.tanh(0.7 * x), schedule)
+    loss, metrics = consistency_training_loss(
+        student, target, schedule, x0, None, timesteps=grid[::-1], draws=(jnp.asarray(n), noise)
+    )
+    # Algorithm 3 in VP form: x_{n+1} and x_n share x0 and z
+    x0n, z = np.asarray(x0), np.asarray(noise)
+    a = np.sqrt(ABAR)[:, None]
+    s = np.sqrt(1.0 - ABAR)[:, None]
+    t_next, t = grid[n + 1], grid[n]
+    x_next = a[t_next] * x0n + s[t_next] * z
+    x_n = a[t] * x0n + s[t] * z
+    out = np.asarray(student(jnp.asarray(x_next), jnp.asarray(t_next)))
+    tgt = np.asarray(target(jnp.asarray(x_n), jnp.asarray(t)))
+    ref = np.mean((out - tgt) ** 2, axis=1)
+    np.testing.assert_allclose(metrics["per_example_loss"], ref, rtol=1e-10)
+    np.testing.assert_allclose(loss, ref.mean(), rtol=1e-10)
+    np.testing.assert_array_equal(metrics["t"], t_next)
+
+
+def test_training_loss_is_distillation_with_an_exact_teacher_plus_its_variance(x64):
+    # Gaussian data, f* linear: E[f*(x_n) | x_{n+1}] = f*(E[x_n | x_{n+1}]) and E[x_n | x_{n+1}]
+    # is the DDIM step of the exact denoiser. So (Song et al. 2023, Theorem 2, here exact) the
+    # training loss's gradient is the distillation loss's in expectation, and the losses differ
+    # by E[k_n^2 Var(x_n | x_{n+1})], k_n the slope of f* at t_n.
+    schedule = _schedule(jnp.float64)
+    grid = np.linspace(0, 900, 10).round().astype(int)
+    batch = 200_000
+    x0 = M + S * _normal(3, (batch, 1), jnp.float64)
+    n = jax.random.randint(jax.random.key(4), (batch,), 0, grid.size - 1)
+    noise = _normal(5, (batch, 1), jnp.float64)
+    f = _exact_f()
+    teacher = gaussian_denoiser(schedule, M, S, "x0")
+
+    def losses(theta):
+        student = lambda x, t: f(x, t) + theta * x  # noqa: E731
+        kw = dict(timesteps=grid, draws=(n, noise))
+        ct, m_ct = consistency_training_loss(student, f, schedule, x0, None, **kw)
+        cd, m_cd = consistency_distillation_loss(
+            student, f, teacher, schedule, x0, None, teacher_prediction="x0", **kw
+        )
+        return ct, cd, m_ct["per_example_loss"], m_cd["per_example_loss"]
+
+    ct, cd, per_ct, per_cd = losses(0.0)
+    abar_n, abar_next = ABAR[grid[np.asarray(n)]], ABAR[grid[np.asarray(n) + 1]]
+    a_n, a_next = np.sqrt(abar_n), np.sqrt(abar_next)
+    s_n, s_next = np.sqrt(1 - abar_n), np.sqrt(1 - abar_next)
+    cov = a_n * a_next * S**2 + s_n * s_next
+    cond_var = a_n**2 * S**2 + s_n**2 - cov**2 / (a_next**2 * S**2 + s_next**2)
+    v0 = ABAR[0]
+    slope = np.sqrt(v0 * S**2 + 1 - v0) / np.sqrt(v0) / np.sqrt(abar_n * S**2 + 1 - abar_n)
+    predicted = slope**2 * cond_var
+    gap = np.asarray(per_ct) - np.asarray(per_cd)
+    se = gap.std() / np.sqrt(batch)
+    assert float(cd) < 0.05 * float(ct)  # f* is nearly consistent along the DDIM steps
+    assert abs(gap.mean() - predicted.mean()) < 4 * se, (gap.mean(), predicted.mean(), se)
+    # the gradients with respect to theta agree in expectation
+    g_ct = jax.grad(lambda th: losses(th)[0])(0.0)
+    g_cd = jax.grad(lambda th: losses(th)[1])(0.0)
+    x_next = np.asarray(jnp.sqrt(jnp.asarray(abar_next))[:, None] * x0 + s_next[:, None] * noise)
+    # per-example d/dtheta difference: 2 x_{n+1} (T_cd - T_ct); its spread bounds the MC error
+    spread = 2 * np.abs(x_next[:, 0]) * np.sqrt(predicted)
+    se_g = spread.std() / np.sqrt(batch) + np.sqrt(np.mean(spread**2) / batch)
+    assert abs(float(g_cd)) > 10 * se_g
+    assert abs(float(g_ct) - float(g_cd)) < 4 * se_g, (g_ct, g_cd, se_g)
+
+
+def test_training_loss_of_the_exact_function_falls_with_the_step(x64):
+    # unlike distillation (~16x per halving), the one-sample target adds a variance O(h^2): ~4x
+    schedule = _schedule(jnp.float64)
+    x0 = M + S * _normal(3, (4096, 2), jnp.float64)
+    f = _exact_f()
+    losses = []
+    for num in (11, 21, 41):
+        grid = np.linspace(0, 800, num).round().astype(int)
+        loss, _ = consistency_training_loss(f, f, schedule, x0, jax.random.key(4), timesteps=grid)
+        losses.append(float(loss))
+    ratios = np.array(losses[:-1]) / np.array(losses[1:])
+    assert np.all((ratios > 3) & (ratios < 5.5)), (losses, ratios)
+
+
 _F = consistency_function(lambda x, t: x, Schedule.from_betas(linear_betas(10)))
 _S = Schedule.from_betas(linear_betas(10))
 _X = jnp.zeros((2, 3))
@@ -256,6 +344,20 @@ _X = jnp.zeros((2, 3))
         (
             lambda: consistency_distillation_loss(_F, None, _F, _S, _X, None, timesteps=[0, 5]),
             "target_fn",
+        ),
+        (
+            lambda: consistency_training_loss(_F, None, _S, _X, None, timesteps=[0, 5]),
+            "target_fn must be a callable",
+        ),
+        (
+            lambda: consistency_training_loss(_F, _F, _S, _X, None, timesteps=[0, 5]),
+            "rng",
+        ),
+        (
+            lambda: consistency_training_loss(
+                _F, _F, _S, _X, None, timesteps=[0, 5], distance="l1"
+            ),
+            "distance must be one of",
         ),
         (lambda: consistency_sample(_F, _S, _X, None, timesteps=[9, 3]), "rng"),
         (lambda: consistency_sample(_F, _S, _X, timesteps=[]), "timesteps must be a non-empty"),
