@@ -876,7 +876,7 @@ def test_inpainting_table():
 
 
 def test_controlnet_table():
-    quality = dict(class_accuracy=0.5, fd_train=9.234, precision=0.7, recall=0.81)
+    quality = dict(class_accuracy=0.5, fd_test=13.75, fd_train=9.234, precision=0.7, recall=0.81)
     r = {
         "guides": dict(l2_layout=0.0, **quality),
         "rows": [
@@ -887,12 +887,13 @@ def test_controlnet_table():
         "training": dict(train_steps=1500, train_seconds=412.4, final_loss=0.21234),
     }
     assert tables.controlnet(r).splitlines() == [
-        "| method | RMS to guide (pixelated) | accuracy | fd_train | precision | recall |",
-        _sep(6),
-        "| guides themselves | 0 | 0.5 | 9.23 | 0.7 | 0.81 |",
-        "| unconditional | 0.502 | 0.5 | 9.23 | 0.7 | 0.81 |",
-        "| sdedit, strength 0.8 | 0.356 | 0.5 | 9.23 | 0.7 | 0.81 |",
-        "| controlnet, scale 1 | 0.123 | 0.5 | 9.23 | 0.7 | 0.81 |",
+        "| method | RMS to guide (pixelated) | accuracy | fd_test | fd_train | precision "
+        + "| recall |",
+        _sep(7),
+        "| guides themselves | 0 | 0.5 | 13.8 | 9.23 | 0.7 | 0.81 |",
+        "| unconditional | 0.502 | 0.5 | 13.8 | 9.23 | 0.7 | 0.81 |",
+        "| sdedit, strength 0.8 | 0.356 | 0.5 | 13.8 | 9.23 | 0.7 | 0.81 |",
+        "| controlnet, scale 1 | 0.123 | 0.5 | 13.8 | 9.23 | 0.7 | 0.81 |",
         "",
         "ControlNet: 1500 steps, 412 s, final loss 0.212",
     ]
