@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jax_diffusion import samplers
+from jax_diffusion.edm import heun_sample
 from jax_diffusion.guidance import dynamic_threshold
 from jax_diffusion.samplers import (
     ddim_sample,
@@ -332,10 +333,12 @@ def _run(sampler_name, model, x_T, rng, **kw):
         return ddpm_sample(model, SCHEDULE, x_T, rng, timesteps=sampling_timesteps(T, 50), **kw)
     if sampler_name == "ddim":
         return ddim_sample(model, SCHEDULE, x_T, rng, num_steps=20, eta=1.0, **kw)
+    if sampler_name == "heun":
+        return heun_sample(model, SCHEDULE, x_T, num_steps=20, **kw)
     return dpm_solver_pp_sample(model, SCHEDULE, x_T, num_steps=20, **kw)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver_pp", "heun")
 
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
@@ -448,9 +451,12 @@ def test_scan_body_traced_once(sampler_name):
         ddpm_sample(model, SCHEDULE, _normal(22, (2, 3)), rng)  # all 1000 steps
     elif sampler_name == "ddim":
         ddim_sample(model, SCHEDULE, _normal(22, (2, 3)), rng, num_steps=T, eta=0.5)
+    elif sampler_name == "heun":
+        heun_sample(model, SCHEDULE, _normal(22, (2, 3)), num_steps=T)
     else:
         dpm_solver_pp_sample(model, SCHEDULE, _normal(22, (2, 3)), num_steps=T - 1)
-    assert traces == [(2,)]
+    # Heun's step calls the model twice: at x_t and, in the corrector's branch, at the Euler point
+    assert traces == [(2,)] * (2 if sampler_name == "heun" else 1)
 
     chex.clear_trace_counter()
 
