@@ -334,13 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--sampler",
             choices=("ddpm", "ddim", "dpm++", "euler", "heun"),
             default=None,
-            help="default: the config's sample.sampler; euler and heun: flow runs only",
+            help="default: the config's sample.sampler; euler: flow runs only; heun: EDM's "
+            "sampler (a flow run: its own ODE steps)",
         )
         p.add_argument(
             "--steps",
             type=_positive_int,
             default=None,
-            help="ddim, dpm++ (<= T, dpm++ <= T - 1), euler, heun (ODE steps) only (default: "
+            help="ddim, dpm++, heun (<= T, dpm++ <= T - 1), euler (ODE steps) only (default: "
             "the config's)",
         )
         p.add_argument(

@@ -492,7 +492,7 @@ def evaluate_workdir(
     Args:
       workdir: the training run's directory.
       num_samples: number of generated images, >= 4 (recall's 3-NN radii need 4).
-      sampler: 'ddpm' | 'ddim' | 'dpm++' (| 'euler' | 'heun' for a flow run); None for
+      sampler: 'ddpm' | 'ddim' | 'dpm++' | 'heun' (| 'euler' for a flow run); None for
         config.sample.sampler.
       num_steps: sampling steps (ddim, dpm++; an error with ddpm, which runs all T steps);
         None for config.sample.num_steps.
@@ -537,8 +537,8 @@ def evaluate_workdir(
         num_steps = check_int("num_steps", num_steps, 1)
         if sampler == "ddpm":  # before the run is read (train.sample says so too, later)
             raise ValueError(
-                f"num_steps applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all the run's "
-                f"steps (got num_steps={num_steps})"
+                f"num_steps applies to 'ddim', 'dpm++' and 'heun'; sampler 'ddpm' runs all the "
+                f"run's steps (got num_steps={num_steps})"
             )
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS} or None; got {spacing!r}")

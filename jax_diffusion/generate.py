@@ -57,7 +57,7 @@ def sample(
 ) -> jax.Array:
     """Draws `num` samples [num, *shape] with the given params (use the EMA params).
 
-    Runs the chosen sampler (ddpm, ddim or dpm++) as one compiled program, with
+    Runs the chosen sampler (ddpm, ddim, dpm++ or heun) as one compiled program, with
     classifier-free guidance (Ho & Salimans 2022) for a class-conditional model.
 
     With a mesh, n devices sample num / n examples each (num is padded up to a multiple of n,
@@ -75,11 +75,13 @@ def sample(
       rng: PRNG key.
       shape: one example's shape, [H, W, C] or [D].
       num: samples to draw, >= 1.
-      sampler: 'ddpm' | 'ddim' | 'dpm++', or for a diffusion.process 'flow' run 'euler' |
-        'heun': `flow_sample` of the network's velocity at `flow_timesteps(num_steps,
+      sampler: 'ddpm' | 'ddim' | 'dpm++' | 'heun' (EDM's `heun_sample` on
+        `karras_timesteps`), or for a diffusion.process 'flow' run 'euler' | 'heun':
+        `flow_sample` of the network's velocity at `flow_timesteps(num_steps,
         shift=config.sample.shift)` (None: config.sample.sampler).
-      num_steps: model calls of ddim and dpm++, ODE steps of euler and heun (None:
-        config.sample.num_steps); ddpm runs all T steps and rejects it.
+      num_steps: model calls of ddim and dpm++, steps of heun (2n - 1 calls; for a flow run
+        ODE steps of euler and heun, 2n calls) (None: config.sample.num_steps); ddpm runs all
+        T steps and rejects it.
       guidance: classifier-free guidance scale w of a class-conditional model, 1 plain
         conditional, 0 unconditional (None: config.sample.guidance).
       labels: [num] int in [0, num_classes] (num_classes: the null label, unconditional
@@ -129,7 +131,7 @@ def sample(
         return split(draw(params, labels, w, x, k)[:num], P())
 
     def draw(params, labels, w, x, k):
-        if sampler in FLOW_SAMPLERS:
+        if sampler in FLOW_SAMPLERS and d.get("process", "ddpm") == "flow":
             return draw_flow(params, labels, w, x)
         if num_classes is None:
 
@@ -150,6 +152,8 @@ def sample(
             return samplers.ddim_sample(
                 model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
             )
+        if sampler == "heun":
+            return samplers.heun_sample(model_fn, schedule, x, num_steps=num_steps, **common)
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
     def draw_flow(params, labels, w, x):

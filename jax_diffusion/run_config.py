@@ -36,7 +36,9 @@ __all__ = [
 
 PROCESSES = ("ddpm", "flow")  # diffusion.process: what the network is trained to predict
 SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
-FLOW_SAMPLERS = ("euler", "heun")  # flow_sample's ODE steps: diffusion.process 'flow' only
+# flow_sample's ODE steps for a diffusion.process 'flow' run; 'heun' samples a 'ddpm' run too
+# (EDM's Heun on karras_timesteps), 'euler' is flow-only
+FLOW_SAMPLERS = ("euler", "heun")
 SAMPLER_NAMES = ", ".join(repr(name) for name in SAMPLERS)  # for the messages
 
 
@@ -155,10 +157,10 @@ def check_sampling(
     steps = name("num_steps", "num_steps") if explicit_steps is not None else "sample.num_steps"
     if sampler == "ddpm" and explicit_steps is not None:
         raise ValueError(
-            f"{steps} applies to 'ddim' and 'dpm++'; sampler 'ddpm' runs all "
+            f"{steps} applies to 'ddim', 'dpm++' and 'heun'; sampler 'ddpm' runs all "
             f"{num_timesteps} steps (got {steps}={explicit_steps!r})"
         )
-    if sampler in FLOW_SAMPLERS:  # continuous time: any number of steps
+    if sampler in FLOW_SAMPLERS and _process(config) == "flow":  # continuous: any steps
         check_int(f"{steps} for sampler {sampler!r}", num_steps, 1)
     elif sampler != "ddpm":
         # dpm++ takes n + 1 distinct grid points in [0, T - 1]
@@ -313,7 +315,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     num_timesteps = check_int("diffusion.num_timesteps", config.diffusion.num_timesteps, 1)
     # dpm++ takes n + 1 distinct grid points in [0, T - 1]
     most = num_timesteps - 1 if s.sampler == "dpm++" else num_timesteps
-    if s.sampler in FLOW_SAMPLERS:
+    if s.sampler in FLOW_SAMPLERS and _process(config) == "flow":
         most = math.inf
     if s.sampler != "ddpm" and not 1 <= s.num_steps <= most:
         bound = "diffusion.num_timesteps - 1" if s.sampler == "dpm++" else "diffusion.num_timesteps"
@@ -350,12 +352,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"diffusion.vlb_weight must be >= 0; got {d.vlb_weight!r}")
 
 
+def _process(config: ml_collections.ConfigDict) -> str:
+    return config.diffusion.get("process", "ddpm")
+
+
 def _check_flow_sampler(config: ml_collections.ConfigDict, sampler: str, what: str) -> None:
-    process = config.diffusion.get("process", "ddpm")
-    if sampler in FLOW_SAMPLERS and process != "flow":
+    process = _process(config)
+    if sampler == "euler" and process != "flow":
         raise ValueError(
             f"{what}={sampler!r} integrates a flow model's ODE: it needs diffusion.process "
-            f"'flow' (this run has {process!r}); use 'ddpm', 'ddim' or 'dpm++'"
+            f"'flow' (this run has {process!r}); use 'ddpm', 'ddim', 'dpm++' or 'heun'"
+        )
+    if sampler == "heun" and process != "flow" and config.diffusion.get("zero_terminal_snr"):
+        raise ValueError(
+            f"{what}='heun' steps in sigma / alpha, infinite at the last step of a "
+            "diffusion.zero_terminal_snr schedule; use 'ddim' with spacing 'trailing' or 'dpm++'"
         )
 
 

@@ -20,7 +20,9 @@ O(num_steps / k)); x0 is its last entry only when k divides num_steps.
 
 DPM-Solver++(2M) and (3M) (`dpm_solver_pp_sample`, `dpm_solver_pp_step`,
 `dpm_solver_pp_timesteps`; Lu et al. 2022) live in `jax_diffusion.dpm_solver` and are re-exported
-here; what this docstring says of every sampler holds for them too. Classifier-free and
+here, as are EDM's Heun sampler and rho-spaced steps (`heun_sample`, `heun_step`,
+`karras_timesteps`; Karras et al. 2022) from `jax_diffusion.edm`; what this docstring says of
+every sampler holds for them too. Classifier-free and
 classifier guidance and dynamic thresholding live in `jax_diffusion.guidance` and are
 re-exported here as well: `classifier_free_guidance` wraps a conditional model into a
 `model_fn`, `classifier_guidance` adds a classifier's gradient to a `model_fn`,
@@ -75,6 +77,7 @@ from jax_diffusion.dpm_solver import (
     dpm_solver_pp_step,
     dpm_solver_pp_timesteps,
 )
+from jax_diffusion.edm import heun_sample, heun_step, karras_timesteps
 from jax_diffusion.guidance import (
     classifier_free_guidance,
     classifier_grad,
@@ -97,6 +100,9 @@ __all__ = [
     "dpm_solver_pp_step",
     "dpm_solver_pp_timesteps",
     "dynamic_threshold",
+    "heun_sample",
+    "heun_step",
+    "karras_timesteps",
     "sampling_timesteps",
 ]
 

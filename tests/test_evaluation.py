@@ -698,7 +698,7 @@ def test_cli_evaluate_prints_and_writes_the_same_json(smoke_workdir, tmp_path, c
         (dict(num_steps=51), r"num_steps for sampler 'ddim' must be an int in \[1, 50\]"),
         (dict(bpd_examples=1000), r"bpd_examples must be an int in \[0, 297\]; got 1000"),
         (dict(seed=2**64), r"seed must be an int in \[0, 4294967295\]"),
-        (dict(sampler="ddpm", num_steps=3), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
+        (dict(sampler="ddpm", num_steps=3), "num_steps applies to 'ddim', 'dpm\\+\\+' and 'heun'"),
     ],
 )
 @ON_THE_SMOKE_RUN
@@ -773,7 +773,7 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
             r"sampler must be one of 'ddpm', 'ddim', 'dpm\+\+', 'euler', 'heun' or None; got 'DD",
         ),
         (dict(spacing="cosine"), r"spacing must be one of \('leading', .*; got 'cosine'"),
-        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),
+        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim', 'dpm\+\+' and 'heun'"),
         (dict(mesh="data"), r"mesh must be a jax.sharding.Mesh with a 'data' axis .*got 'data'"),
     ],
 )

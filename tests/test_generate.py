@@ -26,7 +26,7 @@ def test_sample_rejects_bad_arguments_instead_of_using_the_config_values():
         (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
         (dict(labels=jnp.zeros(4, jnp.int32)), "labels needs a class-conditional.*labels=given"),
         # ddpm ignored num_steps: `jax-diffusion sample --sampler ddpm --steps 2` ran all T
-        (dict(sampler="ddpm", num_steps=5), "num_steps applies to 'ddim' and 'dpm\\+\\+'"),
+        (dict(sampler="ddpm", num_steps=5), "num_steps applies to 'ddim', 'dpm\\+\\+' and 'heun'"),
         # ddpm and dpm++ have no spacing to set: it was silently ignored
         (
             dict(sampler="dpm++", spacing="trailing"),
@@ -157,7 +157,7 @@ def test_sample_in_batches_is_sample_per_batch_on_folded_keys_and_cut_to_num(tmp
         (dict(num=0), r"num must be an int >= 1; got 0"),
         (dict(steps=3), r"unknown sampling options \['steps'\]; allowed: sampler, num_steps"),
         (dict(labels=[0, 1, 5]), r"labels must lie in \[0, 3\].*got values in \[0, 5\]"),
-        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim' and 'dpm\+\+'"),
+        (dict(sampler="ddpm", num_steps=3), r"num_steps applies to 'ddim', 'dpm\+\+' and 'heun'"),
         (dict(mesh="data"), r"mesh must be a jax.sharding.Mesh with a 'data' axis"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -223,6 +223,7 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
         ("ddpm", "ddpm_sample"),
         ("ddim", "ddim_sample"),
         ("dpm++", "dpm_solver_pp_sample"),
+        ("heun", "heun_sample"),
     ]:
         monkeypatch.setattr(samplers, attr, sampler(name))
     schedule = run_config.get_schedule(config.diffusion)
@@ -259,6 +260,9 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
     assert seen[-1][1] == 3.0
     generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="ddpm")
     assert traced[-1] == ("ddpm", (5, 2), common)
+    # heun on a diffusion run: EDM's sampler, not the flow ODE's
+    generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="heun")
+    assert traced[-1] == ("heun", (5, 2), dict(num_steps=7, **common))
     generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="linspace")
     assert traced[-1] == ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="linspace", **common))
     ddim_only = r"with sampler 'ddim' only; got spacing='x' with sampler 'dpm\+\+'"

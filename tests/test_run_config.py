@@ -188,7 +188,14 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
     )
     # the flow samplers: flow runs only, any number of steps, a positive shift
     for overrides, match in [
-        (dict(sample__sampler="heun"), "sample.sampler='heun' integrates a flow model's ODE: it n"),
+        (dict(sample__sampler="euler"), "sample.sampler='euler' integrates a flow model's ODE: i"),
+        (dict(sample__sampler="heun", sample__num_steps=51), "sample.num_steps must lie in"),
+        (
+            dict(
+                sample__sampler="heun", diffusion__zero_terminal_snr=True, diffusion__prediction="v"
+            ),
+            "sample.sampler='heun' steps in sigma / alpha",
+        ),
         (
             dict(sample__sampler="rk4"),
             "sample.sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+', ",
@@ -204,6 +211,12 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
     assert run_config.check_sampling(flow, sampler="euler", num_steps=7)[:2] == ("euler", 7)
     with pytest.raises(ValueError, match="sampler='euler' integrates a flow model's ODE"):
         run_config.check_sampling(smoke(), sampler="euler")
+    # heun samples a diffusion run too (EDM's sampler), at most T steps
+    assert run_config.check_sampling(smoke(), sampler="heun", num_steps=50)[:2] == ("heun", 50)
+    with pytest.raises(
+        ValueError, match=r"num_steps for sampler 'heun' must be an int in \[1, 50\]"
+    ):
+        run_config.check_sampling(smoke(), sampler="heun", num_steps=51)
     # a config (a run's config.json) from before train.ema_warmup existed: the warm-up, valid
     before = smoke()
     del before.train["ema_warmup"]
