@@ -504,6 +504,26 @@ def sample_strips(ax, grids: dict, scales, label: str, what: str) -> None:
     ax.set_title(f"samples (labels 0-9, 0-9) per {what}")
 
 
+def image_rows(ax, rows: list[tuple[str, np.ndarray]], title: str, fontsize: int = 8) -> None:
+    """Draws one labelled row per (label, images [n, H, W, 1] in [-1, 1]) on `ax`, each image
+    framed in black (the editing experiments' plots)."""
+    strip = np.concatenate(
+        [
+            np.concatenate(
+                [np.pad(im, 1, constant_values=-1) for im in np.clip(x, -1, 1)[..., 0]], 1
+            )
+            for _, x in rows
+        ],
+        axis=0,
+    )
+    height = rows[0][1].shape[1] + 2
+    ax.imshow(strip, cmap="gray", vmin=-1, vmax=1)
+    ax.set_yticks([height * (i + 0.5) for i in range(len(rows))], [n for n, _ in rows])
+    ax.tick_params(axis="y", labelsize=fontsize)
+    ax.set_xticks([])
+    ax.set_title(title)
+
+
 def run_info(config: ml_collections.ConfigDict, train_info: dict[str, Any]) -> dict[str, Any]:
     """What a results JSON records about a training run."""
     return {

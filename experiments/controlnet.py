@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         shown[method if not extra else f"{method} {list(extra.values())[0]:g}"] = out[:10]
         common.log(
             f"{method} {extra}: l2_layout {row['l2_layout']:.3f}, accuracy "
-            f"{row['class_accuracy']:.3f}, fd_train {row['fd_train']:.2f}"
+            f"{row['class_accuracy']:.3f}, fd_test {row['fd_test']:.2f}"
         )
 
     def ddim(model_fn, x_T):
@@ -196,27 +196,12 @@ def plot(results: dict, shown: dict, path: str) -> None:
     fig = plt.figure(figsize=(14, 1.2 * len(shown) + 4))
     grid = fig.add_gridspec(len(shown) + 3, 2)
     ax = fig.add_subplot(grid[: len(shown), :])
-    names = list(shown)
-    strip = np.concatenate(
-        [
-            np.concatenate(
-                [np.pad(im, 1, constant_values=-1) for im in np.clip(shown[n], -1, 1)[..., 0]], 1
-            )
-            for n in names
-        ],
-        axis=0,
-    )
-    h = shown["truth"].shape[1] + 2
-    ax.imshow(strip, cmap="gray", vmin=-1, vmax=1)
-    ax.set_yticks([h * (i + 0.5) for i in range(len(names))], names, fontsize=8)
-    ax.set_xticks([])
-    ax.set_title("pixelated guides: ControlNet (trained) vs SDEdit (training-free)")
+    title = "pixelated guides: ControlNet (trained) vs SDEdit (training-free)"
+    common.image_rows(ax, list(shown.items()), title)
     ax2 = fig.add_subplot(grid[len(shown) :, 0])
     for method, marker in (("sdedit", "s"), ("controlnet", "o"), ("unconditional", "x")):
         rows = [r for r in results["rows"] if r["method"] == method]
-        ax2.plot(
-            [r["l2_layout"] for r in rows], [r["fd_train"] for r in rows], marker, label=method
-        )
+        ax2.plot([r["l2_layout"] for r in rows], [r["fd_test"] for r in rows], marker, label=method)
     ax2.set_xlabel("RMS to the guide after pixelation (lower = more faithful)")
     ax2.set_ylabel("fd_test (to the digits the guides come from)")
     ax2.set_yscale("log")

@@ -200,8 +200,7 @@ def measure(filled, images, labels, hidden) -> dict[str, float]:
 def plot(results: dict, shown: dict, path: str) -> None:
     """shown[(row kind, method or strength)]: [10, H, W, 1] images to draw, one strip each."""
     plt = common.pyplot()
-    truth = shown["truth", ""]
-    rows = [("truth", truth)]
+    rows = [("truth", shown["truth", ""])]
     for mask in (m for m in MASKS if (m, "hidden_as_background") in shown):
         rows.append((f"{mask}\nhidden as background", shown[mask, "hidden_as_background"]))
         rows += [
@@ -214,20 +213,8 @@ def plot(results: dict, shown: dict, path: str) -> None:
     fig = plt.figure(figsize=(14, 1.3 * len(rows) + 3.5))
     grid = fig.add_gridspec(len(rows) + 3, 1)
     ax = fig.add_subplot(grid[: len(rows), 0])
-    strip = np.concatenate(
-        [
-            np.concatenate(
-                [np.pad(im, 1, constant_values=-1) for im in np.clip(r, -1, 1)[..., 0]], 1
-            )
-            for _, r in rows
-        ],
-        axis=0,
-    )
-    h = truth.shape[1] + 2
-    ax.imshow(strip, cmap="gray", vmin=-1, vmax=1)
-    ax.set_yticks([h * (i + 0.5) for i in range(len(rows))], [name for name, _ in rows], fontsize=7)
-    ax.set_xticks([])
-    ax.set_title("test digits: inpainted halves (RePaint) and SDEdit from 4x4-pixelated guides")
+    title = "test digits: inpainted halves (RePaint) and SDEdit from 4x4-pixel-block guides"
+    common.image_rows(ax, rows, title, fontsize=7)
     ax2 = fig.add_subplot(grid[len(rows) :, 0])
     s_rows = results["sdedit"]
     ax2.plot([r["l2_to_guide"] for r in s_rows], [r["fd_train"] for r in s_rows], "-o")
