@@ -38,6 +38,18 @@ import pytest  # noqa: E402
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
+# the smallest UNet that has every kind of block (two levels, attention at 4x4 on 8x8 inputs),
+# shared by test_models.py and test_controlnet.py
+TINY_UNET = dict(
+    base_channels=8,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    num_heads=2,
+    num_groups=4,
+)
+
+
 def smoke(name="default.py", variant="smoke", **overrides):
     """The config experiments/configs/NAME:VARIANT with overrides field__sub=value."""
     from jax_diffusion import cli

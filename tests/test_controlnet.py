@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_UNET
 
 from jax_diffusion.models import (
     AttentionBlock,
@@ -25,14 +26,7 @@ from jax_diffusion.models import (
 
 pytestmark = pytest.mark.xdist_group("controlnet")
 
-TINY = dict(
-    base_channels=8,
-    channel_mults=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    num_heads=2,
-    num_groups=4,
-)
+TINY = TINY_UNET
 B, H, C = 2, 8, 1
 NUM_SKIPS = 1 + 2 * 1 + 1  # conv_in, one ResBlock per level, one Downsample
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_UNET
 
 from jax_diffusion import backend
 from jax_diffusion.models import (
@@ -28,14 +29,7 @@ from jax_diffusion.models import (
 
 B, H, W, C = 2, 8, 8, 3
 NUM_CLASSES = 3
-TINY = dict(
-    base_channels=8,
-    channel_mults=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    num_heads=2,
-    num_groups=4,
-)
+TINY = TINY_UNET
 
 
 def _inputs(seed=0):
