@@ -213,7 +213,7 @@ def plot(results: dict, shown: dict, path: str) -> None:
     fig = plt.figure(figsize=(14, 1.3 * len(rows) + 3.5))
     grid = fig.add_gridspec(len(rows) + 3, 1)
     ax = fig.add_subplot(grid[: len(rows), 0])
-    title = "test digits: inpainted halves (RePaint) and SDEdit from 4x4-pixel-block guides"
+    title = "test digits: inpainted halves (RePaint) and SDEdit from 4x4-pixelated guides"
     common.image_rows(ax, rows, title, fontsize=7)
     ax2 = fig.add_subplot(grid[len(rows) :, 0])
     s_rows = results["sdedit"]
