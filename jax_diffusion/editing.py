@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_diffusion._checks import check_int as _check_int
+from jax_diffusion._checks import check_real
 from jax_diffusion._sampling import (
     DenoisedFn,
     ModelFn,
@@ -230,11 +231,7 @@ def repaint_sample(
 
 
 def _check_strength(strength) -> float:
-    if (
-        isinstance(strength, bool)
-        or not isinstance(strength, int | float | np.integer | np.floating)
-        or not 0.0 < float(strength) <= 1.0
-    ):
+    if check_real("strength", strength, positive=True) > 1.0:
         raise ValueError(f"strength must be a number in (0, 1]; got {strength!r}")
     return float(strength)
 
