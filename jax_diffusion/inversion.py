@@ -62,6 +62,7 @@ from jax_diffusion._sampling import (
     _scan,
 )
 from jax_diffusion.diffusion import (
+    _check_zero_snr,
     _is_concrete,
     check_prediction,
     check_variance,
@@ -193,7 +194,9 @@ def ddim_invert(
 
     Raises:
       ValueError: bad prediction / variance / num_steps / spacing / timesteps /
-        fixed_point_iters / return_trajectory / x0, or a model_fn output that does not match x0.
+        fixed_point_iters / return_trajectory / x0, a model_fn output that does not match x0,
+        or prediction 'eps' with a last step where alphas_cumprod is 0 (a zero-terminal-SNR
+        schedule: `ddim_sample` could not map that x_T back).
     """
     _check_model_and_schedule(model_fn, schedule)
     check_prediction(prediction)
@@ -202,6 +205,9 @@ def ddim_invert(
     x0 = _check_x(x0, "x0")
     stride = _check_stride(return_trajectory)
     ts = _ddim_timesteps(schedule, num_steps, spacing, timesteps)[::-1]  # ascending
+    # the x_T an eps model inverts to at a zero-SNR top step is one ddim_sample refuses to start
+    # from: refused here, before the work, with ddim_sample's message
+    _check_zero_snr(schedule, prediction, int(ts[-1]), doing="invert to")
     ts_from = np.append(-1, ts[:-1])
     xs = (jnp.asarray(ts_from, jnp.int32), jnp.asarray(ts, jnp.int32))
 

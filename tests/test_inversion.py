@@ -16,7 +16,7 @@ import pytest
 
 import jax_diffusion
 from jax_diffusion import ddim_invert, ddim_invert_step, ddim_sample, ddim_step
-from jax_diffusion.schedules import Schedule, linear_betas
+from jax_diffusion.schedules import Schedule, linear_betas, rescale_zero_terminal_snr
 from jax_diffusion.testing import gaussian_denoiser
 
 T = 1000
@@ -311,6 +311,17 @@ BAD_INPUTS = {
         r"return_trajectory must be a bool or a positive int stride k; got 0",
     ),
     "model_none": (lambda: ddim_invert(None, SCHEDULE, X), r"model_fn must be a callable"),
+    # ddim_sample refuses to start an eps model there, so the inversion has no round trip
+    "eps_at_zero_snr": (
+        lambda: ddim_invert(
+            lambda x, t: x,
+            Schedule.from_betas(rescale_zero_terminal_snr(BETAS)),
+            X,
+            num_steps=10,
+            spacing="trailing",
+        ),
+        r"prediction='eps' cannot invert to step 999, where alphas_cumprod is 0",
+    ),
     "schedule_array": (lambda: ddim_invert(_gauss(), BETAS, X), r"schedule must be a"),
     "model_learned_range": (
         lambda: ddim_invert(_gauss(), SCHEDULE, X, variance="learned_range"),
@@ -352,3 +363,15 @@ def test_bad_input_raises_value_error_naming_the_argument(case):
     fn, pattern = BAD_INPUTS[case]
     with pytest.raises(ValueError, match=pattern):
         fn()
+
+
+def test_a_v_model_inverts_to_the_zero_snr_top_step_and_samples_back():
+    # what the eps refusal above is not: v (and x0) models are defined at alphas_cumprod = 0
+    schedule = Schedule.from_betas(rescale_zero_terminal_snr(BETAS))
+    model = gaussian_denoiser(schedule, DATA_MEAN, DATA_STD, "v")
+    x0 = _data(3, (4, 2))
+    kw = dict(num_steps=10, spacing="trailing", prediction="v")
+    x_T = ddim_invert(model, schedule, x0, fixed_point_iters=10, **kw)
+    back = ddim_sample(model, schedule, x_T, **kw)
+    assert np.all(np.isfinite(np.asarray(x_T)))
+    np.testing.assert_allclose(back, x0, atol=1e-3)
