@@ -149,7 +149,7 @@ def train_controlnet(run, control, data_it, *, steps: int, lr: float, seed: int)
     opt_state = tx.init(params)
 
     def loss_fn(params, x0, rng):
-        cond = pixelate_jax(x0, BLOCK)
+        cond = pixelate(x0, BLOCK)
         model_fn = controlled_model_fn(run.model, run.params, control, params, cond)
         loss, _ = losses.diffusion_loss(
             run.schedule, model_fn, x0, rng, prediction=d.prediction, variance=d.variance
@@ -182,13 +182,6 @@ def train_controlnet(run, control, data_it, *, steps: int, lr: float, seed: int)
         "loss_curve": curve,
     }
     return params, record
-
-
-def pixelate_jax(x: jax.Array, block: int) -> jax.Array:
-    """`pixelate` in jnp, for the training step."""
-    n, h, w, c = x.shape
-    tiles = x.reshape(n, h // block, block, w // block, block, c).mean(axis=(2, 4))
-    return jnp.repeat(jnp.repeat(tiles, block, axis=1), block, axis=2)
 
 
 def plot(results: dict, shown: dict, path: str) -> None:

@@ -183,11 +183,14 @@ def make_mask(name: str, shape) -> np.ndarray:
     return mask
 
 
-def pixelate(images: np.ndarray, block: int) -> np.ndarray:
-    """Each block x block tile replaced by its mean (a coarse, off-distribution guide)."""
+def pixelate(images, block: int):
+    """Each block x block tile replaced by its mean (a coarse, off-distribution guide).
+
+    images: [N, H, W, C], a NumPy or a JAX array (also traced: the ControlNet's training step
+    builds its conditions with it); the result is of the same kind, float32."""
     n, h, w, c = images.shape
     tiles = images.reshape(n, h // block, block, w // block, block, c).mean(axis=(2, 4))
-    return np.repeat(np.repeat(tiles, block, axis=1), block, axis=2).astype(np.float32)
+    return tiles.repeat(block, axis=1).repeat(block, axis=2).astype(np.float32)
 
 
 def measure(filled, images, labels, hidden) -> dict[str, float]:
