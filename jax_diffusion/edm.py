@@ -157,17 +157,14 @@ def heun_step(
         s_gap = sigma_p - alpha_p * sigma / alpha
         return alpha_p / alpha * x.astype(dtype) + s_gap * 0.5 * (eps_a + eps_b)
 
-    if _is_concrete(t_prev):
-        last = np.asarray(t_prev) < 0
-        if np.all(last):
-            x_prev = x_euler
-        elif not np.any(last):
-            x_prev = corrected()
-        else:
-            x_prev = jnp.where(_per_example(t_prev, x) < 0, x_euler, corrected())
-    elif t_prev.ndim == 0:
+    last = np.asarray(t_prev) < 0 if _is_concrete(t_prev) else None
+    if last is not None and np.all(last):
+        x_prev = x_euler
+    elif last is not None and not np.any(last):
+        x_prev = corrected()
+    elif t_prev.ndim == 0:  # traced: one branch runs
         x_prev = jax.lax.cond(t_prev < 0, lambda: x_euler, corrected)
-    else:
+    else:  # per example, some at the clean end
         x_prev = jnp.where(_per_example(t_prev, x) < 0, x_euler, corrected())
     return StepOutput(x_prev.astype(x.dtype), x0_a.astype(x.dtype))
 
