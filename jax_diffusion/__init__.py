@@ -57,6 +57,7 @@ from jax_diffusion.guidance import (
 from jax_diffusion.inversion import ddim_invert, ddim_invert_step
 from jax_diffusion.losses import (
     NLLBpd,
+    autoencoder_loss,
     diffusion_loss,
     discretized_gaussian_log_likelihood,
     loss_weight,

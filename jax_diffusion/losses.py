@@ -33,6 +33,7 @@ __all__ = [
     "LOSS_TYPES",
     "WEIGHTINGS",
     "NLLBpd",
+    "autoencoder_loss",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "loss_weight",
@@ -467,3 +468,57 @@ def diffusion_loss(
     loss = jnp.mean(per_example)
     metrics.update(loss=loss, mse=jnp.mean(mse), t=t, per_example_loss=per_example)
     return loss, metrics
+
+
+def autoencoder_loss(
+    x: jax.Array,
+    x_rec: jax.Array,
+    mean: jax.Array,
+    logvar: jax.Array,
+    *,
+    kl_weight=1e-6,
+    loss_type: str = "l1",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Latent diffusion's autoencoder objective (Rombach et al. 2022, sec. 3.1 and app. G).
+
+    L = mean over the batch of [ sum_pixels rec(x, x_rec) + kl_weight KL(N(mean, exp(logvar))
+    || N(0, I)) ], rec = |x - x_rec| ('l1', the paper's) or (x - x_rec)^2 ('l2'), the KL summed
+    over each example's latent entries: the paper's KL-regularised loss without its perceptual
+    (LPIPS) and adversarial terms, with their per-example sums, so kl_weight has the paper's
+    scale (1e-6).
+
+    Args:
+      x: [B, ...] data.
+      x_rec: [B, ...] its reconstruction (shape of x).
+      mean, logvar: [B, ...] the encoder's q(z | x) (a `models.DiagonalGaussian` unpacks into
+        them: `autoencoder_loss(x, x_rec, *posterior)`).
+      kl_weight: finite real >= 0 (may be traced).
+      loss_type: 'l1' | 'l2'.
+
+    Returns:
+      (loss scalar float32, metrics): "reconstruction" and "kl" [B] per example (nats for the
+      KL), "loss" the scalar.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}; got {loss_type!r}")
+    _check_nonnegative("kl_weight", kl_weight, zero_ok=True)
+    for name, a in (("x", x), ("x_rec", x_rec), ("mean", mean), ("logvar", logvar)):
+        if jnp.ndim(a) < 1 or not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            raise ValueError(
+                f"{name} must be a float array [B, ...]; got {jnp.result_type(a)} "
+                f"of shape {jnp.shape(a)}"
+            )
+    if jnp.shape(x_rec) != jnp.shape(x):
+        raise ValueError(f"x_rec must have the shape of x {jnp.shape(x)}; got {jnp.shape(x_rec)}")
+    if jnp.shape(logvar) != jnp.shape(mean) or jnp.shape(mean)[0] != jnp.shape(x)[0]:
+        raise ValueError(
+            f"mean and logvar must share one shape [B, ...] with B = x's {jnp.shape(x)[0]}; got "
+            f"{jnp.shape(mean)} and {jnp.shape(logvar)}"
+        )
+    err = x_rec.astype(jnp.float32) - x.astype(jnp.float32)
+    per_pixel = jnp.abs(err) if loss_type == "l1" else jnp.square(err)
+    rec = jnp.sum(per_pixel, axis=tuple(range(1, per_pixel.ndim)))
+    kl = normal_kl(mean.astype(jnp.float32), logvar.astype(jnp.float32), 0.0, 0.0)
+    kl = jnp.sum(kl, axis=tuple(range(1, kl.ndim)))
+    loss = jnp.mean(rec + kl_weight * kl)
+    return loss, {"loss": loss, "reconstruction": rec, "kl": kl}

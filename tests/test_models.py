@@ -830,15 +830,19 @@ def _np_res_block(x, emb, p, num_groups, use_scale_shift_norm, eps=1e-6):
     h = conv3x3(SiLU(GroupNorm(x)))
     h = GroupNorm(h) * (1 + scale) + shift, (scale, shift) = Dense(SiLU(emb))   (ADM)
         GroupNorm(h + Dense(SiLU(emb)))                                         (DDPM)
+    GroupNorm(h)                                                            (emb None)
     out = skip(x) + conv3x3(SiLU(h)), skip a 1x1 conv when the channel count changes."""
-    x, emb = np.asarray(x, np.float64), np.asarray(emb, np.float64)
+    x = np.asarray(x, np.float64)
     g = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in p.items()}
     h = _np_group_norm(x, g["norm1"]["scale"], g["norm1"]["bias"], num_groups, eps)
     h = _np_conv(_np_silu(h), g["conv1"]["kernel"], g["conv1"]["bias"])
-    e = _np_silu(emb) @ g["emb_proj"]["kernel"] + g["emb_proj"]["bias"]  # [B, E']
-    e = e[:, None, None, :]
     c = h.shape[-1]
-    if use_scale_shift_norm:
+    if emb is not None:
+        e = _np_silu(np.asarray(emb, np.float64)) @ g["emb_proj"]["kernel"]
+        e = (e + g["emb_proj"]["bias"])[:, None, None, :]  # [B, 1, 1, E']
+    if emb is None:
+        h = _np_group_norm(h, g["norm2"]["scale"], g["norm2"]["bias"], num_groups, eps)
+    elif use_scale_shift_norm:
         scale, shift = e[..., :c], e[..., c:]
         h = _np_group_norm(h, g["norm2"]["scale"], g["norm2"]["bias"], num_groups, eps)
         h = h * (1 + scale) + shift
@@ -850,22 +854,26 @@ def _np_res_block(x, emb, p, num_groups, use_scale_shift_norm, eps=1e-6):
 
 
 @pytest.mark.parametrize("out_channels", [8, 16])  # 16: the 1x1 skip conv
-@pytest.mark.parametrize("use_scale_shift_norm", [True, False])
-def test_res_block_matches_a_float64_numpy_reference(out_channels, use_scale_shift_norm):
+@pytest.mark.parametrize("conditioning", ["scale_shift", "additive", "none"])
+def test_res_block_matches_a_float64_numpy_reference(out_channels, conditioning):
+    """ADM's and DDPM's conditioning, and no embedding at all (emb None: the autoencoder's
+    blocks, which have no 'emb_proj')."""
     from jax_diffusion.models.layers import ResBlock
 
-    block = ResBlock(
-        out_channels=out_channels, num_groups=4, use_scale_shift_norm=use_scale_shift_norm
-    )
+    ssn = conditioning == "scale_shift"
+    block = ResBlock(out_channels=out_channels, num_groups=4, use_scale_shift_norm=ssn)
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8), jnp.float32) * 2 + 0.5
-    emb = jax.random.normal(jax.random.key(1), (2, 12), jnp.float32)
+    emb = None
+    if conditioning != "none":
+        emb = jax.random.normal(jax.random.key(1), (2, 12), jnp.float32)
     shapes = jax.eval_shape(block.init, jax.random.key(2), x, emb)["params"]
     assert ("skip" in shapes) == (out_channels != 8)
+    assert ("emb_proj" in shapes) == (emb is not None)
     # random values everywhere: conv2 is zero at init, which would hide everything but the skip
     params = _normal_params(shapes, 3, 0.5)
     got = jax.jit(block.apply)({"params": params}, x, emb)
     assert got.shape == (2, 4, 4, out_channels) and got.dtype == jnp.float32
-    want = _np_res_block(x, emb, params, 4, use_scale_shift_norm)
+    want = _np_res_block(x, emb, params, 4, ssn)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 

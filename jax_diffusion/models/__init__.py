@@ -1,6 +1,7 @@
-"""Flax (linen) denoising networks, NHWC: the UNet, a toy MLP, their building blocks, the
-flow-matching wrapper and the ControlNet."""
+"""Flax (linen) networks, NHWC: the UNet, a toy MLP, their building blocks, the flow-matching
+wrapper, the ControlNet and latent diffusion's autoencoder."""
 
+from jax_diffusion.models.autoencoder import AutoencoderKL, DiagonalGaussian, latent_scale_factor
 from jax_diffusion.models.controlnet import (
     ControlNet,
     controlled_model_fn,
@@ -23,7 +24,9 @@ from jax_diffusion.models.unet import UNet, make_conditional_model_fn, make_mode
 
 __all__ = [
     "AttentionBlock",
+    "AutoencoderKL",
     "ControlNet",
+    "DiagonalGaussian",
     "Downsample",
     "FlowDenoiser",
     "GroupNorm",
@@ -36,6 +39,7 @@ __all__ = [
     "dot_product_attention",
     "drop_labels",
     "group_norm",
+    "latent_scale_factor",
     "make_conditional_model_fn",
     "make_model_fn",
     "timestep_embedding",

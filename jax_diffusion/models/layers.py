@@ -295,6 +295,7 @@ class ResBlock(nn.Module):
     h = conv3x3(SiLU(GroupNorm(x)))
     h = GroupNorm(h) * (1 + scale) + shift      if use_scale_shift_norm (ADM "AdaGN")
         GroupNorm(h + Dense(SiLU(emb)))         otherwise (DDPM)
+        GroupNorm(h)                            with emb None (the autoencoder's blocks)
     h = conv3x3_zero(dropout(SiLU(h)))
     out = skip(x) + h, skip = 1x1 conv when the channel count changes, identity otherwise.
 
@@ -319,12 +320,13 @@ class ResBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array | None, train: bool = False) -> jax.Array:
         """Applies the block.
 
         Args:
           x: [B, H, W, C_in] features.
-          emb: [B, E] time (+ class) embedding.
+          emb: [B, E] time (+ class) embedding, or None: no conditioning (and no 'emb_proj'
+            parameters).
           train: enables dropout.
 
         Returns:
@@ -336,14 +338,17 @@ class ResBlock(nn.Module):
         h = nn.silu(h)
         h = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
 
-        n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        emb_out = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
-        if self.use_scale_shift_norm:
+        if emb is None:
+            h = GroupNorm(name="norm2", **norm_kw)(h)
+        elif self.use_scale_shift_norm:
+            n_emb = 2 * self.out_channels
+            emb_out = nn.Dense(n_emb, name="emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = GroupNorm(name="norm2", **norm_kw)(h)
             h = h * (1 + scale) + shift
         else:
-            h = GroupNorm(name="norm2", **norm_kw)(h + emb_out)
+            emb_out = nn.Dense(self.out_channels, name="emb_proj", **kw)(nn.silu(emb))
+            h = GroupNorm(name="norm2", **norm_kw)(h + emb_out[:, None, None, :])
         h = nn.silu(h)
         h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
         h = nn.Conv(self.out_channels, (3, 3), padding=1, kernel_init=_zeros, name="conv2", **kw)(h)
