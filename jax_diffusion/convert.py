@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jax_diffusion.models.autoencoder import AutoencoderKL
 from jax_diffusion.models.unet import UNet
 from jax_diffusion.schedules import (
     Schedule,
@@ -46,7 +47,13 @@ from jax_diffusion.schedules import (
     scaled_linear_betas,
 )
 
-__all__ = ["load_diffusers_unet", "schedule_from_diffusers", "unet_from_diffusers"]
+__all__ = [
+    "autoencoder_from_diffusers",
+    "load_diffusers_autoencoder",
+    "load_diffusers_unet",
+    "schedule_from_diffusers",
+    "unet_from_diffusers",
+]
 
 # diffusers 0.42's UNet2DModel.__init__ defaults: a config.json omits keys left at default
 _DEFAULTS: dict[str, Any] = dict(
@@ -277,6 +284,8 @@ def _diffusers_prefix(module: str, levels: int) -> str:
         mid_attn="mid_block.attentions.0",
         norm_out="conv_norm_out",
         conv_out="conv_out",
+        quant_conv="quant_conv",
+        post_quant_conv="post_quant_conv",
     )
     if module in fixed:
         return fixed[module]
@@ -297,6 +306,9 @@ def _sources(
 ) -> tuple[list[tuple[str, tuple[int, ...]]], Callable[..., np.ndarray]]:
     """The diffusers keys (with their shapes) our param `path` of `shape` is made of, and
     the function that makes it from those arrays."""
+    if path[0] in ("encoder", "decoder"):  # AutoencoderKL's halves: UNet module names inside
+        src, convert = _sources(path[1:], shape, levels, rows)
+        return [(f"{path[0]}.{key}", sub) for key, sub in src], convert
     prefix = _diffusers_prefix(path[0], levels)
     *inner, leaf = path[1:]
     if len(inner) == 1 and "attn" in path[0]:
@@ -355,6 +367,18 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
     """
     kwargs, in_channels, height, flip = _unet_kwargs(config)
     model = UNet(**kwargs)
+    arrays = _renamed(state_dict)
+    size = height or 2 ** (len(kwargs["channel_mults"]) - 1)
+    x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = None if kwargs["num_classes"] is None else jax.ShapeDtypeStruct((1,), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+    rows = _time_rows(kwargs["base_channels"], flip)
+    return model, _params(shapes, arrays, len(kwargs["channel_mults"]), rows, "UNet")
+
+
+def _renamed(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict with pre-0.14 attention names renamed as diffusers renames them."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping of key -> array; got {type(state_dict)}")
     arrays: dict[str, Any] = {}
@@ -364,14 +388,12 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
         if new in arrays:
             raise ValueError(f"state_dict holds {new!r} twice (under old and new attention names)")
         arrays[new] = value
+    return arrays
 
-    size = height or 2 ** (len(kwargs["channel_mults"]) - 1)
-    x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = None if kwargs["num_classes"] is None else jax.ShapeDtypeStruct((1,), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
-    rows = _time_rows(kwargs["base_channels"], flip)
-    levels = len(kwargs["channel_mults"])
+
+def _params(shapes, arrays: dict[str, Any], levels: int, rows, what: str):
+    """Our float32 params of the tree `shapes` from diffusers' arrays, every key checked
+    (missing, extra, not an array, not float, wrongly shaped) before any is converted."""
     plan = {
         path: _sources(path, tuple(leaf.shape), levels, rows)
         for path, leaf in traverse_util.flatten_dict(shapes).items()
@@ -384,13 +406,13 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
         key = missing[0]
         raise ValueError(
             f"state_dict is missing {len(missing)} key(s), e.g. {key!r} (shape "
-            f"{expected[key][0]}, for UNet param {expected[key][1]!r}): {missing[:8]}"
+            f"{expected[key][0]}, for {what} param {expected[key][1]!r}): {missing[:8]}"
         )
     extra = sorted(set(arrays) - set(expected))
     if extra:
         raise ValueError(
-            f"state_dict has {len(extra)} key(s) that this config's UNet has no place for: "
-            f"{extra[:8]}; allowed: the {len(expected)} keys of the config's UNet2DModel"
+            f"state_dict has {len(extra)} key(s) that this config's {what} has no place for: "
+            f"{extra[:8]}; allowed: the {len(expected)} keys of the config's diffusers model"
         )
     for key, (shape, target) in expected.items():
         try:  # NumPy, JAX or CPU torch arrays all become NumPy views here
@@ -401,14 +423,14 @@ def unet_from_diffusers(config: Mapping, state_dict: Mapping[str, Any]) -> tuple
             raise ValueError(f"state_dict[{key!r}] must be a float array; got dtype {value.dtype}")
         if tuple(value.shape) != shape:
             raise ValueError(
-                f"state_dict[{key!r}] must have shape {shape} (for UNet param {target!r}); "
+                f"state_dict[{key!r}] must have shape {shape} (for {what} param {target!r}); "
                 f"got shape {tuple(value.shape)}"
             )
     flat = {
         path: jnp.asarray(convert(*(np.asarray(arrays[k], np.float32) for k, _ in src)))
         for path, (src, convert) in plan.items()
     }
-    return model, traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 def load_diffusers_unet(path: str | pathlib.Path) -> tuple[UNet, Any]:
@@ -430,9 +452,14 @@ def load_diffusers_unet(path: str | pathlib.Path) -> tuple[UNet, Any]:
       ImportError: the safetensors package is not installed.
       ValueError: see `unet_from_diffusers`.
     """
+    return unet_from_diffusers(*_read_folder(path, "unet"))
+
+
+def _read_folder(path: str | pathlib.Path, sub: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, state dict) of a diffusers model folder `path`, or of `path/sub` (a pipeline)."""
     folder = pathlib.Path(path)
-    if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
-        folder = folder / "unet"
+    if not (folder / "config.json").is_file() and (folder / sub / "config.json").is_file():
+        folder = folder / sub
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
@@ -454,11 +481,149 @@ def load_diffusers_unet(path: str | pathlib.Path) -> tuple[UNet, Any]:
         from safetensors.numpy import load_file
     except ImportError:
         raise ImportError(
-            "load_diffusers_unet reads .safetensors weights with the safetensors package: "
+            "the diffusers loaders read .safetensors weights with the safetensors package: "
             "pip install safetensors"
         ) from None
-    config = json.loads(config_file.read_text())
-    return unet_from_diffusers(config, load_file(str(weights)))
+    return json.loads(config_file.read_text()), load_file(str(weights))
+
+
+# diffusers 0.42's AutoencoderKL.__init__ defaults: a config.json omits keys left at default
+_VAE_DEFAULTS: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",),
+    up_block_types=("UpDecoderBlock2D",),
+    block_out_channels=(64,),
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=32,
+    scaling_factor=0.18215,
+    shift_factor=None,
+    latents_mean=None,
+    latents_std=None,
+    force_upcast=True,
+    use_quant_conv=True,
+    use_post_quant_conv=True,
+    mid_block_add_attention=True,
+)
+
+
+def _autoencoder_kwargs(config: Mapping) -> tuple[dict[str, Any], float]:
+    """AutoencoderKL fields of a diffusers AutoencoderKL config and its scaling_factor, or
+    ValueError naming the first value they cannot express."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping (config.json as a dict); got {config!r}")
+    name = config.get("_class_name", "AutoencoderKL")
+    if name != "AutoencoderKL":
+        raise _refuse("_class_name", name, "'AutoencoderKL'")
+    unknown = sorted(k for k in config if not str(k).startswith("_") and k not in _VAE_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"config has key(s) {unknown} that autoencoder_from_diffusers does not know (a key "
+            f"it does not know may change the network); allowed: {sorted(_VAE_DEFAULTS)}"
+        )
+    cfg = {**_VAE_DEFAULTS, **{k: v for k, v in config.items() if not str(k).startswith("_")}}
+    for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+        if cfg[key] is not True:
+            raise _refuse(key, cfg[key], "True (AutoencoderKL always has that layer)")
+    if cfg["act_fn"] not in ("silu", "swish"):
+        raise _refuse("act_fn", cfg["act_fn"], "'silu' or 'swish'")
+    channels = cfg["block_out_channels"]
+    if (
+        not isinstance(channels, list | tuple)
+        or not channels
+        or not all(_is_int(c) and c > 0 for c in channels)
+        or any(c % channels[0] for c in channels)
+    ):
+        raise _refuse(
+            "block_out_channels",
+            channels,
+            "a non-empty list of positive ints, each a multiple of the first",
+        )
+    for key, block in (
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ):
+        blocks = cfg[key]
+        if not isinstance(blocks, list | tuple) or list(blocks) != [block] * len(channels):
+            raise _refuse(key, blocks, f"{len(channels)} x '{block}' (one per level)")
+    for key in ("in_channels", "out_channels", "latent_channels", "layers_per_block"):
+        if not (_is_int(cfg[key]) and cfg[key] > 0):
+            raise _refuse(key, cfg[key], "a positive int")
+    if cfg["out_channels"] != cfg["in_channels"]:
+        raise _refuse("out_channels", cfg["out_channels"], f"in_channels = {cfg['in_channels']}")
+    groups = cfg["norm_num_groups"]
+    if not (_is_int(groups) and groups > 0 and all(c % groups == 0 for c in channels)):
+        raise _refuse("norm_num_groups", groups, f"a positive int dividing each of {channels}")
+    scale = cfg["scaling_factor"]
+    if not (_is_number(scale) and 0 < scale < math.inf):
+        raise _refuse("scaling_factor", scale, "a finite number > 0")
+    for key in ("shift_factor", "latents_mean", "latents_std"):
+        if cfg[key] is not None:  # latents would need more than a scale (SD3, Flux, ...)
+            raise _refuse(key, cfg[key], "None (latents scaled by scaling_factor alone)")
+    kwargs = dict(
+        channels=int(cfg["in_channels"]),
+        latent_channels=int(cfg["latent_channels"]),
+        base_channels=int(channels[0]),
+        channel_mults=tuple(int(c) // int(channels[0]) for c in channels),
+        # diffusers' encoder blocks have layers_per_block ResBlocks, its decoder's one more
+        num_res_blocks=int(cfg["layers_per_block"]),
+        num_groups=int(groups),
+    )
+    return kwargs, float(scale)
+
+
+def autoencoder_from_diffusers(
+    config: Mapping, state_dict: Mapping[str, Any]
+) -> tuple[AutoencoderKL, Any, float]:
+    """An `AutoencoderKL`, its params and the latent scaling factor of a diffusers
+    `AutoencoderKL` (Stable Diffusion's VAE, e.g. stabilityai/sd-vae-ft-mse).
+
+    diffusers' encoder and decoder are ours with PyTorch names (encoder.down_blocks.i ->
+    encoder/down_i_*, decoder.up_blocks.u -> decoder/up_{L-1-u}_*, mid_block.attentions.0 ->
+    mid_attn with to_q / to_k / to_v fused, ...), the layouts changed as in
+    `unet_from_diffusers`; the function is the same.
+
+    Args:
+      config: the model's config.json as a dict (absent keys take diffusers 0.42's
+        AutoencoderKL defaults; keys starting with '_' are ignored).
+      state_dict: key -> float array (NumPy, e.g. from `safetensors.numpy.load_file`);
+        attention weights under current or pre-0.14 names.
+
+    Returns:
+      (model, params, scaling_factor): `model.apply({'params': params}, x, method='encode')`
+      is diffusers' `encode(x).latent_dist` (NHWC), `method='decode'` its `decode(z).sample`;
+      latent diffusion works on scaling_factor * z (config['scaling_factor'], 0.18215 for
+      Stable Diffusion 1.x).
+
+    Raises:
+      ValueError: a config the autoencoder cannot reproduce exactly (other block types or
+        activation, no quant convs, a shift_factor or latents_mean / latents_std, in_channels
+        != out_channels, ...) or a missing, extra, wrongly shaped or non-float state-dict
+        entry; each message names the key, the value and what is allowed. Raised before any
+        parameter is built.
+    """
+    kwargs, scale = _autoencoder_kwargs(config)
+    model = AutoencoderKL(**kwargs)
+    arrays = _renamed(state_dict)
+    size = 2 ** (len(kwargs["channel_mults"]) - 1)
+    x = jax.ShapeDtypeStruct((1, size, size, kwargs["channels"]), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    levels = len(kwargs["channel_mults"])
+    return model, _params(shapes, arrays, levels, None, "AutoencoderKL"), scale
+
+
+def load_diffusers_autoencoder(path: str | pathlib.Path) -> tuple[AutoencoderKL, Any, float]:
+    """`autoencoder_from_diffusers` of a diffusers AutoencoderKL folder (config.json and
+    diffusion_pytorch_model.safetensors; no torch), or of `path/vae` for a whole pipeline.
+
+    Raises:
+      FileNotFoundError, ImportError: as `load_diffusers_unet`.
+      ValueError: see `autoencoder_from_diffusers`.
+    """
+    return autoencoder_from_diffusers(*_read_folder(path, "vae"))
 
 
 # diffusers 0.42's DDPMScheduler / DDIMScheduler.__init__ defaults

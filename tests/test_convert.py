@@ -416,6 +416,89 @@ def test_refuses_a_config_that_is_not_a_mapping():
         unet_from_diffusers("config.json", {})
 
 
+# --------------------------------------------------------------------------- AutoencoderKL
+
+
+def _vae_fixture():
+    z = np.load(FIXTURES / "diffusers_autoencoder.npz")
+    config = json.loads(str(z["config"]))
+    state_dict = {k[3:]: z[k].astype(np.float32) * SD_SCALE for k in z.files if k.startswith("sd/")}
+    return config, state_dict, {k: z[k] for k in z.files if k[:3] != "sd/" and k != "config"}
+
+
+def test_autoencoder_matches_diffusers_encode_and_decode(x64):
+    """Encoder (q(z | x)'s mean and logvar) and decoder against diffusers' AutoencoderKL, both
+    in float64 with the same exactly representable weights: what is left is rounding (and the
+    float32 casts of our outputs, 2^-24 relative); a swapped or mis-transposed tensor, or an
+    up block taken from the wrong level, is O(1). Also the float32 model against diffusers'
+    float32 outputs, at the house rtol 1e-5."""
+    config, state_dict, arrays = _vae_fixture()
+    model, params, scale = convert.autoencoder_from_diffusers(config, state_dict)
+    assert scale == 0.18215 and model.downsampling_factor == 2
+    x, z = (jnp.asarray(arrays[k].transpose(0, 2, 3, 1)) for k in ("x", "z"))
+
+    def run(model, params, x, z):
+        posterior = model.apply({"params": params}, x, method="encode")
+        return (*posterior, model.apply({"params": params}, z, method="decode"))
+
+    got32 = jax.jit(run, static_argnums=0)(model, params, x, z)
+    model64 = model.clone(dtype=jnp.float64)
+    params64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+    got64 = jax.jit(run, static_argnums=0)(
+        model64, params64, *(jnp.asarray(a, jnp.float64) for a in (x, z))
+    )
+    for name, got, got_f32 in zip(("mean", "logvar", "dec"), got64, got32, strict=True):
+        assert _rel_err(_nchw(got), arrays[f"{name}64"]) <= 2e-6, name
+        assert _rel_err(_nchw(got_f32), arrays[f"{name}32"]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_load_diffusers_autoencoder_reads_a_model_or_pipeline_folder(tmp_path, pipeline):
+    config, state_dict, arrays = _vae_fixture()
+    folder = tmp_path / "vae" if pipeline else tmp_path
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    save_file(state_dict, str(folder / "diffusion_pytorch_model.safetensors"))
+    model, params, scale = convert.load_diffusers_autoencoder(tmp_path)
+    assert scale == 0.5
+    x = jnp.asarray(arrays["x"].transpose(0, 2, 3, 1))
+    mean = model.apply({"params": params}, x, method="encode").mean
+    assert _rel_err(_nchw(mean), arrays["mean32"]) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(_class_name="UNet2DModel"), r"config\['_class_name'\] must be 'AutoencoderKL'"),
+        (dict(use_quant_conv=False), r"config\['use_quant_conv'\] must be True"),
+        (dict(mid_block_add_attention=False), r"config\['mid_block_add_attention'\] must be"),
+        (dict(shift_factor=0.0609), r"config\['shift_factor'\] must be None"),
+        (dict(latents_mean=[0.0] * 2), r"config\['latents_mean'\] must be None"),
+        (dict(out_channels=1), r"config\['out_channels'\] must be in_channels = 3; got 1"),
+        (dict(act_fn="gelu"), r"config\['act_fn'\] must be 'silu' or 'swish'; got 'gelu'"),
+        (dict(block_out_channels=[8, 12]), r"config\['block_out_channels'\] must be"),
+        (dict(down_block_types=["DownEncoderBlock2D"]), r"2 x 'DownEncoderBlock2D'"),
+        (dict(norm_num_groups=3), r"config\['norm_num_groups'\] must be a positive int divid"),
+        (dict(scaling_factor=0), r"config\['scaling_factor'\] must be a finite number > 0"),
+        (dict(time_embedding_dim=8), r"key\(s\) \['time_embedding_dim'\] that autoencoder_"),
+    ],
+)
+def test_autoencoder_refuses_config_values_it_cannot_reproduce(change, match):
+    config, state_dict, _ = _vae_fixture()
+    with pytest.raises(ValueError, match=match):
+        convert.autoencoder_from_diffusers({**config, **change}, state_dict)
+
+
+def test_autoencoder_refuses_a_state_dict_that_does_not_fit():
+    config, state_dict, _ = _vae_fixture()
+    key = "decoder.up_blocks.0.resnets.1.conv1.weight"  # deepest level (ours up_1), 2nd block
+    assert key in state_dict
+    with pytest.raises(ValueError, match=r"for AutoencoderKL param .decoder/up_1_res_1/conv1/"):
+        convert.autoencoder_from_diffusers(config, _without(state_dict, key))
+    with pytest.raises(ValueError, match="AutoencoderKL has no place for: \\['extra'\\]"):
+        convert.autoencoder_from_diffusers(config, {**state_dict, "extra": np.zeros(1)})
+
+
 # --------------------------------------------------------------------------- schedulers
 
 SCHEDULERS = {
