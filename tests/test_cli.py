@@ -34,9 +34,9 @@ def test_readme_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
     assert blocks, "README.md has no python example"
     # the sixth, loading diffusers weights, runs in test_convert.py (it needs a model folder)
-    assert len(blocks) == 7, (
+    assert len(blocks) == 8, (
         "README.md should hold the math, sampling, DDIM inversion, editing, ControlNet, "
-        "diffusers and flow examples"
+        "diffusers, flow and latent diffusion examples"
     )
     import numpy as np
 
@@ -71,6 +71,12 @@ def test_readme_example_runs():
     assert namespace["log_p"].shape == (8,) and np.all(np.isfinite(namespace["log_p"]))
     assert namespace["x0"].shape == (8, 16, 16, 1)
     assert np.all(np.isfinite(np.asarray(namespace["x0"])))
+    exec(compile(blocks[7], "README.md", "exec"), namespace)  # latent diffusion, continues
+    assert jax.tree.structure(namespace["ae_grads"]) == jax.tree.structure(namespace["ae_params"])
+    assert namespace["z"].shape == namespace["z0"].shape == (8, 8, 8, 2)
+    assert abs(float(np.std(np.asarray(namespace["scale"] * namespace["z"]))) - 1) < 1e-5
+    assert namespace["samples"].shape == (8, 16, 16, 1) and np.isfinite(float(namespace["loss"]))
+    assert np.all(np.isfinite(np.asarray(namespace["samples"])))
 
 
 def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, monkeypatch):
