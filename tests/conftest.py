@@ -16,8 +16,13 @@ import os
 # about twice as fast; the programs run slower only where the elementwise work is large (the
 # 1000-step Gaussian sampler tests, ~10%). Measured on the 2-core AMD EPYC (jax 0.10.2), cold
 # cache: tests/test_models.py backend compile 53.5-59.1 s -> 27.5-34.3 s, test_samplers.py
-# 48.8 -> 22.1 s; the whole suite (-n 2) 770 s -> 581 s.
-SUBPROCESS_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# 48.8 -> 22.1 s; the whole suite (-n 2) 770 s -> 581 s. And each program's LLVM module in one
+# piece (XLA splits it for parallel codegen, which two busy workers on two cores cannot use):
+# test_models.py on one core, compile 29.8-32.4 s -> 25.4-27.8 s, wall 60-65 s -> 54-58 s.
+SUBPROCESS_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+    "--xla_cpu_parallel_codegen_split_count=1"
+)
 # 8 fake CPU devices for the multi-device tests (pmap / sharding); a single-device test
 # is unaffected because arrays live on device 0 unless placed elsewhere.
 os.environ.setdefault(
