@@ -106,21 +106,27 @@ def _refuse(key: str, value, allowed: str) -> ValueError:
     )
 
 
+def _with_defaults(config, class_name: str, defaults: dict[str, Any], caller: str) -> dict:
+    """The config's keys over diffusers' defaults (keys starting with '_' dropped), after
+    checking that it is a mapping of `class_name` with no key unknown to `caller`."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping (config.json as a dict); got {config!r}")
+    name = config.get("_class_name", class_name)
+    if name != class_name:
+        raise _refuse("_class_name", name, repr(class_name))
+    unknown = sorted(k for k in config if not str(k).startswith("_") and k not in defaults)
+    if unknown:
+        raise ValueError(
+            f"config has key(s) {unknown} that {caller} does not know (a key it does not know "
+            f"may change the network); allowed: {sorted(defaults)}"
+        )
+    return {**defaults, **{k: v for k, v in config.items() if not str(k).startswith("_")}}
+
+
 def _unet_kwargs(config: Mapping) -> tuple[dict[str, Any], int, int | None, bool]:
     """UNet fields of a UNet2DModel config, or ValueError naming the first value they cannot
     express; also returns in_channels, the sample height and flip_sin_to_cos."""
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config must be a mapping (config.json as a dict); got {config!r}")
-    name = config.get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise _refuse("_class_name", name, "'UNet2DModel'")
-    unknown = sorted(k for k in config if not str(k).startswith("_") and k not in _DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"config has key(s) {unknown} that unet_from_diffusers does not know (a key it "
-            f"does not know may change the network); allowed: {sorted(_DEFAULTS)}"
-        )
-    cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if not str(k).startswith("_")}}
+    cfg = _with_defaults(config, "UNet2DModel", _DEFAULTS, "unet_from_diffusers")
 
     fixed = dict(
         time_embedding_type=("positional", "'positional' (sinusoidal)"),
@@ -513,18 +519,7 @@ _VAE_DEFAULTS: dict[str, Any] = dict(
 def _autoencoder_kwargs(config: Mapping) -> tuple[dict[str, Any], float]:
     """AutoencoderKL fields of a diffusers AutoencoderKL config and its scaling_factor, or
     ValueError naming the first value they cannot express."""
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config must be a mapping (config.json as a dict); got {config!r}")
-    name = config.get("_class_name", "AutoencoderKL")
-    if name != "AutoencoderKL":
-        raise _refuse("_class_name", name, "'AutoencoderKL'")
-    unknown = sorted(k for k in config if not str(k).startswith("_") and k not in _VAE_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"config has key(s) {unknown} that autoencoder_from_diffusers does not know (a key "
-            f"it does not know may change the network); allowed: {sorted(_VAE_DEFAULTS)}"
-        )
-    cfg = {**_VAE_DEFAULTS, **{k: v for k, v in config.items() if not str(k).startswith("_")}}
+    cfg = _with_defaults(config, "AutoencoderKL", _VAE_DEFAULTS, "autoencoder_from_diffusers")
     for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
         if cfg[key] is not True:
             raise _refuse(key, cfg[key], "True (AutoencoderKL always has that layer)")

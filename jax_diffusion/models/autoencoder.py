@@ -126,8 +126,8 @@ def _check_input(x: jax.Array, channels: int, factor: int, name: str, what: str)
         )
 
 
-class Encoder(nn.Module):
-    """x [B, H, W, C] -> features [B, H/f, W/f, 2 * latent_channels] (see the module docstring)."""
+class _Half(nn.Module):
+    """The fields the encoder and decoder share (AutoencoderKL's, which documents them)."""
 
     latent_channels: int = 4
     base_channels: int = 128
@@ -135,6 +135,10 @@ class Encoder(nn.Module):
     num_res_blocks: int = 2
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+
+
+class Encoder(_Half):
+    """x [B, H, W, C] -> features [B, H/f, W/f, 2 * latent_channels] (see the module docstring)."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -155,16 +159,10 @@ class Encoder(nn.Module):
         return nn.Conv(2 * self.latent_channels, (3, 3), padding=1, name="conv_out", **kw)(h)
 
 
-class Decoder(nn.Module):
+class Decoder(_Half):
     """z features [B, h, w, latent_channels] -> x [B, h f, w f, out_channels]."""
 
-    out_channels: int
-    latent_channels: int = 4
-    base_channels: int = 128
-    channel_mults: Sequence[int] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
+    out_channels: int = 3
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -236,7 +234,7 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(**net)
         self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
         self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
-        self.decoder = Decoder(self.channels, **net)
+        self.decoder = Decoder(out_channels=self.channels, **net)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """q(z | x) for x [B, H, W, channels] (H, W multiples of f): mean and logvar, each
