@@ -210,6 +210,7 @@ _NUMERIC_FIELDS = {  # field -> may it be None
     "train.log_every": False,
     "train.checkpoint_every": False,
     "train.max_bad_steps": False,
+    "train.max_loss": True,
     "train.learning_rate": False,
     "train.warmup_steps": False,
     "train.ema_decay": False,
@@ -288,6 +289,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"train.lr_schedule must be one of 'cosine', 'constant'; got {tc.lr_schedule!r}"
         )
+    if tc.get("max_loss", None) is not None and not tc.max_loss > 0:
+        raise ValueError(f"train.max_loss must be > 0 or None; got {tc.max_loss!r}")
     if not tc.learning_rate > 0:
         raise ValueError(f"train.learning_rate must be > 0; got {tc.learning_rate!r}")
     if not 0 <= tc.warmup_steps <= tc.num_steps:

@@ -76,7 +76,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """Raised after `train.max_bad_steps` consecutive non-finite steps; checkpoints are intact."""
+    """Raised after `train.max_bad_steps` consecutive skipped steps (a non-finite loss or
+    gradient, or a loss above `train.max_loss`); checkpoints are intact."""
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -119,15 +120,17 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
     randomness (t, noise, dropout, label dropout) from fold_in(state.rng, k); with
     config.data.random_flip its images are first mirrored by
     `data.random_flip(fold_in(fold_in(state.rng, k), FLIP_KEY), images)`. A step whose loss
-    or gradient is not finite leaves params, EMA and optimizer state untouched and is counted in
-    `bad_steps` / `skipped_steps`. With diffusion.process 'flow' the loss is
-    `flow_matching_loss` of the model's `velocity` method at t from `flow_time_draws`.
+    or gradient is not finite, or whose loss is above config.train.max_loss (when set), leaves
+    params, EMA and optimizer state untouched and is counted in `bad_steps` / `skipped_steps`.
+    With diffusion.process 'flow' the loss is `flow_matching_loss` of the model's `velocity`
+    method at t from `flow_time_draws`.
     """
     d, tc = config.diffusion, config.train
     num_classes = config.model.get("num_classes", None)
     class_dropout = config.model.get("class_dropout", 0.0)
 
     num_chunks = int(tc.get("microbatches", 1))
+    max_loss = tc.get("max_loss", None)
     flip = config.data.get("random_flip", False)
     # diffusion.process 'flow': regress the velocity of a FlowDenoiser at t ~ U(0, 1) (or
     # logit-normal) on the straight path instead of a prediction at integer steps
@@ -185,28 +188,30 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: jd.Schedule):
             loss_fn, state.params, (x0, t, noise, y), dropout_rng, num_chunks
         )
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        good = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if max_loss is not None:  # a finite divergence is skipped too
+            good = good & (loss <= max_loss)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, tc.ema_decay, tc.get("ema_warmup", True))
         ema = update_ema(state.ema_params, params, decay)
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        def keep_if_good(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(good, a, b), new, old)
 
         new_state = state.replace(
             step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            ema_params=keep_if_finite(ema, state.ema_params),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
-            skipped_steps=state.skipped_steps + jnp.where(finite, 0, 1),
+            params=keep_if_good(params, state.params),
+            ema_params=keep_if_good(ema, state.ema_params),
+            opt_state=keep_if_good(opt_state, state.opt_state),
+            bad_steps=jnp.where(good, 0, state.bad_steps + 1),
+            skipped_steps=state.skipped_steps + jnp.where(good, 0, 1),
         )
         metrics = {
             "loss": loss,
             "mse": aux["mse"],
             "grad_norm": grad_norm,
-            "skipped": 1 - finite.astype(jnp.int32),
+            "skipped": 1 - good.astype(jnp.int32),
             "bad_steps": new_state.bad_steps,
         }
         if "vlb_bpd" in aux:
@@ -598,7 +603,8 @@ def train_and_evaluate(
             # the previous step's counter is read now, so the host never waits on this step
             if prev_bad is not None and int(prev_bad) >= tc.max_bad_steps:
                 raise TrainingDiverged(
-                    f"{int(prev_bad)} consecutive steps had a non-finite loss or gradient "
+                    f"{int(prev_bad)} consecutive steps had a non-finite loss or gradient (or a "
+                    f"loss above train.max_loss={tc.get('max_loss', None)}) "
                     f"(train.max_bad_steps={tc.max_bad_steps}) at step {step}; stopping. "
                     + _last_good(ckpt)
                 )

@@ -87,6 +87,8 @@ def test_bad_values_and_missing_runs_end_as_argparse_errors(tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # the data extra missing
     cases = [
         ([*train, "--set", "train.grad_clip=-1"], "train.grad_clip"),
+        ([*train, "--set", "train.max_loss=0"], "train.max_loss must be > 0 or None; got 0"),
+        ([*train, "--set", "train.max_loss=inf"], "train.max_loss must be a finite number or"),
         ([*train, "--set", "model.nope=1"], "unknown config key 'model.nope'"),
         # 2**32 was PRNGKey(0) again; 2**64 an OverflowError
         ([*train, "--set", "seed=4294967296"], r"seed must be an int in [0, 4294967295]"),

@@ -200,16 +200,17 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, name, overrides):
 
 
 class PoisonedBatches:
-    """Real batches, with NaN images in the batches (numbered from 1) that `bad(n)` selects."""
+    """Real batches, with images of `value` (NaN) in the batches (numbered from 1) that `bad(n)`
+    selects."""
 
-    def __init__(self, it, bad):
-        self.it, self.bad, self.n = it, bad, 0
+    def __init__(self, it, bad, value=np.nan):
+        self.it, self.bad, self.value, self.n = it, bad, value, 0
 
     def __next__(self):
         batch = dict(next(self.it))
         self.n += 1
         if self.bad(self.n):
-            batch["image"] = np.full_like(batch["image"], np.nan)
+            batch["image"] = np.full_like(batch["image"], self.value)
         return batch
 
     def get_state(self):
@@ -219,12 +220,12 @@ class PoisonedBatches:
         self.it.set_state(state)
 
 
-def poison_batches(monkeypatch, bad):
+def poison_batches(monkeypatch, bad, value=np.nan):
     real = data_lib.get_dataset
 
     def get_dataset(*args, **kwargs):
         it, info = real(*args, **kwargs)
-        return PoisonedBatches(it, bad), info
+        return PoisonedBatches(it, bad, value), info
 
     monkeypatch.setattr(data_lib, "get_dataset", get_dataset)
 
@@ -241,6 +242,30 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch)
     restored, _ = ckpt.restore(fresh)
     assert int(restored.bad_steps) == 0 and int(restored.skipped_steps) == 0
     assert all(np.all(np.isfinite(x)) for x in leaves(restored.params))
+
+
+def test_a_finite_loss_above_train_max_loss_is_skipped_then_training_stops(tmp_path, monkeypatch):
+    """A divergence that stays finite (data of 1e4 from step 3 on: the eps loss of the toy MLP
+    is ~1e7) passes the non-finite guard but not train.max_loss; without max_loss the same run
+    trains through it, its checkpoints taking the blown-up params."""
+    poison_batches(monkeypatch, lambda n: n > 2, value=1e4)
+    config = smoke("toy_2d.py", train__num_steps=8, train__checkpoint_every=1)
+    config.train.max_bad_steps, config.train.keep_checkpoints = 2, None
+    summary = train.train_and_evaluate(config, str(tmp_path / "unguarded"))
+    assert summary["final_step"] == 8 and summary["skipped_steps"] == 0
+    assert summary["final_loss"] > 1e4  # the divergence, logged and trained on
+    config.train.max_loss = 1e3
+    with pytest.raises(
+        train.TrainingDiverged, match=r"2 consecutive steps had a .* above train.max_loss=1000.0"
+    ):
+        train.train_and_evaluate(config, str(tmp_path / "guarded"))
+    ckpt = CheckpointManager(str(tmp_path / "guarded"))
+    assert ckpt.latest_step() == 2  # the last good step's checkpoint; none of the streak
+    model = train.create_model(config, channels=2)
+    fresh = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,))
+    restored, _ = ckpt.restore(fresh)
+    unguarded, _ = CheckpointManager(str(tmp_path / "unguarded")).restore(fresh, step=2)
+    assert_trees_equal(restored.params, unguarded.params)  # the same run up to the streak
 
 
 def test_stop_after_and_a_skipped_last_step_leave_a_resumable_run(tmp_path, monkeypatch):
@@ -1057,7 +1082,7 @@ def test_loop_logs_window_means_checkpoints_and_samples_at_their_intervals(tmp_p
 def test_loop_stops_after_max_bad_steps_without_checkpointing_the_streak(tmp_path, monkeypatch):
     runs, _ = _scripted_loop(monkeypatch, bad_steps={3, 4, 5, 6, 7, 8})
     config = smoke("toy_2d.py", train__num_steps=8, train__checkpoint_every=1)
-    config.train.max_bad_steps = 2
+    config.train.max_bad_steps, config.train.keep_checkpoints = 2, None
     with pytest.raises(train.TrainingDiverged, match=r"^2 consecutive steps .* at step 4;"):
         train.train_and_evaluate(config, str(tmp_path))
     assert [s for s, _, _ in runs[str(tmp_path)]] == [1, 2]

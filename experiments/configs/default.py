@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 2
     config.train.sample_every = 0  # 0: only at the end
     config.train.max_bad_steps = 10
+    # a step whose loss is above this is skipped like a non-finite one (and counts toward
+    # max_bad_steps): a finite divergence never reaches the params; None: no bound
+    config.train.max_loss = None
     config.train.stop_after = 0  # > 0: stop (checkpointed) on reaching this step, as a preemption
     #                               would; running the same command again continues past it
 
