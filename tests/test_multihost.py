@@ -29,6 +29,13 @@ def _run_two_processes(command, **env_extra):
     port = _free_port()
     path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
+    # the suite's persistent compilation cache, for every program (as test_notebooks does): the
+    # two tests' processes compile the same toy programs (measured alone: 33.6 -> 29.0 s)
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     env.update(env_extra)
     procs = [
         subprocess.Popen(
