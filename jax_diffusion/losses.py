@@ -69,6 +69,16 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
     )
 
 
+def _sum_flat(x: jax.Array) -> jax.Array:
+    """Sum over all axes but the first: [B, ...] -> [B]."""
+    return jnp.sum(x, axis=tuple(range(1, jnp.ndim(x))))
+
+
+def _standard_normal_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(N(mean, exp(logvar)) || N(0, I)) in nats per example: [B, ...] -> [B]."""
+    return _sum_flat(normal_kl(mean, logvar, 0.0, 0.0))
+
+
 def _log1mexp(x):
     """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012)."""
     x = jnp.minimum(x, 0.0)
@@ -516,9 +526,7 @@ def autoencoder_loss(
             f"{jnp.shape(mean)} and {jnp.shape(logvar)}"
         )
     err = x_rec.astype(jnp.float32) - x.astype(jnp.float32)
-    per_pixel = jnp.abs(err) if loss_type == "l1" else jnp.square(err)
-    rec = jnp.sum(per_pixel, axis=tuple(range(1, per_pixel.ndim)))
-    kl = normal_kl(mean.astype(jnp.float32), logvar.astype(jnp.float32), 0.0, 0.0)
-    kl = jnp.sum(kl, axis=tuple(range(1, kl.ndim)))
+    rec = _sum_flat(jnp.abs(err) if loss_type == "l1" else jnp.square(err))
+    kl = _standard_normal_kl(mean.astype(jnp.float32), logvar.astype(jnp.float32))
     loss = jnp.mean(rec + kl_weight * kl)
     return loss, {"loss": loss, "reconstruction": rec, "kl": kl}
