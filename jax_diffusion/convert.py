@@ -614,6 +614,14 @@ def load_diffusers_autoencoder(path: str | pathlib.Path) -> tuple[AutoencoderKL,
     """`autoencoder_from_diffusers` of a diffusers AutoencoderKL folder (config.json and
     diffusion_pytorch_model.safetensors; no torch), or of `path/vae` for a whole pipeline.
 
+    Args:
+      path: the model folder, e.g. a local copy of stabilityai/sd-vae-ft-mse (Stable
+        Diffusion's layout, 83.65M parameters, converts to within 5e-6 of diffusers' float32
+        encode / decode at 64x64; checked once with random weights).
+
+    Returns:
+      (model, params, scaling_factor) of `autoencoder_from_diffusers`.
+
     Raises:
       FileNotFoundError, ImportError: as `load_diffusers_unet`.
       ValueError: see `autoencoder_from_diffusers`.
