@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from test_models import (
+    _all_eqns,
     _normal_params,
     _np_attention,
     _np_conv,
@@ -144,6 +145,29 @@ def test_downsampling_factor_non_square_inputs_and_bfloat16_compute(params):
     assert 0 < np.abs(got - want).max() < 0.1 * np.abs(want).max()
 
 
+def test_remat_gives_the_same_loss_and_gradients_and_param_dtype_sets_the_params(params):
+    remat = AutoencoderKL(channels=3, remat=True, **TINY)
+
+    def loss(model, p):
+        x_rec, posterior = model.apply({"params": p}, X, jax.random.key(5))
+        return autoencoder_loss(X, x_rec, *posterior)[0]
+
+    # one checkpointed call per ResBlock and attention: encoder 2 + 3 (middle), decoder 3 + 4
+    jaxpr = jax.make_jaxpr(lambda p: remat.apply({"params": p}, X))(params).jaxpr
+    names = [eqn.primitive.name for eqn in _all_eqns(jaxpr)]
+    assert sum("remat" in n or "checkpoint" in n for n in names) == 2 + 3 + 3 + 4
+    want, want_grads = jax.value_and_grad(lambda p: loss(AE, p))(params)
+    got, grads = jax.value_and_grad(lambda p: loss(remat, p))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want_grads
+    )
+    bf16 = AutoencoderKL(channels=3, param_dtype=jnp.bfloat16, **TINY)
+    shapes = jax.eval_shape(bf16.init, jax.random.key(0), X)["params"]
+    assert {a.dtype for a in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
+    assert jax.eval_shape(bf16.apply, {"params": shapes}, X)[0].dtype == jnp.float32
+
+
 def test_diagonal_gaussian_draws_and_kl_follow_their_formulas():
     mean = jnp.array([[0.5, -2.0, 0.0]])
     logvar = jnp.array([[0.0, np.log(0.25), np.log(4.0)]])
@@ -228,6 +252,8 @@ def test_latent_scale_factor_gives_unit_std():
         (dict(channels=3, channel_mults=()), (1, 8, 8, 3), "channel_mults must be a non-empty"),
         (dict(channels=3, num_res_blocks=-1), (1, 8, 8, 3), "num_res_blocks must be an int >= 0"),
         (dict(channels=3, dtype=jnp.int32), (1, 8, 8, 3), "dtype"),
+        (dict(channels=3, param_dtype=jnp.int8), (1, 8, 8, 3), "param_dtype"),
+        (dict(channels=3, remat=1), (1, 8, 8, 3), "remat must be True or False; got 1"),
         (dict(channels=3), (1, 8, 8, 1), r"x must be \[B, H, W, 3\] \(data\); got shape"),
         (dict(channels=3), (1, 8, 7, 3), "multiples of the downsampling factor 2"),
     ],

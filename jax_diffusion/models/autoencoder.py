@@ -25,6 +25,7 @@ Stable Diffusion's autoencoder), and decodes a sample z0 as D(z0 / scale_factor)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -94,6 +95,8 @@ def latent_scale_factor(z: jax.Array) -> jax.Array:
 
 def _check_fields(module) -> None:
     """AutoencoderKL's field checks, before any parameter is made."""
+    if not isinstance(module.remat, bool):
+        raise ValueError(f"remat must be True or False; got {module.remat!r}")
     for name in ("channels", "base_channels", "latent_channels", "num_res_blocks", "num_groups"):
         value = getattr(module, name)
         low = 0 if name == "num_res_blocks" else 1
@@ -113,6 +116,7 @@ def _check_fields(module) -> None:
                 f"base_channels * channel_mults = {[module.base_channels * m for m in mults]}"
             )
     check_field_dtype("dtype", module.dtype)
+    check_field_dtype("param_dtype", module.param_dtype)
 
 
 def _check_input(x: jax.Array, channels: int, factor: int, name: str, what: str) -> None:
@@ -126,7 +130,8 @@ def _check_input(x: jax.Array, channels: int, factor: int, name: str, what: str)
 
 
 class _Half(nn.Module):
-    """The fields the encoder and decoder share (AutoencoderKL's, which documents them)."""
+    """The fields the encoder, the decoder and AutoencoderKL share (AutoencoderKL documents
+    them)."""
 
     latent_channels: int = 4
     base_channels: int = 128
@@ -134,6 +139,16 @@ class _Half(nn.Module):
     num_res_blocks: int = 2
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def blocks(self) -> tuple[type[nn.Module], type[nn.Module], dict, dict]:
+        """(ResBlock class, AttentionBlock class, conv kwargs, block kwargs), rematerialised
+        under remat (the ResBlocks are called without `train`: no dropout here)."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        res = nn.remat(ResBlock) if self.remat else ResBlock
+        attn = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        return res, attn, kw, dict(num_groups=self.num_groups, **kw)
 
 
 class Encoder(_Half):
@@ -141,19 +156,16 @@ class Encoder(_Half):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype)
-        block = dict(num_groups=self.num_groups, **kw)
+        res, attn, kw, block = self.blocks()
         h = nn.Conv(self.base_channels, (3, 3), padding=1, name="conv_in", **kw)(x)
         for level, mult in enumerate(self.channel_mults):
             for i in range(self.num_res_blocks):
-                h = ResBlock(self.base_channels * mult, name=f"down_{level}_res_{i}", **block)(
-                    h, None
-                )
+                h = res(self.base_channels * mult, name=f"down_{level}_res_{i}", **block)(h, None)
             if level != len(self.channel_mults) - 1:
                 h = Downsample(h.shape[-1], padding="same", name=f"down_{level}_downsample", **kw)(
                     h
                 )
-        h = _middle(h, block)
+        h = _middle(h, res, attn, block)
         h = nn.silu(GroupNorm(name="norm_out", **block)(h))
         return nn.Conv(2 * self.latent_channels, (3, 3), padding=1, name="conv_out", **kw)(h)
 
@@ -165,30 +177,29 @@ class Decoder(_Half):
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype)
-        block = dict(num_groups=self.num_groups, **kw)
+        res, attn, kw, block = self.blocks()
         top = self.base_channels * self.channel_mults[-1]
         h = nn.Conv(top, (3, 3), padding=1, name="conv_in", **kw)(z)
-        h = _middle(h, block)
+        h = _middle(h, res, attn, block)
         for level in reversed(range(len(self.channel_mults))):
             for i in range(self.num_res_blocks + 1):
                 ch = self.base_channels * self.channel_mults[level]
-                h = ResBlock(ch, name=f"up_{level}_res_{i}", **block)(h, None)
+                h = res(ch, name=f"up_{level}_res_{i}", **block)(h, None)
             if level != 0:
                 h = Upsample(h.shape[-1], name=f"up_{level}_upsample", **kw)(h)
         h = nn.silu(GroupNorm(name="norm_out", **block)(h))
         return nn.Conv(self.out_channels, (3, 3), padding=1, name="conv_out", **kw)(h)
 
 
-def _middle(h: jax.Array, block: dict) -> jax.Array:
+def _middle(h: jax.Array, res, attn, block: dict) -> jax.Array:
     """ResBlock, single-head attention, ResBlock at the lowest resolution (both halves)."""
     ch = h.shape[-1]
-    h = ResBlock(ch, name="mid_res_0", **block)(h, None)
-    h = AttentionBlock(num_heads=1, name="mid_attn", **block)(h)
-    return ResBlock(ch, name="mid_res_1", **block)(h, None)
+    h = res(ch, name="mid_res_0", **block)(h, None)
+    h = attn(num_heads=1, name="mid_attn", **block)(h)
+    return res(ch, name="mid_res_1", **block)(h, None)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(_Half):
     """Latent diffusion's KL-regularised autoencoder (Rombach et al. 2022), NHWC.
 
     `ae.apply(variables, x, method="encode")` gives q(z | x) as a `DiagonalGaussian`,
@@ -197,23 +208,20 @@ class AutoencoderKL(nn.Module):
     `losses.autoencoder_loss` wants them. `ae.init(rng, x)` makes the parameters.
 
     Attributes:
-      channels: C, the data's channel count (the decoder's output).
+      channels: C, the data's channel count (the decoder's output); keyword-only.
       latent_channels: z channels (4 in Stable Diffusion).
       base_channels: channels of the first level (128 in Stable Diffusion).
       channel_mults: per-level multipliers; the downsampling factor f is 2^(len - 1)
         ((1, 2, 4, 4): f = 8).
       num_res_blocks: ResBlocks per encoder level (the decoder has one more).
       num_groups: GroupNorm groups; must divide every level's channel count.
-      dtype: compute dtype (parameters stay float32); the posterior and the output are float32.
+      dtype: compute dtype (e.g. jnp.bfloat16); the posterior and the output are float32.
+      param_dtype: parameter dtype.
+      remat: recompute the ResBlock and attention activations in the backward pass
+        (flax.linen.remat) to save memory, as diffusers' gradient checkpointing does.
     """
 
-    channels: int
-    latent_channels: int = 4
-    base_channels: int = 128
-    channel_mults: Sequence[int] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    num_groups: int = 32
-    dtype: Dtype = jnp.float32
+    channels: int = dataclasses.field(kw_only=True)  # after the shared fields' defaults
 
     @property
     def downsampling_factor(self) -> int:
@@ -222,17 +230,13 @@ class AutoencoderKL(nn.Module):
 
     def setup(self):
         _check_fields(self)
-        net = dict(
-            latent_channels=self.latent_channels,
-            base_channels=self.base_channels,
-            channel_mults=tuple(self.channel_mults),
-            num_res_blocks=self.num_res_blocks,
-            num_groups=self.num_groups,
-            dtype=self.dtype,
-        )
+        net = {f.name: getattr(self, f.name) for f in dataclasses.fields(_Half) if f.init}
+        net = {k: v for k, v in net.items() if k not in ("parent", "name")}
+        net["channel_mults"] = tuple(self.channel_mults)
         self.encoder = Encoder(**net)
-        self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
-        self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), **kw)
+        self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), **kw)
         self.decoder = Decoder(out_channels=self.channels, **net)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
