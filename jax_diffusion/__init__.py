@@ -33,7 +33,13 @@ from jax_diffusion.dpm_solver import (
     dpm_solver_pp_timesteps,
 )
 from jax_diffusion.editing import repaint_sample, repaint_timesteps, sdedit, sdedit_timesteps
-from jax_diffusion.edm import heun_sample, heun_step, karras_timesteps
+from jax_diffusion.edm import (
+    churn_step,
+    churn_timesteps,
+    heun_sample,
+    heun_step,
+    karras_timesteps,
+)
 from jax_diffusion.flow_matching import (
     denoiser_from_flow,
     eps_from_flow_velocity,

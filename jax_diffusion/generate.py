@@ -12,6 +12,7 @@ fit at once. Both default the sampling settings to the run's config and check th
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -76,9 +77,10 @@ def sample(
       shape: one example's shape, [H, W, C] or [D].
       num: samples to draw, >= 1.
       sampler: 'ddpm' | 'ddim' | 'dpm++' | 'heun' (EDM's `heun_sample` on
-        `karras_timesteps`), or for a diffusion.process 'flow' run 'euler' | 'heun':
-        `flow_sample` of the network's velocity at `flow_timesteps(num_steps,
-        shift=config.sample.shift)` (None: config.sample.sampler).
+        `karras_timesteps`, with config.sample's s_churn, s_tmin, s_tmax, s_noise), or for a
+        diffusion.process 'flow' run 'euler' | 'heun': `flow_sample` of the network's
+        velocity at `flow_timesteps(num_steps, shift=config.sample.shift)` (None:
+        config.sample.sampler).
       num_steps: model calls of ddim and dpm++, steps of heun (2n - 1 calls; for a flow run
         ODE steps of euler and heun, 2n calls) (None: config.sample.num_steps); ddpm runs all
         T steps and rejects it.
@@ -153,7 +155,12 @@ def sample(
                 model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
             )
         if sampler == "heun":
-            return samplers.heun_sample(model_fn, schedule, x, num_steps=num_steps, **common)
+            churn = dict(s_churn=s.get("s_churn", 0.0), s_tmin=s.get("s_tmin", 0.0))
+            churn.update(s_tmax=s.get("s_tmax", None), s_noise=s.get("s_noise", 1.0))
+            churn["s_tmax"] = math.inf if churn["s_tmax"] is None else churn["s_tmax"]
+            return samplers.heun_sample(
+                model_fn, schedule, x, num_steps=num_steps, rng=k, **churn, **common
+            )
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
     def draw_flow(params, labels, w, x):

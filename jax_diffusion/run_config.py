@@ -227,6 +227,10 @@ _NUMERIC_FIELDS = {  # field -> may it be None
     "sample.eta": False,
     "sample.guidance": False,
     "sample.shift": False,
+    "sample.s_churn": False,
+    "sample.s_tmin": False,
+    "sample.s_tmax": True,
+    "sample.s_noise": False,
 }
 
 
@@ -338,6 +342,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"sample.num_samples must be >= 1; got {s.num_samples!r}")
     if not s.get("eta", 0.0) >= 0:
         raise ValueError(f"sample.eta must be >= 0; got {s.eta!r}")
+    for key in ("s_churn", "s_tmin", "s_noise"):
+        if not s.get(key, 0.0) >= 0:
+            raise ValueError(f"sample.{key} must be >= 0; got {s[key]!r}")
+    if s.get("s_tmax", None) is not None and not s.s_tmax >= s.get("s_tmin", 0.0):
+        raise ValueError(
+            f"sample.s_tmax must be >= sample.s_tmin={s.get('s_tmin', 0.0)!r} or None (no bound); "
+            f"got {s.s_tmax!r}"
+        )
     if not isinstance(tc.get("ema_warmup", True), bool):
         raise ValueError(f"train.ema_warmup must be True or False; got {tc.ema_warmup!r}")
     if not isinstance(config.data.get("random_flip", False), bool):

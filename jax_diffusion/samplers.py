@@ -20,8 +20,9 @@ O(num_steps / k)); x0 is its last entry only when k divides num_steps.
 
 DPM-Solver++(2M) and (3M) (`dpm_solver_pp_sample`, `dpm_solver_pp_step`,
 `dpm_solver_pp_timesteps`; Lu et al. 2022) live in `jax_diffusion.dpm_solver` and are re-exported
-here, as are EDM's Heun sampler and rho-spaced steps (`heun_sample`, `heun_step`,
-`karras_timesteps`; Karras et al. 2022) from `jax_diffusion.edm`; what this docstring says of
+here, as are EDM's Heun sampler with its optional churn and rho-spaced steps (`heun_sample`,
+`heun_step`, `churn_step`, `churn_timesteps`, `karras_timesteps`; Karras et al. 2022) from
+`jax_diffusion.edm`; what this docstring says of
 every sampler holds for them too. Classifier-free and
 classifier guidance and dynamic thresholding live in `jax_diffusion.guidance` and are
 re-exported here as well: `classifier_free_guidance` wraps a conditional model into a
@@ -77,7 +78,7 @@ from jax_diffusion.dpm_solver import (
     dpm_solver_pp_step,
     dpm_solver_pp_timesteps,
 )
-from jax_diffusion.edm import heun_sample, heun_step, karras_timesteps
+from jax_diffusion.edm import churn_step, churn_timesteps, heun_sample, heun_step, karras_timesteps
 from jax_diffusion.guidance import (
     classifier_free_guidance,
     classifier_grad,
@@ -89,6 +90,8 @@ from jax_diffusion.schedules import Schedule
 __all__ = [
     "SPACINGS",
     "StepOutput",
+    "churn_step",
+    "churn_timesteps",
     "classifier_free_guidance",
     "classifier_grad",
     "classifier_guidance",

@@ -1,6 +1,8 @@
 """Sampling from trained params (generate.py): the config's settings, labels and guidance, a
 device mesh, batches, the .npz for FID tools."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,9 +262,18 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
     assert seen[-1][1] == 3.0
     generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="ddpm")
     assert traced[-1] == ("ddpm", (5, 2), common)
-    # heun on a diffusion run: EDM's sampler, not the flow ODE's
+    # heun on a diffusion run: EDM's sampler, not the flow ODE's, with the config's churn
+    # (default: none, Algorithm 1) and the sampling key
     generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, sampler="heun")
-    assert traced[-1] == ("heun", (5, 2), dict(num_steps=7, **common))
+    assert isinstance(traced[-1][2].pop("rng"), jax.Array)
+    no_churn = dict(s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)
+    assert traced[-1] == ("heun", (5, 2), dict(num_steps=7, **no_churn, **common))
+    churned = config.copy_and_resolve_references()
+    churned.sample.update(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
+    generate.sample(churned, None, {}, schedule, key, shape=(2,), num=5, sampler="heun")
+    traced[-1][2].pop("rng")
+    churn = dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
+    assert traced[-1] == ("heun", (5, 2), dict(num_steps=7, **churn, **common))
     generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="linspace")
     assert traced[-1] == ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="linspace", **common))
     ddim_only = r"with sampler 'ddim' only; got spacing='x' with sampler 'dpm\+\+'"

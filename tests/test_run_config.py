@@ -139,6 +139,12 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         ("diffusion__variance", "wide", "variance"),
         ("diffusion__vlb_weight", -1.0, "diffusion.vlb_weight must be >= 0; got -1.0"),
         ("sample__eta", -0.5, "sample.eta must be >= 0; got -0.5"),
+        ("sample__s_churn", -1.0, "sample.s_churn must be >= 0; got -1.0"),
+        ("sample__s_tmin", -0.1, "sample.s_tmin must be >= 0; got -0.1"),
+        ("sample__s_noise", -1.0, "sample.s_noise must be >= 0; got -1.0"),
+        ("sample__s_noise", None, "sample.s_noise must be a finite number; got None"),
+        ("sample__s_tmax", -1.0, r"sample.s_tmax must be >= sample.s_tmin=0.0 or None .*got -1.0"),
+        ("sample__s_tmax", float("inf"), "sample.s_tmax must be a finite number or None"),
         ("sample__spacing", "uniform", "sample.spacing must be one of .*; got 'uniform'"),
         ("sample__clip_denoised", 1, "sample.clip_denoised must be True or False; got 1"),
         ("sample__num_steps", 0, r"sample.num_steps must lie in \[1, "),
@@ -167,6 +173,9 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
             diffusion__zero_terminal_snr=True, diffusion__prediction="v", sample__spacing="linspace"
         ),
         dict(model__num_classes=1),
+        dict(
+            sample__sampler="heun", sample__s_churn=40.0, sample__s_tmin=0.05, sample__s_tmax=50.0
+        ),
     ]:
         run_config.check_config(smoke(**overrides))
     for name in ("default.py", "digits_cond.py", "toy_2d.py", "cifar10.py", "flow.py"):

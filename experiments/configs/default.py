@@ -96,6 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample.guidance = 1.0
     config.sample.clip_denoised = True
     config.sample.shift = 1.0  # euler / heun (flow runs): flow_timesteps' shift, SD3's s
+    config.sample.s_churn = 0.0  # heun (ddpm runs): EDM's churn, Algorithm 2 (0: Algorithm 1),
+    config.sample.s_tmin = 0.0  # where s_tmin <= sigma / alpha <= s_tmax (None: no upper bound),
+    config.sample.s_tmax = None  # with noise scaled by s_noise (EDM ImageNet-64: 40-80, 0.05, 50,
+    config.sample.s_noise = 1.0  # 1.003-1.007)
 
     if arg:
         apply_variant(config, arg)
