@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_schedule
+from conftest import OPTIMIZED, np_schedule
 
 from jax_diffusion import (
     ddpm_sample,
@@ -228,7 +228,8 @@ def test_repaint_resampling_approaches_the_exact_conditional(x64):
         out = jax.jit(
             lambda x, r, n=jump_n_sample: repaint_sample(
                 model, schedule, known, mask, x, r, jump_length=10, jump_n_sample=n
-            )
+            ),
+            compiler_options=OPTIMIZED,  # a long run: XLA's own optimisation
         )(x_T, jax.random.key(1))
         filled = np.asarray(out[:, 1])
         errors.append((abs(filled.mean() - want_mean), abs(filled.std() - want_std)))

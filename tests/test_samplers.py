@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import OPTIMIZED
 from jax.sharding import PartitionSpec as P
 
 from jax_diffusion import samplers
@@ -222,10 +223,12 @@ def test_ddpm_gaussian_matches_propagated_marginal(prediction, variance, num_ste
     if variance == "learned_range":
         model = _learned_range(model, 2.0 * frac - 1.0)
     timesteps = None if num_steps is None else sampling_timesteps(T, num_steps)
-    x0 = ddpm_sample(
-        model, SCHEDULE, _normal(1, MC_SHAPE), jax.random.key(2), prediction=prediction,
-        variance=variance, timesteps=timesteps,
-    )  # fmt: skip
+    x0 = jax.jit(
+        lambda x, rng: ddpm_sample(
+            model, SCHEDULE, x, rng, prediction=prediction, variance=variance, timesteps=timesteps
+        ),
+        compiler_options=OPTIMIZED,  # a long run: XLA's own optimisation
+    )(_normal(1, MC_SHAPE), jax.random.key(2))
     abar = ABAR if timesteps is None else ABAR[np.sort(timesteps)]
     mean, std = _ddpm_marginal(abar, variance, frac)
     _assert_moments_within_4_sigma(x0, mean, std)
@@ -234,9 +237,10 @@ def test_ddpm_gaussian_matches_propagated_marginal(prediction, variance, num_ste
 @pytest.mark.parametrize("num_steps", [50, 1000])
 def test_ddim_eta1_gaussian_matches_propagated_marginal(num_steps):
     model = gaussian_denoiser(SCHEDULE, DATA_MEAN, DATA_STD, "eps")
-    x0 = ddim_sample(
-        model, SCHEDULE, _normal(3, MC_SHAPE), jax.random.key(4), num_steps=num_steps, eta=1.0
-    )
+    x0 = jax.jit(
+        lambda x, rng: ddim_sample(model, SCHEDULE, x, rng, num_steps=num_steps, eta=1.0),
+        compiler_options=OPTIMIZED,  # a long run: XLA's own optimisation
+    )(_normal(3, MC_SHAPE), jax.random.key(4))
     mean, std = _ddim_marginal(sampling_timesteps(T, num_steps), 1.0)
     _assert_moments_within_4_sigma(x0, mean, std)
 
