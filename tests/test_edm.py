@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import OPTIMIZED
 
 from jax_diffusion import (
     churn_step,
@@ -259,6 +260,7 @@ def test_churn_forgets_a_wrong_start_and_matches_the_propagated_moments():
             model, schedule, x, timesteps=steps, rng=rng, s_churn=churn
         ),
         static_argnums=2,
+        compiler_options=OPTIMIZED,  # a long run: XLA's own optimisation
     )
     stds = {}
     for churn in (0.0, 40.0):
