@@ -112,19 +112,20 @@ def _np_churn_steps(steps, s_churn, s_tmin=0.0, s_tmax=np.inf):
     return np.array(hats)
 
 
+def _x0_np(x, t):  # a nonlinear x0 denoiser, float64 NumPy ...
+    return np.tanh(0.8 * x) * (1.0 + t / 2000.0)
+
+
+def _x0_model(x, t):  # ... and the same as a model_fn
+    return jnp.tanh(0.8 * x) * (1.0 + t[:, None] / 2000.0)
+
+
 def test_heun_matches_a_float64_transcription_of_algorithm_1(x64):
     schedule = Schedule.from_betas(BETAS, jnp.float64)
     steps = np.array([999, 700, 400, 150, 30, 3])
-
-    def x0_np(x, t):  # a nonlinear denoiser
-        return np.tanh(0.8 * x) * (1.0 + t / 2000.0)
-
-    def model_fn(x, t):
-        return jnp.tanh(0.8 * x) * (1.0 + t[:, None] / 2000.0)
-
     x_T = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
-    got = heun_sample(model_fn, schedule, x_T, timesteps=steps, prediction="x0")
-    want = _np_heun(np.asarray(x_T), steps, x0_np)
+    got = heun_sample(_x0_model, schedule, x_T, timesteps=steps, prediction="x0")
+    want = _np_heun(np.asarray(x_T), steps, _x0_np)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -202,13 +203,6 @@ def test_churn_step_is_the_forward_process_from_t_to_t_hat():
 def test_stochastic_heun_matches_a_float64_transcription_of_algorithm_2(x64):
     schedule = Schedule.from_betas(BETAS, jnp.float64)
     steps = np.array([999, 700, 400, 150, 30, 3])
-
-    def x0_np(x, t):  # a nonlinear denoiser
-        return np.tanh(0.8 * x) * (1.0 + t / 2000.0)
-
-    def model_fn(x, t):
-        return jnp.tanh(0.8 * x) * (1.0 + t[:, None] / 2000.0)
-
     x_T = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
     rng = jax.random.key(8)
     # the documented draws: key i of split(rng, n) gives step i's z
@@ -218,15 +212,15 @@ def test_stochastic_heun_matches_a_float64_transcription_of_algorithm_2(x64):
     hats = _np_churn_steps(steps, 6.0)
     assert np.sum(hats > steps) == 5  # all but the top step churn
     got = heun_sample(
-        model_fn, schedule, x_T, timesteps=steps, prediction="x0", rng=rng, s_churn=6.0,
+        _x0_model, schedule, x_T, timesteps=steps, prediction="x0", rng=rng, s_churn=6.0,
         s_noise=1.007,
     )  # fmt: skip
-    want = _np_heun(np.asarray(x_T), steps, x0_np, hats, noise, s_noise=1.007)
+    want = _np_heun(np.asarray(x_T), steps, _x0_np, hats, noise, s_noise=1.007)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     # s_churn = 0 is Algorithm 1, whatever the key
     np.testing.assert_array_equal(
-        heun_sample(model_fn, schedule, x_T, timesteps=steps, prediction="x0", rng=rng),
-        heun_sample(model_fn, schedule, x_T, timesteps=steps, prediction="x0"),
+        heun_sample(_x0_model, schedule, x_T, timesteps=steps, prediction="x0", rng=rng),
+        heun_sample(_x0_model, schedule, x_T, timesteps=steps, prediction="x0"),
     )
 
 
