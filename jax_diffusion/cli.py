@@ -161,6 +161,7 @@ def _sample(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         guidance=args.guidance,
         spacing=args.spacing,
+        s_churn=args.churn,
     )
     train.check_finite_samples(images)  # before anything is written
     if args.out.lower().endswith(".npz"):
@@ -176,6 +177,7 @@ _FLAGS = {
     "num_steps": "--steps",
     "spacing": "--spacing",
     "guidance": "--guidance",
+    "s_churn": "--churn",
 }
 
 
@@ -189,6 +191,7 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         num_steps=args.steps,
         spacing=args.spacing,
         guidance=args.guidance,
+        s_churn=args.churn,
         names=_FLAGS,
     )
 
@@ -205,6 +208,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         guidance=args.guidance,
         spacing=args.spacing,
+        s_churn=args.churn,
         seed=args.seed,
         bpd_examples=args.bpd_examples,
         mesh=train.make_mesh(),  # each batch split over this machine's devices
@@ -356,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="classifier-free guidance scale w, class-conditional runs only (default: the "
             "config's sample.guidance)",
+        )
+        p.add_argument(
+            "--churn",
+            type=_finite_float,
+            default=None,
+            help="heun on a diffusion run: EDM's stochastic churn S_churn >= 0, e.g. 40 "
+            "(default: the config's sample.s_churn; 0: deterministic)",
         )
         p.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: 0)")
     sa.add_argument(

@@ -461,6 +461,13 @@ def _restore_ema_params(workdir: str):
     return config, shape, model, params, step
 
 
+def _churn_used(config, sampler: str, s_churn: float | None) -> float | None:
+    """The churn `generate.sample` applies: heun on a ddpm run only."""
+    if sampler != "heun" or config.diffusion.get("process", "ddpm") == "flow":
+        return None
+    return float(config.sample.get("s_churn", 0.0) if s_churn is None else s_churn)
+
+
 def evaluate_workdir(
     workdir: str,
     *,
@@ -469,6 +476,7 @@ def evaluate_workdir(
     num_steps: int | None = None,
     guidance: float | None = None,
     spacing: str | None = None,
+    s_churn: float | None = None,
     seed: int = 0,
     batch_size: int = 250,
     bpd_examples: int = 0,
@@ -498,6 +506,7 @@ def evaluate_workdir(
         None for config.sample.num_steps.
       guidance: classifier-free guidance scale w (conditional models); None for the config's.
       spacing: ddim's steps, 'leading' | 'trailing' | 'linspace'; None for the config's.
+      s_churn: EDM's churn for heun on a ddpm run, >= 0; None for config.sample.s_churn.
       seed: sampling seed in [0, 2**32) (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1)).
       batch_size: images per sampling (and bits/dim) call.
       bpd_examples: if > 0, also the bits/dim of the first `bpd_examples` test digits, at most
@@ -509,9 +518,9 @@ def evaluate_workdir(
 
     Returns:
       A JSON-able dict: run info ("workdir", "step", "num_samples", "sampler", "num_steps",
-      "spacing" (ddim's, else None), "guidance", "seed", "image_size"); "fd_test" /
-      "fd_train": Frechet distance of the samples' features to those of the digits test (297)
-      / train (1500) split; "fd_train_vs_test": the
+      "spacing" (ddim's, else None), "s_churn" (heun's on a ddpm run, else None), "guidance",
+      "seed", "image_size"); "fd_test" / "fd_train": Frechet distance of the samples' features
+      to those of the digits test (297) / train (1500) split; "fd_train_vs_test": the
       same between the two real splits, a floor set by finite sample sizes; "precision",
       "recall" (k = 3) against the test split; "inception_score" of the samples and
       "inception_score_test" of the test digits (9.06 at 8x8; the maximum is 10);
@@ -545,6 +554,7 @@ def evaluate_workdir(
     mesh = generate._check_mesh(mesh)
     # then against the run's config (the steps' range, guidance), before the run is restored
     check = dict(sampler=sampler, num_steps=num_steps, spacing=spacing, guidance=guidance)
+    check.update(s_churn=s_churn)
     sampler, steps_used, spacing_used = train.check_sampling(
         train.load_run_config(workdir), **check
     )  # with the config's defaults filled in
@@ -573,6 +583,7 @@ def evaluate_workdir(
         num_steps=num_steps,
         guidance=guidance,
         spacing=spacing,
+        s_churn=s_churn,
     )
     sample_seconds = time.perf_counter() - t0
     train.check_finite_samples(samples)
@@ -590,6 +601,7 @@ def evaluate_workdir(
         "sampler": sampler,
         "num_steps": None if sampler == "ddpm" else steps_used,
         "spacing": spacing_used if sampler == "ddim" else None,
+        "s_churn": _churn_used(config, sampler, s_churn),
         "guidance": None if guidance is None else float(guidance),
         "seed": seed,
         "image_size": shape[0],

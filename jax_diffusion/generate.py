@@ -55,6 +55,7 @@ def sample(
     labels: jax.Array | None = None,
     spacing: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    s_churn: float | None = None,
 ) -> jax.Array:
     """Draws `num` samples [num, *shape] with the given params (use the EMA params).
 
@@ -93,6 +94,8 @@ def sample(
       mesh: None runs the batch where the params are (each device holding a replica draws
         all of it); a mesh with a 'data' axis (`train.make_mesh()`, of every process's
         devices) splits the batch over that axis, params replicated.
+      s_churn: heun on a ddpm run: EDM's churn, >= 0 (None: config.sample.s_churn, 0 where
+        the config has none); the other samplers reject it.
 
     Returns:
       [num, *shape] float samples.
@@ -110,6 +113,7 @@ def sample(
         spacing=spacing,
         guidance=guidance,
         labels=labels,
+        s_churn=s_churn,
     )
     check_int("num", num, 1)
     padded = num
@@ -155,7 +159,8 @@ def sample(
                 model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
             )
         if sampler == "heun":
-            churn = dict(s_churn=s.get("s_churn", 0.0), s_tmin=s.get("s_tmin", 0.0))
+            churn = dict(s_churn=s.get("s_churn", 0.0) if s_churn is None else s_churn)
+            churn.update(s_tmin=s.get("s_tmin", 0.0))
             churn.update(s_tmax=s.get("s_tmax", None), s_noise=s.get("s_noise", 1.0))
             churn["s_tmax"] = math.inf if churn["s_tmax"] is None else churn["s_tmax"]
             return samplers.heun_sample(
@@ -233,22 +238,23 @@ def sample_in_batches(
       labels: [num] ints in [0, num_classes] for a class-conditional model; None for
         arange(num) % num_classes (balanced classes).
       progress: show a tqdm progress bar over the batches.
-      **options: sampler, num_steps, guidance, spacing, as for `sample` (None: the config's).
+      **options: sampler, num_steps, guidance, spacing, s_churn, as for `sample` (None: the
+        config's).
 
     Returns:
       (samples [num, *shape] float32, labels [num] int32 or None for a model without classes).
 
     Raises:
       ValueError: as `sample`, for num or batch_size not an int >= 1, and for an option
-        other than those four; before any sampling.
+        other than those five; before any sampling.
     """
     num = check_int("num", num, 1)
     bs = min(check_int("batch_size", batch_size, 1), num)
-    unknown = set(options) - {"sampler", "num_steps", "guidance", "spacing"}
+    unknown = set(options) - {"sampler", "num_steps", "guidance", "spacing", "s_churn"}
     if unknown:
         raise ValueError(
             f"unknown sampling options {sorted(unknown)}; allowed: sampler, num_steps, "
-            "guidance, spacing"
+            "guidance, spacing, s_churn"
         )
     num_classes = config.model.get("num_classes", None)
     num_batches = -(-num // bs)

@@ -128,6 +128,7 @@ def check_sampling(
     spacing: str | None = None,
     guidance: float | None = None,
     labels=None,
+    s_churn: float | None = None,
     names: dict[str, str] | None = None,
 ) -> tuple[str, int, str]:
     """Checks the sampling choices of `sample` against a run's config, before any work.
@@ -142,7 +143,9 @@ def check_sampling(
       ValueError: an unknown sampler; num_steps with ddpm (which runs all T steps) or outside
         [1, T] ([1, T - 1] for dpm++); spacing with a sampler other than ddim, or unknown;
         labels or guidance for a model without classes. A zero-terminal-SNR run sampled by
-        ddim with 'leading' spacing only warns (UserWarning).
+        ddim with 'leading' spacing only warns (UserWarning). s_churn (EDM's churn) other than a
+        finite number >= 0, or with a sampler other than heun on a diffusion.process 'ddpm'
+        run.
     """
     name = (names or {}).get
     s, num_timesteps = config.sample, config.diffusion.num_timesteps
@@ -174,6 +177,17 @@ def check_sampling(
             f"{sampler!r}"
         )
     spacing = s.get("spacing", "leading") if spacing is None else spacing
+    if s_churn is not None:
+        churn = name("s_churn", "s_churn")
+        number = isinstance(s_churn, int | float | np.number) and not isinstance(s_churn, bool)
+        if not (number and math.isfinite(s_churn) and s_churn >= 0):
+            raise ValueError(f"{churn} must be a finite number >= 0; got {s_churn!r}")
+        if sampler != "heun" or _process(config) == "flow":
+            raise ValueError(
+                f"{churn} is EDM's churn, for sampler 'heun' on a diffusion.process 'ddpm' run "
+                f"only; got {churn}={s_churn!r} with sampler {sampler!r} on a "
+                f"{_process(config)!r} run"
+            )
     _warn_if_zero_snr_skipped(config, sampler, spacing)
     given = {
         name(k, k): v for k, v in (("labels", labels), ("guidance", guidance)) if v is not None

@@ -215,6 +215,7 @@ def test_out_of_range_arguments_are_argparse_errors_naming_the_argument(capsys):
         (["sample", *w, "--guidance", "inf"], "argument --guidance: must be a finite number"),
         (["sample", *w, "--guidance=-inf"], "argument --guidance: must be a finite number"),
         (["sample", *w, "--guidance", "x"], "argument --guidance: must be a finite number"),
+        (["evaluate", *w, "--churn", "nan"], "argument --churn: must be a finite number"),
         (["sample", *w, "--out", "grid.txt"], "argument --out: must end in an image extension"),
         (["sample", *w, "--out", "grid.txt"], "or in .npz (the arrays); got 'grid.txt'"),
         (["sample", *w, "--batch-size", "0"], "argument --batch-size: must be an int >= 1"),
@@ -347,7 +348,15 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     # and the grid has the config's sample.num_samples (it had 64 whatever the config said)
     assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == (None, None, 12, None)
     assert json.loads(capsys.readouterr().out)["num"] == 12
-    assert got["spacing"] is None and got["batch_size"] == 256
+    assert got["spacing"] is None and got["batch_size"] == 256 and got["s_churn"] is None
+    # --churn: EDM's stochastic heun; with another sampler an error named as the flag
+    assert cli.main(["sample", "--workdir", "w", "--sampler", "heun", "--churn", "40"]) == 0
+    assert (got["sampler"], got["s_churn"]) == ("heun", 40.0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sample", "--workdir", "w", "--sampler", "ddim", "--churn", "40"])
+    assert exit_info.value.code == 2
+    assert "error: --churn is EDM's churn, for sampler 'heun' on a" in capsys.readouterr().err
     # a .npz: the arrays an FID evaluator reads (zeros are mid-grey 128 = round(127.5))
     out = str(tmp_path / "arrays" / "s.npz")
     assert cli.main(["sample", "--workdir", "w", "--num", "3", "--out", out]) == 0
@@ -443,6 +452,7 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
         num_steps=4,
         guidance=0.5,
         spacing="linspace",
+        s_churn=None,  # None: the config's
         seed=3,
         bpd_examples=2,
     )

@@ -617,6 +617,7 @@ EXPECTED_KEYS = {
     "sampler",
     "num_steps",
     "spacing",
+    "s_churn",
     "guidance",
     "seed",
     "image_size",
@@ -886,7 +887,7 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     )
     # one trace; 3 batches of 4, batch i with fold_in(PRNGKey(seed), i), labels arange(12) % 10
     want = dict(shape=(8, 8, 1), num=4, mesh=None, sampler="dpm++", num_steps=5, guidance=0.5)
-    want["spacing"] = None  # None: the config's (train.sample rejects one for dpm++)
+    want["spacing"] = want["s_churn"] = None  # None: the config's (dpm++ rejects either)
     assert fake_run.static == [want]
     root = jax.random.PRNGKey(123)
     want_keys = [jax.random.fold_in(root, i) for i in range(3)]
@@ -906,7 +907,17 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     assert {k: m[k] for k in BPD_KEYS} == dict(
         bpd=1.5, bpd_prior=0.25, bpd_kl=0.75, bpd_decoder=0.5, bpd_stderr=0.125, bpd_examples=3
     )
-    assert m["spacing"] is None  # dpm++ has its own grid
+    assert m["spacing"] is None and m["s_churn"] is None  # dpm++ has its own grid, no churn
+    # heun: the churn given, or the config's (0 where it has none)
+    kw_heun = dict(num_samples=4, sampler="heun", num_steps=3, progress=False)
+    assert evaluate_workdir("run", s_churn=40.0, **kw_heun)["s_churn"] == 40.0
+    assert fake_run.static[-1]["s_churn"] == 40.0
+    assert evaluate_workdir("run", **kw_heun)["s_churn"] == 0.0
+    assert fake_run.static[-1]["s_churn"] is None
+    fake_run.config.sample.s_churn = 5.0
+    assert evaluate_workdir("run", **kw_heun)["s_churn"] == 5.0
+    with pytest.raises(ValueError, match="s_churn is EDM's churn, for sampler 'heun' on a"):
+        evaluate_workdir("run", s_churn=1.0, num_samples=4, sampler="dpm++", progress=False)
     # ddim: the spacing given, or the config's
     kw = dict(num_samples=4, sampler="ddim", num_steps=2, progress=False)
     assert evaluate_workdir("run", spacing="trailing", **kw)["spacing"] == "trailing"
@@ -932,7 +943,7 @@ def test_evaluate_workdir_metrics_of_the_clipped_samples_match_references(fake_r
     # one batch of min(batch_size, num_samples); ddpm has no num_steps; the config's guidance
     assert fake_run.static == [
         dict(shape=(8, 8, 1), num=12, mesh=None, sampler="ddpm", num_steps=None, guidance=3.0)
-        | dict(spacing=None)
+        | dict(spacing=None, s_churn=None)
     ]
     assert m["num_steps"] is None and m["guidance"] == 3.0
     assert m["bpd_examples"] == 1 and m["bpd_stderr"] is None  # JSON null, not a number

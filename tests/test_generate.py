@@ -274,6 +274,16 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
     traced[-1][2].pop("rng")
     churn = dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)
     assert traced[-1] == ("heun", (5, 2), dict(num_steps=7, **churn, **common))
+    generate.sample(churned, None, {}, schedule, key, shape=(2,), num=5, sampler="heun", s_churn=0)
+    traced[-1][2].pop("rng")
+    assert traced[-1] == ("heun", (5, 2), dict(num_steps=7, **{**churn, "s_churn": 0}, **common))
+    for bad, match in [
+        (dict(s_churn=1.0), "s_churn is EDM's churn, for sampler 'heun' on a diffusion.process"),
+        (dict(sampler="heun", s_churn=-1.0), "s_churn must be a finite number >= 0; got -1.0"),
+        (dict(sampler="heun", s_churn=True), "s_churn must be a finite number >= 0; got True"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, **bad)
     generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="linspace")
     assert traced[-1] == ("ddim", (5, 2), dict(num_steps=7, eta=0.25, spacing="linspace", **common))
     ddim_only = r"with sampler 'ddim' only; got spacing='x' with sampler 'dpm\+\+'"
