@@ -461,13 +461,6 @@ def _restore_ema_params(workdir: str):
     return config, shape, model, params, step
 
 
-def _churn_used(config, sampler: str, s_churn: float | None) -> float | None:
-    """The churn `generate.sample` applies: heun on a ddpm run only."""
-    if sampler != "heun" or config.diffusion.get("process", "ddpm") == "flow":
-        return None
-    return float(config.sample.get("s_churn", 0.0) if s_churn is None else s_churn)
-
-
 def evaluate_workdir(
     workdir: str,
     *,
@@ -555,7 +548,7 @@ def evaluate_workdir(
     # then against the run's config (the steps' range, guidance), before the run is restored
     check = dict(sampler=sampler, num_steps=num_steps, spacing=spacing, guidance=guidance)
     check.update(s_churn=s_churn)
-    sampler, steps_used, spacing_used = train.check_sampling(
+    sampler, steps_used, spacing_used, churn_used = train.check_sampling(
         train.load_run_config(workdir), **check
     )  # with the config's defaults filled in
     config, shape, model, params, step = _restore_ema_params(workdir)
@@ -601,7 +594,7 @@ def evaluate_workdir(
         "sampler": sampler,
         "num_steps": None if sampler == "ddpm" else steps_used,
         "spacing": spacing_used if sampler == "ddim" else None,
-        "s_churn": _churn_used(config, sampler, s_churn),
+        "s_churn": churn_used,
         "guidance": None if guidance is None else float(guidance),
         "seed": seed,
         "image_size": shape[0],

@@ -106,7 +106,7 @@ def sample(
     """
     s, d = config.sample, config.diffusion
     num_classes = config.model.get("num_classes", None)
-    sampler, num_steps, spacing = check_sampling(
+    sampler, num_steps, spacing, s_churn = check_sampling(
         config,
         sampler=sampler,
         num_steps=num_steps,
@@ -159,13 +159,12 @@ def sample(
                 model_fn, schedule, x, k, num_steps=num_steps, eta=s.eta, spacing=spacing, **common
             )
         if sampler == "heun":
-            churn = dict(s_churn=s.get("s_churn", 0.0) if s_churn is None else s_churn)
-            churn.update(s_tmin=s.get("s_tmin", 0.0))
-            churn.update(s_tmax=s.get("s_tmax", None), s_noise=s.get("s_noise", 1.0))
-            churn["s_tmax"] = math.inf if churn["s_tmax"] is None else churn["s_tmax"]
+            s_tmax = s.get("s_tmax", None)
             return samplers.heun_sample(
-                model_fn, schedule, x, num_steps=num_steps, rng=k, **churn, **common
-            )
+                model_fn, schedule, x, num_steps=num_steps, rng=k, s_churn=s_churn,
+                s_tmin=s.get("s_tmin", 0.0), s_tmax=math.inf if s_tmax is None else s_tmax,
+                s_noise=s.get("s_noise", 1.0), **common,
+            )  # fmt: skip
         return samplers.dpm_solver_pp_sample(model_fn, schedule, x, num_steps=num_steps, **common)
 
     def draw_flow(params, labels, w, x):

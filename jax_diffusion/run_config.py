@@ -130,14 +130,15 @@ def check_sampling(
     labels=None,
     s_churn: float | None = None,
     names: dict[str, str] | None = None,
-) -> tuple[str, int, str]:
+) -> tuple[str, int, str, float | None]:
     """Checks the sampling choices of `sample` against a run's config, before any work.
 
     Arguments as `sample`'s (None: the config's). `names` renames them in the messages (the
     command line passes {'num_steps': '--steps', ...}).
 
     Returns:
-      (sampler, num_steps, spacing) with the config's defaults filled in.
+      (sampler, num_steps, spacing, s_churn) with the config's defaults filled in; s_churn
+      is the churn heun applies on a ddpm run (0 where the config has none), else None.
 
     Raises:
       ValueError: an unknown sampler; num_steps with ddpm (which runs all T steps) or outside
@@ -201,7 +202,9 @@ def check_sampling(
                 f"{k}={'given' if k.endswith('labels') else repr(v)}" for k, v in given.items()
             )
         )
-    return sampler, int(num_steps), spacing
+    if sampler == "heun" and _process(config) != "flow":
+        s_churn = float(s.get("s_churn", 0.0) if s_churn is None else s_churn)
+    return sampler, int(num_steps), spacing, s_churn
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

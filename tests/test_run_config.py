@@ -41,7 +41,7 @@ def test_check_sampling_names_the_config_s_values_and_fills_in_its_defaults():
     del config.diffusion["zero_terminal_snr"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert run_config.check_sampling(config) == ("ddim", T, "leading")
+        assert run_config.check_sampling(config) == ("ddim", T, "leading", None)
 
 
 def test_create_model_passes_every_unet_field_of_the_config_and_doubles_out_for_learned_range():
@@ -222,6 +222,12 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
         run_config.check_sampling(smoke(), sampler="euler")
     # heun samples a diffusion run too (EDM's sampler), at most T steps
     assert run_config.check_sampling(smoke(), sampler="heun", num_steps=50)[:2] == ("heun", 50)
+    # with its churn: the given one, else the config's (0 where the config has none); a flow
+    # run's heun (its own ODE steps) and the other samplers have none
+    assert run_config.check_sampling(smoke(), sampler="heun")[3] == 0.0
+    assert run_config.check_sampling(smoke(), sampler="heun", s_churn=7)[3] == 7.0
+    assert run_config.check_sampling(smoke(sample__s_churn=3.0), sampler="heun")[3] == 3.0
+    assert run_config.check_sampling(flow)[3] is None
     with pytest.raises(
         ValueError, match=r"num_steps for sampler 'heun' must be an int in \[1, 50\]"
     ):
