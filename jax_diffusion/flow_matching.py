@@ -37,7 +37,13 @@ import numpy as np
 from jax_diffusion._checks import check_int
 from jax_diffusion._checks import check_real as _check_real
 from jax_diffusion._sampling import _alpha_sigma, _check_stride, _check_x, _result, _scan
-from jax_diffusion.diffusion import _check_rng, _is_concrete, check_prediction, check_schedule
+from jax_diffusion.diffusion import (
+    _check_rng,
+    _is_concrete,
+    check_denoising,
+    check_prediction,
+    check_schedule,
+)
 from jax_diffusion.losses import LOSS_TYPES, _check_draws, _check_floating_x0, mean_flat
 from jax_diffusion.schedules import Schedule, _check_timesteps
 
@@ -291,7 +297,34 @@ def _dtype(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def flow_step(model_fn: FlowFn, x, t, t_next, *, method: str = "euler") -> jax.Array:
+def _denoised_velocity(model_fn, x, t, clip_denoised, denoised_fn):
+    """u_hat(x, t), or with x0_hat = x - t u_hat altered (clip to [-1, 1], then denoised_fn)
+    the velocity (x - x0_hat') / t of the straight line through x and the altered x0_hat (at
+    this x_t eps_hat is recomputed from x0_hat', as `diffusion.denoised_estimates` does). At
+    t = 0, where x0_hat = x and no line is defined, the raw u_hat."""
+    u = _call_flow(model_fn, x, t)
+    if not clip_denoised and denoised_fn is None:
+        return u
+    xd = x.astype(u.dtype)
+    x0_hat = xd - t * u
+    if clip_denoised:
+        x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+    if denoised_fn is not None:
+        x0_hat = denoised_fn(x0_hat).astype(u.dtype)
+    positive = t > 0
+    return jnp.where(positive, (xd - x0_hat) / jnp.where(positive, t, 1.0), u)
+
+
+def flow_step(
+    model_fn: FlowFn,
+    x,
+    t,
+    t_next,
+    *,
+    method: str = "euler",
+    clip_denoised: bool = False,
+    denoised_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
     """One ODE step of dx/dt = u_hat(x, t) from t to t_next (either direction).
 
     'euler': x + (t_next - t) u_hat(x, t), one model call; on the straight path this is the
@@ -299,16 +332,26 @@ def flow_step(model_fn: FlowFn, x, t, t_next, *, method: str = "euler") -> jax.A
     (Heun's second-order method, as Karras et al. 2022, Algorithm 1, but used on every step,
     t = 0 included: the velocity is defined there), two model calls.
 
+    With clip_denoised / denoised_fn every velocity is taken through the altered denoised
+    estimate: x0_hat = x - t u_hat is clipped to [-1, 1] (then denoised_fn), and the step
+    follows the straight line from x through it, u = (x - x0_hat) / t (raw u_hat at t = 0).
+    This is what DDIM's clip_denoised does on `denoiser_from_flow` (tested): an Euler step to
+    t_next = 0 lands on the clipped x0_hat.
+
     Args:
       model_fn: model_fn(x [B, ...], t float [B]) -> u_hat [B, ...].
       x: [B, ...] x at t.
       t, t_next: float scalars in [0, 1] (may be traced).
       method: 'euler' | 'heun'.
+      clip_denoised: clip x0_hat to [-1, 1] (a Python bool).
+      denoised_fn: None or a callable x0_hat -> x0_hat applied after the clip (e.g.
+        `dynamic_threshold`).
 
     Returns:
       [B, ...] x at t_next, in x's dtype.
     """
     _check_method(method)
+    check_denoising(clip_denoised, denoised_fn)
     x = _check_x(x, "x")
     dtype = _dtype(x)
     t, t_next = jnp.asarray(t, dtype), jnp.asarray(t_next, dtype)
@@ -316,10 +359,11 @@ def flow_step(model_fn: FlowFn, x, t, t_next, *, method: str = "euler") -> jax.A
         raise ValueError(f"t and t_next must be scalars; got shapes {t.shape}, {t_next.shape}")
     xd = x.astype(dtype)
     h = t_next - t
-    u = _call_flow(model_fn, x, t)
+    u = _denoised_velocity(model_fn, x, t, clip_denoised, denoised_fn)
     x_next = xd + h * u
     if method == "heun":
-        u_next = _call_flow(model_fn, x_next.astype(x.dtype), t_next)
+        x_euler = x_next.astype(x.dtype)
+        u_next = _denoised_velocity(model_fn, x_euler, t_next, clip_denoised, denoised_fn)
         x_next = xd + h * 0.5 * (u + u_next)
     return x_next.astype(x.dtype)
 
@@ -349,6 +393,8 @@ def flow_sample(
     method: str = "euler",
     shift: float | None = None,
     timesteps=None,
+    clip_denoised: bool = False,
+    denoised_fn: Callable[[jax.Array], jax.Array] | None = None,
     return_trajectory: bool | int = False,
 ):
     """Integrates dx/dt = u_hat(x, t) from t = 1 (x_1 ~ N(0, I)) to t = 0 in ONE `lax.scan`.
@@ -365,6 +411,8 @@ def flow_sample(
       method: 'euler' | 'heun'.
       shift: time shift s > 0 of `flow_timesteps` (None: 1).
       timesteps: concrete float [N + 1] times instead of num_steps / shift.
+      clip_denoised, denoised_fn: x0_hat clipping / thresholding at every step, as
+        `flow_step`.
       return_trajectory: as every sampler of `jax_diffusion.samplers`: False -> x0; True ->
         (x0, trajectory [N + 1, B, ...]) with x_1 first; an int k >= 1 keeps every k-th state.
 
@@ -378,6 +426,7 @@ def flow_sample(
     if not callable(model_fn):
         raise ValueError(f"model_fn must be a callable model_fn(x, t); got {model_fn!r}")
     _check_method(method)
+    check_denoising(clip_denoised, denoised_fn)
     x_1 = _check_x(x_1, "x_1")
     stride = _check_stride(return_trajectory)
     if timesteps is not None:
@@ -394,7 +443,15 @@ def flow_sample(
     pairs = jnp.asarray(np.stack([ts[:-1], ts[1:]], axis=1), _dtype(x_1))
 
     def step(x, pair):
-        return flow_step(model_fn, x, pair[0], pair[1], method=method)
+        return flow_step(
+            model_fn,
+            x,
+            pair[0],
+            pair[1],
+            method=method,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+        )
 
     x0, trajectory = _scan(step, x_1, pairs, n, stride, lambda x: x)
     return _result(x0, trajectory, stride)

@@ -81,7 +81,8 @@ def sample(
         `karras_timesteps`, with config.sample's s_churn, s_tmin, s_tmax, s_noise), or for a
         diffusion.process 'flow' run 'euler' | 'heun': `flow_sample` of the network's
         velocity at `flow_timesteps(num_steps, shift=config.sample.shift)` (None:
-        config.sample.sampler).
+        config.sample.sampler). Every sampler clips x0_hat to [-1, 1] where
+        config.sample.clip_denoised is True.
       num_steps: model calls of ddim and dpm++, steps of heun (2n - 1 calls; for a flow run
         ODE steps of euler and heun, 2n calls) (None: config.sample.num_steps); ddpm runs all
         T steps and rejects it.
@@ -177,7 +178,10 @@ def sample(
         else:
             flow_fn = samplers.classifier_free_guidance(velocity, w, num_classes, y=labels)
         shift = s.get("shift", 1.0)
-        return jd.flow_sample(flow_fn, x, num_steps=num_steps, method=sampler, shift=shift)
+        return jd.flow_sample(
+            flow_fn, x, num_steps=num_steps, method=sampler, shift=shift,
+            clip_denoised=s.clip_denoised,
+        )  # fmt: skip
 
     args = (params, labels, jnp.asarray(w, jnp.float32), x_rng, s_rng)
     if _top_level(args):

@@ -245,11 +245,20 @@ def test_bridged_exact_velocity_is_the_exact_denoiser(prediction, x64):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
 
 
+DENOISING = {  # x0_hat alterations, as the samplers take them
+    "none": {},
+    "clip": {"clip_denoised": True},
+    "clip_then_shrink": {"clip_denoised": True, "denoised_fn": lambda x0: 0.8 * x0 + 0.05},
+}
+
+
+@pytest.mark.parametrize("denoising", DENOISING)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_euler_on_the_flow_is_ddim_on_the_bridged_denoiser(prediction, x64):
-    # A nonlinear field (not the Gaussian one), so the identity is not a property of the data
+def test_euler_on_the_flow_is_ddim_on_the_bridged_denoiser(prediction, denoising, x64):
+    # A nonlinear field (not the Gaussian one), so the identity is not a property of the data;
+    # its x0_hat = (1 + 1.5 t) x - t (1 + t) tanh(x) leaves [-1, 1], so the clip is at work.
     def u(x, t):
-        return jnp.tanh(x) * (1 + t[:, None]) - 0.5 * x
+        return jnp.tanh(x) * (1 + t[:, None]) - 1.5 * x
 
     schedule = Schedule.from_betas(linear_betas(1000), jnp.float64)
     steps = sampling_timesteps(1000, 12, "trailing")
@@ -260,12 +269,46 @@ def test_euler_on_the_flow_is_ddim_on_the_bridged_denoiser(prediction, x64):
         x_T,
         timesteps=steps,
         prediction=prediction,
+        **DENOISING[denoising],
     )
     abar = np.cumprod(1 - linear_betas(1000))[np.sort(steps)[::-1]]
     alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
     times = np.append(sigma / (alpha + sigma), 0.0)
-    flow = flow_sample(u, x_T / (alpha[0] + sigma[0]), timesteps=times)
+    x_1 = x_T / (alpha[0] + sigma[0])
+    flow = flow_sample(u, x_1, timesteps=times, **DENOISING[denoising])
     np.testing.assert_allclose(ddim, flow, rtol=1e-10, atol=1e-10)
+    if denoising != "none":
+        assert np.abs(flow - flow_sample(u, x_1, timesteps=times)).max() > 0.05
+
+
+def test_clipped_heun_matches_a_numpy_transcription_down_to_t_0(x64):
+    # Every velocity through x0_hat = clip(x - t u, -1, 1): u' = (x - x0_hat) / t, and the raw
+    # u at t = 0 (Heun's second evaluation on the last step)
+    def u(x, t):
+        return jnp.sin(3 * x) * t[:, None] - 1.5 * x
+
+    def u_np(x, t):
+        return np.sin(3 * x) * t - 1.5 * x
+
+    def clipped_np(x, t):
+        if t == 0:
+            return u_np(x, t)
+        return (x - np.clip(x - t * u_np(x, t), -1, 1)) / t
+
+    times = [1.0, 0.7, 0.3, 0.0]
+    x_1 = _normal(16, (6, 3), jnp.float64) * 1.5
+    x = np.asarray(x_1)
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        h = t_next - t
+        d = clipped_np(x, t)
+        x = x + h * 0.5 * (d + clipped_np(x + h * d, t_next))
+    got = flow_sample(u, x_1, timesteps=times, method="heun", clip_denoised=True)
+    np.testing.assert_allclose(got, x, rtol=1e-12, atol=1e-12)
+    # the Euler step to t = 0 lands on the clipped estimate
+    last = flow_step(u, x_1, 0.4, 0.0, clip_denoised=True)
+    want = np.clip(np.asarray(x_1) - 0.4 * u_np(np.asarray(x_1), 0.4), -1, 1)
+    np.testing.assert_allclose(last, want, rtol=1e-12, atol=1e-12)
+    assert np.abs(want).max() == 1.0  # the clip was at work
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +405,11 @@ _X = jnp.zeros((2, 3))
         (lambda: flow_sample(None, _X), "model_fn must be a callable"),
         (lambda: flow_sample(lambda x, t: x[:, :2], _X), r"must return x's shape \(2, 3\)"),
         (lambda: flow_step(_U, _X, jnp.zeros(2), 0.0), "t and t_next must be scalars"),
+        (
+            lambda: flow_sample(_U, _X, clip_denoised=1),
+            "clip_denoised must be True or False; got 1",
+        ),
+        (lambda: flow_step(_U, _X, 1.0, 0.0, denoised_fn=0.5), "denoised_fn must be a callable"),
         (
             lambda: flow_matching_loss(_U, _X, jax.random.key(0), time_distribution="beta"),
             "time_distribution must be one of 'uniform', 'logit_normal'; got 'beta'",

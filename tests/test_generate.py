@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import smoke
 
+import jax_diffusion as jd
 from jax_diffusion import generate, run_config, samplers, train
 
 
@@ -204,7 +205,7 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
     )
     traced, seen = [], []
 
-    def guidance(cond_fn, w, num_classes, *, y, variance):
+    def guidance(cond_fn, w, num_classes, *, y, variance="fixed_small"):
         traced.append((num_classes, variance))
 
         def model_fn(x, t):
@@ -293,6 +294,22 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
         )
     with pytest.raises(ValueError, match="spacing must be one of .*got spacing='uniform'"):
         generate.sample(config, None, {}, schedule, key, shape=(2,), num=5, spacing="uniform")
+    # a flow run: flow_sample with the config's steps, shift and x0_hat clipping
+    flow_runs = []
+
+    def flow_sample(flow_fn, x, **kwargs):
+        flow_runs.append((x.shape, kwargs))
+        return x
+
+    monkeypatch.setattr(jd, "flow_sample", flow_sample)
+    flow = config.copy_and_resolve_references()
+    flow.diffusion.process = "flow"
+    flow.sample.shift = 3.0
+    for clip in (False, True):
+        flow.sample.clip_denoised = clip
+        generate.sample(flow, None, {}, schedule, key, shape=(2,), num=5, sampler="heun")
+        want = dict(num_steps=7, method="heun", shift=3.0, clip_denoised=clip)
+        assert flow_runs[-1] == ((5, 2), want)
 
 
 def test_a_mesh_splits_the_labels_too_takes_params_on_one_device_and_compiles_for_its_devices(
