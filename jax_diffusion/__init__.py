@@ -61,6 +61,7 @@ from jax_diffusion.guidance import (
     dynamic_threshold,
 )
 from jax_diffusion.inversion import ddim_invert, ddim_invert_step
+from jax_diffusion.likelihood import ode_bits_per_dim, ode_log_likelihood
 from jax_diffusion.losses import (
     NLLBpd,
     autoencoder_loss,

@@ -44,6 +44,15 @@ from jax_diffusion.diffusion import (
     check_prediction,
     check_schedule,
 )
+from jax_diffusion.likelihood import (
+    DIVERGENCES,
+    _bits_per_dim_of_pixels,
+    _check_dequantize,
+    _check_divergence,
+    _dequantized,
+    _standard_normal_log_density,
+    _value_and_divergence,
+)
 from jax_diffusion.losses import LOSS_TYPES, _check_draws, _check_floating_x0, mean_flat
 from jax_diffusion.schedules import Schedule, _check_timesteps
 
@@ -69,7 +78,6 @@ FlowFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 FLOW_METHODS = ("euler", "heun")
-DIVERGENCES = ("exact", "hutchinson")
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,11 +469,6 @@ def flow_sample(
 # Likelihood: the instantaneous change of variables along the ODE.
 
 
-def _check_divergence(divergence) -> None:
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of 'exact', 'hutchinson'; got {divergence!r}")
-
-
 def flow_log_likelihood(
     model_fn: FlowFn,
     x0,
@@ -510,24 +513,10 @@ def flow_log_likelihood(
     if divergence == "hutchinson":
         _check_rng(rng, why=" for divergence='hutchinson'")
     dtype = _dtype(x0)
-    batch, shape, dims = x0.shape[0], x0.shape[1:], math.prod(x0.shape[1:])
-    if divergence == "hutchinson":
-        probe = jax.random.rademacher(rng, x0.shape, dtype)
+    probe = jax.random.rademacher(rng, x0.shape, dtype) if divergence == "hutchinson" else None
 
     def drift(x, t):
-        def u_of(y):
-            return _call_flow(model_fn, y, t)
-
-        if divergence == "hutchinson":
-            u, jz = jax.jvp(u_of, (x,), (probe,))
-            return u, jnp.sum((probe * jz).reshape(batch, dims), axis=1)
-
-        def add_column(i, total):
-            e = jnp.zeros((dims,), dtype).at[i].set(1.0).reshape(shape)
-            _, column = jax.jvp(u_of, (x,), (jnp.broadcast_to(e, x.shape),))
-            return total + column.reshape(batch, dims)[:, i]
-
-        return u_of(x), jax.lax.fori_loop(0, dims, add_column, jnp.zeros((batch,), dtype))
+        return _value_and_divergence(lambda y: _call_flow(model_fn, y, t), x, divergence, probe)
 
     def step(carry, pair):
         x, log_det = carry
@@ -541,11 +530,9 @@ def flow_log_likelihood(
 
     ts = np.linspace(0.0, 1.0, num_steps + 1)
     pairs = jnp.asarray(np.stack([ts[:-1], ts[1:]], axis=1), dtype)
-    init = (x0.astype(dtype), jnp.zeros((batch,), dtype))
+    init = (x0.astype(dtype), jnp.zeros(x0.shape[:1], dtype))
     (x_1, log_det), _ = jax.lax.scan(step, init, pairs)
-    log_prior = -0.5 * jnp.sum(jnp.square(x_1).reshape(batch, dims), axis=1)
-    log_prior = log_prior - 0.5 * dims * math.log(2.0 * math.pi)
-    return log_prior + log_det, x_1
+    return _standard_normal_log_density(x_1) + log_det, x_1
 
 
 def flow_bits_per_dim(
@@ -578,19 +565,15 @@ def flow_bits_per_dim(
     Returns:
       [B] bits/dim per example.
     """
-    if not isinstance(dequantize, bool | np.bool_):
-        raise ValueError(f"dequantize must be True or False; got {dequantize!r}")
+    _check_dequantize(dequantize)
     x0 = _check_x(x0, "x0")
     _check_rng(rng, why=" for flow_bits_per_dim")
     deq_rng, probe_rng = jax.random.split(rng)
-    x = x0.astype(_dtype(x0))
-    if dequantize:
-        x = x + jax.random.uniform(deq_rng, x0.shape, x.dtype) / 127.5
+    x = _dequantized(x0, deq_rng, dequantize)
     log_p, _ = flow_log_likelihood(
         model_fn, x, probe_rng, num_steps=num_steps, method=method, divergence=divergence
     )
-    dims = math.prod(x0.shape[1:])
-    return (-log_p / dims + math.log(127.5)) / math.log(2.0)
+    return _bits_per_dim_of_pixels(log_p, math.prod(x0.shape[1:]))
 
 
 # --------------------------------------------------------------------------------------------
