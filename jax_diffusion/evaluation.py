@@ -22,6 +22,7 @@ FIDs. `evaluate_workdir` applies all of this to a training run.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -45,6 +46,8 @@ from jax_diffusion.digits_classifier import (
     load_digits_classifier,
     to_digits_resolution,
 )
+from jax_diffusion.flow_matching import flow_bits_per_dim
+from jax_diffusion.likelihood import ode_bits_per_dim
 from jax_diffusion.losses import nll_bpd
 from jax_diffusion.samplers import SPACINGS
 from jax_diffusion.schedules import Schedule
@@ -417,35 +420,56 @@ def bits_per_dim(
         raise ValueError(f"images must hold at least one example; got shape {images.shape}")
     if images.dtype.itemsize < 4:  # in float16 / bfloat16 the bound is off by ~0.3-2%
         images = images.astype(np.float32)
-    bs = min(batch_size, n)
 
     kwargs = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
-    batch_bpd = jax.jit(
+    parts = _per_example_batches(
         lambda x, key: nll_bpd(schedule, model_fn, x, key, **kwargs)[:4],
-        compiler_options=compiler_options(),
+        images,
+        rng,
+        batch_size,
+        desc="bits/dim",
+        progress=progress,
     )
+    names = ("total_bpd", "prior_bpd", "kl_bpd", "decoder_bpd")
+    out = {name: float(p.mean()) for name, p in zip(names, parts, strict=True)}
+    out["total_bpd_stderr"] = _finite_stderr(parts[0])
+    out["num_examples"] = n
+    return out
+
+
+def _per_example_batches(fn, images: np.ndarray, rng, batch_size: int, *, desc, progress):
+    """[fn's outputs over all of images, float64 [N] each] from the jitted fn(x [b, ...], key)
+    -> tuple of [b] arrays on batches of b = min(batch_size, N): the last batch is padded with
+    copies of the first examples, whose results are dropped, so fn compiles once and every
+    example counts once. Batch i uses fold_in(rng, i)."""
     from tqdm.auto import tqdm
 
-    parts: list[list[np.ndarray]] = [[], [], [], []]  # total, prior, kl, decoder
-    for i in tqdm(range(-(-n // bs)), desc="bits/dim", disable=not progress, leave=False):
+    n = len(images)
+    bs = min(batch_size, n)
+    batch_fn = jax.jit(fn, compiler_options=compiler_options())
+    parts: list[list[np.ndarray]] = []
+    for i in tqdm(range(-(-n // bs)), desc=desc, disable=not progress, leave=False):
         x = images[i * bs : (i + 1) * bs]
         keep = len(x)
         if keep < bs:
             x = np.concatenate([x, images[: bs - keep]])
-        terms = jax.device_get(batch_bpd(x, jax.random.fold_in(rng, i)))
-        for acc, value in zip(parts, terms, strict=True):
+        outputs = jax.device_get(batch_fn(x, jax.random.fold_in(rng, i)))
+        parts = parts or [[] for _ in outputs]
+        for acc, value in zip(parts, outputs, strict=True):
             acc.append(np.asarray(value, np.float64)[:keep])
-    names = ("total_bpd", "prior_bpd", "kl_bpd", "decoder_bpd")
-    out = {name: float(np.concatenate(p).mean()) for name, p in zip(names, parts, strict=True)}
-    total = np.concatenate(parts[0])
-    if not np.isfinite(total).all():  # a NaN mean would be written as JSON's invalid NaN
+    return [np.concatenate(p) for p in parts]
+
+
+def _finite_stderr(values: np.ndarray) -> float | None:
+    """The standard error of the mean of per-example bits/dim (None for one example), after
+    checking they are finite: a NaN mean would be written as JSON's invalid NaN."""
+    n = np.size(values)
+    if not np.isfinite(values).all():
         raise FloatingPointError(
-            f"the bits/dim of {np.size(total) - np.isfinite(total).sum()} of {n} examples are "
+            f"the bits/dim of {n - np.isfinite(values).sum()} of {n} examples are "
             "not finite: the model returned NaN or inf (a diverged run?)"
         )
-    out["total_bpd_stderr"] = float(total.std(ddof=1) / math.sqrt(n)) if n > 1 else None
-    out["num_examples"] = n
-    return out
+    return float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None
 
 
 # ------------------------------------------------------------------------ evaluate a workdir
@@ -473,6 +497,7 @@ def evaluate_workdir(
     seed: int = 0,
     batch_size: int = 250,
     bpd_examples: int = 0,
+    ode_bpd_examples: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -500,10 +525,15 @@ def evaluate_workdir(
       guidance: classifier-free guidance scale w (conditional models); None for the config's.
       spacing: ddim's steps, 'leading' | 'trailing' | 'linspace'; None for the config's.
       s_churn: EDM's churn for heun on a ddpm run, >= 0; None for config.sample.s_churn.
-      seed: sampling seed in [0, 2**32) (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1)).
+      seed: sampling seed in [0, 2**32) (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1), the
+        ODE bits/dim fold_in(PRNGKey(seed), 2**31 - 2)).
       batch_size: images per sampling (and bits/dim) call.
       bpd_examples: if > 0, also the bits/dim of the first `bpd_examples` test digits, at most
         297 (T network calls per example: slow for T = 1000).
+      ode_bpd_examples: if > 0, also their exact bits/dim by the probability-flow ODE, at most
+        297: `likelihood.ode_bits_per_dim` (128 rho-spaced steps, 254 network calls with one
+        Hutchinson probe per example), or for a flow run `flow_matching.flow_bits_per_dim`
+        (32 Heun steps), both of uniformly dequantized digits on the 8-bit scale.
       mesh: a mesh with a 'data' axis (`train.make_mesh()`) to split each sampling batch over
         its devices (the samples are a one-device run's up to float rounding), or None for one
         device. Bits/dim runs on one device.
@@ -518,7 +548,8 @@ def evaluate_workdir(
       "recall" (k = 3) against the test split; "inception_score" of the samples and
       "inception_score_test" of the test digits (9.06 at 8x8; the maximum is 10);
       "class_accuracy" for conditional models; "bpd", "bpd_prior", "bpd_kl", "bpd_decoder",
-      "bpd_stderr", "bpd_examples" when bpd_examples > 0; "sample_seconds".
+      "bpd_stderr", "bpd_examples" when bpd_examples > 0; "ode_bpd", "ode_bpd_stderr",
+      "ode_bpd_examples" when ode_bpd_examples > 0; "sample_seconds".
 
     Raises:
       ValueError: a non-digits run, or arguments out of range.
@@ -530,6 +561,7 @@ def evaluate_workdir(
     num_samples = check_int("num_samples", num_samples, 4)
     batch_size = check_int("batch_size", batch_size, 1)
     bpd_examples = check_int("bpd_examples", bpd_examples, 0, data_lib.DIGITS_NUM_TEST)
+    ode_examples = check_int("ode_bpd_examples", ode_bpd_examples, 0, data_lib.DIGITS_NUM_TEST)
     seed = check_int("seed", seed, 0, 2**32 - 1)  # PRNGKey keeps 32 bits
     if sampler is not None and sampler not in run_config.SAMPLERS:
         raise ValueError(
@@ -609,19 +641,41 @@ def evaluate_workdir(
     if num_classes:
         predicted = fake_logits.argmax(axis=1)
         metrics["class_accuracy"] = float(np.mean(predicted == labels))
+
+    def unconditional(x, t, method=None):  # p(x): the null label of a conditional model
+        null = None if not num_classes else jnp.full((x.shape[0],), num_classes, jnp.int32)
+        return model.apply({"params": params}, x, t, null, method=method)
+
+    d = config.diffusion
     if bpd_examples:
         x0 = test_images[:bpd_examples]
-
-        def model_fn(x, t):
-            null = None if not num_classes else jnp.full((x.shape[0],), num_classes, jnp.int32)
-            return model.apply({"params": params}, x, t, null)
-
-        d = config.diffusion
         kwargs = dict(prediction=d.prediction, variance=d.variance, progress=progress)
         bpd_rng = jax.random.fold_in(rng, 2**31 - 1)
-        bpd = bits_per_dim(schedule, model_fn, x0, bpd_rng, batch_size=batch_size, **kwargs)
+        bpd = bits_per_dim(schedule, unconditional, x0, bpd_rng, batch_size=batch_size, **kwargs)
         metrics.update(bpd=bpd["total_bpd"], bpd_stderr=bpd["total_bpd_stderr"])
         metrics.update({f"bpd_{k}": bpd[f"{k}_bpd"] for k in ("prior", "kl", "decoder")})
         metrics["bpd_examples"] = bpd["num_examples"]
+    if ode_examples:
+        if d.get("process", "ddpm") == "flow":
+
+            def ode_bpd(x, key):
+                velocity = functools.partial(unconditional, method="velocity")
+                return (flow_bits_per_dim(velocity, x, key),)
+        else:
+
+            def ode_bpd(x, key):
+                kw = dict(prediction=d.prediction, variance=d.variance)
+                return (ode_bits_per_dim(unconditional, schedule, x, key, **kw),)
+
+        (values,) = _per_example_batches(
+            ode_bpd,
+            test_images[:ode_examples],
+            jax.random.fold_in(rng, 2**31 - 2),
+            batch_size,
+            desc="ODE bits/dim",
+            progress=progress,
+        )
+        metrics.update(ode_bpd=float(values.mean()), ode_bpd_stderr=_finite_stderr(values))
+        metrics["ode_bpd_examples"] = ode_examples
     metrics["sample_seconds"] = sample_seconds
     return metrics

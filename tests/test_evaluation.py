@@ -30,6 +30,7 @@ from jax_diffusion.evaluation import (
     inception_score,
     precision_recall,
 )
+from jax_diffusion.run_config import get_schedule
 from jax_diffusion.testing import gaussian_denoiser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -767,6 +768,7 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
         (dict(seed=-1), r"seed must be an int in \[0, 4294967295\]; got -1"),
         (dict(bpd_examples=298), r"bpd_examples must be an int in \[0, 297\]; got 298"),
         (dict(bpd_examples=-1), r"bpd_examples must be an int in \[0, 297\]; got -1"),
+        (dict(ode_bpd_examples=298), r"ode_bpd_examples must be an int in \[0, 297\]; got 298"),
         (dict(batch_size=0), "batch_size must be an int >= 1; got 0"),
         (dict(num_samples=3), "num_samples must be an int >= 4; got 3"),
         (
@@ -819,10 +821,14 @@ class RecordingModel:
     """Stands in for the UNet in the model_fn of bits/dim: records the labels it gets."""
 
     def __init__(self):
-        self.labels = []
+        self.labels, self.methods = [], []
 
-    def apply(self, variables, x, t, y):
-        self.labels.append(np.asarray(y))
+    def apply(self, variables, x, t, y, method=None):
+        self.methods.append(method)
+        if y is None:
+            self.labels.append(None)
+        else:  # traced under the ODE's scan
+            jax.debug.callback(lambda y: self.labels.append(np.asarray(y)), y)
         return jnp.zeros_like(x)
 
 
@@ -931,6 +937,44 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
     assert fake_run.static[-1]["mesh"] is mesh
     with pytest.raises(ValueError, match="with sampler 'ddim' only; got .* sampler 'ddpm'"):
         evaluate_workdir("run", spacing="trailing", **{**kw, "sampler": "ddpm", "num_steps": None})
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_evaluate_workdir_ode_bits_per_dim_of_a_zero_model_match_the_closed_form(fake_run, process):
+    # The recording model outputs 0 (as eps, or as a flow's velocity): the ODE leaves y = x /
+    # alpha (x itself for a flow) unchanged and the divergence is 0, so log p(x) is
+    # log N(alpha_T x / alpha_0; 0, I) + D log(alpha_T / alpha_0) (log N(x; 0, I) for a flow)
+    # at the dequantized digit x. 3 digits in batches of 2: batch i with fold_in(key, i), its
+    # first half the dequantization noise, key = fold_in(PRNGKey(seed), 2**31 - 2).
+    fake_run.config.diffusion.process = process
+    m = evaluate_workdir(
+        "run", num_samples=4, seed=9, batch_size=2, ode_bpd_examples=3, progress=False
+    )
+    assert set(BPD_KEYS) & set(m) == set()  # no variational bound asked for
+    key = jax.random.fold_in(jax.random.PRNGKey(9), 2**31 - 2)
+    digits = load_digits(8, "test")[0][:3].astype(np.float64)
+    noise = [
+        jax.random.uniform(jax.random.split(jax.random.fold_in(key, i))[0], (2, 8, 8, 1))
+        for i in range(2)
+    ]
+    x = digits + np.concatenate(noise)[:3] / 127.5
+    if process == "ddpm":
+        log_abar = get_schedule(fake_run.config.diffusion)._log_alphas_cumprod()
+        ratio = np.exp(0.5 * (log_abar[-1] - log_abar[0]))
+        x_T, log_det = ratio * x, 64 * np.log(ratio)
+    else:
+        x_T, log_det = x, 0.0
+    flat = x_T.reshape(3, -1)
+    log_p = -0.5 * np.sum(flat**2, axis=1) - 32 * np.log(2 * np.pi) + log_det
+    bpd = (-log_p / 64 + np.log(127.5)) / np.log(2)
+    np.testing.assert_allclose(m["ode_bpd"], bpd.mean(), rtol=1e-5)
+    # (for the ddpm run alpha_T x is ~0: every digit gets nearly the same bits/dim)
+    stderr = bpd.std(ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose(m["ode_bpd_stderr"], stderr, rtol=1e-3, atol=1e-6)
+    assert m["ode_bpd_examples"] == 3
+    # the unconditional model: the null label, and the velocity of a flow run
+    np.testing.assert_array_equal(fake_run.model.labels[-1], [10, 10])
+    assert fake_run.model.methods[-1] == ("velocity" if process == "flow" else None)
 
 
 def test_evaluate_workdir_metrics_of_the_clipped_samples_match_references(fake_run):
