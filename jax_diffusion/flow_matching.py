@@ -27,7 +27,6 @@ Imports only jax and numpy.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -46,10 +45,8 @@ from jax_diffusion.diffusion import (
 )
 from jax_diffusion.likelihood import (
     DIVERGENCES,
-    _bits_per_dim_of_pixels,
-    _check_dequantize,
     _check_divergence,
-    _dequantized,
+    _dequantized_bits_per_dim,
     _standard_normal_log_density,
     _value_and_divergence,
 )
@@ -565,15 +562,12 @@ def flow_bits_per_dim(
     Returns:
       [B] bits/dim per example.
     """
-    _check_dequantize(dequantize)
-    x0 = _check_x(x0, "x0")
-    _check_rng(rng, why=" for flow_bits_per_dim")
-    deq_rng, probe_rng = jax.random.split(rng)
-    x = _dequantized(x0, deq_rng, dequantize)
-    log_p, _ = flow_log_likelihood(
-        model_fn, x, probe_rng, num_steps=num_steps, method=method, divergence=divergence
-    )
-    return _bits_per_dim_of_pixels(log_p, math.prod(x0.shape[1:]))
+    kw = dict(num_steps=num_steps, method=method, divergence=divergence)
+
+    def log_likelihood(x, probe_rng):
+        return flow_log_likelihood(model_fn, x, probe_rng, **kw)[0]
+
+    return _dequantized_bits_per_dim(log_likelihood, x0, rng, dequantize, "flow_bits_per_dim")
 
 
 # --------------------------------------------------------------------------------------------

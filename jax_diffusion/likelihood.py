@@ -93,24 +93,23 @@ def _standard_normal_log_density(x: jax.Array) -> jax.Array:
     return -0.5 * squares - 0.5 * dims * math.log(2.0 * math.pi)
 
 
-def _check_dequantize(dequantize) -> None:
+def _dequantized_bits_per_dim(
+    log_likelihood: Callable[[jax.Array, jax.Array], jax.Array], x0, rng, dequantize, caller
+) -> jax.Array:
+    """Bits/dim [B] of 8-bit data x0 = k / 127.5 - 1 under log_likelihood(x, probe_rng) -> log
+    p(x) [B] in nats, taken at x0 + u / 127.5, u ~ U[0, 1) per dimension where `dequantize`
+    (uniform dequantization, Theis et al. 2016). rng splits into (dequantization noise,
+    probes); in pixel units |dx/dk| = 1 / 127.5, so bpd = (-log p / D + log 127.5) / log 2."""
     if not isinstance(dequantize, bool | np.bool_):
         raise ValueError(f"dequantize must be True or False; got {dequantize!r}")
-
-
-def _dequantized(x0: jax.Array, rng, dequantize: bool) -> jax.Array:
-    """x0 in [-1, 1] on the 8-bit grid (k / 127.5 - 1), plus u / 127.5, u ~ U[0, 1) per
-    dimension where `dequantize` (uniform dequantization, Theis et al. 2016)."""
+    x0 = _check_x(x0, "x0")
+    _check_rng(rng, why=f" for {caller}")
+    deq_rng, probe_rng = jax.random.split(rng)
     x = x0.astype(_compute_dtype(x0))
     if dequantize:
-        x = x + jax.random.uniform(rng, x0.shape, x.dtype) / 127.5
-    return x
-
-
-def _bits_per_dim_of_pixels(log_p: jax.Array, dims: int) -> jax.Array:
-    """Bits/dim in the units of 8-bit pixel values from log p of x = k / 127.5 - 1 in nats:
-    |dx/dk| = 1 / 127.5, so bpd = (-log p / D + log 127.5) / log 2."""
-    return (-log_p / dims + math.log(127.5)) / math.log(2.0)
+        x = x + jax.random.uniform(deq_rng, x0.shape, x.dtype) / 127.5
+    log_p = log_likelihood(x, probe_rng)
+    return (-log_p / math.prod(x0.shape[1:]) + math.log(127.5)) / math.log(2.0)
 
 
 def _ode_steps(schedule: Schedule, num_steps, rho, timesteps) -> np.ndarray:
@@ -268,20 +267,10 @@ def ode_bits_per_dim(
     Returns:
       [B] bits/dim per example.
     """
-    _check_dequantize(dequantize)
-    x0 = _check_x(x0, "x0")
-    _check_rng(rng, why=" for ode_bits_per_dim")
-    deq_rng, probe_rng = jax.random.split(rng)
-    log_p, _ = ode_log_likelihood(
-        model_fn,
-        schedule,
-        _dequantized(x0, deq_rng, dequantize),
-        probe_rng,
-        prediction=prediction,
-        variance=variance,
-        num_steps=num_steps,
-        rho=rho,
-        timesteps=timesteps,
-        divergence=divergence,
-    )
-    return _bits_per_dim_of_pixels(log_p, math.prod(x0.shape[1:]))
+    kw = dict(prediction=prediction, variance=variance, num_steps=num_steps, rho=rho)
+    kw.update(timesteps=timesteps, divergence=divergence)
+
+    def log_likelihood(x, probe_rng):
+        return ode_log_likelihood(model_fn, schedule, x, probe_rng, **kw)[0]
+
+    return _dequantized_bits_per_dim(log_likelihood, x0, rng, dequantize, "ode_bits_per_dim")
