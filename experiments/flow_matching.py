@@ -20,7 +20,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 import jax_diffusion as jd
 from experiments import common
@@ -57,27 +56,6 @@ def draw_flow(run: common.Run, *, num: int, method: str, nfe: int, seed: int, ba
     )
 
 
-def ode_bits_per_dim(run: common.Run, num_examples: int, seed: int) -> dict:
-    """`flow_bits_per_dim` of the first test digits: the flow's own (dequantized) likelihood by
-    the ODE, 32 Heun steps, one Rademacher probe per digit; mean and standard error."""
-    images = common._reference(run.shape[0])["test_images"][:num_examples]
-
-    def velocity(x, t):
-        return run.model.apply({"params": run.params}, x, t, None, method="velocity")
-
-    bpd = np.asarray(
-        jax.jit(lambda x, rng: jd.flow_bits_per_dim(velocity, x, rng, num_steps=32))(
-            images, jax.random.fold_in(jax.random.PRNGKey(seed), 2**31 - 1)
-        ),
-        np.float64,
-    )
-    return {
-        "ode_bpd": float(bpd.mean()),
-        "ode_bpd_stderr": float(bpd.std(ddof=1) / np.sqrt(len(bpd))),
-        "ode_bpd_examples": len(bpd),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = common.parse_args(__doc__.splitlines()[0], num_samples=500, bpd_examples=50)
     args = common.parse(parser, argv)
@@ -104,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
             **common.bits_per_dim(run, num_examples=bpd_n, seed=args.seed),
         }
         if label != "v":
-            results["models"][label].update(ode_bits_per_dim(run, bpd_n, args.seed))
+            ode, _ = common.ode_bits_per_dim(run, num_examples=bpd_n, seed=args.seed)
+            results["models"][label].update(ode)
         methods = ["ddim", "dpm++"] + (["euler", "heun"] if label != "v" else [])
         for method in methods:
             for nfe in nfes:

@@ -33,12 +33,22 @@ def parameterization(r: dict) -> str:
     rows = []
     for kind, m in r["models"].items():
         bpd = f"{m['bpd']:.3g} ± {m['bpd_stderr']:.2g}"
+        ode = f"{m['ode_bpd']:.3g} ± {m['ode_bpd_stderr']:.2g}" if "ode_bpd" in m else ""
         rows.append(
             [kind, m["fd_train"], m["fd_test"], m["precision"], m["recall"]]
-            + [m["inception_score"], bpd, m["bpd_kl"], m["bpd_decoder"], m["run"]["final_loss"]]
+            + [m["inception_score"], bpd, m["bpd_kl"], m["bpd_decoder"], ode]
+            + [m.get("ode_bpd_256", ""), m["run"]["final_loss"]]
         )
     head = ["prediction", "fd_train", "fd_test", "precision", "recall", "IS", "bits/dim"]
-    out = [_table(head + ["(KL terms)", "(decoder L_0)", "final train loss"], rows)]
+    head += ["(KL terms)", "(decoder L_0)", "bits/dim, ODE", "(ODE, 256 steps)"]
+    out = [_table(head + ["final train loss"], rows)]
+    if "ode_bpd_paired" in r:
+        pairs = [
+            [pair, d["mean"], d["stderr"], d["fraction_below_0"]]
+            for pair, d in r["ode_bpd_paired"].items()
+        ]
+        head = ["ODE bits/dim, per digit", "mean", "stderr", "fraction < 0"]
+        out.append("\n" + _table(head, pairs))
     edges = next(iter(r["models"].values()))["loss_by_t"]["bucket_edges"]
     buckets = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     for key in ("own_mse", "eps_mse", "x0_mse"):

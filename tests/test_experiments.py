@@ -67,6 +67,7 @@ def test_parameterization(dirs):
     assert set(results["models"]) == {"eps", "x0", "v"}
     for m in results["models"].values():
         assert set(QUALITY + BPD) <= set(m)
+        assert {"ode_bpd", "ode_bpd_stderr", "ode_bpd_examples"} <= set(m)
         buckets = m["loss_by_t"]
         assert len(buckets["bucket_edges"]) == 11
         for key in ("own_mse", "eps_mse", "x0_mse"):
@@ -74,6 +75,7 @@ def test_parameterization(dirs):
     assert (
         results["models"]["eps"]["run"]["num_steps"] == results["models"]["v"]["run"]["num_steps"]
     )
+    assert set(results["ode_bpd_paired"]) == {"eps - v", "x0 - v"}
 
 
 def test_flow_matching(dirs):
