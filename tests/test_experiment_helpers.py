@@ -617,15 +617,25 @@ def test_parameterization_table():
                 [5.26, 31.4, 0.686, 0.838, 8.77, 141.2, 22.3, 26.6, 115.1, 0.132],
                 {"own_mse": [0.00511, 0.293], "eps_mse": [1.56, 0.00229], "x0_mse": [0.0051, 0.29]},
             ),
-        }
+        },
+        "ode_bpd_paired": {
+            "eps - v": {"mean": -0.08199, "stderr": 0.015717, "fraction_below_0": 0.72}
+        },
     }
+    # the ODE columns of a model that has them; blank for one that has not (older results)
+    r["models"]["eps"].update(ode_bpd=4.4254, ode_bpd_stderr=0.04051, ode_bpd_256=4.4304)
     head = "| prediction | fd_train | fd_test | precision | recall | IS | bits/dim | (KL terms) "
     bt = ["| t | 0-99 | 100-999 |", _sep(3)]
     assert tables.parameterization(r).splitlines() == [
-        head + "| (decoder L_0) | final train loss |",
-        _sep(10),
-        "| eps | 4.89 | 32.4 | 0.709 | 0.815 | 8.91 | 5.04 ± 0.049 | 3.93 | 1.11 | 0.129 |",
-        "| x0 | 5.26 | 31.4 | 0.686 | 0.838 | 8.77 | 141 ± 22 | 26.6 | 115 | 0.132 |",
+        head + "| (decoder L_0) | bits/dim, ODE | (ODE, 256 steps) | final train loss |",
+        _sep(12),
+        "| eps | 4.89 | 32.4 | 0.709 | 0.815 | 8.91 | 5.04 ± 0.049 | 3.93 | 1.11 | 4.43 ± 0.041 "
+        "| 4.43 | 0.129 |",
+        "| x0 | 5.26 | 31.4 | 0.686 | 0.838 | 8.77 | 141 ± 22 | 26.6 | 115 |  |  | 0.132 |",
+        "",
+        "| ODE bits/dim, per digit | mean | stderr | fraction < 0 |",
+        _sep(4),
+        "| eps - v | -0.082 | 0.0157 | 0.72 |",
         "",
         "own_mse per t bucket (test digits):",
         "",

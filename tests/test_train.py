@@ -1529,7 +1529,10 @@ def test_a_flow_run_samples_through_its_denoiser_and_reports_bits_per_dim(tmp_pa
         got = train.sample(
             config, model, params, schedule, key, shape=shape, num=4, sampler=method, num_steps=60
         )  # more steps than T = 50: continuous time
-        want = jd.flow_sample(velocity, x_T, num_steps=60, method=method, shift=shift)
+        clip = config.sample.clip_denoised  # the default config's True: x0_hat is clipped
+        want = jd.flow_sample(
+            velocity, x_T, num_steps=60, method=method, shift=shift, clip_denoised=clip
+        )
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -1567,5 +1570,6 @@ def test_a_conditional_flow_run_guides_the_velocity():
         def velocity(x, t, y=y):
             return model.apply({"params": params}, x, t, y, method="velocity")
 
-        want = jd.flow_sample(velocity, x_T, num_steps=4, method="heun")
+        clip = config.sample.clip_denoised
+        want = jd.flow_sample(velocity, x_T, num_steps=4, method="heun", clip_denoised=clip)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
