@@ -162,11 +162,12 @@ class Run:
     def num_classes(self) -> int | None:
         return self.config.model.get("num_classes", None)
 
-    def apply(self, params, x, t, y=None):
-        """The network output; a conditional model without labels gets the null label."""
+    def apply(self, params, x, t, y=None, method=None):
+        """The network output (or that of its `method`, e.g. a flow model's 'velocity'); a
+        conditional model without labels gets the null label."""
         if self.num_classes is not None and y is None:
             y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
-        return self.model.apply({"params": params}, x, t, y)
+        return self.model.apply({"params": params}, x, t, y, method=method)
 
 
 def run_dir(workdir: str, name: str, smoke: bool) -> str:
@@ -419,7 +420,7 @@ def ode_bits_per_dim(
     if d.get("process", "ddpm") == "flow":
 
         def velocity(x, t):
-            return run.model.apply({"params": run.params}, x, t, None, method="velocity")
+            return run.apply(run.params, x, t, method="velocity")
 
         steps = 32 if num_steps is None else num_steps
         fn = lambda x, k: jd.flow_bits_per_dim(velocity, x, k, num_steps=steps)  # noqa: E731
