@@ -156,8 +156,8 @@ def test_remat_gives_the_same_loss_and_gradients_and_param_dtype_sets_the_params
     jaxpr = jax.make_jaxpr(lambda p: remat.apply({"params": p}, X))(params).jaxpr
     names = [eqn.primitive.name for eqn in _all_eqns(jaxpr)]
     assert sum("remat" in n or "checkpoint" in n for n in names) == 2 + 3 + 3 + 4
-    want, want_grads = jax.value_and_grad(lambda p: loss(AE, p))(params)
-    got, grads = jax.value_and_grad(lambda p: loss(remat, p))(params)
+    want, want_grads = jax.jit(jax.value_and_grad(lambda p: loss(AE, p)))(params)
+    got, grads = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want_grads
@@ -214,7 +214,7 @@ def test_a_few_adam_steps_on_digits_cut_the_loss():
 
     images = jnp.asarray(load_digits()[0][:16])
     ae = AutoencoderKL(channels=1, **TINY)
-    params = ae.init(jax.random.key(0), images)["params"]
+    params = jax.jit(ae.init)(jax.random.key(0), images)["params"]
     opt = optax.adam(3e-3)
     state = opt.init(params)
 
