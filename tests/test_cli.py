@@ -201,7 +201,7 @@ def test_sample_and_evaluate_flags_default_to_what_their_help_says():
     assert (sample.num, sample.out) == (None, "grid.png")  # None: the config's num_samples
     assert sample.batch_size == 256 and parse(["sample", *w, "--out", "s.NPZ"]).out == "s.NPZ"
     assert (evaluate.num, evaluate.bpd_examples, evaluate.out) == (1000, 0, None)
-    assert evaluate.ode_bpd_examples == 0
+    assert evaluate.ode_bpd_examples == 0 and evaluate.ode_steps is None  # None: the default
 
 
 def test_out_of_range_arguments_are_argparse_errors_naming_the_argument(capsys):
@@ -227,6 +227,7 @@ def test_out_of_range_arguments_are_argparse_errors_naming_the_argument(capsys):
             ["evaluate", *w, "--ode-bpd-examples", "298"],
             "argument --ode-bpd-examples: must be an int in",
         ),
+        (["evaluate", *w, "--ode-steps", "1"], "argument --ode-steps: must be an int >= 2"),
         (["demo", "--seed", "-1"], "argument --seed: must be an int in [0, 4294967295]"),
     ]:
         err = _argparse_error(capsys, argv)
@@ -447,7 +448,8 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
     out = tmp_path / "new" / "dir" / "metrics.json"
     argv = ["evaluate", "--workdir", "w", "--num", "16", "--sampler", "ddim", "--steps", "4"]
     argv += ["--guidance", "0.5", "--seed", "3", "--bpd-examples", "2", "--out", str(out)]
-    assert cli.main([*argv, "--spacing", "linspace", "--ode-bpd-examples", "5"]) == 0
+    argv += ["--spacing", "linspace", "--ode-bpd-examples", "5", "--ode-steps", "64"]
+    assert cli.main(argv) == 0
     mesh = got.pop("mesh")  # each batch split over every device
     assert isinstance(mesh, jax.sharding.Mesh) and mesh.devices.size == jax.device_count() == 8
     assert got == dict(
@@ -461,6 +463,7 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
         seed=3,
         bpd_examples=2,
         ode_bpd_examples=5,
+        ode_steps=64,
     )
     printed = capsys.readouterr().out
     assert json.loads(printed) == {"fd_test": 1.25}

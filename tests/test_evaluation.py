@@ -769,6 +769,8 @@ def test_evaluate_workdir_class_accuracy_follows_the_sampled_labels(tmp_path, mo
         (dict(bpd_examples=298), r"bpd_examples must be an int in \[0, 297\]; got 298"),
         (dict(bpd_examples=-1), r"bpd_examples must be an int in \[0, 297\]; got -1"),
         (dict(ode_bpd_examples=298), r"ode_bpd_examples must be an int in \[0, 297\]; got 298"),
+        (dict(ode_bpd_examples=1, ode_steps=1), "ode_steps must be an int >= 2; got 1"),
+        (dict(ode_steps=8), "ode_steps applies to the ODE bits/dim; pass ode_bpd_examples > 0"),
         (dict(batch_size=0), "batch_size must be an int >= 1; got 0"),
         (dict(num_samples=3), "num_samples must be an int >= 4; got 3"),
         (
@@ -796,6 +798,7 @@ def test_evaluate_workdir_checks_the_sampling_choices_against_the_run_before_the
         (dict(sampler="dpm++", num_steps=T), rf"num_steps for sampler 'dpm\+\+'.*\[1, {T - 1}\]"),
         (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
         (dict(sampler="dpm++", spacing="trailing"), r"spacing .* with sampler 'ddim' only"),
+        (dict(ode_bpd_examples=1, ode_steps=T + 1), rf"ode_steps must be in \[2, {T}\] .*{T + 1}"),
     ]:
         with pytest.raises(ValueError, match=match):
             evaluate_workdir(str(tmp_path), num_samples=4, progress=False, **kwargs)
@@ -940,16 +943,31 @@ def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_p
 
 
 @pytest.mark.parametrize("process", ["ddpm", "flow"])
-def test_evaluate_workdir_ode_bits_per_dim_of_a_zero_model_match_the_closed_form(fake_run, process):
+def test_evaluate_workdir_ode_bits_per_dim_of_a_zero_model_match_the_closed_form(
+    fake_run, process, monkeypatch
+):
     # The recording model outputs 0 (as eps, or as a flow's velocity): the ODE leaves y = x /
     # alpha (x itself for a flow) unchanged and the divergence is 0, so log p(x) is
     # log N(alpha_T x / alpha_0; 0, I) + D log(alpha_T / alpha_0) (log N(x; 0, I) for a flow)
     # at the dequantized digit x. 3 digits in batches of 2: batch i with fold_in(key, i), its
     # first half the dequantization noise, key = fold_in(PRNGKey(seed), 2**31 - 2).
     fake_run.config.diffusion.process = process
-    m = evaluate_workdir(
-        "run", num_samples=4, seed=9, batch_size=2, ode_bpd_examples=3, progress=False
-    )
+    name = "flow_bits_per_dim" if process == "flow" else "ode_bits_per_dim"
+    steps_seen, real = [], getattr(evaluation, name)
+
+    def spy(*args, **kwargs):
+        steps_seen.append(kwargs.get("num_steps"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, name, spy)
+    kw = dict(num_samples=4, seed=9, batch_size=2, ode_bpd_examples=3, progress=False)
+    m = evaluate_workdir("run", **kw)
+    # the default steps (T = 50 < 128 for the smoke run; a flow run's 32), or the ones given
+    default = 32 if process == "flow" else fake_run.config.diffusion.num_timesteps
+    assert m["ode_steps"] == default and set(steps_seen) == {default}
+    m_given = evaluate_workdir("run", ode_steps=5, **kw)
+    assert m_given["ode_steps"] == 5 and steps_seen[-1] == 5
+    np.testing.assert_allclose(m_given["ode_bpd"], m["ode_bpd"], rtol=1e-6)  # a zero model
     assert set(BPD_KEYS) & set(m) == set()  # no variational bound asked for
     key = jax.random.fold_in(jax.random.PRNGKey(9), 2**31 - 2)
     digits = load_digits(8, "test")[0][:3].astype(np.float64)
