@@ -224,6 +224,66 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edit(args: argparse.Namespace) -> int:
+    """inpaint / sdedit: edits image files with a run's latest EMA params."""
+    import jax
+    import numpy as np
+    from etils import epath
+
+    from jax_diffusion import generate, train, visualize
+
+    # before the run is restored: the files, and the flags against the run's config.json
+    for path in [*args.image, *([args.mask] if args.command == "inpaint" else [])]:
+        if not epath.Path(path).exists():
+            raise FileNotFoundError(f"no image file {path!r}")
+    run_config = train.load_run_config(args.workdir)
+    num_classes = run_config.model.get("num_classes", None)
+    train.check_sampling(run_config, guidance=args.guidance, names=_FLAGS)
+    if args.label is not None and (num_classes is None or args.label > num_classes):
+        allowed = "no classes" if num_classes is None else f"labels in [0, {num_classes}]"
+        raise ValueError(f"--label must be a label of the run ({allowed}); got {args.label}")
+    T = run_config.diffusion.num_timesteps
+    if args.steps is not None and args.steps > T:
+        raise ValueError(f"--steps must be an int in [1, {T}] (the run's steps); got {args.steps}")
+    config, shape, model, ema_params, step = train.load_run(args.workdir)
+    if len(shape) != 3:
+        raise ValueError(f"{args.command} edits images; this run's data are vectors {shape}")
+    images = np.repeat(visualize.load_images(args.image, shape), args.num, axis=0)
+    options = dict(num_steps=args.steps, guidance=args.guidance)
+    if args.label is not None:
+        options["labels"] = np.full(len(images), args.label, np.int32)
+    if args.command == "inpaint":
+        mask = visualize.load_mask(args.mask, shape)
+        options.update(mask=mask, jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
+    else:
+        options["strength"] = args.strength
+    edits = generate.edit(
+        config,
+        model,
+        ema_params,
+        train.get_schedule(config.diffusion),
+        jax.random.PRNGKey(args.seed),
+        images,
+        method=args.command,
+        **options,
+    )
+    edits = np.asarray(jax.device_get(edits))
+    train.check_finite_samples(edits)  # before anything is written
+    if args.out.lower().endswith(".npz"):
+        labels = None if num_classes is None else options.get("labels")
+        train.save_sample_arrays(edits, labels, args.out)
+    else:  # one row per image: the input (inpaint: its kept pixels, the rest gray), its edits
+        shown = images[:: args.num] * (mask if args.command == "inpaint" else 1.0)
+        rows = np.concatenate([shown[:, None], edits.reshape(-1, args.num, *shape)], axis=1)
+        scale = max(1, 64 // shape[0])
+        visualize.save_image_grid(
+            rows.reshape(-1, *shape), args.out, ncol=args.num + 1, scale=scale,
+            padding=max(1, scale // 2),
+        )  # fmt: skip
+    print(json.dumps({"out": args.out, "num": len(edits), "step": step}))
+    return 0
+
+
 def _int_in(low: int, high: int | None = None, what: str = ""):
     """An argparse type: an int in [low, high]."""
 
@@ -274,6 +334,17 @@ def _output_file(text: str) -> str:
     if not os.access(parent, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot be written: no write permission in {parent!r}")
     return text
+
+
+def _strength(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text!r}")
+    return value
 
 
 def _samples_path(text: str) -> str:
@@ -420,6 +491,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", type=_output_file, default=None, help="also write the JSON here")
     ev.set_defaults(func=_evaluate)
+
+    inpaint = sub.add_parser(
+        "inpaint", help="fill in the masked pixels of image files (RePaint) with a workdir's model"
+    )
+    sdedit = sub.add_parser(
+        "sdedit", help="image-to-image: noise image files and denoise them (SDEdit)"
+    )
+    for p in (inpaint, sdedit):
+        p.add_argument("--workdir", required=True, help="the training run's directory")
+        p.add_argument(
+            "--image",
+            nargs="+",
+            required=True,
+            metavar="FILE",
+            help="image files to edit (resized to the run's images if need be)",
+        )
+        p.add_argument(
+            "--num", type=_positive_int, default=1, help="edits of each image (default: 1)"
+        )
+        p.add_argument(
+            "--steps",
+            type=_positive_int,
+            default=None,
+            help="steps of the respaced chain ('trailing'), <= T (default: 100, or T)",
+        )
+        p.add_argument(
+            "--label",
+            type=_int_in(0),
+            default=None,
+            help="class-conditional runs: the class to edit towards (default: the null label, "
+            "unconditional)",
+        )
+        p.add_argument(
+            "--guidance",
+            type=_finite_float,
+            default=None,
+            help="classifier-free guidance scale w with --label (default: the config's)",
+        )
+        p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
+        p.add_argument(
+            "--out",
+            type=_samples_path,
+            default="edits.png",
+            help="a grid, one row per image: the input, then its edits; or .npz, the edits as "
+            "uint8 arrays (default: edits.png)",
+        )
+        p.set_defaults(func=_edit)
+    inpaint.add_argument(
+        "--mask",
+        required=True,
+        metavar="FILE",
+        help="white (gray level >= 128) marks the pixels to fill, black the ones kept "
+        "(diffusers' convention)",
+    )
+    inpaint.add_argument(
+        "--jump-length",
+        type=_positive_int,
+        default=10,
+        help="RePaint: steps between resampling jumps (default: 10)",
+    )
+    inpaint.add_argument(
+        "--jump-n-sample",
+        type=_positive_int,
+        default=10,
+        help="RePaint: passes per jump, 1 = plain replacement (default: 10)",
+    )
+    sdedit.add_argument(
+        "--strength",
+        type=_strength,
+        default=0.8,
+        help="in (0, 1]: the fraction of the steps run; more is more realistic, less faithful "
+        "to the image (default: 0.8, as diffusers' img2img)",
+    )
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Image grids: NHWC arrays in [-1, 1] to a PNG a person can look at."""
+"""Image grids: NHWC arrays in [-1, 1] to a PNG a person can look at, and image files (and
+inpainting masks) back to such arrays."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from jax_diffusion._checks import check_int
 
-__all__ = ["image_grid", "save_image_grid", "to_uint8"]
+__all__ = ["image_grid", "load_images", "load_mask", "save_image_grid", "to_uint8"]
 
 
 def to_uint8(images) -> np.ndarray:
@@ -87,3 +88,69 @@ def save_image_grid(images, path: str | os.PathLike, **kwargs) -> str | os.PathL
     with out.open("wb") as f:
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format=fmt)
     return path
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no image file {os.fspath(path)!r}")
+    with path.open("rb") as f:
+        image = Image.open(f)
+        image.load()
+    return image
+
+
+def load_images(paths, shape: tuple[int, int, int]) -> np.ndarray:
+    """Reads image files into float32 [N, H, W, C] in [-1, 1], pixel k as k / 127.5 - 1.
+
+    Each file (any format PIL reads) is converted to grayscale (C = 1) or RGB (C = 3) and, when
+    its size is not H x W, resized to it with PIL's bicubic filter, as diffusers' img2img
+    pipelines do.
+
+    Args:
+      paths: image file paths (local or URIs `etils.epath` understands).
+      shape: [H, W, C] with C in {1, 3}, e.g. a run's image shape.
+
+    Raises:
+      ValueError: an empty path list or a shape with C not in {1, 3}; FileNotFoundError: a
+        missing file.
+    """
+    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    if not paths:
+        raise ValueError("paths must name at least one image file; got none")
+    h, w, c = shape
+    if c not in (1, 3):
+        raise ValueError(f"shape must be [H, W, 1 or 3]; got {tuple(shape)}")
+    out = []
+    for path in paths:
+        image = _open(path).convert("L" if c == 1 else "RGB")
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+        pixels = np.asarray(image, np.float32).reshape(h, w, c)
+        out.append(pixels / 127.5 - 1.0)
+    return np.stack(out)
+
+
+def load_mask(path: str | os.PathLike, shape: tuple[int, ...]) -> np.ndarray:
+    """Reads an inpainting mask file as float32 [H, W, 1]: 1 where a pixel is kept, 0 where it
+    is to be filled in (`editing.repaint_sample`'s convention).
+
+    In the file, as in diffusers' inpainting pipelines, white (gray level >= 128) marks the
+    pixels to fill and black the ones to keep. A mask of another size is resized to H x W by
+    nearest neighbour (no gray seam).
+
+    Raises:
+      ValueError: a mask that keeps every pixel (nothing to fill); FileNotFoundError: a
+        missing file.
+    """
+    h, w = shape[0], shape[1]
+    image = _open(path).convert("L")
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.NEAREST)
+    keep = (np.asarray(image) < 128).astype(np.float32)[..., None]
+    if keep.all():
+        raise ValueError(
+            f"mask {os.fspath(path)!r} has no white pixel: nothing to fill in (white, gray level "
+            ">= 128, marks the pixels to fill; black the ones kept)"
+        )
+    return keep

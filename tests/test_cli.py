@@ -536,3 +536,141 @@ def test_sampling_flags_are_checked_against_the_run_as_flags_before_the_restore(
         assert err.value.code == 2
         assert re.search(f"^jax-diffusion {command}: error: {message}$", capsys.readouterr().err)
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+class _ScaledInput:
+    """A stand-in network: eps_hat = 0.5 x (no labels); cheap to compile, and a denoiser."""
+
+    def apply(self, variables, x, t, y=None, method=None):
+        return 0.5 * x
+
+
+def _edit_files(tmp_path):
+    """Two 16x16 gray images (resized to the run's 8x8) and a mask filling the right half."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"in{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(paths[-1])
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return paths, str(tmp_path / "mask.png")
+
+
+@pytest.mark.parametrize("command", ["inpaint", "sdedit"])
+def test_inpaint_and_sdedit_edit_image_files_as_generate_edit_does(
+    command, tmp_path, capsys, monkeypatch
+):
+    import numpy as np
+
+    from jax_diffusion import generate, train, visualize
+
+    config = _run_config(monkeypatch, "default.py")  # unconditional, T = 50
+    model = _ScaledInput()
+    monkeypatch.setattr(train, "load_run", lambda workdir: (config, (8, 8, 1), model, {}, 7))
+    images, mask = _edit_files(tmp_path)
+    argv = [command, "--workdir", "w", "--image", *images, "--num", "2", "--steps", "6"]
+    argv += ["--seed", "3"]
+    if command == "inpaint":
+        argv += ["--mask", mask, "--jump-length", "2", "--jump-n-sample", "2"]
+        options = dict(mask=visualize.load_mask(mask, (8, 8, 1)), jump_length=2, jump_n_sample=2)
+    else:
+        argv += ["--strength", "0.5"]
+        options = dict(strength=0.5)
+    out = tmp_path / "edits.npz"
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(out), "num": 4, "step": 7}
+    x = np.repeat(visualize.load_images(images, (8, 8, 1)), 2, axis=0)  # image-major
+    want = generate.edit(
+        config, model, {}, train.get_schedule(config.diffusion), jax.random.PRNGKey(3), x,
+        method=command, num_steps=6, **options,
+    )  # fmt: skip
+    with np.load(out) as f:
+        assert list(f) == ["arr_0"]  # no labels: an unconditional run
+        np.testing.assert_array_equal(f["arr_0"], visualize.to_uint8(want))
+        edits = f["arr_0"]
+    if command == "inpaint":  # the left half kept, the right half filled
+        np.testing.assert_array_equal(edits[:, :, :4], visualize.to_uint8(x[:, :, :4]))
+        assert np.abs(edits[:, :, 4:].astype(int) - visualize.to_uint8(x[:, :, 4:])).max() > 10
+    # the grid: one row per image, its input then its 2 edits, each 8x8 scaled 8x, 4 px apart
+    png = tmp_path / "edits.png"
+    assert cli.main([*argv, "--out", str(png)]) == 0
+    from PIL import Image
+
+    assert np.asarray(Image.open(png)).shape == (2 * 68 + 4, 3 * 68 + 4)
+
+
+def test_inpaint_and_sdedit_report_bad_flags_before_restoring_the_run(
+    tmp_path, capsys, monkeypatch
+):
+    from jax_diffusion import train
+
+    _run_config(monkeypatch, "default.py")  # no classes, T = 50
+
+    def no_restore(workdir):
+        raise AssertionError("the run was restored before the flags were checked")
+
+    monkeypatch.setattr(train, "load_run", no_restore)
+    images, mask = _edit_files(tmp_path)
+    base = ["sdedit", "--workdir", "w", "--image", *images]
+    for argv, named in [
+        ([*base, "--label", "1"], "--label must be a label of the run (no classes); got 1"),
+        ([*base, "--steps", "51"], r"--steps must be an int in [1, 50] (the run's steps); got 51"),
+        ([*base, "--guidance", "2"], "--guidance needs a class-conditional model"),
+        ([*base, str(tmp_path / "nope.png")], "no image file"),
+        (["inpaint", *base[1:], "--mask", str(tmp_path / "m.png")], "no image file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"jax-diffusion {argv[0]}: error: ") and named in err, err
+    for argv, named in [
+        ([*base, "--strength", "0"], "argument --strength: must be a number in (0, 1]; got '0'"),
+        ([*base, "--strength", "nan"], "argument --strength: must be a number in (0, 1]"),
+        ([*base, "--num", "0"], "argument --num: must be an int >= 1"),
+        (["inpaint", *base[1:]], "the following arguments are required: --mask"),
+        (["inpaint", *base[1:], "--mask", mask, "--jump-n-sample", "0"], "--jump-n-sample"),
+    ]:
+        assert named in _argparse_error(capsys, argv), argv
+
+
+def test_sdedit_edits_a_class_conditional_run_towards_the_label_with_guidance(
+    tmp_path, capsys, monkeypatch
+):
+    import numpy as np
+
+    from jax_diffusion import generate, train, visualize
+
+    class LabelShift:  # eps_hat = 0.5 x + 0.1 y: the label reaches the output
+        def apply(self, variables, x, t, y=None, method=None):
+            return 0.5 * x + 0.1 * y[:, None, None, None].astype(x.dtype)
+
+    config = _run_config(monkeypatch, "digits_cond.py")  # 10 classes, the null label 10
+    model = LabelShift()
+    monkeypatch.setattr(train, "load_run", lambda workdir: (config, (8, 8, 1), model, {}, 3))
+    images, _ = _edit_files(tmp_path)
+    out = tmp_path / "e.npz"
+    argv = ["sdedit", "--workdir", "w", "--image", images[0], "--num", "3", "--steps", "4"]
+    assert cli.main([*argv, "--label", "2", "--guidance", "3", "--out", str(out)]) == 0
+    x = np.repeat(visualize.load_images(images[:1], (8, 8, 1)), 3, axis=0)
+    schedule, key = train.get_schedule(config.diffusion), jax.random.PRNGKey(0)
+    kw = dict(method="sdedit", num_steps=4, strength=0.8)  # the default strength
+    want = generate.edit(
+        config, model, {}, schedule, key, x, labels=np.full(3, 2), guidance=3.0, **kw
+    )
+    with np.load(out) as f:
+        np.testing.assert_array_equal(f["arr_0"], visualize.to_uint8(want))
+        np.testing.assert_array_equal(f["arr_1"], [2, 2, 2])
+        edits = f["arr_0"]
+    unguided = generate.edit(config, model, {}, schedule, key, x, **kw)  # the null label
+    assert np.abs(visualize.to_uint8(unguided).astype(int) - edits).max() > 0
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--label", "11"])
+    assert (
+        "--label must be a label of the run (labels in [0, 10]); got 11" in capsys.readouterr().err
+    )

@@ -389,3 +389,94 @@ def test_save_sample_arrays_keeps_data_that_is_not_an_image_batch_as_float32(tmp
     with np.load(path) as arrays:
         assert arrays.files == ["arr_0", "arr_1"] and arrays["arr_0"].dtype == np.float32
         np.testing.assert_array_equal(arrays["arr_0"], data.astype(np.float32))
+
+
+def _random_toy_run(num_classes=None):
+    """The toy MLP config (T = 50) with random params: every output depends on x, t and y."""
+    overrides = {} if num_classes is None else dict(model__num_classes=num_classes)
+    config = smoke("toy_2d.py", **overrides)
+    model = run_config.create_model(config, channels=2)
+    schedule = run_config.get_schedule(config.diffusion)
+    params = train.create_train_state(config, model, jax.random.PRNGKey(0), (2,)).params
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noisy = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    return config, model, schedule, jax.tree.unflatten(tree, noisy)
+
+
+@pytest.mark.parametrize("method", generate.EDIT_METHODS)
+def test_edit_runs_the_editing_function_on_the_run_s_guided_denoiser(method):
+    # The reference: jax_diffusion.editing called directly on the network, guided by hand
+    # (uncond + w (cond - uncond)), on the documented steps ('trailing') and keys (split(rng):
+    # x_T's, the method's)
+    config, model, schedule, params = _random_toy_run(num_classes=3)
+    config.sample.clip_denoised = True  # the toy config's False; x0_hat clipped to [-1, 1]
+    images = jax.random.uniform(jax.random.PRNGKey(2), (4, 2), minval=-1.0, maxval=1.0)
+    rng = jax.random.PRNGKey(7)
+    mask = jnp.array([1.0, 0.0])  # keep x, fill y
+    options = dict(mask=mask, jump_length=2, jump_n_sample=3)
+    if method == "sdedit":
+        options = dict(strength=0.6)
+    ts = samplers.sampling_timesteps(50, 10, "trailing")
+    d = config.diffusion
+    common = dict(prediction=d.prediction, variance=d.variance)
+    common["clip_denoised"] = config.sample.clip_denoised
+    x_rng, k = jax.random.split(rng)
+
+    def reference(labels, w):
+        def model_fn(x, t):
+            cond = model.apply({"params": params}, x, t, labels)
+            uncond = model.apply({"params": params}, x, t, jnp.full(4, 3))
+            return uncond + w * (cond - uncond)
+
+        if method == "sdedit":
+            return jd.sdedit(
+                model_fn, schedule, images, k, strength=0.6, timesteps=ts, eta=config.sample.eta,
+                **common,
+            )  # fmt: skip
+        x_T = jax.random.normal(x_rng, images.shape)
+        return jd.repaint_sample(
+            model_fn, schedule, images, mask, x_T, k, jump_length=2, jump_n_sample=3,
+            timesteps=ts, **common,
+        )  # fmt: skip
+
+    labels = jnp.array([0, 1, 2, 3], jnp.int32)
+    got = generate.edit(
+        config, model, params, schedule, rng, images, method=method, num_steps=10,
+        guidance=2.0, labels=labels, **options,
+    )  # fmt: skip
+    np.testing.assert_allclose(got, reference(labels, 2.0), rtol=1e-5, atol=1e-5)
+    # no labels: the null label 3, an unconditional edit
+    unconditional = generate.edit(
+        config, model, params, schedule, rng, images, method=method, num_steps=10, **options
+    )
+    np.testing.assert_allclose(unconditional, reference(jnp.full(4, 3), 1.0), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(unconditional - got).max()) > 1e-3  # the labels reach the network
+    if method == "inpaint":
+        np.testing.assert_array_equal(got[:, 0], images[:, 0])  # the kept coordinate, as given
+
+
+def test_edit_rejects_bad_arguments_before_any_work():
+    config, model, schedule, params = _random_toy_run()
+    images, key, mask = jnp.zeros((2, 2)), jax.random.PRNGKey(0), jnp.array([1.0, 0.0])
+    for kwargs, match in [
+        (dict(method="paint"), "method must be one of 'inpaint', 'sdedit'; got 'paint'"),
+        (dict(method="inpaint"), r"method 'inpaint' needs a mask \(1 = keep, 0 = fill\)"),
+        (dict(method="sdedit", mask=mask), "mask applies to method 'inpaint'"),
+        (dict(method="sdedit", num_steps=0), r"num_steps must be an int in \[1, 50\]; got 0"),
+        (dict(method="sdedit", num_steps=51), r"num_steps must be an int in \[1, 50\]; got 51"),
+        (dict(method="sdedit", strength=1.5), "strength"),
+        (dict(method="sdedit", strength=0.01), "keeps no step"),
+        (dict(method="inpaint", mask=mask, jump_length=0), "jump_length"),
+        (dict(method="inpaint", mask=mask, jump_n_sample=0), "jump_n_sample"),
+        (dict(method="sdedit", labels=jnp.zeros(2, jnp.int32)), "labels need a class-cond"),
+        (dict(method="sdedit", images=jnp.zeros((2, 2), jnp.int32)), "images must be floats"),
+    ]:
+        kwargs = {"images": images, **kwargs}
+        with pytest.raises(ValueError, match=match):  # params None: the network is never called
+            generate.edit(config, model, None, schedule, key, **kwargs)
+    config, model, schedule, _ = _random_toy_run(num_classes=3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+        generate.edit(
+            config, model, None, schedule, key, images, method="sdedit", labels=jnp.array([0, 4])
+        )

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from jax_diffusion.data import uint8_to_float
-from jax_diffusion.visualize import image_grid, save_image_grid, to_uint8
+from jax_diffusion.visualize import image_grid, load_images, load_mask, save_image_grid, to_uint8
 
 
 def test_grid_layout_and_pixel_values():
@@ -108,3 +108,59 @@ def test_to_uint8_rounds_to_the_nearest_level_even_close_to_half_way():
     for offset in (0.45, -0.45):
         x = (np.clip(levels + offset, 0.0, 255.0) / 127.5 - 1.0).astype(np.float32)
         np.testing.assert_array_equal(to_uint8(x), levels.astype(np.uint8), err_msg=offset)
+
+
+def _level(k):
+    """Pixel values k in {0, ..., 255} as data in [-1, 1], float64: k / 127.5 - 1."""
+    return np.asarray(k, np.float64) / 127.5 - 1.0
+
+
+def test_load_images_reads_pixels_k_as_k_over_127_5_minus_1_in_the_run_s_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    got = load_images([tmp_path / "g.png", str(tmp_path / "c.png")], (8, 8, 1))
+    assert got.shape == (2, 8, 8, 1) and got.dtype == np.float32
+    np.testing.assert_allclose(got[0, ..., 0], _level(gray), rtol=0, atol=1e-6)
+    # RGB to gray by ITU-R 601-2 luma, as PIL's convert("L"): L = R 299/1000 + G 587/1000 + ...
+    luma = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_allclose(got[1, ..., 0], _level(luma), rtol=0, atol=1e-6)
+    rgb_got = load_images(tmp_path / "c.png", (8, 8, 3))[0]
+    np.testing.assert_allclose(rgb_got, _level(rgb), rtol=0, atol=1e-6)
+    gray_as_rgb = load_images(tmp_path / "g.png", (8, 8, 3))[0]
+    np.testing.assert_allclose(gray_as_rgb, np.repeat(_level(gray)[..., None], 3, -1), atol=1e-6)
+
+
+def test_load_images_resizes_bicubically_and_rejects_what_it_cannot_read(tmp_path):
+    big = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))  # a horizontal ramp
+    Image.fromarray(big).save(tmp_path / "big.png")
+    got = load_images(tmp_path / "big.png", (8, 16, 1))[0, ..., 0]
+    want = np.asarray(Image.fromarray(big).resize((16, 8), Image.Resampling.BICUBIC))
+    np.testing.assert_allclose(got, _level(want), rtol=0, atol=1e-6)
+    assert np.all(np.diff(got[0]) > 0)  # still a ramp, left to right
+    with pytest.raises(FileNotFoundError, match="no image file .*missing.png"):
+        load_images([tmp_path / "missing.png"], (8, 8, 1))
+    with pytest.raises(ValueError, match="at least one image file"):
+        load_images([], (8, 8, 1))
+    with pytest.raises(ValueError, match=r"shape must be \[H, W, 1 or 3\]; got \(8, 8, 2\)"):
+        load_images(tmp_path / "big.png", (8, 8, 2))
+
+
+def test_load_mask_keeps_black_fills_white_and_resizes_by_nearest_neighbour(tmp_path):
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255  # fill the right half
+    mask[0, 0] = 127  # below 128: kept
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    got = load_mask(tmp_path / "m.png", (16, 16, 1))
+    assert got.shape == (16, 16, 1) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[..., 0], (mask < 128).astype(np.float32))
+    small = load_mask(tmp_path / "m.png", (8, 8, 3))[..., 0]
+    assert set(np.unique(small)) == {0.0, 1.0}  # no gray seam
+    np.testing.assert_array_equal(small, np.repeat([[1.0] * 4 + [0.0] * 4], 8, axis=0))
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "black.png")
+    with pytest.raises(ValueError, match="has no white pixel: nothing to fill in"):
+        load_mask(tmp_path / "black.png", (4, 4, 1))
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        load_mask(tmp_path / "none.png", (4, 4, 1))
