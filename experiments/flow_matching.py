@@ -8,7 +8,8 @@ and two flow-matching models (`diffusion.process='flow'`, training times uniform
 logit-normal). Each is sampled by DDIM (eta 0, trailing; for a flow model this runs through
 `models.FlowDenoiser` and is Euler's method at the cosine schedule's times) and DPM-Solver++(2M)
 as every run's config does; the flow models also by `flow_sample` with Euler and Heun steps at
-uniform times (Heun at half the steps: equal NFE). Plus bits/dim of the test digits through
+uniform times (Heun at half the steps: equal NFE), all clipping x0_hat to [-1, 1] as the
+config asks. Plus bits/dim of the test digits through
 each model's denoiser (the discrete VLB) and, for the flow models, their own likelihood by the
 ODE (`flow_bits_per_dim`, dequantized). The seed's claim under test: straight paths "achieve
 high-quality generation in very few steps".
@@ -49,7 +50,8 @@ def draw_flow(run: common.Run, *, num: int, method: str, nfe: int, seed: int, ba
         def velocity(x, t):
             return run.model.apply({"params": params}, x, t, None, method="velocity")
 
-        return jd.flow_sample(velocity, x_1, num_steps=steps, method=method)
+        clip = run.config.sample.clip_denoised  # as every other row: x0_hat in [-1, 1]
+        return jd.flow_sample(velocity, x_1, num_steps=steps, method=method, clip_denoised=clip)
 
     return common.draw_batches(
         lambda x_1, _: fn(run.params, x_1), run, num=num, seed=seed, batch_size=batch_size

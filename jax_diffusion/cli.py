@@ -560,9 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     sdedit.add_argument(
         "--strength",
         type=_strength,
-        default=0.8,
+        default=0.5,
         help="in (0, 1]: the fraction of the steps run; more is more realistic, less faithful "
-        "to the image (default: 0.8, as diffusers' img2img)",
+        "to the image (default: 0.5; diffusers' img2img uses 0.8)",
     )
     return parser
 
