@@ -237,6 +237,8 @@ def _edit(args: argparse.Namespace) -> int:
         if not epath.Path(path).exists():
             raise FileNotFoundError(f"no image file {path!r}")
     run_config = train.load_run_config(args.workdir)
+    if run_config.model.name == "mlp":
+        raise ValueError(f"{args.command} edits images; this run's model.name='mlp' takes vectors")
     num_classes = run_config.model.get("num_classes", None)
     train.check_sampling(run_config, guidance=args.guidance, names=_FLAGS)
     if args.label is not None and (num_classes is None or args.label > num_classes):
@@ -246,8 +248,6 @@ def _edit(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps > T:
         raise ValueError(f"--steps must be an int in [1, {T}] (the run's steps); got {args.steps}")
     config, shape, model, ema_params, step = train.load_run(args.workdir)
-    if len(shape) != 3:
-        raise ValueError(f"{args.command} edits images; this run's data are vectors {shape}")
     images = np.repeat(visualize.load_images(args.image, shape), args.num, axis=0)
     options = dict(num_steps=args.steps, guidance=args.guidance)
     if args.label is not None:

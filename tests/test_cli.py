@@ -629,6 +629,12 @@ def test_inpaint_and_sdedit_report_bad_flags_before_restoring_the_run(
         assert exit_info.value.code == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"jax-diffusion {argv[0]}: error: ") and named in err, err
+    _run_config(monkeypatch, "toy_2d.py")
+    with pytest.raises(SystemExit):
+        cli.main(base)
+    assert (
+        "sdedit edits images; this run's model.name='mlp' takes vectors" in capsys.readouterr().err
+    )
     for argv, named in [
         ([*base, "--strength", "0"], "argument --strength: must be a number in (0, 1]; got '0'"),
         ([*base, "--strength", "nan"], "argument --strength: must be a number in (0, 1]"),
