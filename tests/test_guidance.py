@@ -270,6 +270,80 @@ def _id(x, t):
     return x
 
 
+def _cfg_id(x, t, y):
+    return x
+
+
+def _rescaled_cfg_np(cond, uncond, w, phi):
+    """Lin et al. 2024, Algorithm 2, in float64 NumPy: cfg = neg + w (pos - neg), scaled by
+    phi std(pos) / std(cfg) + (1 - phi), stds per example over the other axes."""
+    cond, uncond = np.asarray(cond, np.float64), np.asarray(uncond, np.float64)
+    cfg = uncond + w * (cond - uncond)
+    axes = tuple(range(1, cfg.ndim))
+    factor = cond.std(axis=axes, keepdims=True) / cfg.std(axis=axes, keepdims=True)
+    return cfg * (phi * factor + 1 - phi)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_cfg_rescale_matches_algorithm_2_and_restores_the_conditional_std(variance):
+    calls = []
+    base = _conditional_model(calls)
+
+    def model(x, t, y):  # learned_range: a variance half after the prediction
+        out = base(x, t, y)
+        return jnp.concatenate([out, 0.5 * out], -1) if variance == "learned_range" else out
+
+    x, t, y = _normal(17, (4, DIM)), jnp.array([0, 10, 500, 999]), jnp.array([0, 1, 4, 2])
+    cond = base(x, t, y)
+    uncond = base(x, t, jnp.full_like(y, NUM_CLASSES))
+    for w, phi in [(3.0, 0.7), (7.5, 1.0), (0.0, 0.5)]:
+        guided = classifier_free_guidance(
+            model, w, NUM_CLASSES, y=y, variance=variance, guidance_rescale=phi
+        )
+        out = jax.jit(guided)(x, t)
+        pred = out[..., :DIM]
+        np.testing.assert_allclose(pred, _rescaled_cfg_np(cond, uncond, w, phi), rtol=1e-5)
+        if variance == "learned_range":  # the conditional branch's variance half, untouched
+            np.testing.assert_array_equal(out[..., DIM:], 0.5 * cond)
+        if phi == 1.0:  # the guided output has the conditional branch's spread, per example
+            np.testing.assert_allclose(pred.std(axis=1), cond.std(axis=1), rtol=1e-5)
+    # phi = 0 is plain guidance, bit for bit; w = 1 is the conditional branch for any phi
+    plain = classifier_free_guidance(model, 3.0, NUM_CLASSES, y=y, variance=variance)(x, t)
+    zero = classifier_free_guidance(
+        model, 3.0, NUM_CLASSES, y=y, variance=variance, guidance_rescale=0.0
+    )(x, t)
+    np.testing.assert_array_equal(zero, plain)
+    one = classifier_free_guidance(
+        model, 1.0, NUM_CLASSES, y=y, variance=variance, guidance_rescale=0.7
+    )(x, t)
+    np.testing.assert_allclose(one[..., :DIM], cond, rtol=1e-6)
+
+
+def test_cfg_rescale_leaves_a_constant_output_and_has_finite_gradients():
+    def model(x, t, y):  # the same constant for every label: std 0 in both branches
+        return jnp.zeros_like(x) + 0.25
+
+    x, y = _normal(18, (2, DIM)), jnp.array([0, 1])
+    guided = classifier_free_guidance(model, 4.0, NUM_CLASSES, y=y, guidance_rescale=0.7)
+    np.testing.assert_array_equal(guided(x, 3), jnp.full((2, DIM), 0.25))
+    grad = jax.grad(lambda x: jnp.sum(guided(x, 3)))(x)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    # and a gradient through the rescale of a model that depends on x: against a difference
+    model = _conditional_model([])
+    w_grad = jax.grad(
+        lambda w: jnp.sum(
+            classifier_free_guidance(model, w, NUM_CLASSES, y=y, guidance_rescale=0.7)(x, 3) ** 2
+        )
+    )
+    f = lambda w: float(  # noqa: E731
+        jnp.sum(
+            classifier_free_guidance(model, w, NUM_CLASSES, y=y, guidance_rescale=0.7)(x, 3) ** 2
+        )
+    )
+    h = 1e-2
+    np.testing.assert_allclose(w_grad(2.0), (f(2.0 + h) - f(2.0 - h)) / (2 * h), rtol=1e-3)
+
+
 BAD_INPUTS = {
     "cfg_label_batch": (
         lambda: classifier_free_guidance(lambda x, t, y: x, 2.0, 9, y=jnp.zeros(3, int))(X, 0),
@@ -336,6 +410,20 @@ BAD_INPUTS = {
             lambda x, t, y: x, 2.0, 0, y=jnp.ones(2), variance="learned_range"
         )(X, 0),
         r"model_fn must return \[prediction, variance values\] .*got shape \(4, 3\)",
+    ),
+    "cfg_rescale_above_1": (
+        lambda: classifier_free_guidance(_cfg_id, 2.0, 9, y=jnp.zeros(2), guidance_rescale=1.5),
+        r"guidance_rescale must be in \[0, 1\]; got 1.5",
+    ),
+    "cfg_rescale_nan": (
+        lambda: classifier_free_guidance(_cfg_id, 2.0, 9, y=jnp.zeros(2), guidance_rescale=np.nan),
+        r"guidance_rescale must be a finite number; got nan",
+    ),
+    "cfg_rescale_array": (
+        lambda: classifier_free_guidance(
+            _cfg_id, 2.0, 9, y=jnp.zeros(2), guidance_rescale=jnp.array(0.7)
+        ),
+        r"guidance_rescale must be a finite number; got Array",
     ),
     "cfg_scale_nan": (  # a grid of NaN samples
         lambda: classifier_free_guidance(lambda x, t, y: x, [1.0, np.nan], 9, y=jnp.zeros(2)),
