@@ -145,6 +145,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     _check_sampling_flags(args)  # before the run is restored
     config, shape, model, ema_params, step = train.load_run(args.workdir)
+    _set_guidance_rescale(config, args)
     num = config.sample.num_samples if args.num is None else args.num
     images, labels = train.sample_in_batches(
         config,
@@ -185,8 +186,10 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
     """The sampling flags against the run's config.json, named as flags, before any work."""
     from jax_diffusion import train
 
+    run_config = train.load_run_config(args.workdir)
+    _check_guidance_rescale(run_config, args)
     train.check_sampling(
-        train.load_run_config(args.workdir),
+        run_config,
         sampler=args.sampler,
         num_steps=args.steps,
         spacing=args.spacing,
@@ -194,6 +197,20 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         s_churn=args.churn,
         names=_FLAGS,
     )
+
+
+def _check_guidance_rescale(run_config, args: argparse.Namespace) -> None:
+    if args.guidance_rescale is not None and run_config.model.get("num_classes", None) is None:
+        raise ValueError(
+            f"--guidance-rescale needs a class-conditional model (this run has no classes); "
+            f"got {args.guidance_rescale}"
+        )
+
+
+def _set_guidance_rescale(config, args: argparse.Namespace) -> None:
+    """--guidance-rescale into the restored run's config (which sample and edit read)."""
+    if args.guidance_rescale is not None:
+        config.sample.guidance_rescale = args.guidance_rescale
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -207,6 +224,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         num_steps=args.steps,
         guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale,
         spacing=args.spacing,
         s_churn=args.churn,
         seed=args.seed,
@@ -241,6 +259,7 @@ def _edit(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.command} edits images; this run's model.name='mlp' takes vectors")
     num_classes = run_config.model.get("num_classes", None)
     train.check_sampling(run_config, guidance=args.guidance, names=_FLAGS)
+    _check_guidance_rescale(run_config, args)
     if args.label is not None and (num_classes is None or args.label > num_classes):
         allowed = "no classes" if num_classes is None else f"labels in [0, {num_classes}]"
         raise ValueError(f"--label must be a label of the run ({allowed}); got {args.label}")
@@ -248,6 +267,7 @@ def _edit(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps > T:
         raise ValueError(f"--steps must be an int in [1, {T}] (the run's steps); got {args.steps}")
     config, shape, model, ema_params, step = train.load_run(args.workdir)
+    _set_guidance_rescale(config, args)
     images = np.repeat(visualize.load_images(args.image, shape), args.num, axis=0)
     options = dict(num_steps=args.steps, guidance=args.guidance)
     if args.label is not None:
@@ -347,6 +367,17 @@ def _strength(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}")
+    return value
+
+
 def _samples_path(text: str) -> str:
     from PIL import Image
 
@@ -433,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="classifier-free guidance scale w, class-conditional runs only (default: the "
             "config's sample.guidance)",
+        )
+        p.add_argument(
+            "--guidance-rescale",
+            type=_unit_interval,
+            default=None,
+            help="phi in [0, 1]: rescale the guided output's std towards the conditional one's "
+            "(Lin et al. 2024; 0.7 in the paper), class-conditional runs only (default: the "
+            "config's sample.guidance_rescale, 0 where it has none)",
         )
         p.add_argument(
             "--churn",
@@ -528,6 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
             type=_finite_float,
             default=None,
             help="classifier-free guidance scale w with --label (default: the config's)",
+        )
+        p.add_argument(
+            "--guidance-rescale",
+            type=_unit_interval,
+            default=None,
+            help="phi in [0, 1]: rescale the guided output's std towards the conditional one's "
+            "(Lin et al. 2024; 0.7 in the paper), class-conditional runs only (default: the "
+            "config's sample.guidance_rescale, 0 where it has none)",
         )
         p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
         p.add_argument(

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion._checks import check_int
+from jax_diffusion._checks import check_int, check_real
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.data import check_data
 from jax_diffusion.diffusion import _check_rng, check_prediction, check_schedule, check_variance
@@ -495,6 +495,7 @@ def evaluate_workdir(
     spacing: str | None = None,
     s_churn: float | None = None,
     seed: int = 0,
+    guidance_rescale: float | None = None,
     batch_size: int = 250,
     bpd_examples: int = 0,
     ode_bpd_examples: int = 0,
@@ -524,6 +525,8 @@ def evaluate_workdir(
       num_steps: sampling steps (ddim, dpm++; an error with ddpm, which runs all T steps);
         None for config.sample.num_steps.
       guidance: classifier-free guidance scale w (conditional models); None for the config's.
+      guidance_rescale: phi in [0, 1] of `classifier_free_guidance` (conditional models);
+        None for the config's sample.guidance_rescale (0 where it has none).
       spacing: ddim's steps, 'leading' | 'trailing' | 'linspace'; None for the config's.
       s_churn: EDM's churn for heun on a ddpm run, >= 0; None for config.sample.s_churn.
       seed: sampling seed in [0, 2**32) (bits/dim uses fold_in(PRNGKey(seed), 2**31 - 1), the
@@ -546,6 +549,7 @@ def evaluate_workdir(
     Returns:
       A JSON-able dict: run info ("workdir", "step", "num_samples", "sampler", "num_steps",
       "spacing" (ddim's, else None), "s_churn" (heun's on a ddpm run, else None), "guidance",
+      "guidance_rescale" (both None for an unconditional model),
       "seed", "image_size"); "fd_test" / "fd_train": Frechet distance of the samples' features
       to those of the digits test (297) / train (1500) split; "fd_train_vs_test": the
       same between the two real splits, a floor set by finite sample sizes; "precision",
@@ -596,6 +600,15 @@ def evaluate_workdir(
         saved_config, **check
     )  # with the config's defaults filled in
     flow_run = saved_config.diffusion.get("process", "ddpm") == "flow"
+    if guidance_rescale is not None:
+        if saved_config.model.get("num_classes", None) is None:
+            raise ValueError(
+                f"guidance_rescale needs a class-conditional model (this run has no classes); "
+                f"got guidance_rescale={guidance_rescale}"
+            )
+        rescale = check_real("guidance_rescale", guidance_rescale)
+        if not 0 <= rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale!r}")
     if ode_steps is not None and not flow_run:
         num_timesteps = saved_config.diffusion.num_timesteps
         if ode_steps > num_timesteps:
@@ -606,8 +619,12 @@ def evaluate_workdir(
     config, shape, model, params, step = _restore_ema_params(workdir)
     num_classes = config.model.get("num_classes", None)
     schedule = train.get_schedule(config.diffusion)
+    if guidance_rescale is not None:
+        config = config.copy_and_resolve_references()
+        config.sample.guidance_rescale = float(guidance_rescale)
     s = config.sample
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
+    rescale = float(s.get("guidance_rescale", 0.0)) if num_classes else None
 
     rng = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
@@ -648,6 +665,7 @@ def evaluate_workdir(
         "spacing": spacing_used if sampler == "ddim" else None,
         "s_churn": churn_used,
         "guidance": None if guidance is None else float(guidance),
+        "guidance_rescale": rescale,
         "seed": seed,
         "image_size": shape[0],
         "fd_test": frechet_distance(fake.mean, fake.cov, test.mean, test.cov),

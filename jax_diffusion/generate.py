@@ -167,7 +167,9 @@ def sample(
         if num_classes is None:
             flow_fn = lambda x, t: velocity(x, t, None)  # noqa: E731
         else:
-            flow_fn = samplers.classifier_free_guidance(velocity, w, num_classes, y=labels)
+            flow_fn = samplers.classifier_free_guidance(
+                velocity, w, num_classes, y=labels, guidance_rescale=_rescale(config)
+            )
         shift = s.get("shift", 1.0)
         return jd.flow_sample(
             flow_fn, x, num_steps=num_steps, method=sampler, shift=shift,
@@ -185,7 +187,8 @@ def sample(
 
 def _denoiser(config, model, params, labels, w):
     """The run's network as a denoiser `model_fn(x, t)` (a flow run's FlowDenoiser at integer
-    t included), guided with scale w towards `labels` for a class-conditional model."""
+    t included), guided with scale w towards `labels` for a class-conditional model (and
+    config.sample.guidance_rescale, Lin et al. 2024's rescale)."""
     num_classes = config.model.get("num_classes", None)
     if num_classes is None:
         return lambda x, t: model.apply({"params": params}, x, t, None)
@@ -194,8 +197,14 @@ def _denoiser(config, model, params, labels, w):
         return model.apply({"params": params}, x, t, y)
 
     return samplers.classifier_free_guidance(
-        cond_fn, w, num_classes, y=labels, variance=config.diffusion.variance
-    )
+        cond_fn, w, num_classes, y=labels, variance=config.diffusion.variance,
+        guidance_rescale=_rescale(config),
+    )  # fmt: skip
+
+
+def _rescale(config) -> float:
+    """config.sample.guidance_rescale (0 for a config.json from before it existed)."""
+    return float(config.sample.get("guidance_rescale", 0.0))
 
 
 EDIT_METHODS = ("inpaint", "sdedit")

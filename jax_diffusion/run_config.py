@@ -243,6 +243,7 @@ _NUMERIC_FIELDS = {  # field -> may it be None
     "sample.num_samples": False,
     "sample.eta": False,
     "sample.guidance": False,
+    "sample.guidance_rescale": False,
     "sample.shift": False,
     "sample.s_churn": False,
     "sample.s_tmin": False,
@@ -294,6 +295,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"sample.sampler must be one of {SAMPLER_NAMES}; got {config.sample.sampler!r}"
         )
     _check_flow_sampler(config, config.sample.sampler, "sample.sampler")
+    if not 0 <= config.sample.get("guidance_rescale", 0.0) <= 1:
+        raise ValueError(
+            f"sample.guidance_rescale must be in [0, 1]; got {config.sample.guidance_rescale!r}"
+        )
     if not config.sample.get("shift", 1.0) > 0:
         raise ValueError(f"sample.shift must be > 0; got {config.sample.shift!r}")
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):

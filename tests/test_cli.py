@@ -449,6 +449,7 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
     argv = ["evaluate", "--workdir", "w", "--num", "16", "--sampler", "ddim", "--steps", "4"]
     argv += ["--guidance", "0.5", "--seed", "3", "--bpd-examples", "2", "--out", str(out)]
     argv += ["--spacing", "linspace", "--ode-bpd-examples", "5", "--ode-steps", "64"]
+    argv += ["--guidance-rescale", "0.7"]
     assert cli.main(argv) == 0
     mesh = got.pop("mesh")  # each batch split over every device
     assert isinstance(mesh, jax.sharding.Mesh) and mesh.devices.size == jax.device_count() == 8
@@ -458,6 +459,7 @@ def test_evaluate_passes_its_arguments_on_and_writes_the_json_into_new_directori
         sampler="ddim",
         num_steps=4,
         guidance=0.5,
+        guidance_rescale=0.7,
         spacing="linspace",
         s_churn=None,  # None: the config's
         seed=3,
@@ -621,6 +623,8 @@ def test_inpaint_and_sdedit_report_bad_flags_before_restoring_the_run(
         ([*base, "--label", "1"], "--label must be a label of the run (no classes); got 1"),
         ([*base, "--steps", "51"], r"--steps must be an int in [1, 50] (the run's steps); got 51"),
         ([*base, "--guidance", "2"], "--guidance needs a class-conditional model"),
+        ([*base, "--guidance-rescale", "0.7"], "--guidance-rescale needs a class-conditional"),
+        (["sample", "--workdir", "w", "--guidance-rescale", "0.7"], "--guidance-rescale needs"),
         ([*base, str(tmp_path / "nope.png")], "no image file"),
         (["inpaint", *base[1:], "--mask", str(tmp_path / "m.png")], "no image file"),
     ]:
@@ -639,6 +643,7 @@ def test_inpaint_and_sdedit_report_bad_flags_before_restoring_the_run(
         ([*base, "--strength", "0"], "argument --strength: must be a number in (0, 1]; got '0'"),
         ([*base, "--strength", "nan"], "argument --strength: must be a number in (0, 1]"),
         ([*base, "--num", "0"], "argument --num: must be an int >= 1"),
+        ([*base, "--guidance-rescale", "1.5"], "--guidance-rescale: must be a number in [0, 1]"),
         (["inpaint", *base[1:]], "the following arguments are required: --mask"),
         (["inpaint", *base[1:], "--mask", mask, "--jump-n-sample", "0"], "--jump-n-sample"),
     ]:
@@ -652,28 +657,33 @@ def test_sdedit_edits_a_class_conditional_run_towards_the_label_with_guidance(
 
     from jax_diffusion import generate, train, visualize
 
-    class LabelShift:  # eps_hat = 0.5 x + 0.1 y: the label reaches the output
+    class LabelScale:  # eps_hat = (0.5 + 0.05 y) x: the label reaches the output's std
         def apply(self, variables, x, t, y=None, method=None):
-            return 0.5 * x + 0.1 * y[:, None, None, None].astype(x.dtype)
+            return (0.5 + 0.05 * y[:, None, None, None].astype(x.dtype)) * x
 
     config = _run_config(monkeypatch, "digits_cond.py")  # 10 classes, the null label 10
-    model = LabelShift()
+    model = LabelScale()
     monkeypatch.setattr(train, "load_run", lambda workdir: (config, (8, 8, 1), model, {}, 3))
     images, _ = _edit_files(tmp_path)
     out = tmp_path / "e.npz"
     argv = ["sdedit", "--workdir", "w", "--image", images[0], "--num", "3", "--steps", "4"]
-    assert cli.main([*argv, "--label", "2", "--guidance", "3", "--out", str(out)]) == 0
+    guide = ["--label", "2", "--guidance", "3", "--guidance-rescale", "0.7"]
+    assert cli.main([*argv, *guide, "--out", str(out)]) == 0
+    assert config.sample.guidance_rescale == 0.7  # set in the restored run's config
     x = np.repeat(visualize.load_images(images[:1], (8, 8, 1)), 3, axis=0)
     schedule, key = train.get_schedule(config.diffusion), jax.random.PRNGKey(0)
-    kw = dict(method="sdedit", num_steps=4, strength=0.5)  # the default strength
-    want = generate.edit(
-        config, model, {}, schedule, key, x, labels=np.full(3, 2), guidance=3.0, **kw
-    )
+    base = dict(method="sdedit", num_steps=4, strength=0.5)  # the default strength
+    kw = dict(base, labels=np.full(3, 2), guidance=3.0)
+    want = generate.edit(config, model, {}, schedule, key, x, **kw)
+    plain = config.copy_and_resolve_references()
+    plain.sample.guidance_rescale = 0.0
+    unscaled = generate.edit(plain, model, {}, schedule, key, x, **kw)
+    assert np.abs(visualize.to_uint8(unscaled).astype(int) - visualize.to_uint8(want)).max() > 0
     with np.load(out) as f:
         np.testing.assert_array_equal(f["arr_0"], visualize.to_uint8(want))
         np.testing.assert_array_equal(f["arr_1"], [2, 2, 2])
         edits = f["arr_0"]
-    unguided = generate.edit(config, model, {}, schedule, key, x, **kw)  # the null label
+    unguided = generate.edit(config, model, {}, schedule, key, x, **base)  # the null label
     assert np.abs(visualize.to_uint8(unguided).astype(int) - edits).max() > 0
     with pytest.raises(SystemExit):
         cli.main([*argv, "--label", "11"])

@@ -620,6 +620,7 @@ EXPECTED_KEYS = {
     "spacing",
     "s_churn",
     "guidance",
+    "guidance_rescale",
     "seed",
     "image_size",
     "fd_test",
@@ -798,6 +799,7 @@ def test_evaluate_workdir_checks_the_sampling_choices_against_the_run_before_the
         (dict(sampler="dpm++", num_steps=T), rf"num_steps for sampler 'dpm\+\+'.*\[1, {T - 1}\]"),
         (dict(guidance=3.0), r"guidance needs a class-conditional model.*got guidance=3.0"),
         (dict(sampler="dpm++", spacing="trailing"), r"spacing .* with sampler 'ddim' only"),
+        (dict(guidance_rescale=0.7), "guidance_rescale needs a class-conditional model"),
         (dict(ode_bpd_examples=1, ode_steps=T + 1), rf"ode_steps must be in \[2, {T}\] .*{T + 1}"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -857,7 +859,7 @@ def fake_run(monkeypatch):
     rec = types.SimpleNamespace(
         config=config, model=model, table=table, per_class=per_class, nan_first=False
     )
-    rec.static, rec.keys, rec.labels, rec.bpd = [], [], [], []
+    rec.static, rec.keys, rec.labels, rec.bpd, rec.rescales = [], [], [], [], []
 
     def record(key, y):
         rec.keys.append(np.asarray(key))
@@ -865,6 +867,7 @@ def fake_run(monkeypatch):
 
     def fake_sample(config, model, params, schedule, rng, *, shape, num, labels, **kwargs):
         rec.static.append(dict(shape=shape, num=num, **kwargs))
+        rec.rescales.append(config.sample.get("guidance_rescale"))
         jax.debug.callback(record, rng, labels, ordered=True)
         x = 1.5 * jnp.asarray(table)[labels, jnp.arange(num) % per_class]
         return x.at[0].set(jnp.nan) if rec.nan_first else x
@@ -879,6 +882,21 @@ def fake_run(monkeypatch):
     monkeypatch.setattr(generate, "sample", fake_sample)
     monkeypatch.setattr(evaluation, "bits_per_dim", fake_bits_per_dim)
     return rec
+
+
+def test_evaluate_workdir_guidance_rescale_reaches_the_sampler_and_leaves_the_run(fake_run):
+    m = evaluate_workdir("run", num_samples=4, guidance_rescale=0.7, progress=False)
+    assert m["guidance_rescale"] == 0.7 and fake_run.rescales[-1] == 0.7
+    assert fake_run.config.sample.guidance_rescale == 0.0  # the run's own config: untouched
+    m = evaluate_workdir("run", num_samples=4, progress=False)
+    assert m["guidance_rescale"] == 0.0 and fake_run.rescales[-1] == 0.0
+    for value, match in [
+        (1.5, r"guidance_rescale must be in \[0, 1\]; got 1.5"),
+        (-0.1, r"guidance_rescale must be in \[0, 1\]; got -0.1"),
+        ("0.7", "guidance_rescale must be a finite number; got '0.7'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            evaluate_workdir("run", num_samples=4, guidance_rescale=value, progress=False)
 
 
 def test_evaluate_workdir_passes_seed_keys_labels_and_options_on(fake_run, tmp_path, monkeypatch):

@@ -205,7 +205,8 @@ def test_sample_passes_the_config_or_the_given_sampler_settings_labels_and_guida
     )
     traced, seen = [], []
 
-    def guidance(cond_fn, w, num_classes, *, y, variance="fixed_small"):
+    def guidance(cond_fn, w, num_classes, *, y, variance="fixed_small", guidance_rescale=0.0):
+        assert guidance_rescale == 0.0  # the config's
         traced.append((num_classes, variance))
 
         def model_fn(x, t):
@@ -480,3 +481,38 @@ def test_edit_rejects_bad_arguments_before_any_work():
         generate.edit(
             config, model, None, schedule, key, images, method="sdedit", labels=jnp.array([0, 4])
         )
+
+
+def test_sample_and_edit_guide_with_the_config_s_guidance_rescale():
+    # config.sample.guidance_rescale reaches classifier_free_guidance (the reference: ddim on
+    # the hand-guided, rescaled network, Lin et al. 2024's Algorithm 2 written out here)
+    config, model, schedule, params = _random_toy_run(num_classes=3)
+    config.sample.guidance_rescale = 0.7
+    key, labels = jax.random.PRNGKey(5), jnp.array([0, 1, 2, 0])
+
+    def guided(x, t):
+        t = jnp.broadcast_to(t, (x.shape[0],))
+        cond = model.apply({"params": params}, x, t, labels)
+        uncond = model.apply({"params": params}, x, t, jnp.full(4, 3))
+        cfg = uncond + 4.0 * (cond - uncond)
+        factor = jnp.std(cond, axis=1, keepdims=True) / jnp.std(cfg, axis=1, keepdims=True)
+        return cfg * (0.7 * factor + 0.3)
+
+    x_T = jax.random.normal(jax.random.split(key)[0], (4, 2))
+    got = generate.sample(
+        config, model, params, schedule, key, shape=(2,), num=4, sampler="ddim", num_steps=5,
+        guidance=4.0, labels=labels,
+    )  # fmt: skip
+    d, s = config.diffusion, config.sample
+    want = samplers.ddim_sample(
+        guided, schedule, x_T, jax.random.split(key)[1], num_steps=5, eta=s.eta,
+        spacing=s.spacing, prediction=d.prediction, variance=d.variance,
+        clip_denoised=s.clip_denoised,
+    )  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    config.sample.guidance_rescale = 0.0
+    plain = generate.sample(
+        config, model, params, schedule, key, shape=(2,), num=4, sampler="ddim", num_steps=5,
+        guidance=4.0, labels=labels,
+    )  # fmt: skip
+    assert float(jnp.abs(plain - got).max()) > 1e-4

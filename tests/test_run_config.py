@@ -209,6 +209,11 @@ def test_check_config_rejects_each_bad_value_naming_its_field():
             dict(sample__sampler="rk4"),
             "sample.sampler must be one of 'ddpm', 'ddim', 'dpm\\+\\+', ",
         ),
+        (
+            dict(sample__guidance_rescale=1.5),
+            r"sample.guidance_rescale must be in \[0, 1\]; got 1.5",
+        ),
+        (dict(sample__guidance_rescale=None), "sample.guidance_rescale must be a finite number"),
     ]:
         with pytest.raises(ValueError, match=match):
             run_config.check_config(smoke(**overrides))

@@ -94,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     #                                    t = T - 1: use it with zero_terminal_snr), 'linspace'
     config.sample.num_samples = 64
     config.sample.guidance = 1.0
+    config.sample.guidance_rescale = 0.0  # phi in [0, 1]: rescale the guided output's std
+    #                                       towards the conditional one's (Lin et al. 2024: 0.7)
     config.sample.clip_denoised = True
     config.sample.shift = 1.0  # euler / heun (flow runs): flow_timesteps' shift, SD3's s
     config.sample.s_churn = 0.0  # heun (ddpm runs): EDM's churn, Algorithm 2 (0: Algorithm 1),
