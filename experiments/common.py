@@ -191,7 +191,7 @@ _BPD: dict = {}
 def _sampler_fn(run: Run, key: tuple):
     if (id(run), key) in _SAMPLERS:
         return _SAMPLERS[id(run), key]
-    sampler, num_steps, eta, variance, guided = key
+    sampler, num_steps, eta, variance, guided, rescale = key
     d, s = run.config.diffusion, run.config.sample
     T = run.schedule.num_timesteps
     common = dict(prediction=d.prediction, variance=variance, clip_denoised=s.clip_denoised)
@@ -204,6 +204,7 @@ def _sampler_fn(run: Run, key: tuple):
                 run.num_classes,
                 y=labels,
                 variance=d.variance,
+                **({"guidance_rescale": rescale} if rescale else {}),
             )
         else:
 
@@ -240,6 +241,7 @@ def draw_samples(
     eta: float = 0.0,
     variance: str | None = None,
     guidance: float | None = None,
+    guidance_rescale: float = 0.0,
     labels: np.ndarray | None = None,
     seed: int = 0,
     batch_size: int = 500,
@@ -250,18 +252,21 @@ def draw_samples(
     'trailing')`, Nichol & Dhariwal 2021 section 4), 'ddim' (trailing spacing, `eta`) or 'dpm++'
     (DPM-Solver++(2M), at most T - 1 steps). variance overrides the config's sigma_t^2 choice
     ('fixed_small' = beta_tilde, 'fixed_large' = beta). Conditional models use `labels`
-    (default arange % classes) and classifier-free guidance w (`guidance`, default 1).
+    (default arange % classes) and classifier-free guidance w (`guidance`, default 1), its
+    output rescaled by `guidance_rescale` phi (Lin et al. 2024; 0: plain guidance).
     Batch i draws x_T and its noise from fold_in(PRNGKey(seed), i).
     """
     variance = variance or run.config.diffusion.variance
     guided = run.num_classes is not None
     num_steps = min(num_steps, run.schedule.num_timesteps)  # smoke schedules are short
-    memo_key = (id(run), sampler, num_steps, eta, variance, guidance, num, seed, batch_size)
+    memo_key = (id(run), sampler, num_steps, eta, variance, guidance, guidance_rescale)
+    memo_key += (num, seed, batch_size)
     if labels is None and memo_key in _DRAWN:  # the same draw again: same samples
         return _DRAWN[memo_key]
     if guided and labels is None:
         labels = np.arange(num) % run.num_classes
-    fn = _sampler_fn(run, (sampler, int(num_steps), float(eta), variance, guided))
+    rescale = float(guidance_rescale) if guided else 0.0
+    fn = _sampler_fn(run, (sampler, int(num_steps), float(eta), variance, guided, rescale))
     bs = min(batch_size, num)
     w = jnp.asarray(1.0 if guidance is None else guidance, jnp.float32)
     rng = jax.random.PRNGKey(seed)

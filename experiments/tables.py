@@ -107,7 +107,15 @@ def guidance(r: dict) -> str:
     rows = [[row["guidance"]] + [row[k] for k in keys + ("within_class_var",)] for row in r["rows"]]
     ref = r["reference"]["within_class_var_train"]
     head = ["w", *keys, f"within-class var (train digits: {ref:.3g})"]
-    return _table(head, rows)
+    out = _table(head, rows)
+    if r.get("rescaled_rows"):
+        rows = [
+            [row["guidance"], row["guidance_rescale"]]
+            + [row[k] for k in keys + ("within_class_var",)]
+            for row in r["rescaled_rows"]
+        ]
+        out += "\n\nrescaled guidance:\n\n" + _table(["w", "phi", *head[1:]], rows)
+    return out
 
 
 def distillation(r: dict) -> str:

@@ -337,8 +337,9 @@ def _fake_samplers(monkeypatch):
     for name in ("ddpm_sample", "ddim_sample", "dpm_solver_pp_sample"):
         monkeypatch.setattr(common.samplers, name, record(name))
 
-    def cfg(model_fn, w, null_label, *, y, variance):
+    def cfg(model_fn, w, null_label, *, y, variance, guidance_rescale=0.0):
         calls["cfg"] = (w, null_label, y, variance)
+        calls["rescale"] = guidance_rescale
         return lambda x, t: model_fn(x, t, y) * w
 
     monkeypatch.setattr(common.samplers, "classifier_free_guidance", cfg)
@@ -351,19 +352,25 @@ def test_sampler_fn_dispatch(monkeypatch):
     x = jnp.ones((2, 2, 2, 1))
     rng = jax.random.PRNGKey(0)
     common_kw = dict(prediction="v", variance="fixed_small", clip_denoised=False)
-    fn = common._sampler_fn(run, ("ddpm", 4, 0.0, "fixed_small", False))
+    fn = common._sampler_fn(run, ("ddpm", 4, 0.0, "fixed_small", False, 0.0))
     np.testing.assert_allclose(fn(run.params, x, rng, None, 1.0), 2.0 * x)  # EMA params
     _, args, kw = calls["ddpm_sample"]
     # fewer steps than T: the trailing respacing
     np.testing.assert_array_equal(kw.pop("timesteps"), jd.sampling_timesteps(10, 4, "trailing"))
     assert kw == common_kw and len(args) == 1
-    assert common._sampler_fn(run, ("ddpm", 4, 0.0, "fixed_small", False)) is fn  # cached
-    common._sampler_fn(run, ("ddpm", 10, 0.0, "fixed_small", False))(run.params, x, rng, None, 1)
+    assert common._sampler_fn(run, ("ddpm", 4, 0.0, "fixed_small", False, 0.0)) is fn  # cached
+    common._sampler_fn(run, ("ddpm", 10, 0.0, "fixed_small", False, 0.0))(
+        run.params, x, rng, None, 1
+    )
     assert calls["ddpm_sample"][2]["timesteps"] is None  # all T steps
-    common._sampler_fn(run, ("ddim", 5, 0.5, "fixed_small", False))(run.params, x, rng, None, 1)
+    common._sampler_fn(run, ("ddim", 5, 0.5, "fixed_small", False, 0.0))(
+        run.params, x, rng, None, 1
+    )
     kw = calls["ddim_sample"][2]
     assert kw == {**common_kw, "num_steps": 5, "eta": 0.5, "spacing": "trailing"}
-    common._sampler_fn(run, ("dpm++", 10, 0.0, "fixed_small", False))(run.params, x, rng, None, 1)
+    common._sampler_fn(run, ("dpm++", 10, 0.0, "fixed_small", False, 0.0))(
+        run.params, x, rng, None, 1
+    )
     assert calls["dpm_solver_pp_sample"][2] == {**common_kw, "num_steps": 9}  # at most T - 1
 
 
@@ -372,7 +379,7 @@ def test_sampler_fn_guided(monkeypatch):
     run = _run(T=10, num_classes=3)
     x = jnp.ones((2, 2, 2, 1))
     y = jnp.asarray([1, 2], jnp.int32)
-    fn = common._sampler_fn(run, ("ddim", 5, 0.0, "fixed_large", True))
+    fn = common._sampler_fn(run, ("ddim", 5, 0.0, "fixed_large", True, 0.0))
     got = fn(run.params, x, jax.random.PRNGKey(0), y, jnp.float32(3.0))
     w, null, labels, variance = calls["cfg"]
     # null label = num_classes; the guidance splits the output by the trained variance
@@ -380,6 +387,11 @@ def test_sampler_fn_guided(monkeypatch):
     assert calls["ddim_sample"][2]["variance"] == "fixed_large"  # sampling uses the override
     # the guided model: the network with the requested labels, scaled by the fake's w
     np.testing.assert_allclose(got, 3.0 * (2.0 * x + y[:, None, None, None]))
+    assert calls["rescale"] == 0.0
+    common._sampler_fn(run, ("ddim", 5, 0.0, "fixed_large", True, 0.7))(
+        run.params, x, jax.random.PRNGKey(0), y, jnp.float32(3.0)
+    )
+    assert calls["rescale"] == 0.7
 
 
 def _fake_sampler_fn(monkeypatch, transform=lambda x: x):
@@ -405,7 +417,7 @@ def test_draw_samples_keys_and_batches(monkeypatch):
     key = jax.random.PRNGKey(3)
     for i, (sampler_key, x_T, rng, labels, w) in enumerate(calls):
         # the config's variance; steps clipped to T; unguided
-        assert sampler_key == ("ddim", 8, 0.0, "fixed_large", False)
+        assert sampler_key == ("ddim", 8, 0.0, "fixed_large", False, 0.0)
         assert labels is None and w == 1.0
         x_rng, s_rng = jax.random.split(jax.random.fold_in(key, i))  # batch i: fold_in(key, i)
         np.testing.assert_array_equal(x_T, jax.random.normal(x_rng, (3, 2, 2, 1)))
@@ -422,12 +434,15 @@ def test_draw_samples_labels_and_guidance(monkeypatch):
     calls = _fake_sampler_fn(monkeypatch)
     run = _run(T=50, num_classes=3)
     common.draw_samples(run, num=5, batch_size=2, guidance=2.5, sampler="ddpm", num_steps=20)
-    assert [c[0] for c in calls] == [("ddpm", 20, 0.0, "fixed_small", True)] * 3
+    assert [c[0] for c in calls] == [("ddpm", 20, 0.0, "fixed_small", True, 0.0)] * 3
     got = [np.asarray(c[3]) for c in calls]
     assert all(y.dtype == np.int32 and y.shape == (2,) for y in got)
     # default labels arange % classes, batch by batch
     np.testing.assert_array_equal(np.concatenate(got)[:5], np.arange(5) % 3)
     assert all(c[4] == np.float32(2.5) for c in calls)
+    calls.clear()
+    common.draw_samples(run, num=2, guidance=2.5, guidance_rescale=0.7)  # phi: in the key
+    assert calls[0][0] == ("ddim", 50, 0.0, "fixed_small", True, 0.7)
     calls.clear()
     labels = np.array([2, 0, 1, 1, 0])
     common.draw_samples(run, num=5, batch_size=2, labels=labels)

@@ -23,6 +23,7 @@ from experiments import (
     inpainting,
     parameterization,
     sampler_sweep,
+    tables,
     variance_loss,
 )
 
@@ -158,7 +159,9 @@ def test_variance_loss(dirs):
 def test_guidance(dirs):
     results = _run(guidance, dirs)
     assert [r["guidance"] for r in results["rows"]] == [0.0, 3.0]
-    for row in results["rows"]:
+    assert [(r["guidance"], r["guidance_rescale"]) for r in results["rescaled_rows"]] == [(3, 0.7)]
+    assert "| w | phi | class_accuracy |" in tables.guidance(results)  # the README's tables
+    for row in results["rows"] + results["rescaled_rows"]:
         assert set(QUALITY + ("class_accuracy", "within_class_var")) <= set(row)
         assert 0.0 <= row["class_accuracy"] <= 1.0
 
