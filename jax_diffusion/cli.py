@@ -356,26 +356,31 @@ def _output_file(text: str) -> str:
     return text
 
 
-def _strength(text: str) -> float:
-    """An argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text!r}")
-    return value
+def _fraction(*, zero_ok: bool):
+    """An argparse type: a number in [0, 1] (zero_ok) or (0, 1]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (0.0 <= value if zero_ok else 0.0 < value) or not value <= 1.0:
+            allowed = "[0, 1]" if zero_ok else "(0, 1]"
+            raise argparse.ArgumentTypeError(f"must be a number in {allowed}; got {text!r}")
+        return value
+
+    parse.__name__ = "float"  # argparse names the type in its own messages
+    return parse
 
 
-def _unit_interval(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}")
-    return value
+_strength = _fraction(zero_ok=False)
+_GUIDANCE_RESCALE = dict(  # the --guidance-rescale flag of sample, evaluate, inpaint, sdedit
+    type=_fraction(zero_ok=True),
+    default=None,
+    help="phi in [0, 1]: rescale the guided output's std towards the conditional one's (Lin et "
+    "al. 2024; 0.7 in the paper), class-conditional runs only (default: the config's "
+    "sample.guidance_rescale, 0 where it has none)",
+)
 
 
 def _samples_path(text: str) -> str:
@@ -465,14 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="classifier-free guidance scale w, class-conditional runs only (default: the "
             "config's sample.guidance)",
         )
-        p.add_argument(
-            "--guidance-rescale",
-            type=_unit_interval,
-            default=None,
-            help="phi in [0, 1]: rescale the guided output's std towards the conditional one's "
-            "(Lin et al. 2024; 0.7 in the paper), class-conditional runs only (default: the "
-            "config's sample.guidance_rescale, 0 where it has none)",
-        )
+        p.add_argument("--guidance-rescale", **_GUIDANCE_RESCALE)
         p.add_argument(
             "--churn",
             type=_finite_float,
@@ -568,14 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="classifier-free guidance scale w with --label (default: the config's)",
         )
-        p.add_argument(
-            "--guidance-rescale",
-            type=_unit_interval,
-            default=None,
-            help="phi in [0, 1]: rescale the guided output's std towards the conditional one's "
-            "(Lin et al. 2024; 0.7 in the paper), class-conditional runs only (default: the "
-            "config's sample.guidance_rescale, 0 where it has none)",
-        )
+        p.add_argument("--guidance-rescale", **_GUIDANCE_RESCALE)
         p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
         p.add_argument(
             "--out",
