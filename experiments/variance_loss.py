@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     long = run.schedule.num_timesteps
     for variance in ("fixed_small", "fixed_large"):
         entry = common.bits_per_dim(run, num_examples=bpd_n, seed=args.seed, variance=variance)
-        for n, count in ((short, num), (long, num_long)):
+        # smoke: the respaced chain only (the full chain is one more program per variance)
+        for n, count in ((short, num),) if args.smoke else ((short, num), (long, num_long)):
             samples, seconds = common.draw_samples(
                 run, num=count, sampler="ddpm", num_steps=n, variance=variance, seed=args.seed
             )
