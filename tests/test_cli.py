@@ -337,8 +337,10 @@ def test_sample_passes_its_arguments_on_and_reports_the_step(tmp_path, capsys, m
     out = str(tmp_path / "grid.png")
     argv = ["sample", "--workdir", "w", "--sampler", "ddim", "--steps", "3", "--num", "2"]
     argv += ["--spacing", "trailing", "--batch-size", "7"]
+    argv += ["--guidance-rescale", "0.5"]  # into the restored run's config, which sample reads
     assert cli.main([*argv, "--guidance", "1.5", "--seed", "9", "--out", out]) == 0
     assert json.loads(capsys.readouterr().out) == {"out": out, "num": 2, "step": 5}
+    assert config.sample.guidance_rescale == 0.5
     assert got["workdir"] == "w"
     assert got["args"] == (config, "model", "ema", ("schedule of", "diffusion config"))
     assert (got["sampler"], got["num_steps"], got["num"], got["guidance"]) == ("ddim", 3, 2, 1.5)
