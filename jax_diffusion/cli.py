@@ -285,6 +285,7 @@ def _edit(args: argparse.Namespace) -> int:
         jax.random.PRNGKey(args.seed),
         images,
         method=args.command,
+        mesh=train.make_mesh(),  # the images split over this machine's devices
         **options,
     )
     edits = np.asarray(jax.device_get(edits))

@@ -226,6 +226,7 @@ def edit(
     strength: float = 0.5,
     guidance: float | None = None,
     labels=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """Edits images with a run's network, as one compiled program (`jax_diffusion.editing`).
 
@@ -255,9 +256,12 @@ def edit(
         config's sample.guidance).
       labels: [N] ints in [0, num_classes] for a class-conditional model (None: the null
         label, an unconditional edit); a model without classes rejects them.
+      mesh: as for `sample`: None edits where the params are; a mesh with a 'data' axis splits
+        the images over it (N padded to a multiple of its size, the padding dropped; the
+        edits are those without a mesh up to float rounding).
 
     Returns:
-      [N, *shape] float edits.
+      [N, *shape] float edits (replicated on the mesh's devices, with a mesh).
 
     Raises:
       ValueError: a bad method, mask, steps, jump or strength value, labels for a model
@@ -292,8 +296,22 @@ def edit(
         _check_labels(labels, num, num_classes)
     w = s.guidance if guidance is None else guidance
     common = dict(prediction=d.prediction, variance=d.variance, clip_denoised=s.clip_denoised)
+    padded = num
+    if _check_mesh(mesh) is not None:
+        padded = -(-num // mesh.shape["data"]) * mesh.shape["data"]
+    images = jnp.pad(images, [(0, padded - num)] + [(0, 0)] * (images.ndim - 1))
+    if labels is not None:
+        labels = jnp.pad(labels, (0, padded - num))  # the padding's edits are dropped
+
+    def split(x, spec):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     def run(params, labels, w, images, mask, rng):
+        images = split(images, P("data"))
+        labels = None if labels is None else split(labels, P("data"))
+        return split(edit_all(params, labels, w, images, mask, rng)[:num], P())
+
+    def edit_all(params, labels, w, images, mask, rng):
         model_fn = _denoiser(config, model, params, labels, w)
         x_rng, k = jax.random.split(rng)
         if method == "sdedit":
@@ -309,7 +327,9 @@ def edit(
 
     args = (params, labels, jnp.asarray(w, jnp.float32), images, mask, rng)
     if _top_level(args):
-        run = jax.jit(run, compiler_options=compiler_options(None))
+        params, devices = _onto(mesh, params)
+        run = jax.jit(run, compiler_options=compiler_options(devices))
+        args = (params, *args[1:])
     return run(*args)
 
 

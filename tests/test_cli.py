@@ -591,7 +591,7 @@ def test_inpaint_and_sdedit_edit_image_files_as_generate_edit_does(
     x = np.repeat(visualize.load_images(images, (8, 8, 1)), 2, axis=0)  # image-major
     want = generate.edit(
         config, model, {}, train.get_schedule(config.diffusion), jax.random.PRNGKey(3), x,
-        method=command, num_steps=6, **options,
+        method=command, num_steps=6, mesh=train.make_mesh(), **options,
     )  # fmt: skip
     with np.load(out) as f:
         assert list(f) == ["arr_0"]  # no labels: an unconditional run
@@ -674,7 +674,7 @@ def test_sdedit_edits_a_class_conditional_run_towards_the_label_with_guidance(
     assert config.sample.guidance_rescale == 0.7  # set in the restored run's config
     x = np.repeat(visualize.load_images(images[:1], (8, 8, 1)), 3, axis=0)
     schedule, key = train.get_schedule(config.diffusion), jax.random.PRNGKey(0)
-    base = dict(method="sdedit", num_steps=4, strength=0.5)  # the default strength
+    base = dict(method="sdedit", num_steps=4, strength=0.5, mesh=train.make_mesh())  # 0.5: default
     kw = dict(base, labels=np.full(3, 2), guidance=3.0)
     want = generate.edit(config, model, {}, schedule, key, x, **kw)
     plain = config.copy_and_resolve_references()

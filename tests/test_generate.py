@@ -516,3 +516,33 @@ def test_sample_and_edit_guide_with_the_config_s_guidance_rescale():
         guidance=4.0, labels=labels,
     )  # fmt: skip
     assert float(jnp.abs(plain - got).max()) > 1e-4
+
+
+@pytest.mark.parametrize("method", generate.EDIT_METHODS)
+def test_edit_over_a_mesh_splits_the_images_and_gives_the_edits_of_one_device(method):
+    mesh = train.make_mesh()
+    config, model, schedule, params = _random_toy_run(num_classes=3)
+    config.sample.clip_denoised = True
+    images = jax.random.uniform(jax.random.PRNGKey(2), (13, 2), minval=-1.0, maxval=1.0)
+    labels = jnp.arange(13) % 4  # the null label 3 included; padded with the images (13 -> 16)
+    options = dict(mask=jnp.array([1.0, 0.0])) if method == "inpaint" else {}
+    kw = dict(method=method, num_steps=6, guidance=2.0, labels=labels, **options)
+    key = jax.random.PRNGKey(4)
+    one = generate.edit(config, model, params, schedule, key, images, **kw)
+    split = generate.edit(config, model, params, schedule, key, images, mesh=mesh, **kw)
+    assert split.shape == (13, 2)
+    assert split.sharding.is_fully_replicated and len(split.sharding.device_set) == 8
+    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-6)
+    seen, shapes = [], []
+
+    class Probe:  # the network: records the shape and sharding of its input
+        def apply(self, variables, x, t, y):
+            shapes.append(x.shape)
+            jax.debug.inspect_array_sharding(x, callback=seen.append)
+            return 0.5 * x
+
+    generate.edit(config, Probe(), {}, schedule, key, images, mesh=mesh, **kw)
+    assert shapes == [(32, 2)]  # 13 padded to 16, both guidance branches in one call
+    assert [s.shard_shape((32, 2)) for s in seen] == [(4, 2)]  # spread over the 8 devices
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with a 'data' ax"):
+        generate.edit(config, model, params, schedule, key, images, mesh="data", **kw)
