@@ -7,7 +7,8 @@ classifier-free guidance for class-conditional models; `sample_in_batches` draws
 fit at once. Both default the sampling settings to the run's config and check them with
 `run_config.check_sampling` before any work. `check_finite_samples` guards what is written;
 `save_sample_arrays` writes the .npz that FID tools read, `save_sample_image` a grid.
-`train` re-exports them.
+`edit` inpaints (RePaint) or edits (SDEdit) given images with a run's network, the same way.
+`train` re-exports the sampling functions.
 """
 
 from __future__ import annotations
