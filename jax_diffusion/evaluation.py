@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_diffusion._checks import check_int, check_real
+from jax_diffusion._checks import check_int
 from jax_diffusion.backend import compiler_options
 from jax_diffusion.data import check_data
 from jax_diffusion.diffusion import _check_rng, check_prediction, check_schedule, check_variance
@@ -47,6 +47,7 @@ from jax_diffusion.digits_classifier import (
     to_digits_resolution,
 )
 from jax_diffusion.flow_matching import flow_bits_per_dim
+from jax_diffusion.guidance import check_guidance_rescale
 from jax_diffusion.likelihood import ode_bits_per_dim
 from jax_diffusion.losses import nll_bpd
 from jax_diffusion.samplers import SPACINGS
@@ -606,9 +607,7 @@ def evaluate_workdir(
                 f"guidance_rescale needs a class-conditional model (this run has no classes); "
                 f"got guidance_rescale={guidance_rescale}"
             )
-        rescale = check_real("guidance_rescale", guidance_rescale)
-        if not 0 <= rescale <= 1:
-            raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale!r}")
+        guidance_rescale = check_guidance_rescale(guidance_rescale)
     if ode_steps is not None and not flow_run:
         num_timesteps = saved_config.diffusion.num_timesteps
         if ode_steps > num_timesteps:
@@ -621,7 +620,7 @@ def evaluate_workdir(
     schedule = train.get_schedule(config.diffusion)
     if guidance_rescale is not None:
         config = config.copy_and_resolve_references()
-        config.sample.guidance_rescale = float(guidance_rescale)
+        config.sample.guidance_rescale = guidance_rescale
     s = config.sample
     guidance = (s.guidance if guidance is None else guidance) if num_classes else None
     rescale = float(s.get("guidance_rescale", 0.0)) if num_classes else None

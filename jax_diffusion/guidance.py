@@ -90,9 +90,7 @@ def classifier_free_guidance(
       `guided(x [B, ...], t int [] or [B]) -> [B, ...]`, a denoiser for any sampler.
     """
     check_variance(variance)
-    phi = check_real("guidance_rescale", guidance_rescale)
-    if not 0.0 <= phi <= 1.0:
-        raise ValueError(f"guidance_rescale must be in [0, 1]; got {guidance_rescale!r}")
+    phi = check_guidance_rescale(guidance_rescale)
     if not callable(model_fn):
         raise ValueError(f"model_fn must be a callable model_fn(x, t, y); got {model_fn!r}")
     guidance_scale = _check_guidance_scale(guidance_scale, nonnegative=False)
@@ -172,6 +170,15 @@ def classifier_free_guidance(
         return guided_pred
 
     return guided
+
+
+def check_guidance_rescale(value, name: str = "guidance_rescale") -> float:
+    """`value` as a float after checking it is a number in [0, 1] (`classifier_free_guidance`'s
+    phi); else ValueError naming `name` and the value."""
+    phi = check_real(name, value)
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
+    return phi
 
 
 def _rescaled(guided: jax.Array, cond: jax.Array, phi: float) -> jax.Array:

@@ -295,10 +295,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"sample.sampler must be one of {SAMPLER_NAMES}; got {config.sample.sampler!r}"
         )
     _check_flow_sampler(config, config.sample.sampler, "sample.sampler")
-    if not 0 <= config.sample.get("guidance_rescale", 0.0) <= 1:
-        raise ValueError(
-            f"sample.guidance_rescale must be in [0, 1]; got {config.sample.guidance_rescale!r}"
-        )
+    jd.guidance.check_guidance_rescale(
+        config.sample.get("guidance_rescale", 0.0), "sample.guidance_rescale"
+    )
     if not config.sample.get("shift", 1.0) > 0:
         raise ValueError(f"sample.shift must be > 0; got {config.sample.shift!r}")
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
