@@ -13,6 +13,7 @@ fit at once. Both default the sampling settings to the run's config and check th
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -120,9 +121,7 @@ def sample(
         s_churn=s_churn,
     )
     check_int("num", num, 1)
-    padded = num
-    if _check_mesh(mesh) is not None:
-        padded = -(-num // mesh.shape["data"]) * mesh.shape["data"]
+    padded = _padded_size(num, mesh)
     if num_classes is not None:
         labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
         _check_labels(labels, num, num_classes)
@@ -130,8 +129,7 @@ def sample(
     w = s.guidance if guidance is None else guidance
     x_rng, s_rng = jax.random.split(rng)
 
-    def split(x, spec):
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    split = functools.partial(_constrain, mesh)
 
     # params, labels and w are arguments of the compiled program, not constants baked into it
     def run(params, labels, w, x_rng, k):
@@ -297,15 +295,12 @@ def edit(
         _check_labels(labels, num, num_classes)
     w = s.guidance if guidance is None else guidance
     common = dict(prediction=d.prediction, variance=d.variance, clip_denoised=s.clip_denoised)
-    padded = num
-    if _check_mesh(mesh) is not None:
-        padded = -(-num // mesh.shape["data"]) * mesh.shape["data"]
+    padded = _padded_size(num, mesh)
     images = jnp.pad(images, [(0, padded - num)] + [(0, 0)] * (images.ndim - 1))
     if labels is not None:
         labels = jnp.pad(labels, (0, padded - num))  # the padding's edits are dropped
 
-    def split(x, spec):
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    split = functools.partial(_constrain, mesh)
 
     def run(params, labels, w, images, mask, rng):
         images = split(images, P("data"))
@@ -332,6 +327,18 @@ def edit(
         run = jax.jit(run, compiler_options=compiler_options(devices))
         args = (params, *args[1:])
     return run(*args)
+
+
+def _padded_size(num: int, mesh) -> int:
+    """num rounded up to a multiple of the mesh's 'data' axis (num itself without a mesh)."""
+    if _check_mesh(mesh) is None:
+        return num
+    return -(-num // mesh.shape["data"]) * mesh.shape["data"]
+
+
+def _constrain(mesh, x, spec):
+    """x laid out as `spec` over the mesh inside a jit (x itself without a mesh)."""
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _onto(mesh, params):
